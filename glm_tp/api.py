@@ -1,0 +1,65 @@
+"""`load_model`: one call from a checkpoint folder to a ready model, single-process or under torchrun."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checkpoint import CheckpointError, detect_quant_bits, inspect, load_shard_into, open_shard
+from .config import ModelConfig, get_preset, parse_dtype
+from .dist import TPContext, init_distributed
+from .model import GLMModel
+
+QUANT_CHOICES = {None: None, "auto": None, "none": 0, "fp": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4, 8: 8, 4: 4, 0: 0}
+
+
+def parse_quant(quant: str | int | None) -> int | None:
+    """None = whatever the checkpoint holds; 0 = float; 8/4 = INT8/INT4 weight-only."""
+    key = quant.lower() if isinstance(quant, str) else quant
+    if key not in QUANT_CHOICES:
+        raise ValueError(f"unknown quantization {quant!r}: use none, int8 or int4")
+    return QUANT_CHOICES[key]
+
+
+def resolve_config(info_cfg: ModelConfig | None, model: str | ModelConfig | None, layers: int | None) -> ModelConfig:
+    if isinstance(model, ModelConfig):
+        cfg = model
+    elif model:
+        cfg = get_preset(model)
+    elif info_cfg is not None:
+        cfg = info_cfg
+    else:
+        raise CheckpointError("the checkpoint has no glm_tp.json metadata, so its shape is unknown: "
+                              "pass model=glm-130b (or the preset it was made with)")
+    return cfg.with_layers(layers) if layers else cfg
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None = None, layers: int | None = None,
+               dtype: str | torch.dtype | None = None, quant: str | int | None = None, device: str | None = None,
+               tp: TPContext | None = None, progress: bool = True) -> GLMModel:
+    """Load this rank's shard of a release-format checkpoint.
+
+    Single process: `load_model("ckpt")`. Under `torchrun --nproc_per_node N` every rank calls the
+    same line and gets its own shard (the process group is set up on first use).
+    """
+    tp = tp or init_distributed(device)
+    info = inspect(checkpoint)
+    cfg = resolve_config(info.model_config(), model, layers)
+    if info.tp != tp.size:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has {info.tp} shard(s) but {tp.size} rank(s) were started: start "
+            f"{info.tp} ranks, or run `python tools/repartition.py {checkpoint} DST --tp {tp.size}` and load DST")
+    cfg.check_tp(tp.size)
+    path = info.shards[tp.rank]
+    state, mapped = open_shard(path)
+    ckpt_bits = info.quant_bits if info.quant_bits is not None else detect_quant_bits(state, cfg, tp.size)
+    wanted = parse_quant(quant)
+    bits = ckpt_bits if wanted is None else wanted
+    torch_dtype = parse_dtype(dtype) if dtype else default_dtype(tp.device)
+    net = GLMModel(cfg, tp, torch_dtype, tp.device, quant_bits=bits)
+    load_shard_into(net, state, mapped, path, info.tp, ckpt_bits, progress=progress and tp.is_first)
+    return net.eval()

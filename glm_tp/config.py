@@ -1,0 +1,110 @@
+"""Model shapes and their presets.
+
+One dataclass describes a GLM-130B-family transformer; `PRESETS` names the shapes people use.
+Tensor-parallel validity lives here too, because it depends only on the shape.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    key = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}.get(name, name)
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of GLM's control tokens. The GLM-130B tokenizer's values are the defaults."""
+
+    mask: int = 150000   # [MASK]: short blank, generated positions pinned to the mask
+    gmask: int = 150001  # [gMASK]: long blank to the end, positions keep counting
+    smask: int = 150002  # [sMASK]: handled like [MASK]
+    sop: int = 150004    # start of a generated piece; first causal position
+    eop: int = 150005    # end of a generated piece
+    eos: int = 20002     # end of text; appended when a prompt does not end with a mask
+    pad: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    inner_hidden_size: int  # GeGLU inner width; h->4h outputs twice this (value rows, then gate rows)
+    vocab_size: int         # embedding rows (padded)
+    max_seq_len: int = 2048
+    layernorm_eps: float = 1e-5
+    rotary_base: float = 10000.0
+    special: SpecialTokens = field(default_factory=SpecialTokens)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        return (2.0 * self.num_layers) ** 0.5
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    def valid_tp_sizes(self, limit: int = 64) -> list[int]:
+        dims = (self.num_heads, self.hidden_size, self.inner_hidden_size, self.vocab_size)
+        return [n for n in range(1, limit + 1) if all(d % n == 0 for d in dims)]
+
+    def check_tp(self, tp: int) -> None:
+        if tp not in self.valid_tp_sizes(max(64, tp)):
+            raise ValueError(
+                f"tensor-parallel size {tp} does not divide this model (heads {self.num_heads}, hidden "
+                f"{self.hidden_size}, inner {self.inner_hidden_size}, vocab {self.vocab_size}); "
+                f"valid sizes: {', '.join(map(str, self.valid_tp_sizes()))}"
+            )
+
+    def with_layers(self, num_layers: int) -> "ModelConfig":
+        return dataclasses.replace(self, num_layers=num_layers)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        special = SpecialTokens(**d.pop("special", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(special=special, **{k: v for k, v in d.items() if k in known})
+
+    def param_count(self) -> int:
+        h, f = self.hidden_size, self.inner_hidden_size
+        per_layer = (3 * h * h + 3 * h) + (h * h + h) + (2 * f * h + 2 * f) + (f * h + h) + 4 * h
+        return self.num_layers * per_layer + self.vocab_size * h + 2 * h
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "glm-130b": ModelConfig(num_layers=70, hidden_size=12288, num_heads=96, inner_hidden_size=32768,
+                            vocab_size=150528, max_seq_len=2048),
+    # a few-MB model for unit tests: every dimension divisible by 1, 2, 4 and 8
+    "tiny": ModelConfig(num_layers=2, hidden_size=64, num_heads=8, inner_hidden_size=128,
+                        vocab_size=1024, max_seq_len=128, special=SpecialTokens(
+                            mask=1000, gmask=1001, smask=1002, sop=1004, eop=1005, eos=2, pad=0)),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)} or give a custom shape")
+    return PRESETS[name]

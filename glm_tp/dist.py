@@ -1,0 +1,108 @@
+"""Process groups and the few collectives tensor parallelism needs.
+
+`TPContext` is what every layer holds: its rank, the group size and the group. A context with
+`simulated=True` pretends to be one rank of a larger group and turns collectives into no-ops
+(used by the single-GPU benchmark of a TP=8 rank). Collectives time out instead of hanging:
+the timeout is given to `init_process_group` and applies to every call on the group.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclass
+class TPContext:
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+    device: torch.device = torch.device("cpu")
+    simulated: bool = False
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def communicates(self) -> bool:
+        return self.size > 1 and not self.simulated
+
+    # -- collectives ---------------------------------------------------------------------
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.communicates:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def gather_last_dim_to_first(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Concatenate every rank's `t` along the last dim on rank 0; other ranks get None."""
+        if not self.communicates:
+            return t
+        t = t.contiguous()
+        if self.device.type == "cpu":
+            parts = [torch.empty_like(t) for _ in range(self.size)] if self.rank == 0 else None
+            dist.gather(t, parts, dst=0, group=self.group)
+        else:  # NCCL has no gather in older versions; all_gather is one call and cheap for logits
+            parts = [torch.empty_like(t) for _ in range(self.size)]
+            dist.all_gather(parts, t, group=self.group)
+        return torch.cat(parts, dim=-1) if self.rank == 0 else None
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        if self.communicates:
+            dist.broadcast(t, src=0, group=self.group)
+        return t
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Send a picklable object from rank 0 to every rank; returns it on all ranks."""
+        if not self.communicates:
+            return obj
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self.group, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.communicates:
+            dist.barrier(group=self.group)
+
+
+def single_process(device: str | torch.device = "cpu") -> TPContext:
+    return TPContext(device=torch.device(device))
+
+
+def simulated_rank(size: int, rank: int = 0, device: str | torch.device = "cpu") -> TPContext:
+    """One rank of a `size`-way group, alone on this device, with collectives as no-ops."""
+    return TPContext(rank=rank, size=size, device=torch.device(device), simulated=True)
+
+
+def init_distributed(device: str | None = None, backend: str | None = None,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> TPContext:
+    """Join the torchrun group (or stay single-process when WORLD_SIZE is unset).
+
+    The backend follows the device: nccl for CUDA, gloo for CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world == 1 and not dist.is_initialized():
+        return TPContext(device=dev)
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return TPContext(rank=dist.get_rank(), size=dist.get_world_size(), group=dist.group.WORLD, device=dev)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,137 @@
+"""How each checkpoint tensor is split across tensor-parallel ranks: the one home of that rule.
+
+The layers, the loader, `tools/make_checkpoint.py` and `tools/repartition.py` all ask this module.
+Layouts (weights are [out, in], as F.linear takes them):
+
+- COLUMN: contiguous cut along dim 0. The vocab-parallel embedding and the QKV projection use it;
+  QKV rows are head-major ([q k v] of head 0, then head 1, ...), so a cut by rows is a cut by heads.
+- GLU: dim 0 holds [value rows ; gate rows]; rank r keeps its slice of the value rows followed by
+  its slice of the gate rows, because GeGLU halves each rank's own output.
+- ROW: contiguous cut along dim 1 (the input dim) of attention.dense and dense_4h_to_h weights.
+- REPLICATED: every rank holds the same tensor (LayerNorms, row-parallel biases).
+"""
+from __future__ import annotations
+
+import enum
+import re
+
+import torch
+
+from .config import ModelConfig
+
+
+class Layout(enum.Enum):
+    REPLICATED = "replicated"
+    COLUMN = "column"
+    GLU = "glu"
+    ROW = "row"
+
+
+# (suffix of the parameter name, layout of .weight, layout of .bias)
+_LINEARS: dict[str, tuple[Layout, Layout]] = {
+    "attention.query_key_value": (Layout.COLUMN, Layout.COLUMN),
+    "attention.dense": (Layout.ROW, Layout.REPLICATED),
+    "mlp.dense_h_to_4h": (Layout.GLU, Layout.GLU),
+    "mlp.dense_4h_to_h": (Layout.ROW, Layout.REPLICATED),
+}
+QUANTIZED_LINEARS: tuple[str, ...] = tuple(_LINEARS)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # the reference ignores it too; tables are recomputed
+_LAYER_RE = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
+
+
+def short_name(name: str) -> str:
+    """'transformer.layers.3.mlp.dense_h_to_4h.weight' -> 'mlp.dense_h_to_4h.weight'."""
+    m = _LAYER_RE.match(name)
+    return m.group(2) if m else name.removeprefix("transformer.")
+
+
+def is_ignored(name: str) -> bool:
+    return name.endswith(IGNORED_SUFFIXES)
+
+
+def layout_of(name: str) -> Layout:
+    short = short_name(name)
+    if short == "word_embeddings.weight":
+        return Layout.COLUMN
+    for linear, (weight_layout, bias_layout) in _LINEARS.items():
+        if short == f"{linear}.weight":
+            return weight_layout
+        if short == f"{linear}.bias":
+            return bias_layout
+        if short == f"{linear}.weight_scale":
+            # one scale per output row: it follows the weight's rows; ROW weights' scales are per
+            # rank and only re-quantizing can change their split (see quant.py)
+            return Layout.REPLICATED if weight_layout is Layout.ROW else weight_layout
+    return Layout.REPLICATED
+
+
+def split(t: torch.Tensor, layout: Layout, tp: int) -> list[torch.Tensor]:
+    """Cut a full tensor into `tp` rank shards (views where possible)."""
+    if tp == 1 or layout is Layout.REPLICATED:
+        return [t] * tp
+    if layout is Layout.COLUMN:
+        _check_divides(t.shape[0], tp, layout)
+        return list(t.chunk(tp, dim=0))
+    if layout is Layout.ROW:
+        _check_divides(t.shape[-1], tp, layout)
+        return list(t.chunk(tp, dim=-1))
+    _check_divides(t.shape[0], 2 * tp, layout)
+    value, gate = t.chunk(2, dim=0)
+    return [torch.cat([v, g], dim=0) for v, g in zip(value.chunk(tp, dim=0), gate.chunk(tp, dim=0))]
+
+
+def merge(parts: list[torch.Tensor], layout: Layout) -> torch.Tensor:
+    """Inverse of `split`. REPLICATED returns the first part (callers check equality)."""
+    if len(parts) == 1 or layout is Layout.REPLICATED:
+        return parts[0]
+    if layout is Layout.COLUMN:
+        return torch.cat(parts, dim=0)
+    if layout is Layout.ROW:
+        return torch.cat(parts, dim=-1)
+    halves = [p.chunk(2, dim=0) for p in parts]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+
+def reshard(parts: list[torch.Tensor], layout: Layout, tp: int) -> list[torch.Tensor]:
+    """From len(parts) shards to `tp` shards, touching only what an integer ratio needs."""
+    src = len(parts)
+    if src == tp:
+        return list(parts)
+    if tp % src == 0:  # each source shard splits into tp/src pieces
+        return [piece for p in parts for piece in split(p, layout, tp // src)]
+    if src % tp == 0:  # consecutive groups of src/tp shards merge
+        k = src // tp
+        return [merge(parts[i * k:(i + 1) * k], layout) for i in range(tp)]
+    raise ValueError(f"cannot reshard {src} shards into {tp}: one count must be a multiple of the other")
+
+
+def shard_shape(full_shape: tuple[int, ...], layout: Layout, tp: int) -> tuple[int, ...]:
+    shape = list(full_shape)
+    if layout in (Layout.COLUMN, Layout.GLU):
+        shape[0] //= tp
+    elif layout is Layout.ROW:
+        shape[-1] //= tp
+    return tuple(shape)
+
+
+def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor of an unquantized TP=1 model, in the release naming."""
+    h, f = cfg.hidden_size, cfg.inner_hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"transformer.word_embeddings.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_layers):
+        p = f"transformer.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
+            p + "attention.query_key_value.weight": (3 * h, h), p + "attention.query_key_value.bias": (3 * h,),
+            p + "attention.dense.weight": (h, h), p + "attention.dense.bias": (h,),
+            p + "post_attention_layernorm.weight": (h,), p + "post_attention_layernorm.bias": (h,),
+            p + "mlp.dense_h_to_4h.weight": (2 * f, h), p + "mlp.dense_h_to_4h.bias": (2 * f,),
+            p + "mlp.dense_4h_to_h.weight": (h, f), p + "mlp.dense_4h_to_h.bias": (h,),
+        })
+    shapes.update({"transformer.final_layernorm.weight": (h,), "transformer.final_layernorm.bias": (h,)})
+    return shapes
+
+
+def _check_divides(n: int, parts: int, layout: Layout) -> None:
+    if n % parts:
+        raise ValueError(f"a {layout.value}-parallel dimension of size {n} cannot be cut into {parts} equal parts")

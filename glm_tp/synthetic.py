@@ -1,0 +1,36 @@
+"""Random but well-behaved weights, deterministic per (seed, tensor name) and independent of TP.
+
+Scaled like a trained model so logits are finite and far from uniform: unit-gain linears
+(std 1/sqrt(fan_in)), LayerNorm gains near 1, small biases, and an embedding whose tied LM head
+gives logits with a standard deviation of a few units.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from .config import ModelConfig
+from .partition import full_shapes, layout_of, split
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, hidden_size: int) -> torch.Tensor:
+    """The full (TP=1) fp32 tensor called `name`."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    t = torch.randn(shape, generator=gen)
+    if "layernorm" in name:
+        return 1.0 + 0.1 * t if name.endswith("weight") else 0.05 * t
+    if name.endswith("bias"):
+        return 0.02 * t
+    if "word_embeddings" in name:
+        return t * (3.0 / hidden_size ** 0.5)
+    return t / shape[-1] ** 0.5
+
+
+def random_shard(cfg: ModelConfig, tp: int, rank: int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s shard of the random model: each full tensor is drawn, cut, and dropped."""
+    out = {}
+    for name, shape in full_shapes(cfg).items():
+        full = random_tensor(name, shape, seed, cfg.hidden_size).to(dtype)
+        out[name] = split(full, layout_of(name), tp)[rank].clone()
+    return out
