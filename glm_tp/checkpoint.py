@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig, dtype_name
-from .partition import QUANTIZED_LINEARS, is_ignored, short_name
+from .partition import QUANTIZED_LINEARS, Layout, is_ignored, layout_of, short_name
 
 METADATA_FILE = "glm_tp.json"
 LAYOUT_VERSION = 1
@@ -250,11 +250,14 @@ def _shape_message(name: str, expected: tuple[int, ...], found: tuple[int, ...],
     if len(found) == len(expected) == 2 and found[0] == expected[0] and short_name(name).split(".")[-2] in \
             {q.split(".")[-1] for q in QUANTIZED_LINEARS} and found[1] * 2 == expected[1]:
         return f"{head}: this looks like an INT4-packed weight; set quant=int4"
-    ratios = {f / e for f, e in zip(found, expected) if e and f != e}
-    if len(ratios) == 1:
-        r = ratios.pop()
-        return (f"{head}: the checkpoint seems cut for a tensor-parallel size {r:g}x different; "
-                f"run tools/repartition.py to reshard it for the number of ranks you start")
+    layout = layout_of(name)
+    split_dim = {Layout.COLUMN: 0, Layout.GLU: 0, Layout.ROW: len(expected) - 1}.get(layout)
+    if split_dim is not None and len(found) == len(expected) and all(
+            f == e for i, (f, e) in enumerate(zip(found, expected)) if i != split_dim):
+        f, e = found[split_dim], expected[split_dim]
+        if max(f, e) % min(f, e) == 0:
+            return (f"{head}: the checkpoint seems cut for a tensor-parallel size {e / f:g}x the model's; "
+                    f"run tools/repartition.py to reshard it for the number of ranks you start")
     return f"{head}: the model shape does not match the checkpoint; check the model preset (or --layers)"
 
 
