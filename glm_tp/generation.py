@@ -1,0 +1,331 @@
+"""The generation engine: batched blank filling over a tensor-parallel model.
+
+`Engine.generate` runs on every rank with the same requests. Each round fills the next blank of
+every unfinished request: the requests are left-padded into one batch, prefilled once, then decoded
+one token per step through the preallocated KV cache. Rank 0 alone chooses tokens (sampling.py) and
+broadcasts them with a stop flag, so ranks never depend on identical random streams; at the end of a
+round rank 0 broadcasts each request's answer, and every rank splices it into the context.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .blanks import BlankInput, PromptError, check_length, complete_context, fill_kind, next_blank, splice, \
+    tokenize_prompt
+from .model import GLMModel, SeqLayout
+from .sampling import BeamGroup, RowSettings, ban_tokens, choose_tokens
+from .tokenizer import GLMTokenizer
+
+STRATEGIES = ("greedy", "sample", "beam")
+CONTINUE, DONE, INTERRUPTED = 0, 1, 2
+
+
+@dataclass
+class GenerationConfig:
+    strategy: str = "greedy"
+    max_new_tokens: int = 64           # generated tokens per blank
+    temperature: float = 1.0
+    top_k: int = 0                     # 0 = off
+    top_p: float = 1.0                 # 1.0 = off
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    seed: int = 1234
+    return_all_beams: bool = False
+
+    def validate(self) -> None:
+        checks = [
+            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.temperature > 0, "temperature must be > 0 (use strategy=greedy for argmax)"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 turns it off)"),
+            (self.num_beams >= 1, "num_beams must be at least 1"),
+            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be between 0 and max_new_tokens"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def updated(self, **changes: object) -> "GenerationConfig":
+        """A copy with fields changed (values are converted to the field's type); unknown keys raise."""
+        types = {f.name: f.type for f in dataclasses.fields(self)}
+        converted = {}
+        for key, value in changes.items():
+            if key not in types:
+                raise ValueError(f"unknown generation setting {key!r}: use one of {', '.join(types)}")
+            kind = {"int": int, "float": float, "str": str, "bool": _as_bool}[types[key]]
+            converted[key] = kind(value)
+        new = dataclasses.replace(self, **converted)
+        new.validate()
+        return new
+
+
+def _as_bool(v: object) -> bool:
+    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class Request:
+    id: str
+    text: str | None = None
+    token_ids: list[int] | None = None
+    config: GenerationConfig | None = None
+
+
+@dataclass
+class Result:
+    id: str
+    text: str = ""
+    blanks: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    beams: list[str] | None = None
+    error: str | None = None
+    pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, is a filled blank), for display
+
+
+@dataclass
+class _State:
+    """One request on its way through its blanks (identical on every rank)."""
+
+    request: Request
+    config: GenerationConfig
+    ids: list[int] = field(default_factory=list)
+    origin: list[int] = field(default_factory=list)   # 0 = prompt token, k = token of blank k
+    kind: int = 0
+    blank_ids: list[list[int]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    finish: str = ""
+    error: str | None = None
+    beams: list[list[int]] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.error is None and self.finish in ("", "stop", "length") and self.kind in self.ids
+
+
+class Engine:
+    def __init__(self, model: GLMModel, tokenizer: GLMTokenizer, default: GenerationConfig | None = None,
+                 max_batch: int = 8):
+        self.model, self.tok, self.tp = model, tokenizer, model.tp
+        self.default = default or GenerationConfig()
+        self.max_batch = max_batch
+        special = tokenizer.special
+        self.end_tokens = [special.eop, special.eos]
+        # only text tokens and the end tokens may be generated: never masks, sop or padded rows
+        self.banned = torch.ones(model.cfg.vocab_size, dtype=torch.bool)
+        lo = tokenizer.offset
+        self.banned[lo:min(lo + tokenizer.text_vocab_size, model.cfg.vocab_size)] = False
+        self.banned[self.end_tokens] = False
+
+    # -- public -----------------------------------------------------------------------------------
+    def generate(self, requests: list[Request], interrupt: Callable[[], bool] | None = None) -> list[Result]:
+        states = [self._start(r) for r in requests]
+        stopped = False
+        while not stopped:
+            pending = [s for s in states if s.active]
+            if not pending:
+                break
+            for chunk in self._chunks(pending):
+                if self._fill(chunk, interrupt) == INTERRUPTED:
+                    stopped = True
+                    break
+        if stopped:
+            for s in states:
+                if s.active:
+                    s.finish = "interrupted"
+        return [self._result(s) for s in states]
+
+    # -- preparation ------------------------------------------------------------------------------
+    def _start(self, r: Request) -> _State:
+        cfg = r.config or self.default
+        s = _State(request=r, config=cfg)
+        try:
+            cfg.validate()
+            if r.token_ids is not None:
+                bad = [t for t in r.token_ids if not 0 <= int(t) < self.model.cfg.vocab_size]
+                if bad:
+                    raise PromptError(f"token id {bad[0]} is outside the vocabulary [0, {self.model.cfg.vocab_size})")
+                s.ids = complete_context([int(t) for t in r.token_ids], self.tok.special)
+            elif r.text is not None:
+                s.ids = tokenize_prompt(r.text, self.tok)
+            else:
+                raise PromptError("request has neither text nor token_ids")
+            check_length(s.ids, self.model.cfg.max_seq_len)
+        except ValueError as e:
+            s.error = str(e)
+            return s
+        s.origin = [0] * len(s.ids)
+        s.kind = fill_kind(s.ids, self.tok.special)
+        s.prompt_tokens = len(s.ids)
+        return s
+
+    def _chunks(self, states: list[_State]) -> list[list[_State]]:
+        """Requests that share settings (all but the seed) run together, at most max_batch rows."""
+        groups: dict[tuple, list[_State]] = {}
+        for s in states:
+            groups.setdefault(dataclasses.astuple(dataclasses.replace(s.config, seed=0)), []).append(s)
+        chunks = []
+        for group in groups.values():
+            per = max(1, self.max_batch // self._beams(group[0].config))
+            chunks.extend(group[i:i + per] for i in range(0, len(group), per))
+        return chunks
+
+    @staticmethod
+    def _beams(cfg: GenerationConfig) -> int:
+        return cfg.num_beams if cfg.strategy == "beam" else 1
+
+    # -- one blank for a chunk of requests ---------------------------------------------------------
+    def _fill(self, chunk: list[_State], interrupt: Callable[[], bool] | None) -> int:
+        cfg, model = chunk[0].config, self.model
+        k = self._beams(cfg)
+        inputs: list[BlankInput] = []
+        for s in chunk:
+            inp = next_blank(s.ids, s.kind, self.tok.special)
+            assert inp is not None
+            inputs.append(inp)
+        rows = len(chunk) * k
+        width = max(len(i.tokens) for i in inputs)
+        # a row may generate until its positions reach the model's max length
+        caps = [min(cfg.max_new_tokens, model.cfg.max_seq_len - len(i.tokens)) for i in inputs]
+        steps = max(caps)
+        row_inputs = [inp for inp in inputs for _ in range(k)]
+        row_caps = [c for c in caps for _ in range(k)]
+        pad = torch.tensor([width - len(i.tokens) for i in row_inputs])
+        tokens = torch.tensor([[self.tok.special.pad] * (width - len(i.tokens)) + i.tokens for i in row_inputs])
+        positions = torch.tensor([[0] * (width - len(i.tokens)) + i.positions for i in row_inputs])
+        layout = SeqLayout(pad=pad, bidirectional=torch.tensor([i.bidirectional for i in row_inputs]))
+        device = model.device
+        cache = model.new_cache(rows, width + steps)
+        decider = _Decider(self, chunk, k, row_caps) if self.tp.is_first else None
+
+        flag = CONTINUE
+        with torch.inference_mode():
+            logits = model(tokens.to(device), positions.to(device), layout, cache)
+            for step in range(steps):
+                message = torch.zeros(2 * rows + 1, dtype=torch.long, device=device)
+                if decider is not None:
+                    message = decider.step(logits, step, interrupt).to(device)
+                self.tp.broadcast(message)
+                parents, next_tokens, flag = message[:rows], message[rows:2 * rows], int(message[-1])
+                if flag != CONTINUE:
+                    break
+                if k > 1:
+                    cache.reorder(parents)
+                pos = torch.tensor([[i.position_after(step)] for i in row_inputs], device=device)
+                logits = model(next_tokens.view(rows, 1), pos, layout, cache, start=width + step)
+        outcome = decider.outcome(flag) if decider is not None else None
+        outcome = self.tp.broadcast_object(outcome)
+        for s, inp, (answer, finish, beams) in zip(chunk, inputs, outcome):
+            number = len(s.blank_ids) + 1
+            s.ids = splice(s.ids, inp.mask_index, answer)
+            s.origin = s.origin[:inp.mask_index] + [number] * len(answer) + s.origin[inp.mask_index + 1:]
+            s.blank_ids.append(answer)
+            s.finish = finish
+            s.beams = [splice(inp.tokens[:-1], inp.mask_index, b) for b in beams] if beams else None
+            if s.active and len(s.ids) + 1 > model.cfg.max_seq_len:
+                s.finish = "length"  # no room left for the next blank's sop
+                s.error = f"prompt grew to {len(s.ids)} tokens after filling a blank: no room for the next one"
+        return flag
+
+    # -- results ----------------------------------------------------------------------------------
+    def _result(self, s: _State) -> Result:
+        if s.error is not None and not s.blank_ids:
+            return Result(id=s.request.id, finish_reason="error", error=s.error)
+        ids, origin = list(s.ids), list(s.origin)
+        if ids and ids[-1] == self.tok.special.eos:
+            ids, origin = ids[:-1], origin[:-1]
+        pieces: list[tuple[str, bool]] = []
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or (origin[i] > 0) != (origin[start] > 0) or origin[i] != origin[start]:
+                pieces.append((self.tok.decode(ids[start:i]), origin[start] > 0))
+                start = i
+        beams = None
+        if s.beams and s.config.return_all_beams:
+            beams = [self.tok.decode(b[:-1] if b and b[-1] == self.tok.special.eos else b) for b in s.beams]
+        return Result(id=s.request.id, text=self.tok.decode(ids), blanks=[self.tok.decode(b) for b in s.blank_ids],
+                      token_ids=ids, finish_reason=s.finish or "stop", prompt_tokens=s.prompt_tokens,
+                      completion_tokens=sum(len(b) for b in s.blank_ids), beams=beams, error=s.error, pieces=pieces)
+
+
+class _Decider:
+    """Rank 0's side of one fill: chooses tokens, tracks what every row generated, decides when to stop."""
+
+    def __init__(self, engine: Engine, chunk: list[_State], k: int, row_caps: list[int]):
+        self.engine, self.chunk, self.k, self.caps = engine, chunk, k, row_caps
+        self.cfg = chunk[0].config
+        self.rows = len(chunk) * k
+        self.generated: list[list[int]] = [[] for _ in range(self.rows)]
+        self.ended = [False] * self.rows
+        self.length_hit = [False] * self.rows
+        self.beams = [BeamGroup(k, self.cfg.length_penalty) for _ in chunk] if self.cfg.strategy == "beam" else None
+        self.settings = [RowSettings(greedy=self.cfg.strategy != "sample", temperature=self.cfg.temperature,
+                                     top_k=self.cfg.top_k, top_p=self.cfg.top_p,
+                                     generator=torch.Generator().manual_seed(s.config.seed)) for s in chunk]
+
+    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
+        out = logits.float().cpu()
+        out[:, self.engine.banned[: out.shape[-1]]] = float("-inf")
+        return ban_tokens(out, self.generated, self.engine.end_tokens, self.cfg.min_new_tokens,
+                          self.cfg.no_repeat_ngram_size)
+
+    def step(self, logits: torch.Tensor, step: int, interrupt: Callable[[], bool] | None) -> torch.Tensor:
+        rows, end = self.rows, self.engine.end_tokens
+        parents = torch.arange(rows)
+        if interrupt is not None and interrupt():  # before choosing: nothing of this step is kept
+            return torch.cat([parents, torch.zeros(rows, dtype=torch.long), torch.tensor([INTERRUPTED])])
+        scores = self._logits(logits)
+        if self.beams is None:
+            chosen = choose_tokens(scores, self.settings)
+            for i in range(rows):
+                if not self.ended[i]:
+                    self.generated[i].append(int(chosen[i]))
+                    self.ended[i] = int(chosen[i]) in end
+                    if not self.ended[i] and len(self.generated[i]) >= self.caps[i]:
+                        self.ended[i] = self.length_hit[i] = True
+            tokens = chosen
+        else:
+            logprobs = scores.log_softmax(dim=-1)
+            tokens = torch.full((rows,), end[0], dtype=torch.long)
+            for g, group in enumerate(self.beams):
+                base = g * self.k
+                if group.done:
+                    continue
+                picks = group.step(logprobs[base:base + self.k], end)
+                for j, (parent, token) in enumerate(picks):
+                    parents[base + j] = base + parent
+                    tokens[base + j] = token
+                self.generated[base:base + self.k] = [list(t) for t in group.live]
+                if len(group.live[0]) >= self.caps[base]:
+                    group.done = True
+                    self.length_hit[base] = True
+        flag = CONTINUE
+        if (self.beams is None and all(self.ended)) or (self.beams is not None and all(b.done for b in self.beams)):
+            flag = DONE
+        return torch.cat([parents, tokens, torch.tensor([flag])])
+
+    def outcome(self, flag: int) -> list[tuple[list[int], str, list[list[int]] | None]]:
+        end = self.engine.end_tokens
+        out = []
+        for g, s in enumerate(self.chunk):
+            if self.beams is not None:
+                hyps = self.beams[g].finish()
+                answers = [h.tokens[:-1] if h.tokens and h.tokens[-1] in end else h.tokens for h in hyps]
+                finish = "stop" if hyps and hyps[0].finished else "length"
+                out.append((answers[0] if answers else [], finish, answers if s.config.return_all_beams else None))
+                continue
+            gen = self.generated[g]
+            stopped = bool(gen) and gen[-1] in end
+            finish = "stop" if stopped else ("length" if self.length_hit[g] or flag != INTERRUPTED else "interrupted")
+            out.append((gen[:-1] if stopped else gen, finish, None))
+        return out

@@ -1,0 +1,100 @@
+"""The GLM-130B tokenizer, read with sentencepiece alone (no icetk, which drags in a CUDA torch).
+
+icetk's text ids are the ids of its sentencepiece model `ice_text.model` plus 20000 (the image
+tokens come first); GLM's control tokens sit above the text vocabulary (`SpecialTokens`). Small
+models use any sentencepiece model, usually with offset 0, and declare their special ids in the
+checkpoint metadata. Newlines are kept: they map to the `<n>` piece when the model has one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .config import SpecialTokens
+
+ICETK_TEXT_OFFSET = 20000
+NEWLINE_PIECE = "<n>"
+MODEL_FILES = ("ice_text.model", "tokenizer.model")
+
+
+class TokenizerError(FileNotFoundError):
+    """A missing or unreadable tokenizer model, with where it looked and how to point at one."""
+
+
+class GLMTokenizer:
+    def __init__(self, model_file: str | os.PathLike, special: SpecialTokens | None = None,
+                 text_offset: int = ICETK_TEXT_OFFSET):
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.special = special or SpecialTokens()
+        self.offset = text_offset
+        newline = self.sp.piece_to_id(NEWLINE_PIECE)
+        self.newline_id = newline if newline != self.sp.unk_id() else None
+        self.names = {self.special.mask: "[MASK]", self.special.gmask: "[gMASK]", self.special.smask: "[sMASK]",
+                      self.special.sop: "<sop>", self.special.eop: "<eop>", self.special.eos: "</s>"}
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; mask markers are NOT parsed here (see blanks.tokenize_prompt)."""
+        if not text:
+            return []
+        lines = text.split("\n") if self.newline_id is not None else [text.replace("\n", " ")]
+        ids: list[int] = []
+        for i, line in enumerate(lines):
+            if i:
+                ids.append(self.newline_id + self.offset)
+            if line:
+                ids.extend(t + self.offset for t in self.sp.encode(line))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text ids back to text; control tokens render as their names, padded rows as nothing."""
+        out: list[str] = []
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                # sentencepiece drops a run's leading word boundary; keep it after earlier text
+                space = " " if out and out[-1] != "\n" and self.sp.id_to_piece(run[0]).startswith("\u2581") else ""
+                out.append(space + self.sp.decode(run))
+                run.clear()
+
+        for i in ids:
+            if i in self.names:
+                flush()
+                out.append(self.names[i])
+            elif self.newline_id is not None and i - self.offset == self.newline_id:
+                flush()
+                out.append("\n")
+            elif 0 <= i - self.offset < self.text_vocab_size:
+                run.append(i - self.offset)
+        flush()
+        return "".join(out)
+
+
+def find_model_file(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    candidates = [p / name for name in MODEL_FILES] if p.is_dir() or not p.suffix else [p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    looked = ", ".join(str(c) for c in candidates)
+    raise TokenizerError(f"no tokenizer model found (looked for {looked}): put icetk's ice_text.model there or "
+                         f"point tokenizer= at the folder or .model file that holds it")
+
+
+def load_tokenizer(path: str | os.PathLike, special: SpecialTokens | None = None,
+                   text_offset: int | None = None) -> GLMTokenizer:
+    """A folder holding ice_text.model (icetk layout, offset 20000) or tokenizer.model, or a .model file."""
+    model_file = find_model_file(path)
+    if text_offset is None:
+        text_offset = ICETK_TEXT_OFFSET if model_file.name == "ice_text.model" else 0
+    try:
+        return GLMTokenizer(model_file, special, text_offset)
+    except (RuntimeError, OSError) as e:
+        raise TokenizerError(f"{model_file} is not a readable sentencepiece model ({e}): "
+                             f"point tokenizer= at a valid ice_text.model") from None

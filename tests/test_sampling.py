@@ -1,0 +1,91 @@
+"""Strategies on crafted cases: a fake model whose next-token logits depend only on the last token."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from glm_tp.config import PRESETS
+from glm_tp.dist import single_process
+from glm_tp.generation import Engine, GenerationConfig, Request
+from glm_tp.sampling import filter_top_k_top_p
+from glm_tp.tokenizer import load_tokenizer
+
+CFG = PRESETS["tiny"]
+SOP, EOP = CFG.special.sop, CFG.special.eop
+
+
+class _NoCache:
+    def reorder(self, index: torch.Tensor) -> None:
+        pass
+
+
+class MarkovModel:
+    """Logits for the next token = table[last token] (the KV cache plays no part)."""
+
+    def __init__(self, transitions: dict[int, dict[int, float]]):
+        self.cfg, self.tp, self.device = CFG, single_process(), torch.device("cpu")
+        self.table = torch.full((CFG.vocab_size, CFG.vocab_size), -1e4)
+        for src, dsts in transitions.items():
+            for dst, p in dsts.items():
+                self.table[src, dst] = math.log(p)
+
+    def new_cache(self, batch: int, max_len: int) -> _NoCache:
+        return _NoCache()
+
+    def __call__(self, tokens, positions, layout, cache, start=0, logits_at=None):
+        return self.table[tokens[:, -1]]
+
+
+@pytest.fixture()
+def engine_for(tiny_tokenizer_file):
+    tok = load_tokenizer(tiny_tokenizer_file, CFG.special)
+    return lambda transitions: Engine(MarkovModel(transitions), tok)
+
+
+def _answer(engine: Engine, **settings) -> list[int]:
+    cfg = GenerationConfig(max_new_tokens=6).updated(**settings)
+    result = engine.generate([Request("r", token_ids=[20, 21, CFG.special.mask], config=cfg)])[0]
+    assert result.error is None
+    return result.token_ids[2:2 + result.completion_tokens]
+
+
+def test_beam_of_one_equals_greedy(engine_for):
+    engine = engine_for({SOP: {10: 0.5, 11: 0.3, EOP: 0.2}, 10: {12: 0.6, EOP: 0.4}, 11: {EOP: 1.0},
+                         12: {13: 0.7, EOP: 0.3}, 13: {EOP: 1.0}})
+    assert _answer(engine, strategy="greedy") == _answer(engine, strategy="beam", num_beams=1) == [10, 12, 13]
+
+
+def test_length_penalty_favours_longer_answers(engine_for):
+    # ending at once: log 0.4 = -0.92 over 1 token; [10, 11, eop]: log 0.6 + log 0.5 = -1.20 over 3 tokens
+    engine = engine_for({SOP: {EOP: 0.4, 10: 0.6}, 10: {EOP: 0.5, 11: 0.5}, 11: {EOP: 1.0}})
+    assert _answer(engine, strategy="beam", num_beams=2, length_penalty=0.0) == []
+    assert _answer(engine, strategy="beam", num_beams=2, length_penalty=2.0) == [10, 11]
+
+
+def test_no_repeat_ngram_and_min_new_tokens(engine_for):
+    engine = engine_for({SOP: {10: 0.9, EOP: 0.1}, 10: {10: 0.6, 11: 0.3, EOP: 0.1}, 11: {10: 0.7, EOP: 0.3}})
+    assert _answer(engine, strategy="greedy") == [10] * 6
+    no_repeat = _answer(engine, strategy="greedy", no_repeat_ngram_size=2)
+    bigrams = list(zip(no_repeat, no_repeat[1:]))
+    assert len(bigrams) == len(set(bigrams)) and no_repeat[:3] == [10, 10, 11]
+    for strategy in ("greedy", "beam"):
+        engine = engine_for({SOP: {EOP: 0.9, 10: 0.1}, 10: {EOP: 0.9, 11: 0.1}, 11: {EOP: 0.9, 12: 0.1}, 12: {EOP: 1.0}})
+        assert _answer(engine, strategy=strategy) == []
+        assert _answer(engine, strategy=strategy, min_new_tokens=2) == [10, 11]
+
+
+def test_top_k_and_top_p_filter_each_row():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
+    out = filter_top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.6]))
+    kept = torch.isfinite(out)
+    assert kept[0].tolist() == [True, True, False, False]  # top-2
+    assert kept[1].tolist() == [True, True, True, False]   # 0.25 + 0.25 < 0.6, so a third token is needed
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(ValueError, match="top_p must be in"):
+        GenerationConfig().updated(top_p=0)
+    with pytest.raises(ValueError, match="unknown generation setting 'beams'"):
+        GenerationConfig().updated(beams=3)
