@@ -98,16 +98,19 @@ class SelfAttention(nn.Module):
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp, dtype, bits)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache, start: int) -> torch.Tensor:
+                cache: KVCache | None, start: int) -> torch.Tensor:
         b, s, _ = h.shape
         qkv = self.query_key_value(h).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        end = start + s
-        keys, values = cache.k[self.layer_id], cache.v[self.layer_id]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
-        keys, values = keys[:, :, :end], values[:, :, :end]
+        if cache is None:  # one-shot forward (training): nothing to keep
+            keys, values = k, v
+        else:
+            end = start + s
+            keys, values = cache.k[self.layer_id], cache.v[self.layer_id]
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            keys, values = keys[:, :, :end], values[:, :, :end]
 
         c = float(self.layer_id + 1)
         scores = torch.matmul(q / (math.sqrt(self.head_dim) * c), keys.transpose(-1, -2))
@@ -138,7 +141,7 @@ class GLMBlock(nn.Module):
         self.mlp = GeGLU(cfg, tp, dtype, bits)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache, start: int) -> torch.Tensor:
+                cache: KVCache | None, start: int) -> torch.Tensor:
         h = self.input_layernorm(x)
         x = self.alpha * h + self.attention(h, cos, sin, mask, cache, start)
         m = self.post_attention_layernorm(x)
@@ -172,7 +175,7 @@ class GLMModel(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, self.tp.size, batch, max_len or self.cfg.max_seq_len, self.dtype, self.device)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, layout: SeqLayout, cache: KVCache,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, layout: SeqLayout, cache: KVCache | None,
                 start: int = 0, logits_at: torch.Tensor | None = None, gather: bool = True) -> torch.Tensor | None:
         """Run `tokens` [b, s] (cache slots start..start+s) and return logits at `logits_at`.
 
@@ -182,7 +185,7 @@ class GLMModel(nn.Module):
         torch.inference_mode(); training (tools/train_demo.py) runs the same code with autograd.
         """
         b, s = tokens.shape
-        if start + s > cache.max_len:
+        if cache is not None and start + s > cache.max_len:
             raise ValueError(f"sequence of {start + s} tokens exceeds the cache's {cache.max_len}")
         if positions.max() >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds the model's max length {self.cfg.max_seq_len}")
