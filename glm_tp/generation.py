@@ -245,11 +245,12 @@ class Engine:
         if ids and ids[-1] == self.tok.special.eos:
             ids, origin = ids[:-1], origin[:-1]
         pieces: list[tuple[str, bool]] = []
-        start = 0
+        start, shown = 0, ""
         for i in range(1, len(ids) + 1):
-            if i == len(ids) or (origin[i] > 0) != (origin[start] > 0) or origin[i] != origin[start]:
-                pieces.append((self.tok.decode(ids[start:i]), origin[start] > 0))
-                start = i
+            if i == len(ids) or origin[i] != origin[start]:
+                text = self.tok.decode(ids[:i])  # decoding prefixes keeps the spaces between pieces
+                pieces.append((text[len(shown):], origin[start] > 0))
+                start, shown = i, text
         beams = None
         if s.beams and s.config.return_all_beams:
             beams = [self.tok.decode(b[:-1] if b and b[-1] == self.tok.special.eos else b) for b in s.beams]

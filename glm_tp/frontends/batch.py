@@ -1,0 +1,159 @@
+"""JSONL batch jobs on rank 0: streaming, resumable, one output line per input line.
+
+Input lines are either
+  {"id": ..., "prompt": "..."} or {"id": ..., "prompt_token_ids": [...]}, optionally with
+  "generation": {...} settings, answered with a plain record; or
+  OpenAI batch request lines {"custom_id", "method": "POST", "url": "/v1/completions" |
+  "/v1/chat/completions", "body": {...}}, answered in the OpenAI batch output format.
+A malformed or invalid line gets an error record naming its line number. Results are appended and
+flushed line by line; a rerun skips ids already in the output, so a killed job loses at most the batch
+in flight. SIGTERM finishes the current batch, then exits cleanly.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from ..generation import GenerationConfig, Request, Result
+from ..serve import Coordinator
+from . import openai_format
+
+
+@dataclass
+class Item:
+    """One input line: a request to run, or an error to record."""
+
+    line: int
+    key: str                        # id or custom_id: what resuming matches on
+    requests: list[Request]         # several for OpenAI n > 1
+    openai: dict | None = None      # the request line, for OpenAI output
+    error: str | None = None
+
+
+def parse_line(number: int, text: str, default: GenerationConfig) -> Item:
+    try:
+        obj = json.loads(text)
+        if not isinstance(obj, dict):
+            raise ValueError("a line must be a JSON object")
+    except (json.JSONDecodeError, ValueError) as e:
+        return Item(number, f"line-{number}", [], error=f"line {number}: not valid JSON ({e})")
+    if "custom_id" in obj:
+        key = str(obj["custom_id"])
+        try:
+            return Item(number, key, openai_format.to_requests(number, obj, default), openai=obj)
+        except (ValueError, TypeError, KeyError) as e:
+            return Item(number, key, [], openai=obj, error=f"line {number}: {e}")
+    key = str(obj.get("id", f"line-{number}"))
+    try:
+        config = default.updated(**obj.get("generation", {})) if obj.get("generation") else default
+        if "prompt" in obj:
+            if not isinstance(obj["prompt"], str):
+                raise ValueError("'prompt' must be a string")
+            return Item(number, key, [Request(f"{number}", text=obj["prompt"], config=config)])
+        if "prompt_token_ids" in obj:
+            ids = obj["prompt_token_ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+                raise ValueError("'prompt_token_ids' must be a list of integers")
+            return Item(number, key, [Request(f"{number}", token_ids=ids, config=config)])
+        raise ValueError("a line needs 'prompt', 'prompt_token_ids' or an OpenAI 'custom_id' + 'body'")
+    except (ValueError, TypeError) as e:
+        return Item(number, key, [], error=f"line {number}: {e}")
+
+
+def plain_record(item: Item, results: list[Result]) -> dict:
+    if item.error:
+        return {"id": item.key, "line": item.line, "error": item.error}
+    r = results[0]
+    record = {"id": item.key, "line": item.line, "text": r.text, "blanks": r.blanks, "token_ids": r.token_ids,
+              "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+              "completion_tokens": r.completion_tokens, "error": r.error}
+    if r.beams:
+        record["beams"] = r.beams
+    return record
+
+
+def read_items(path: Path, default: GenerationConfig) -> Iterator[Item]:
+    with path.open(encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if text.strip():
+                yield parse_line(number, text, default)
+
+
+def done_keys(output: Path) -> set[str]:
+    """Ids already answered; a last line cut short by a crash is removed first."""
+    if not output.exists():
+        return set()
+    data = output.read_bytes()
+    if data and not data.endswith(b"\n"):
+        output.write_bytes(data[: data.rfind(b"\n") + 1])
+    keys = set()
+    with output.open(encoding="utf-8") as f:
+        for text in f:
+            obj = json.loads(text)
+            keys.add(str(obj.get("custom_id", obj.get("id"))))
+    return keys
+
+
+def _pending(items: Iterator[Item], skip: set[str], stats: dict[str, float]) -> Iterator[Item]:
+    for item in items:
+        if item.key in skip:
+            stats["skipped"] += 1
+            continue
+        yield item
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+
+def run_batch(coordinator: Coordinator, input_path: Path, output: Path | None = None) -> dict[str, float]:
+    if not input_path.is_file():
+        raise ValueError(f"input file {input_path} does not exist: give input=PATH.jsonl or input=interactive")
+    output = output or input_path.with_name(input_path.stem + ".results.jsonl")
+    skip = done_keys(output)
+    stop = _Stop()
+    default = coordinator.engine.default
+    stats = {"done": 0, "failed": 0, "skipped": 0, "tokens": 0}
+    start = time.time()
+    bar = tqdm(desc="prompts", unit="prompt")
+    items = _pending(read_items(input_path, default), skip, stats)
+    with output.open("a", encoding="utf-8") as out:
+        while not stop.requested:
+            batch: list[Item] = []
+            for item in items:
+                batch.append(item)
+                if sum(len(i.requests) for i in batch) >= coordinator.engine.max_batch:
+                    break
+            if not batch:
+                break
+            requests = [r for i in batch for r in i.requests]
+            results = coordinator.generate(requests) if requests else []
+            by_id = {r.id: r for r in results}
+            for item in batch:
+                mine = [by_id[r.id] for r in item.requests]
+                record = openai_format.output_line(item, mine) if item.openai is not None else plain_record(item, mine)
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+                failed = item.error is not None or any(r.error for r in mine)
+                stats["failed" if failed else "done"] += 1
+                stats["tokens"] += sum(r.completion_tokens for r in mine)
+            bar.update(len(batch))
+            elapsed = max(time.time() - start, 1e-9)
+            bar.set_postfix(prompts_s=f"{bar.n / elapsed:.2f}", tokens_s=f"{stats['tokens'] / elapsed:.1f}")
+    bar.close()
+    stats["seconds"] = round(time.time() - start, 2)
+    note = " (stopped by SIGTERM after the current batch)" if stop.requested else ""
+    print(f"batch summary: {stats['done']} done, {stats['failed']} failed, {stats['skipped']} skipped "
+          f"(already in {output}), {stats['tokens']} tokens, {stats['seconds']} s{note}", flush=True)
+    return stats
