@@ -39,10 +39,12 @@ def resolve_path(value: str) -> Path:
 
 
 def make_plan(cfg: DictConfig, tp_size: int, device_type: str) -> Plan:
-    info = inspect(resolve_path(cfg.checkpoint))
-    model_cfg = resolve_config(info.model_config(), cfg.model, None)
+    """The memory plan for this run; with a model preset it needs no checkpoint on disk."""
+    checkpoint = resolve_path(cfg.checkpoint)
+    info = inspect(checkpoint) if cfg.model is None or (checkpoint / "latest").exists() else None
+    model_cfg = resolve_config(info.model_config() if info else None, cfg.model, None)
     bits = parse_quant(cfg.quant)
-    bits = (info.quant_bits or 0) if bits is None else bits
+    bits = ((info.quant_bits if info else 0) or 0) if bits is None else bits
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else (torch.float16 if device_type == "cuda" else torch.float32)
     return Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
                 int(cfg.max_len or model_cfg.max_seq_len))
@@ -69,10 +71,17 @@ def run(cfg: DictConfig) -> int:
     gen = GenerationConfig(**OmegaConf.to_container(cfg.generation))
     gen.validate()
     if cfg.plan:
-        plan = make_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), "cuda" if cfg.device == "cuda" else "cpu")
-        print(plan.table(float(cfg.device_memory_gib) * GiB if cfg.device_memory_gib else None))
+        ranks = int(cfg.ranks or os.environ.get("WORLD_SIZE", "1"))
+        plan = make_plan(cfg, ranks, "cuda" if cfg.device == "cuda" else "cpu")
+        memory = float(cfg.device_memory_gib) * GiB if cfg.device_memory_gib else None
+        print(plan.table(memory))
+        if memory is not None and not plan.fits(memory):
+            print(refusal(plan, memory))
         return 0
     tp = init_distributed(cfg.device, timeout_s=float(cfg.timeout_s))
+    if cfg.ranks and int(cfg.ranks) != tp.size:
+        raise UsageError(f"this hardware preset runs {cfg.ranks} ranks but {tp.size} were started: "
+                         f"use torchrun --nproc_per_node {cfg.ranks}, or set ranks=null")
     memory = device_bytes(cfg, tp.device)
     if memory is not None:
         plan = make_plan(cfg, tp.size, tp.device.type)

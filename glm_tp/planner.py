@@ -71,25 +71,24 @@ class Plan:
         return "\n".join(lines)
 
 
-def alternatives(plan: Plan, device_bytes: float, max_ranks: int = 8) -> list[str]:
-    """Ways that would fit: more ranks, INT8/INT4, a smaller batch (most similar first)."""
-    out = []
-    for tp in plan.cfg.valid_tp_sizes(max_ranks):
-        if tp > plan.tp and Plan(plan.cfg, tp, plan.dtype_bytes, plan.quant_bits, plan.batch, plan.max_len).fits(device_bytes):
-            out.append(f"{tp} ranks")
-            break
-    for bits in (8, 4):
-        if (not plan.quant_bits or bits < plan.quant_bits) and \
-                Plan(plan.cfg, plan.tp, plan.dtype_bytes, bits, plan.batch, plan.max_len).fits(device_bytes):
-            out.append(f"quant=int{bits}")
-            break
-    batch = plan.batch // 2
-    while batch >= 1:
-        if Plan(plan.cfg, plan.tp, plan.dtype_bytes, plan.quant_bits, batch, plan.max_len).fits(device_bytes):
-            out.append(f"batch_size={batch}")
-            break
-        batch //= 2
-    return out
+def alternatives(plan: Plan, device_bytes: float, max_ranks: int = 8, limit: int = 3) -> list[str]:
+    """Settings that would fit, fewest changes first: more ranks, INT8/INT4, a smaller batch, or a mix."""
+    ranks = [t for t in plan.cfg.valid_tp_sizes(max_ranks) if t >= plan.tp]
+    bits = [plan.quant_bits] + [b for b in (8, 4) if not plan.quant_bits or b < plan.quant_bits]
+    batches = [plan.batch] + [b for b in (plan.batch // 2, plan.batch // 4, 1) if 1 <= b < plan.batch]
+    found: list[tuple[int, str]] = []
+    for tp in ranks:
+        for q in bits:
+            for batch in dict.fromkeys(batches):
+                if (tp, q, batch) == (plan.tp, plan.quant_bits, plan.batch):
+                    continue
+                if Plan(plan.cfg, tp, plan.dtype_bytes, q, batch, plan.max_len).fits(device_bytes):
+                    changes = [f"{tp} ranks"] * (tp != plan.tp) + [f"quant=int{q}"] * (q != plan.quant_bits) \
+                        + [f"batch_size={batch}"] * (batch != plan.batch)
+                    found.append((len(changes), " with ".join(changes)))
+                    break  # the largest batch that fits for this (ranks, quant)
+    found.sort(key=lambda f: f[0])
+    return [text for _, text in found[:limit]]
 
 
 def refusal(plan: Plan, device_bytes: float) -> str:

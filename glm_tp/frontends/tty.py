@@ -6,15 +6,16 @@
 - Ctrl-C during generation stops it (every rank at the same step) and returns to the prompt;
   Ctrl-C at the prompt clears the line; EOF (Ctrl-D) or /quit shuts every rank down.
 
-Under torchrun the terminal's Ctrl-C would reach torchrun itself and kill the job, so rank 0 makes
-its own process group the terminal's foreground group: Ctrl-C then reaches rank 0 alone.
+Ctrl-C is read as a key rather than taken as a signal (see _Terminal), because under torchrun the
+signal would reach torchrun itself, which ends the job.
 """
 from __future__ import annotations
 
 import os
 import select
-import signal
 import sys
+import termios
+import threading
 from typing import Callable
 
 from ..generation import GenerationConfig, Request, Result
@@ -29,6 +30,7 @@ HELP = """commands:
 prompts: put [MASK] (short blank), [sMASK] or [gMASK] (long blank, at the end) in the text; without a mask,
 [gMASK] is appended. End a line with \\ to continue the prompt on the next line."""
 BLANK_STYLE, RESET = "\033[1;32m\033[4m", "\033[0m"
+CTRL_C = b"\x03"
 
 
 def render(result: Result, color: bool) -> str:
@@ -44,60 +46,96 @@ def render(result: Result, color: bool) -> str:
 
 
 class _Terminal:
-    """Foreground process group for rank 0 and a flag-setting Ctrl-C handler during generation."""
+    """Ctrl-C as a key, not a signal.
+
+    Under torchrun the ranks run in their own sessions and the terminal's Ctrl-C signal would reach
+    torchrun, which stops the whole job. So while the TTY runs, rank 0 unassigns the terminal's
+    interrupt key (VINTR): at the prompt readline gets Ctrl-C as a key that clears the line, and
+    during generation rank 0 polls the terminal for it and stops every rank at the same step.
+    The terminal's settings are restored on exit.
+    """
 
     def __init__(self) -> None:
         self.fd = sys.stdin.fileno() if sys.stdin.isatty() else None
-        self.previous_group: int | None = None
-        self.interrupted = False
-        if self.fd is not None and os.getpgrp() != os.tcgetpgrp(self.fd):
-            return  # started in the background: leave the terminal alone
-        if self.fd is not None and os.getpid() != os.getpgrp():
-            self.previous_group = os.tcgetpgrp(self.fd)
-            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-            os.setpgid(0, 0)
-            os.tcsetpgrp(self.fd, os.getpgrp())
+        self.saved = termios.tcgetattr(self.fd) if self.fd is not None else None
+        self.hit = False
+        self.prompting()
+
+    def _set(self, clear_lflags: int = 0, key_at_a_time: bool = False) -> None:
+        attrs = termios.tcgetattr(self.fd)
+        attrs[3] = self.saved[3] & ~clear_lflags
+        attrs[6][termios.VINTR] = os.fpathconf(self.fd, "PC_VDISABLE")
+        if key_at_a_time:
+            attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 0, 0
+        termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
 
     def restore(self) -> None:
-        if self.previous_group is not None:
-            try:
-                os.tcsetpgrp(self.fd, self.previous_group)
-            except OSError:
-                pass
+        if self.saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
 
-    def catching(self) -> Callable[[], bool]:
-        """Install the flag handler for one generation; returns the poll function."""
-        self.interrupted = False
+    def generating(self) -> Callable[[], bool] | None:
+        """Key-at-a-time input for the duration of one generation; returns the Ctrl-C poll."""
+        if self.fd is None:
+            return None
+        self.hit = False
+        self._set(termios.ICANON | termios.ECHO, key_at_a_time=True)
 
-        def on_sigint(signum, frame):  # noqa: ARG001
-            self.interrupted = True
+        def poll() -> bool:
+            while not self.hit and select.select([self.fd], [], [], 0)[0]:
+                data = os.read(self.fd, 1024)  # other keys typed meanwhile are dropped
+                self.hit = not data or CTRL_C in data
+                if not data:
+                    break
+            return self.hit
 
-        signal.signal(signal.SIGINT, on_sigint)
-        return lambda: self.interrupted
+        return poll
 
     def prompting(self) -> None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.fd is not None:
+            self._set()
 
 
-def _read_line(prompt: str, coordinator: Coordinator, interactive: bool) -> str:
-    """input() that keeps the workers alive while a person thinks."""
-    if not interactive:
+class _KeepAlive:
+    """While rank 0 waits for a person (or a slow pipe), a thread sends keep-alives so the idle
+    workers never reach the collective timeout. The lock keeps them apart from real commands."""
+
+    def __init__(self, coordinator: Coordinator):
+        self.coordinator = coordinator
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(KEEPALIVE_S):
+            with self.lock:
+                if not self.stop.is_set():
+                    self.coordinator.keepalive()
+
+    def __enter__(self) -> "_KeepAlive":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.stop.set()
+        self.thread.join()
+
+
+def read_line(prompt: str, coordinator: Coordinator, interactive: bool) -> str:
+    with _KeepAlive(coordinator):
+        if interactive:
+            return input(prompt)  # readline: editing and history
         line = sys.stdin.readline()
-        if not line:
-            raise EOFError
-        return line.rstrip("\n")
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    while not select.select([sys.stdin], [], [], KEEPALIVE_S)[0]:
-        coordinator.keepalive()
-    return input()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
 
 
 def read_prompt(coordinator: Coordinator, interactive: bool) -> str:
-    lines = [_read_line(">>> ", coordinator, interactive)]
+    lines = [read_line(">>> ", coordinator, interactive)]
     while lines[-1].endswith("\\"):
         lines[-1] = lines[-1][:-1]
-        lines.append(_read_line("... ", coordinator, interactive))
+        lines.append(read_line("... ", coordinator, interactive))
     return "\n".join(lines)
 
 
@@ -138,9 +176,11 @@ def run_tty(coordinator: Coordinator, color: str = "auto") -> None:
     interactive = sys.stdin.isatty()
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
     terminal = _Terminal()
+    print(f"glm-tp: ready on {coordinator.tp.size} rank(s)", file=sys.stderr, flush=True)
     if interactive:
         try:
-            import readline  # noqa: F401 - line editing and history for input()
+            import readline  # line editing and history for input()
+            readline.parse_and_bind(r'"\C-c": kill-whole-line')
         except ImportError:
             pass
         print("glm-tp: type a prompt with [MASK] or [gMASK] blanks, /help for commands, Ctrl-D to quit")
@@ -150,7 +190,7 @@ def run_tty(coordinator: Coordinator, color: str = "auto") -> None:
             terminal.prompting()
             try:
                 text = read_prompt(coordinator, interactive)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # a SIGINT sent by other means than the keyboard
                 print()
                 continue
             except EOFError:
@@ -162,9 +202,8 @@ def run_tty(coordinator: Coordinator, color: str = "auto") -> None:
                     break
                 continue
             count += 1
-            poll = terminal.catching()
+            poll = terminal.generating()
             result = coordinator.generate([Request(f"tty-{count}", text)], interrupt=poll)[0]
             print(render(result, use_color), flush=True)
     finally:
-        terminal.prompting()
         terminal.restore()
