@@ -5,10 +5,10 @@ so a held-out seed gives prompts the model never saw; the answers are always rec
 prompt itself (copying, looking up, continuing a known cycle), which a small model learns fast.
 
 - recall  "list : cat owl sun . again : cat [MASK] sun ."                    -> owl
-- lookup  "table : red = 4 , blue = 7 , gold = 1 . blue is [MASK] ."       -> 7
+- lookup  "table : red 4 , blue 7 , gold 1 . blue is [MASK] ."             -> 7
 - cycle   "days : monday tuesday [MASK] thursday"                           -> wednesday
 - repeat  "list : cat owl sun . again : [gMASK]"                            -> cat owl sun .
-- two blanks, e.g. "table : red = 4 , blue = 7 . red is [MASK] and blue is [MASK] ."
+- two blanks, e.g. "table : red 4 , blue 7 . red is [MASK] and blue is [MASK] ."
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _table(rng: random.Random) -> list[tuple[str, str]]:
 
 
 def _table_text(pairs: list[tuple[str, str]]) -> str:
-    return "table : " + " , ".join(f"{k} = {v}" for k, v in pairs) + " ."
+    return "table : " + " , ".join(f"{k} {v}" for k, v in pairs) + " ."
 
 
 def lookup(rng: random.Random) -> Example:

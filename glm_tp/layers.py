@@ -8,7 +8,7 @@
 
 Weights are stored [out, in] as in the checkpoint. A linear may hold an INT8/INT4 weight with
 per-row scales (`bits` 8 or 4), laid out as the release's quantized checkpoints store it;
-the matmul then goes through `quant.quantized_linear`.
+the matmul goes through the kernel `quant.prepare` picks for the device.
 Which checkpoint tensor maps to which shard is `partition.py`'s rule; the `layout` attribute
 names it for each layer.
 """
@@ -65,6 +65,11 @@ class _ParallelLinear(nn.Module):
         else:
             self.weight = _param(out_features, in_features, dtype=dtype)
         self.bias = _param(out_features, dtype=dtype)
+        self.prepared: quant.PreparedWeight | None = None
+
+    def prepare_(self, fused: bool = True) -> None:
+        """Lay a quantized weight out for its kernel, once, after loading."""
+        self.prepared = quant.prepare(self.weight, self.weight_scale, self.bits, fused) if self.bits else None
 
     def load_float_weight_(self, w: torch.Tensor) -> None:
         """Take a float weight shard; a quantized layer quantizes it on its own device first."""
@@ -74,11 +79,14 @@ class _ParallelLinear(nn.Module):
         q, scale = quant.quantize_rows(w.to(self.weight.device), self.bits)
         self.weight.copy_(q)
         self.weight_scale.copy_(scale)
+        self.prepared = None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits:
-            return quant.quantized_linear(x, self.weight, self.weight_scale, self.bits)
-        return F.linear(x, self.weight)
+        if not self.bits:
+            return F.linear(x, self.weight)
+        if self.prepared is None:
+            self.prepare_()
+        return self.prepared.matmul(x)
 
 
 class ColumnParallelLinear(_ParallelLinear):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import re
+from typing import Callable
 
 import torch
 
@@ -69,27 +70,75 @@ def split(t: torch.Tensor, layout: Layout, tp: int) -> list[torch.Tensor]:
     """Cut a full tensor into `tp` rank shards (views where possible)."""
     if tp == 1 or layout is Layout.REPLICATED:
         return [t] * tp
-    if layout is Layout.COLUMN:
-        _check_divides(t.shape[0], tp, layout)
-        return list(t.chunk(tp, dim=0))
-    if layout is Layout.ROW:
-        _check_divides(t.shape[-1], tp, layout)
-        return list(t.chunk(tp, dim=-1))
-    _check_divides(t.shape[0], 2 * tp, layout)
-    value, gate = t.chunk(2, dim=0)
-    return [torch.cat([v, g], dim=0) for v, g in zip(value.chunk(tp, dim=0), gate.chunk(tp, dim=0))]
+    out = []
+    for rank in range(tp):
+        views = shard_views(t, layout, tp, rank)
+        out.append(views[0] if len(views) == 1 else torch.cat(views, dim=_dim(layout, t.dim())))
+    return out
+
+
+def shard_views(t: torch.Tensor, layout: Layout, tp: int, rank: int) -> list[torch.Tensor]:
+    """The views of `t` that, joined along the layout's dim, make rank `rank`'s shard."""
+    if layout is Layout.REPLICATED:
+        return [t]
+    dim = _dim(layout, t.dim())
+    if layout is Layout.GLU:
+        _check_divides(t.shape[0], 2 * tp, layout)
+        return [half.chunk(tp, dim=0)[rank] for half in t.chunk(2, dim=0)]
+    _check_divides(t.shape[dim], tp, layout)
+    return [t.chunk(tp, dim=dim)[rank]]
+
+
+def split_into(out: torch.Tensor, t: torch.Tensor, layout: Layout, tp: int, rank: int) -> torch.Tensor:
+    """Write rank `rank`'s shard of `t` into `out` without an intermediate copy."""
+    offset, dim = 0, _dim(layout, t.dim())
+    for view in shard_views(t, layout, tp, rank):
+        out.narrow(dim, offset, view.shape[dim]).copy_(view)
+        offset += view.shape[dim]
+    return out
 
 
 def merge(parts: list[torch.Tensor], layout: Layout) -> torch.Tensor:
     """Inverse of `split`. REPLICATED returns the first part (callers check equality)."""
     if len(parts) == 1 or layout is Layout.REPLICATED:
         return parts[0]
-    if layout is Layout.COLUMN:
-        return torch.cat(parts, dim=0)
-    if layout is Layout.ROW:
-        return torch.cat(parts, dim=-1)
-    halves = [p.chunk(2, dim=0) for p in parts]
-    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return merge_into(torch.empty(merged_shape(parts, layout), dtype=parts[0].dtype, device=parts[0].device),
+                      parts, layout)
+
+
+def merged_shape(parts: list[torch.Tensor], layout: Layout) -> tuple[int, ...]:
+    shape = list(parts[0].shape)
+    if layout is not Layout.REPLICATED:
+        shape[_dim(layout, len(shape))] *= len(parts)
+    return tuple(shape)
+
+
+def merge_into(out: torch.Tensor, parts: list[torch.Tensor], layout: Layout,
+               done: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Write the merge of `parts` into `out` piece by piece (no intermediate copy); `done(part)` is
+    called once a part has been copied, so a caller can release its memory at once."""
+    if len(parts) == 1 or layout is Layout.REPLICATED:
+        out.copy_(parts[0])
+        if done:
+            done(parts[0])
+        return out
+    dim = _dim(layout, out.dim())
+    if layout is Layout.GLU:  # all value halves first, then all gate halves
+        halves = [p.chunk(2, dim=0) for p in parts]
+        pieces = [(h[0], None) for h in halves] + [(h[1], p) for h, p in zip(halves, parts)]
+    else:
+        pieces = [(p, p) for p in parts]
+    offset = 0
+    for piece, finished in pieces:
+        out.narrow(dim, offset, piece.shape[dim]).copy_(piece)
+        offset += piece.shape[dim]
+        if done and finished is not None:
+            done(finished)
+    return out
+
+
+def _dim(layout: Layout, ndim: int) -> int:
+    return ndim - 1 if layout is Layout.ROW else 0
 
 
 def reshard(parts: list[torch.Tensor], layout: Layout, tp: int) -> list[torch.Tensor]:

@@ -1,13 +1,25 @@
 """Weight-only INT8/INT4 quantization, bit-compatible with the GLM-130B release tools.
 
 Scheme: symmetric, one fp16 scale per output row of the rank's shard, scale = absmax/127 (INT8)
-or absmax/7 (INT4), round to nearest. INT4 values are packed two per int8 byte along the input
-dim, the even column in the high nibble.
+or absmax/7 (INT4), and q = round(w / scale) computed in fp16 as the reference does. INT4 values
+are packed two per int8 byte along the input dim, the even column in the high nibble.
+
+Matmul: `prepare` turns a quantized weight once (at load) into the fastest form the device has,
+checked against plain dequantization on a small case before it is trusted:
+- "int8pack": torch's fused int8 weight-only matmul (bf16 activations), CPU and CUDA;
+- "int4pack": torch's fused int4 kernel; per-row symmetric scales are exact in its grouped
+  format (every group of a row gets the row's scale, zero point 0);
+- "dequant": dequantize to the activation dtype, then F.linear (always available).
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+INT4_GROUP = 32  # the fused int4 kernels take grouped scales; per-row scales repeat per group
 
 
 def qmax(bits: int) -> int:
@@ -19,9 +31,9 @@ def qmax(bits: int) -> int:
 def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float -> (int8 [out, in] or packed [out, in/2], fp16 scale [out])."""
     w16 = w.to(torch.float16)
-    scale = (w16.abs().amax(dim=-1).float() / qmax(bits)).to(torch.float16)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(w16.float() / safe.float()[:, None]).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
+    scale = (w16.abs().amax(dim=-1) / qmax(bits)).to(torch.float16)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row stays zero
+    q = torch.round(w16 / safe[:, None]).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
     return (pack_int4(q) if bits == 4 else q), scale
 
 
@@ -40,11 +52,80 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, lo], dim=-1).flatten(-2)
 
 
+def int_values(q: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_int4(q) if bits == 4 else q
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    values = unpack_int4(q) if bits == 4 else q
-    return values.to(dtype) * scale.to(dtype)[:, None]
+    return int_values(q, bits).to(dtype) * scale.to(dtype)[:, None]
 
 
-def quantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """x @ dequant(q)^T without bias."""
-    return F.linear(x, dequantize(q, scale, bits, x.dtype))
+@dataclass
+class PreparedWeight:
+    """A quantized weight in the layout of the kernel that multiplies by it."""
+
+    kind: str
+    q: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    packed: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] @ W^T -> [..., out] in x's dtype."""
+        if self.kind == "dequant":
+            return F.linear(x, dequantize(self.q, self.scale, self.bits, x.dtype))
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if self.kind == "int8pack":
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scales)
+        elif x.device.type == "cpu":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm(flat, self.packed, INT4_GROUP, self.scales)
+        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def _fused(q: torch.Tensor, scale: torch.Tensor, bits: int) -> PreparedWeight:
+    if bits == 8:
+        return PreparedWeight("int8pack", q, scale, bits, scales=scale.to(torch.bfloat16))
+    n, k = q.shape[0], q.shape[1] * 2
+    if k % INT4_GROUP:
+        raise ValueError("input dim is not a multiple of the int4 group size")
+    unsigned = (unpack_int4(q).to(torch.int32) + 8)  # the kernels store q + 8 and subtract it again
+    if q.device.type == "cpu":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack(((unsigned[:, ::2] << 4) | unsigned[:, 1::2]).to(torch.uint8), 8)
+    groups = scale.to(torch.bfloat16).repeat(k // INT4_GROUP, 1)
+    scales = torch.stack([groups, torch.zeros_like(groups)], dim=-1).contiguous()  # [k/group, n, (scale, zero)]
+    return PreparedWeight("int4pack", q, scale, bits, packed=packed, scales=scales)
+
+
+_KERNEL_OK: dict[tuple[str, int], bool] = {}
+
+
+def _kernel_works(device: torch.device, bits: int) -> bool:
+    """Run the fused kernel once on a small random case and compare with dequantization."""
+    key = (device.type, bits)
+    if key not in _KERNEL_OK:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            q, scale = quantize_rows(torch.randn(64, 128, generator=gen), bits)
+            x = torch.randn(3, 128, generator=gen).to(device)
+            got = _fused(q.to(device), scale.to(device), bits).matmul(x).float()
+            want = F.linear(x.float(), dequantize(q, scale, bits, torch.float32).to(device))
+            _KERNEL_OK[key] = bool((got - want).abs().max() <= 0.02 * want.abs().max() + 1e-3)
+        except (RuntimeError, AttributeError, NotImplementedError, ValueError):
+            _KERNEL_OK[key] = False
+        if not _KERNEL_OK[key]:
+            warnings.warn(f"no fused INT{bits} kernel works on {device.type}: using dequantize + matmul (slower)")
+    return _KERNEL_OK[key]
+
+
+def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, fused: bool = True) -> PreparedWeight:
+    if fused and _kernel_works(q.device, bits):
+        try:
+            return _fused(q, scale, bits)
+        except ValueError:
+            pass
+    return PreparedWeight("dequant", q, scale, bits)

@@ -33,7 +33,7 @@ from glm_tp.model import GLMModel, SeqLayout
 from glm_tp.synthetic import random_shard
 from glm_tp.tokenizer import GLMTokenizer
 
-TASK_WEIGHTS = {"recall": 3, "lookup": 3, "cycle": 1, "repeat": 2, "two": 2}
+TASK_WEIGHTS = {"recall": 2, "lookup": 4, "cycle": 1, "repeat": 2, "two": 3}
 
 
 def train_tokenizer(folder: Path) -> Path:
