@@ -62,4 +62,5 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     torch_dtype = parse_dtype(dtype) if dtype else default_dtype(tp.device)
     net = GLMModel(cfg, tp, torch_dtype, tp.device, quant_bits=bits)
     load_shard_into(net, state, mapped, path, info.tp, ckpt_bits, progress=progress and tp.is_first)
+    net.prepare_kernels()
     return net.eval()

@@ -172,6 +172,12 @@ class GLMModel(nn.Module):
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
 
+    def prepare_kernels(self) -> None:
+        """Lay quantized weights out for the device's fused kernels (once, after loading)."""
+        for module in self.modules():
+            if getattr(module, "bits", 0):
+                module.prepare_()
+
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, self.tp.size, batch, max_len or self.cfg.max_seq_len, self.dtype, self.device)
 
@@ -187,8 +193,6 @@ class GLMModel(nn.Module):
         b, s = tokens.shape
         if cache is not None and start + s > cache.max_len:
             raise ValueError(f"sequence of {start + s} tokens exceeds the cache's {cache.max_len}")
-        if positions.max() >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} exceeds the model's max length {self.cfg.max_seq_len}")
         cos = self.rotary_cos[positions].unsqueeze(1)
         sin = self.rotary_sin[positions].unsqueeze(1)
         mask = layout.mask(start, s, start + s, self.device)

@@ -1,0 +1,41 @@
+"""tools/bench.py runs end to end, and the fast decode path gives the plain path's tokens."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+from conftest import ROOT
+from glm_tp import load_model
+from glm_tp.generation import Engine, GenerationConfig, Request
+from glm_tp.tokenizer import load_tokenizer
+
+
+def test_bench_writes_valid_json(tmp_path):
+    out = tmp_path / "bench.json"
+    for extra in ([], ["--simulate-tp", "4", "--quant", "int8"]):
+        res = subprocess.run([sys.executable, "tools/bench.py", "--preset", "tiny", "--prefill", "16", "--batches",
+                              "1,2", "--steps", "2", "--runs", "2", "--json", str(out), *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        r = json.loads(out.read_text())
+        assert r["decode_ms_per_step"]["1"]["median"] > 0 and r["read_bandwidth_gbs"] > 0
+        assert 0 < r["decode_efficiency"]
+        if extra:
+            assert "single-rank simulation" in r["label"] and "single-rank simulation" in res.stdout
+
+
+def test_fused_kernels_give_the_plain_path_tokens(tiny_checkpoints, tiny_tokenizer_file):
+    prompts = [Request(str(i), p) for i, p in enumerate(["the quick [MASK] fox", "one two three [gMASK]"])]
+    for bits in (8, 4):
+        model = load_model(tiny_checkpoints[1], quant=f"int{bits}", progress=False)
+        kinds = {m.prepared.kind for m in model.modules() if getattr(m, "prepared", None) is not None}
+        assert kinds == {"int8pack" if bits == 8 else "int4pack"}
+        engine = Engine(model, load_tokenizer(tiny_tokenizer_file, model.cfg.special), GenerationConfig(max_new_tokens=6))
+        fast = engine.generate(prompts)
+        for m in model.modules():
+            if getattr(m, "bits", 0):
+                m.prepare_(fused=False)  # plain dequantize + matmul
+        plain = engine.generate(prompts)
+        assert [r.token_ids for r in fast] == [r.token_ids for r in plain]

@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Measure prefill latency, decode ms/token, decode throughput and memory, side by side with the
+device's memory bandwidth (and the reference, when SwissArmyTransformer is installed).
+
+    python tools/bench.py --preset glm-130b --layers 4 --dtype bf16 --quant int8 --simulate-tp 8
+    torchrun --nproc_per_node 2 tools/bench.py --preset tiny          # real ranks
+    python tools/bench.py --hidden 2048 --heads 16 --inner 5504 --layers 8 --dtype bf16 --reference
+
+--simulate-tp N runs exactly what one rank of a TP=N job runs (per-rank shapes, all layers) on this
+one device with the collectives turned into no-ops; every output is labelled "single-rank simulation"
+and the all-reduce cost is not included. Weights are random (built in memory, no checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from glm_tp.config import ModelConfig, get_preset, parse_dtype  # noqa: E402
+from glm_tp.dist import init_distributed, simulated_rank  # noqa: E402
+from glm_tp.model import GLMModel, SeqLayout  # noqa: E402
+from glm_tp.planner import Plan  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, runs: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(runs):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def read_bandwidth(device: torch.device, gib: float = 0.5, runs: int = 5) -> float:
+    """Bytes/s of a full read (sum) of a buffer much larger than the caches."""
+    buf = torch.ones(int(gib * 2 ** 30 / 4), dtype=torch.float32, device=device)
+    return buf.numel() * 4 / min(timed(lambda: buf.sum(), device, runs))
+
+
+def random_model(cfg: ModelConfig, tp, dtype: torch.dtype, bits: int) -> GLMModel:
+    """Per-rank shapes, random values written in place (fast: no checkpoint, no full-size temporaries)."""
+    model = GLMModel(cfg, tp, dtype, tp.device, quant_bits=bits)
+    gen = torch.Generator(device=tp.device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if p.dtype == torch.int8:
+            p.random_(-7, 8, generator=gen) if bits == 4 else p.random_(-127, 128, generator=gen)
+        elif name.endswith("weight_scale"):
+            p.fill_(0.01)
+        elif "layernorm" in name:
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+        else:
+            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.02, generator=gen)
+    model.prepare_kernels()
+    return model.eval()
+
+
+def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int, runs: int) -> dict:
+    device, cfg = model.device, model.cfg
+    out: dict = {"prefill_ms": {}, "decode_ms_per_step": {}}
+    with torch.inference_mode():
+        for n in prefills:
+            if n > cfg.max_seq_len:
+                continue
+            tokens = torch.randint(0, cfg.vocab_size, (1, n), device=device)
+            layout = SeqLayout(torch.zeros(1, dtype=torch.long), torch.tensor([n - 1]))
+            cache = model.new_cache(1, n)
+            times = timed(lambda: model(tokens, torch.arange(n, device=device)[None], layout, cache), device, runs)
+            out["prefill_ms"][n] = summary(times)
+        context = 16
+        for b in batches:
+            cache = model.new_cache(b, context + steps)
+            layout = SeqLayout(torch.zeros(b, dtype=torch.long), torch.full((b,), context - 1))
+            tokens = torch.randint(0, cfg.vocab_size, (b, context), device=device)
+            model(tokens, torch.arange(context, device=device).expand(b, -1), layout, cache)
+            step_tokens = tokens[:, -1:].contiguous()
+
+            def decode() -> None:
+                for i in range(steps):
+                    pos = torch.full((b, 1), context + i, device=device)
+                    model(step_tokens, pos, layout, cache, start=context + i)
+
+            times = [t / steps for t in timed(decode, device, runs)]
+            out["decode_ms_per_step"][b] = summary(times)
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
+
+
+def summary(seconds: list[float]) -> dict:
+    ms = [s * 1e3 for s in seconds]
+    return {"median": statistics.median(ms), "min": min(ms), "max": max(ms), "runs": len(ms)}
+
+
+def reference_decode_ms(cfg: ModelConfig, steps: int, runs: int) -> float | None:
+    """SwissArmyTransformer's GLM130B (CPU fp16, its mems-based decode), on random weights of the same shape."""
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from test_reference_parity import _import_sat_glm130b, _mask
+        GLM130B = _import_sat_glm130b()
+    except Exception:  # noqa: BLE001 - any import failure means "not installed"
+        return None
+    import argparse as ap
+    args = ap.Namespace(num_layers=cfg.num_layers, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                        num_attention_heads=cfg.num_heads, inner_hidden_size=cfg.inner_hidden_size,
+                        max_sequence_length=cfg.max_seq_len, layernorm_order="post", layernorm_epsilon=1e-5,
+                        fp16=True, model_parallel_size=1, position_encoding_2d=False, no_glu=False, skip_init=True,
+                        hidden_dropout=0.0, attention_dropout=0.0)
+    ref = GLM130B(args).half().eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.02)
+        context = 16
+        tokens = torch.randint(0, cfg.vocab_size, (1, context))
+        _, *layers = ref(tokens, torch.arange(context)[None], _mask(context, context - 1))
+        mems = torch.stack([o["mem_kv"] for o in layers])
+
+        def decode() -> None:
+            m = mems
+            for i in range(steps):
+                mask = torch.zeros(1, 1, 1, context + i + 1, dtype=torch.bool)
+                _, *outs = ref(tokens[:, -1:], torch.tensor([[context + i]]), mask, mems=m)
+                m = torch.cat([m, torch.stack([o["mem_kv"] for o in outs])], dim=2)
+
+        return statistics.median(timed(decode, torch.device("cpu"), runs)) / steps * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--hidden", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--inner", type=int)
+    ap.add_argument("--vocab", type=int)
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--quant", choices=("none", "int8", "int4"), default="none")
+    ap.add_argument("--simulate-tp", type=int, default=0, help="run one rank of a TP=N job on this device")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--prefill", default="128,512,2048")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps per timed run")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--reference", action="store_true", help="also time SwissArmyTransformer (CPU fp16)")
+    ap.add_argument("--json", default="bench.json")
+    ap.add_argument("--plot", help="write a PNG of ms/token against batch size")
+    args = ap.parse_args(argv)
+
+    base = get_preset(args.preset)
+    shape = {k: v for k, v in dict(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
+                                   inner_hidden_size=args.inner, vocab_size=args.vocab).items() if v}
+    cfg = ModelConfig(**{**base.to_dict(), "special": base.special, **shape})
+    if args.simulate_tp:
+        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+            ("cpu" if args.device == "auto" else args.device)
+        tp = simulated_rank(args.simulate_tp, device=device)
+        label = f"single-rank simulation of TP={args.simulate_tp} (collectives not included)"
+    else:
+        tp = init_distributed(args.device)
+        label = f"TP={tp.size}, real ranks"
+    cfg.check_tp(tp.size)
+    dtype, bits = parse_dtype(args.dtype), {"none": 0, "int8": 8, "int4": 4}[args.quant]
+    model = random_model(cfg, tp, dtype, bits)
+    bandwidth = read_bandwidth(tp.device)
+    plan = Plan(cfg, tp.size, dtype.itemsize if hasattr(dtype, "itemsize") else 2, bits, 1, 1)
+    result = measure(model, [int(x) for x in args.prefill.split(",")], [int(x) for x in args.batches.split(",")],
+                     args.steps, args.runs)
+    result.update(label=label, device=str(tp.device), dtype=args.dtype, quant=args.quant, shape=shape or args.preset,
+                  layers=cfg.num_layers, weight_bytes_per_rank=plan.weight_bytes, read_bandwidth_gbs=bandwidth / 1e9,
+                  threads=torch.get_num_threads())
+    decode1 = result["decode_ms_per_step"].get(1, {}).get("median")
+    if decode1:
+        result["bandwidth_limit_ms"] = plan.weight_bytes / bandwidth * 1e3
+        result["decode_efficiency"] = result["bandwidth_limit_ms"] / decode1
+    if args.reference:
+        ref = reference_decode_ms(cfg, args.steps, args.runs)
+        result["reference_decode_ms"] = ref
+        if ref and decode1:
+            result["speedup_vs_reference"] = ref / decode1
+    if tp.is_first:
+        print_table(result)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        if args.plot:
+            plot(result, args.plot)
+
+
+def print_table(r: dict) -> None:
+    print(f"glm-tp bench: {r['label']}; {r['layers']} layers, {r['dtype']}/{r['quant']} on {r['device']} "
+          f"({r['threads']} threads); weights/rank {r['weight_bytes_per_rank'] / 1e6:.1f} MB; "
+          f"read bandwidth {r['read_bandwidth_gbs']:.1f} GB/s")
+    for n, s in r["prefill_ms"].items():
+        print(f"  prefill {n:>5} tokens: {s['median']:9.2f} ms (min {s['min']:.2f}, max {s['max']:.2f})")
+    for b, s in r["decode_ms_per_step"].items():
+        print(f"  decode batch {b:>3}: {s['median']:9.2f} ms/step  {int(b) * 1e3 / s['median']:9.1f} tokens/s")
+    if "decode_efficiency" in r:
+        print(f"  batch-1 decode: bandwidth limit {r['bandwidth_limit_ms']:.2f} ms -> efficiency "
+              f"{r['decode_efficiency']:.0%}")
+    if "reference_decode_ms" in r:
+        ref = r["reference_decode_ms"]
+        print("  reference (SwissArmyTransformer, CPU fp16): " +
+              ("not installed" if ref is None else f"{ref:.2f} ms/token -> glm-tp is {r['speedup_vs_reference']:.1f}x faster"))
+
+
+def plot(r: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install matplotlib (or the [plot] extra)")
+        return
+    batches = [int(b) for b in r["decode_ms_per_step"]]
+    ms = [s["median"] for s in r["decode_ms_per_step"].values()]
+    plt.plot(batches, ms, marker="o", label="decode step")
+    if "bandwidth_limit_ms" in r:
+        plt.axhline(r["bandwidth_limit_ms"], color="red", linestyle="--", label="weight-read bandwidth limit")
+    plt.xscale("log", base=2)
+    plt.xlabel("batch size")
+    plt.ylabel("ms per decode step")
+    plt.title(r["label"])
+    plt.legend()
+    plt.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
