@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -61,6 +62,9 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     bits = ckpt_bits if wanted is None else wanted
     torch_dtype = parse_dtype(dtype) if dtype else default_dtype(tp.device)
     net = GLMModel(cfg, tp, torch_dtype, tp.device, quant_bits=bits)
-    load_shard_into(net, state, mapped, path, info.tp, ckpt_bits, progress=progress and tp.is_first)
+    report = load_shard_into(net, state, mapped, path, ckpt_bits, progress=progress and tp.is_first)
+    if report.unexpected and tp.is_first:
+        warnings.warn(f"{path} has {len(report.unexpected)} tensor(s) this model does not use, e.g. "
+                      f"{report.unexpected[0]}: ignored")
     net.prepare_kernels()
     return net.eval()

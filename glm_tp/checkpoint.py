@@ -47,10 +47,6 @@ class CheckpointInfo:
         return len(self.shards)
 
     @property
-    def folder(self) -> Path:
-        return self.root / self.iteration
-
-    @property
     def quant_bits(self) -> int | None:
         """From the metadata when present; None means "look at the tensors"."""
         return None if self.metadata is None else int(self.metadata.get("quant_bits", 0))
@@ -186,18 +182,16 @@ def detect_quant_bits(state: dict[str, torch.Tensor], cfg: ModelConfig, tp: int)
 @dataclass
 class LoadReport:
     loaded: int = 0
-    zero_copy: int = 0
     unexpected: list[str] = field(default_factory=list)
 
 
 def load_shard_into(model: torch.nn.Module, state: dict[str, torch.Tensor], mapped: bool, path: Path,
-                    ckpt_tp: int, checkpoint_bits: int, progress: bool = True) -> LoadReport:
+                    checkpoint_bits: int, progress: bool = True) -> LoadReport:
     """Fill `model` (one rank's GLMModel, built with the wanted dtype and quantization) from a shard.
 
     checkpoint_bits: what the shard holds (0 = float). A float shard into a quantized model is
     quantized tensor by tensor on the model's device; a quantized shard needs a model of the same bits.
     """
-    cfg: ModelConfig = model.cfg
     model_bits = model.quant_bits
     if checkpoint_bits and checkpoint_bits != model_bits:
         wanted = f"INT{model_bits}" if model_bits else "a float model"
@@ -209,7 +203,7 @@ def load_shard_into(model: torch.nn.Module, state: dict[str, torch.Tensor], mapp
     missing = [n for n in params if n not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {len(missing)} tensor(s), e.g. {missing[0]}: "
-                              f"{_missing_hint(missing, model_bits, checkpoint_bits)}")
+                              f"{_missing_hint(missing)}")
     report = LoadReport(unexpected=[n for n in state if n not in params and not is_ignored(n)
                                     and not n.endswith(".weight_scale")])
     modules = dict(model.named_modules())
@@ -220,12 +214,11 @@ def load_shard_into(model: torch.nn.Module, state: dict[str, torch.Tensor], mapp
         quantize_here = name.endswith(".weight") and getattr(owner, "bits", 0) and t.is_floating_point()
         expected = (owner.out_features, owner.in_features) if quantize_here else tuple(param.shape)
         if tuple(t.shape) != expected:
-            raise CheckpointError(_shape_message(name, expected, tuple(t.shape), cfg, ckpt_tp, checkpoint_bits, model_bits))
+            raise CheckpointError(_shape_message(name, expected, tuple(t.shape)))
         if quantize_here:
             owner.load_float_weight_(t)
         elif zero_copy_ok and t.dtype == param.dtype:
             param.data = t  # CPU, same dtype: use the mapped file pages directly
-            report.zero_copy += 1
             report.loaded += 1
             continue
         else:
@@ -236,7 +229,7 @@ def load_shard_into(model: torch.nn.Module, state: dict[str, torch.Tensor], mapp
     return report
 
 
-def _missing_hint(missing: list[str], model_bits: int, checkpoint_bits: int) -> str:
+def _missing_hint(missing: list[str]) -> str:
     if any(n.endswith(".weight_scale") for n in missing):
         return "the model expects a quantized checkpoint; load the fp16 one with quant=int8/int4 instead"
     layers = {short_name(n) for n in missing}
@@ -244,8 +237,7 @@ def _missing_hint(missing: list[str], model_bits: int, checkpoint_bits: int) -> 
             f"check the model preset or --layers")
 
 
-def _shape_message(name: str, expected: tuple[int, ...], found: tuple[int, ...], cfg: ModelConfig,
-                   ckpt_tp: int, checkpoint_bits: int, model_bits: int) -> str:
+def _shape_message(name: str, expected: tuple[int, ...], found: tuple[int, ...]) -> str:
     head = f"tensor {name} has shape {list(found)} in the checkpoint but the model expects {list(expected)}"
     if len(found) == len(expected) == 2 and found[0] == expected[0] and short_name(name).split(".")[-2] in \
             {q.split(".")[-1] for q in QUANTIZED_LINEARS} and found[1] * 2 == expected[1]:
@@ -259,7 +251,3 @@ def _shape_message(name: str, expected: tuple[int, ...], found: tuple[int, ...],
             return (f"{head}: the checkpoint seems cut for a tensor-parallel size {e / f:g}x the model's; "
                     f"run tools/repartition.py to reshard it for the number of ranks you start")
     return f"{head}: the model shape does not match the checkpoint; check the model preset (or --layers)"
-
-
-def unique_state_dict_size(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())

@@ -88,11 +88,6 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(special=special, **{k: v for k, v in d.items() if k in known})
 
-    def param_count(self) -> int:
-        h, f = self.hidden_size, self.inner_hidden_size
-        per_layer = (3 * h * h + 3 * h) + (h * h + h) + (2 * f * h + 2 * f) + (f * h + h) + 4 * h
-        return self.num_layers * per_layer + self.vocab_size * h + 2 * h
-
 
 PRESETS: dict[str, ModelConfig] = {
     "glm-130b": ModelConfig(num_layers=70, hidden_size=12288, num_heads=96, inner_hidden_size=32768,

@@ -5,10 +5,10 @@ so a held-out seed gives prompts the model never saw; the answers are always rec
 prompt itself (copying, looking up, continuing a known cycle), which a small model learns fast.
 
 - recall  "list : cat owl sun . again : cat [MASK] sun ."                    -> owl
-- lookup  "table : red 4 , blue 7 , gold 1 . blue is [MASK] ."             -> 7
+- lookup  "table : red 4 , blue 7 , gold 1 . blue [MASK] ."                -> 7
 - cycle   "days : monday tuesday [MASK] thursday"                           -> wednesday
 - repeat  "list : cat owl sun . again : [gMASK]"                            -> cat owl sun .
-- two blanks, e.g. "table : red 4 , blue 7 . red is [MASK] and blue is [MASK] ."
+- two blanks, e.g. "table : red 4 , blue 7 . red [MASK] and blue [MASK] ."
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _table_text(pairs: list[tuple[str, str]]) -> str:
 def lookup(rng: random.Random) -> Example:
     pairs = _table(rng)
     key, value = rng.choice(pairs)
-    return Example("lookup", f"{_table_text(pairs)} {key} is [MASK] .", [value])
+    return Example("lookup", f"{_table_text(pairs)} {key} [MASK] .", [value])
 
 
 def cycle(rng: random.Random) -> Example:
@@ -72,7 +72,7 @@ def repeat(rng: random.Random) -> Example:
 def two_lookups(rng: random.Random) -> Example:
     pairs = _table(rng)
     (k1, v1), (k2, v2) = rng.sample(pairs, 2)
-    return Example("two", f"{_table_text(pairs)} {k1} is [MASK] and {k2} is [MASK] .", [v1, v2])
+    return Example("two", f"{_table_text(pairs)} {k1} [MASK] and {k2} [MASK] .", [v1, v2])
 
 
 TASKS = {"recall": recall, "lookup": lookup, "cycle": cycle, "repeat": repeat, "two": two_lookups}

@@ -66,10 +66,6 @@ class TPContext:
         dist.broadcast_object_list(box, src=0, group=self.group, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.communicates:
-            dist.barrier(group=self.group)
-
 
 def single_process(device: str | torch.device = "cpu") -> TPContext:
     return TPContext(device=torch.device(device))

@@ -54,10 +54,6 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
@@ -65,9 +61,6 @@ class KVCache:
         """Keep rows `index` of the batch (beam search picks parents)."""
         self.k.copy_(self.k.index_select(1, index))
         self.v.copy_(self.v.index_select(1, index))
-
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
 
 
 def rotary_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -154,15 +154,6 @@ def reshard(parts: list[torch.Tensor], layout: Layout, tp: int) -> list[torch.Te
     raise ValueError(f"cannot reshard {src} shards into {tp}: one count must be a multiple of the other")
 
 
-def shard_shape(full_shape: tuple[int, ...], layout: Layout, tp: int) -> tuple[int, ...]:
-    shape = list(full_shape)
-    if layout in (Layout.COLUMN, Layout.GLU):
-        shape[0] //= tp
-    elif layout is Layout.ROW:
-        shape[-1] //= tp
-    return tuple(shape)
-
-
 def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every checkpoint tensor of an unquantized TP=1 model, in the release naming."""
     h, f = cfg.hidden_size, cfg.inner_hidden_size

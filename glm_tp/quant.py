@@ -88,7 +88,7 @@ class PreparedWeight:
 def _fused(q: torch.Tensor, scale: torch.Tensor, bits: int) -> PreparedWeight:
     if bits == 8:
         return PreparedWeight("int8pack", q, scale, bits, scales=scale.to(torch.bfloat16))
-    n, k = q.shape[0], q.shape[1] * 2
+    k = q.shape[1] * 2
     if k % INT4_GROUP:
         raise ValueError("input dim is not a multiple of the int4 group size")
     unsigned = (unpack_int4(q).to(torch.int32) + 8)  # the kernels store q + 8 and subtract it again

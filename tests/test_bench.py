@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-
 from conftest import ROOT
 from glm_tp import load_model
 from glm_tp.generation import Engine, GenerationConfig, Request

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import ROOT, write_random_checkpoint
-from distributed import run_ranks
 from glm_tp import CheckpointError, load_model
 from glm_tp.checkpoint import METADATA_FILE, inspect, open_shard
 from glm_tp.config import PRESETS, ModelConfig

@@ -192,7 +192,7 @@ def _find_rank(parent: int, rank: int) -> int | None:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
-        if f"RANK={rank}".encode() in env and b"GROUP_RANK=0" in env and f"TORCHELASTIC_RUN_ID" in str(env):
+        if f"RANK={rank}".encode() in env and b"GROUP_RANK=0" in env and b"TORCHELASTIC_RUN_ID" in b"".join(env):
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
             if ppid == parent:
                 return int(pid)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT
 from distributed import run_ranks
-from glm_tp import CheckpointError, SeqLayout, load_model
+from glm_tp import CheckpointError, load_model
 from glm_tp.checkpoint import open_shard
 from glm_tp.quant import _fused, dequantize, pack_int4, prepare, quantize_rows, unpack_int4
 
