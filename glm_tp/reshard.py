@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,8 @@ def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int |
     if cfg is not None:
         meta["model"] = cfg.to_dict()
     write_latest(dst, iteration, meta)
+    if "tokenizer" in meta and (Path(src) / meta["tokenizer"]).is_file():  # small models carry their tokenizer
+        shutil.copy(Path(src) / meta["tokenizer"], Path(dst) / meta["tokenizer"])
     for name in report.mismatched:
         warnings.warn(f"replicated tensor {name} differs across source shards: kept shard 0's copy")
     if report.lossy:

@@ -33,13 +33,13 @@ from glm_tp.model import GLMModel, SeqLayout
 from glm_tp.synthetic import random_shard
 from glm_tp.tokenizer import GLMTokenizer
 
-TASK_WEIGHTS = {"recall": 2, "lookup": 4, "cycle": 1, "repeat": 2, "two": 3}
+TASK_WEIGHTS = {"recall": 3, "cycle": 1, "repeat": 2, "two": 2}
 
 
 def train_tokenizer(folder: Path) -> Path:
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(tokenizer_corpus()) + "\n")
-    symbols = sorted(set(WORDS + DAYS + MONTHS + DIGITS + ["<n>", ":", ".", ",", "="]))
+    symbols = sorted(set(WORDS + DAYS + MONTHS + DIGITS + ["<n>", ":", "."]))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=200,
                                    model_type="unigram", hard_vocab_limit=False, user_defined_symbols=symbols,
                                    minloglevel=2)

@@ -38,6 +38,8 @@ def render(result: Result, color: bool) -> str:
         return f"error: {result.error}"
     text = "".join(f"{BLANK_STYLE}{t}{RESET}" if blank and color else t for t, blank in result.pieces)
     lines = [text]
+    if not color:  # no highlighting: name the filled blanks instead
+        lines.append("  blanks: " + " | ".join(b.strip() for b in result.blanks))
     if result.beams and len(result.beams) > 1:
         lines += [f"  beam {i}: {b}" for i, b in enumerate(result.beams)]
     if result.finish_reason == "interrupted":
