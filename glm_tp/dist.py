@@ -7,6 +7,7 @@ the timeout is given to `init_process_group` and applies to every call on the gr
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ def init_distributed(device: str | None = None, backend: str | None = None,
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        # a group left to interpreter teardown can abort the process ("terminate called ...")
+        atexit.register(shutdown)
     return TPContext(rank=dist.get_rank(), size=dist.get_world_size(), group=dist.group.WORLD, device=dev)
 
 
