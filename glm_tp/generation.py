@@ -16,6 +16,7 @@ import torch
 
 from .blanks import BlankInput, PromptError, check_length, complete_context, fill_kind, next_blank, splice, \
     tokenize_prompt
+from .decode import Decoder
 from .model import GLMModel, SeqLayout
 from .sampling import BeamGroup, RowSettings, ban_tokens, choose_tokens
 from .tokenizer import GLMTokenizer
@@ -115,10 +116,12 @@ class _State:
 
 class Engine:
     def __init__(self, model: GLMModel, tokenizer: GLMTokenizer, default: GenerationConfig | None = None,
-                 max_batch: int = 8):
+                 max_batch: int = 8, max_len: int | None = None, cuda_graphs: bool | None = None):
         self.model, self.tok, self.tp = model, tokenizer, model.tp
         self.default = default or GenerationConfig()
         self.max_batch = max_batch
+        # the KV cache for max_batch sequences of max_len tokens (default: the model's), reused by every fill
+        self.decoder = Decoder(model, max_batch, max_len, graphs=cuda_graphs)
         special = tokenizer.special
         self.end_tokens = [special.eop, special.eos]
         # only text tokens and the end tokens may be generated: never masks, sop or padded rows
@@ -126,6 +129,12 @@ class Engine:
         lo = tokenizer.offset
         self.banned[lo:min(lo + tokenizer.text_vocab_size, model.cfg.vocab_size)] = False
         self.banned[self.end_tokens] = False
+        self._banned_on: dict[torch.device, torch.Tensor] = {}
+
+    def banned_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._banned_on:
+            self._banned_on[device] = self.banned.to(device)
+        return self._banned_on[device]
 
     # -- public -----------------------------------------------------------------------------------
     def generate(self, requests: list[Request], interrupt: Callable[[], bool] | None = None) -> list[Result]:
@@ -160,7 +169,7 @@ class Engine:
                 s.ids = tokenize_prompt(r.text, self.tok)
             else:
                 raise PromptError("request has neither text nor token_ids")
-            check_length(s.ids, self.model.cfg.max_seq_len)
+            check_length(s.ids, self.decoder.max_len)
         except ValueError as e:
             s.error = str(e)
             return s
@@ -170,14 +179,29 @@ class Engine:
         return s
 
     def _chunks(self, states: list[_State]) -> list[list[_State]]:
-        """Requests that share settings (all but the seed) run together, at most max_batch rows."""
+        """Requests that share settings (all but the seed) run together, at most max_batch rows. Prompts are
+        taken shortest first, and a chunk ends before its longest prompt plus the longest generation it
+        allows would overflow the cache (rows are left-padded to the longest prompt)."""
         groups: dict[tuple, list[_State]] = {}
         for s in states:
             groups.setdefault(dataclasses.astuple(dataclasses.replace(s.config, seed=0)), []).append(s)
-        chunks = []
+        limit = self.decoder.max_len
+        chunks: list[list[_State]] = []
         for group in groups.values():
-            per = max(1, self.max_batch // self._beams(group[0].config))
-            chunks.extend(group[i:i + per] for i in range(0, len(group), per))
+            cfg = group[0].config
+            per = max(1, self.max_batch // self._beams(cfg))
+            chunk: list[_State] = []
+            steps = 0  # generation room of the chunk's shortest prompt: the most steps it will run
+            for s in sorted(group, key=lambda s: len(s.ids)):
+                width = len(s.ids) + 1  # with sop: the widest row so far
+                if chunk and (len(chunk) == per or width + steps > limit):
+                    chunks.append(chunk)
+                    chunk = []
+                if not chunk:
+                    steps = min(cfg.max_new_tokens, limit - width)
+                chunk.append(s)
+            if chunk:
+                chunks.append(chunk)
         return chunks
 
     @staticmethod
@@ -195,8 +219,8 @@ class Engine:
             inputs.append(inp)
         rows = len(chunk) * k
         width = max(len(i.tokens) for i in inputs)
-        # a row may generate until its positions reach the model's max length
-        caps = [min(cfg.max_new_tokens, model.cfg.max_seq_len - len(i.tokens)) for i in inputs]
+        # a row may generate until it fills the cache (_chunks keeps the padded rows within it too)
+        caps = [min(cfg.max_new_tokens, self.decoder.max_len - len(i.tokens)) for i in inputs]
         steps = max(caps)
         row_inputs = [inp for inp in inputs for _ in range(k)]
         row_caps = [c for c in caps for _ in range(k)]
@@ -204,13 +228,14 @@ class Engine:
         tokens = torch.tensor([[self.tok.special.pad] * (width - len(i.tokens)) + i.tokens for i in row_inputs])
         positions = torch.tensor([[0] * (width - len(i.tokens)) + i.positions for i in row_inputs])
         layout = SeqLayout(pad=pad, bidirectional=torch.tensor([i.bidirectional for i in row_inputs]))
+        first_position = torch.tensor([i.next_position for i in row_inputs])
+        counting = torch.tensor([0 if i.pinned else 1 for i in row_inputs])
         device = model.device
-        cache = model.new_cache(rows, width + steps)
         decider = _Decider(self, chunk, k, row_caps) if self.tp.is_first else None
 
         flag = CONTINUE
         with torch.inference_mode():
-            logits = model(tokens.to(device), positions.to(device), layout, cache)
+            logits = self.decoder.prefill(tokens, positions, layout, first_position, counting)
             for step in range(steps):
                 message = torch.zeros(2 * rows + 1, dtype=torch.long, device=device)
                 if decider is not None:
@@ -220,9 +245,8 @@ class Engine:
                 if flag != CONTINUE:
                     break
                 if k > 1:
-                    cache.reorder(parents)
-                pos = torch.tensor([[i.position_after(step)] for i in row_inputs], device=device)
-                logits = model(next_tokens.view(rows, 1), pos, layout, cache, start=width + step)
+                    self.decoder.reorder(parents)
+                logits = self.decoder.step(next_tokens)
         outcome = decider.outcome(flag) if decider is not None else None
         outcome = self.tp.broadcast_object(outcome)
         for s, inp, (answer, finish, beams) in zip(chunk, inputs, outcome):
@@ -232,7 +256,7 @@ class Engine:
             s.blank_ids.append(answer)
             s.finish = finish
             s.beams = [splice(inp.tokens[:-1], inp.mask_index, b) for b in beams] if beams else None
-            if s.active and len(s.ids) + 1 > model.cfg.max_seq_len:
+            if s.active and len(s.ids) + 1 > self.decoder.max_len:
                 s.finish = "length"  # no room left for the next blank's sop
                 s.error = f"prompt grew to {len(s.ids)} tokens after filling a blank: no room for the next one"
         return flag
@@ -275,8 +299,10 @@ class _Decider:
                                      generator=torch.Generator().manual_seed(s.config.seed)) for s in chunk]
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
-        out = logits.float().cpu()
-        out[:, self.engine.banned[: out.shape[-1]]] = float("-inf")
+        """Float logits with the bans applied; greedy stays on the logits' device (only ids come back),
+        sampling and beam search run on the host with the requests' CPU generators."""
+        out = logits.float() if self.cfg.strategy == "greedy" else logits.float().cpu()
+        out.masked_fill_(self.engine.banned_on(out.device)[: out.shape[-1]], float("-inf"))
         return ban_tokens(out, self.generated, self.engine.end_tokens, self.cfg.min_new_tokens,
                           self.cfg.no_repeat_ngram_size)
 
@@ -287,7 +313,7 @@ class _Decider:
             return torch.cat([parents, torch.zeros(rows, dtype=torch.long), torch.tensor([INTERRUPTED])])
         scores = self._logits(logits)
         if self.beams is None:
-            chosen = choose_tokens(scores, self.settings)
+            chosen = choose_tokens(scores, self.settings).cpu()
             for i in range(rows):
                 if not self.ended[i]:
                     self.generated[i].append(int(chosen[i]))

@@ -54,13 +54,24 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of the batch (beam search picks parents)."""
-        self.k.copy_(self.k.index_select(1, index))
-        self.v.copy_(self.v.index_select(1, index))
+    def rows(self, n: int) -> "KVCache":
+        """The first `n` rows, sharing this cache's memory (a fill uses as many rows as it has sequences)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        return view
+
+    def reorder(self, index: torch.Tensor, upto: int | None = None) -> None:
+        """Keep rows `index` of the batch (beam search picks parents); only slots [0, upto) are moved."""
+        k, v = self.k[:, :, :, :upto], self.v[:, :, :, :upto]
+        k.copy_(k.index_select(1, index))
+        v.copy_(v.index_select(1, index))
 
 
 def rotary_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,19 +102,18 @@ class SelfAttention(nn.Module):
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp, dtype, bits)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None, start: int) -> torch.Tensor:
+                cache: KVCache | None, slots: torch.Tensor, window: int) -> torch.Tensor:
         b, s, _ = h.shape
         qkv = self.query_key_value(h).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:  # one-shot forward (training): nothing to keep
             keys, values = k, v
-        else:
-            end = start + s
+        else:  # write this call's keys/values at `slots` in place, attend over the first `window` slots
             keys, values = cache.k[self.layer_id], cache.v[self.layer_id]
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
-            keys, values = keys[:, :, :end], values[:, :, :end]
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+            keys, values = keys[:, :, :window], values[:, :, :window]
 
         c = float(self.layer_id + 1)
         scores = torch.matmul(q / (math.sqrt(self.head_dim) * c), keys.transpose(-1, -2))
@@ -134,9 +144,9 @@ class GLMBlock(nn.Module):
         self.mlp = GeGLU(cfg, tp, dtype, bits)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None, start: int) -> torch.Tensor:
+                cache: KVCache | None, slots: torch.Tensor, window: int) -> torch.Tensor:
         h = self.input_layernorm(x)
-        x = self.alpha * h + self.attention(h, cos, sin, mask, cache, start)
+        x = self.alpha * h + self.attention(h, cos, sin, mask, cache, slots, window)
         m = self.post_attention_layernorm(x)
         return self.alpha * m + self.mlp(m)
 
@@ -183,17 +193,28 @@ class GLMModel(nn.Module):
         gather=False each rank returns its own vocab slice. Callers wrap inference in
         torch.inference_mode(); training (tools/train_demo.py) runs the same code with autograd.
         """
-        b, s = tokens.shape
+        s = tokens.shape[1]
         if cache is not None and start + s > cache.max_len:
             raise ValueError(f"sequence of {start + s} tokens exceeds the cache's {cache.max_len}")
+        slots = torch.arange(start, start + s, device=self.device)
+        mask = layout.mask(start, s, start + s, self.device)
+        return self.run(tokens, positions, mask, cache, slots, start + s, logits_at, gather)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache | None,
+            slots: torch.Tensor, window: int, logits_at: torch.Tensor | None = None,
+            gather: bool = True) -> torch.Tensor | None:
+        """`forward` on inputs already on the device: tokens and positions [b, s], the mask [b, 1, s, window]
+        (True = hidden), the cache slots [s] this call writes. It does no host work, so a decode step made
+        of it can be captured in a CUDA graph (see decode.py)."""
         cos = self.rotary_cos[positions].unsqueeze(1)
         sin = self.rotary_sin[positions].unsqueeze(1)
-        mask = layout.mask(start, s, start + s, self.device)
         x = self.transformer.word_embeddings(tokens)
         for layer in self.transformer.layers:
-            x = layer(x, cos, sin, mask, cache, start)
+            x = layer(x, cos, sin, mask, cache, slots, window)
         if logits_at is None:
-            logits_at = torch.full((b,), s - 1, dtype=torch.long, device=self.device)
-        picked = x[torch.arange(b, device=self.device).view(-1, *([1] * (logits_at.dim() - 1))), logits_at]
+            picked = x[:, -1]
+        else:
+            b = x.shape[0]
+            picked = x[torch.arange(b, device=self.device).view(-1, *([1] * (logits_at.dim() - 1))), logits_at]
         local = self.transformer.word_embeddings.logits(self.transformer.final_layernorm(picked))
         return self.tp.gather_last_dim_to_first(local) if gather else local

@@ -9,16 +9,12 @@ import torch
 from glm_tp.config import PRESETS
 from glm_tp.dist import single_process
 from glm_tp.generation import Engine, GenerationConfig, Request
+from glm_tp.model import KVCache
 from glm_tp.sampling import filter_top_k_top_p
 from glm_tp.tokenizer import load_tokenizer
 
 CFG = PRESETS["tiny"]
 SOP, EOP = CFG.special.sop, CFG.special.eop
-
-
-class _NoCache:
-    def reorder(self, index: torch.Tensor) -> None:
-        pass
 
 
 class MarkovModel:
@@ -31,10 +27,13 @@ class MarkovModel:
             for dst, p in dsts.items():
                 self.table[src, dst] = math.log(p)
 
-    def new_cache(self, batch: int, max_len: int) -> _NoCache:
-        return _NoCache()
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(CFG, 1, batch, max_len, torch.float32, "cpu")
 
     def __call__(self, tokens, positions, layout, cache, start=0, logits_at=None):
+        return self.table[tokens[:, -1]]
+
+    def run(self, tokens, positions, mask, cache, slots, window):
         return self.table[tokens[:, -1]]
 
 

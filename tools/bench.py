@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from glm_tp.config import ModelConfig, get_preset, parse_dtype  # noqa: E402
+from glm_tp.decode import Decoder  # noqa: E402
 from glm_tp.dist import init_distributed, simulated_rank  # noqa: E402
 from glm_tp.model import GLMModel, SeqLayout  # noqa: E402
 from glm_tp.planner import Plan  # noqa: E402
@@ -33,15 +35,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, runs: int) -> list[float]:
-    fn()  # warm-up
+def timed(fn, device: torch.device, runs: int, setup=None) -> list[float]:
+    """Seconds per call of fn (after one warm-up call); setup() runs untimed before each call."""
     out = []
-    for _ in range(runs):
+    for run in range(runs + 1):
+        if setup is not None:
+            setup()
         sync(device)
         start = time.perf_counter()
         fn()
         sync(device)
-        out.append(time.perf_counter() - start)
+        if run:
+            out.append(time.perf_counter() - start)
     return out
 
 
@@ -68,7 +73,7 @@ def random_model(cfg: ModelConfig, tp, dtype: torch.dtype, bits: int) -> GLMMode
     return model.eval()
 
 
-def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int, runs: int) -> dict:
+def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int, runs: int, context: int) -> dict:
     device, cfg = model.device, model.cfg
     out: dict = {"prefill_ms": {}, "decode_ms_per_step": {}}
     with torch.inference_mode():
@@ -80,23 +85,28 @@ def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int
             cache = model.new_cache(1, n)
             times = timed(lambda: model(tokens, torch.arange(n, device=device)[None], layout, cache), device, runs)
             out["prefill_ms"][n] = summary(times)
-        context = 16
-        for b in batches:
-            cache = model.new_cache(b, context + steps)
+        context = min(context, cfg.max_seq_len - steps)
+        out["context"] = context
+        for b in batches:  # the engine's decode path: one reused cache, static step inputs, graphs on CUDA
+            decoder = Decoder(model, b, context + steps)
             layout = SeqLayout(torch.zeros(b, dtype=torch.long), torch.full((b,), context - 1))
             tokens = torch.randint(0, cfg.vocab_size, (b, context), device=device)
-            model(tokens, torch.arange(context, device=device).expand(b, -1), layout, cache)
-            step_tokens = tokens[:, -1:].contiguous()
+            positions = torch.arange(context, device=device).expand(b, -1)
+            step_tokens = tokens[:, -1].contiguous()
+
+            def prefill() -> None:
+                decoder.prefill(tokens, positions, layout, torch.full((b,), context), torch.ones(b, dtype=torch.long))
 
             def decode() -> None:
-                for i in range(steps):
-                    pos = torch.full((b, 1), context + i, device=device)
-                    model(step_tokens, pos, layout, cache, start=context + i)
+                for _ in range(steps):
+                    decoder.step(step_tokens)
 
-            times = [t / steps for t in timed(decode, device, runs)]
+            times = [t / steps for t in timed(decode, device, runs, setup=prefill)]
             out["decode_ms_per_step"][b] = summary(times)
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:  # the process's peak resident memory (weights, caches, and the interpreter)
+        out["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
     return out
 
 
@@ -105,7 +115,7 @@ def summary(seconds: list[float]) -> dict:
     return {"median": statistics.median(ms), "min": min(ms), "max": max(ms), "runs": len(ms)}
 
 
-def reference_decode_ms(cfg: ModelConfig, steps: int, runs: int) -> float | None:
+def reference_decode_ms(cfg: ModelConfig, steps: int, runs: int, context: int) -> float | None:
     """SwissArmyTransformer's GLM130B (CPU fp16, its mems-based decode), on random weights of the same shape."""
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -123,7 +133,6 @@ def reference_decode_ms(cfg: ModelConfig, steps: int, runs: int) -> float | None
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.02)
-        context = 16
         tokens = torch.randint(0, cfg.vocab_size, (1, context))
         _, *layers = ref(tokens, torch.arange(context)[None], _mask(context, context - 1))
         mems = torch.stack([o["mem_kv"] for o in layers])
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill", default="128,512,2048")
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per timed run")
+    ap.add_argument("--context", type=int, default=128, help="prompt tokens in the cache before decoding")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--reference", action="store_true", help="also time SwissArmyTransformer (CPU fp16)")
     ap.add_argument("--json", default="bench.json")
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = read_bandwidth(tp.device)
     plan = Plan(cfg, tp.size, dtype.itemsize if hasattr(dtype, "itemsize") else 2, bits, 1, 1)
     result = measure(model, [int(x) for x in args.prefill.split(",")], [int(x) for x in args.batches.split(",")],
-                     args.steps, args.runs)
+                     args.steps, args.runs, args.context)
     result.update(label=label, device=str(tp.device), dtype=args.dtype, quant=args.quant, shape=shape or args.preset,
                   layers=cfg.num_layers, weight_bytes_per_rank=plan.weight_bytes, read_bandwidth_gbs=bandwidth / 1e9,
                   threads=torch.get_num_threads())
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         result["bandwidth_limit_ms"] = plan.weight_bytes / bandwidth * 1e3
         result["decode_efficiency"] = result["bandwidth_limit_ms"] / decode1
     if args.reference:
-        ref = reference_decode_ms(cfg, args.steps, args.runs)
+        ref = reference_decode_ms(cfg, args.steps, args.runs, args.context)
         result["reference_decode_ms"] = ref
         if ref and decode1:
             result["speedup_vs_reference"] = ref / decode1
