@@ -90,7 +90,7 @@ def run(cfg: DictConfig) -> int:
     checkpoint = resolve_path(cfg.checkpoint)
     model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp)
     tokenizer = load_tokenizer_for(cfg, checkpoint, model.cfg.special)
-    engine = Engine(model, tokenizer, gen, max_batch=int(cfg.batch_size))
+    engine = Engine(model, tokenizer, gen, max_batch=int(cfg.batch_size), max_len=int(cfg.max_len or 0) or None)
     if not tp.is_first:
         worker_loop(tp, engine)
         return 0

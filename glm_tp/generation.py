@@ -108,6 +108,7 @@ class _State:
     finish: str = ""
     error: str | None = None
     beams: list[list[int]] | None = None
+    generator: torch.Generator | None = None  # rank 0's sampling stream
 
     @property
     def active(self) -> bool:
@@ -231,7 +232,7 @@ class Engine:
         first_position = torch.tensor([i.next_position for i in row_inputs])
         counting = torch.tensor([0 if i.pinned else 1 for i in row_inputs])
         device = model.device
-        decider = _Decider(self, chunk, k, row_caps) if self.tp.is_first else None
+        decider = _Decider(self, chunk, inputs, k, row_caps) if self.tp.is_first else None
 
         flag = CONTINUE
         with torch.inference_mode():
@@ -286,17 +287,20 @@ class Engine:
 class _Decider:
     """Rank 0's side of one fill: chooses tokens, tracks what every row generated, decides when to stop."""
 
-    def __init__(self, engine: Engine, chunk: list[_State], k: int, row_caps: list[int]):
+    def __init__(self, engine: Engine, chunk: list[_State], inputs: list[BlankInput], k: int, row_caps: list[int]):
         self.engine, self.chunk, self.k, self.caps = engine, chunk, k, row_caps
         self.cfg = chunk[0].config
         self.rows = len(chunk) * k
         self.generated: list[list[int]] = [[] for _ in range(self.rows)]
         self.ended = [False] * self.rows
         self.length_hit = [False] * self.rows
-        self.beams = [BeamGroup(k, self.cfg.length_penalty) for _ in chunk] if self.cfg.strategy == "beam" else None
+        self.beams = [BeamGroup(k, self.cfg.length_penalty, prefix=len(i.tokens)) for i in inputs] \
+            if self.cfg.strategy == "beam" else None
+        for s in chunk:  # one random stream per request, carried from blank to blank
+            s.generator = s.generator or torch.Generator().manual_seed(s.config.seed)
         self.settings = [RowSettings(greedy=self.cfg.strategy != "sample", temperature=self.cfg.temperature,
-                                     top_k=self.cfg.top_k, top_p=self.cfg.top_p,
-                                     generator=torch.Generator().manual_seed(s.config.seed)) for s in chunk]
+                                     top_k=self.cfg.top_k, top_p=self.cfg.top_p, generator=s.generator)
+                         for s in chunk]
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Float logits with the bans applied; greedy stays on the logits' device (only ids come back),

@@ -5,9 +5,11 @@ All of it works on a whole batch at once. Rules every strategy shares:
 - `no_repeat_ngram_size` n: a token that would repeat an n-gram of the generated text is banned;
 - one `torch.Generator` per request, seeded with its `seed`, so a request samples the same tokens
   whatever batch it runs in and whatever the TP size (only rank 0 samples).
-Beam search scores finished hypotheses as sum(log p) / ((5 + length) / 6) ** length_penalty
-(GNMT), where length counts the generated tokens including the end token; candidates are chosen
-deterministically (top-k), never sampled.
+Beam search is the reference's (GLM-130B BeamSearchStrategy) with deterministic candidates (top-k, as its
+evaluation runs it; its generate.py samples them): (1 + number of end tokens) * num_beams candidates a
+step, end candidates become finished hypotheses scored sum(log p) / ((5 + length) / 6) ** length_penalty
+(GNMT) where length counts the whole beam, context and sop included; a request is done when its worst
+kept hypothesis beats the best live beam.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     drop = rank >= k
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly above each token: the first token always stays
-    drop |= before >= top_p.unsqueeze(-1)
+    drop |= before > top_p.unsqueeze(-1)
     sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
@@ -78,10 +80,12 @@ class Hypothesis:
 
 @dataclass
 class BeamGroup:
-    """The beams of one request."""
+    """The beams of one request; `prefix` is the length of its context with sop (the reference's
+    length penalty counts the whole sequence)."""
 
     num_beams: int
     length_penalty: float
+    prefix: int = 0
     live: list[list[int]] = field(default_factory=list)  # tokens of each live beam
     scores: list[float] = field(default_factory=list)    # sum of log-probs of each live beam
     ended: list[Hypothesis] = field(default_factory=list)
@@ -91,27 +95,27 @@ class BeamGroup:
         self.live = [[] for _ in range(self.num_beams)]
         self.scores = [0.0] + [NEG_INF] * (self.num_beams - 1)  # all beams start equal: expand only one
 
-    def penalised(self, score: float, length: int) -> float:
-        return score / ((5.0 + length) / 6.0) ** self.length_penalty
+    def penalised(self, score: float, generated: int) -> float:
+        return score / ((5.0 + self.prefix + generated) / 6.0) ** self.length_penalty
 
     def step(self, logprobs: torch.Tensor, end_tokens: list[int]) -> list[tuple[int, int]]:
         """logprobs [beams, V] (bans applied). Returns (parent beam, token) for the next live beams."""
         k = self.num_beams
         total = torch.tensor(self.scores, dtype=torch.float64).unsqueeze(-1) + logprobs.double()
-        values, flat = total.view(-1).topk(2 * k + len(end_tokens))
+        values, flat = total.view(-1).topk((max(1, len(end_tokens)) + 1) * k)
         chosen: list[tuple[int, int]] = []
         new_scores: list[float] = []
         for v, f in zip(values.tolist(), flat.tolist()):
             if v == NEG_INF:
                 break
             parent, token = divmod(f, logprobs.shape[-1])
-            tokens = self.live[parent] + [token]
             if token in end_tokens:
+                tokens = self.live[parent] + [token]
                 self.ended.append(Hypothesis(tokens, self.penalised(v, len(tokens)), True))
             elif len(chosen) < k:
                 chosen.append((parent, token))
                 new_scores.append(v)
-            if len(chosen) == k and len(self.ended) >= k:
+            else:
                 break
         self.ended.sort(key=lambda h: h.score, reverse=True)
         del self.ended[k:]

@@ -10,7 +10,7 @@ from glm_tp.config import PRESETS
 from glm_tp.dist import single_process
 from glm_tp.generation import Engine, GenerationConfig, Request
 from glm_tp.model import KVCache
-from glm_tp.sampling import filter_top_k_top_p
+from glm_tp.sampling import BeamGroup, filter_top_k_top_p
 from glm_tp.tokenizer import load_tokenizer
 
 CFG = PRESETS["tiny"]
@@ -57,10 +57,25 @@ def test_beam_of_one_equals_greedy(engine_for):
 
 
 def test_length_penalty_favours_longer_answers(engine_for):
-    # ending at once: log 0.4 = -0.92 over 1 token; [10, 11, eop]: log 0.6 + log 0.5 = -1.20 over 3 tokens
-    engine = engine_for({SOP: {EOP: 0.4, 10: 0.6}, 10: {EOP: 0.5, 11: 0.5}, 11: {EOP: 1.0}})
+    # ending at once: log 0.5 = -0.69; [10, 11, eop]: log 0.5 + log 0.9 = -0.80. The reference's penalty
+    # divides by ((5 + length) / 6) ** lp with the length of the whole beam (5 prompt tokens with sop here):
+    # at lp 2, -0.69 / 3.36 = -0.21 loses to -0.80 / 4.69 = -0.17
+    engine = engine_for({SOP: {EOP: 0.5, 10: 0.5}, 10: {EOP: 0.1, 11: 0.9}, 11: {EOP: 1.0}})
     assert _answer(engine, strategy="beam", num_beams=2, length_penalty=0.0) == []
     assert _answer(engine, strategy="beam", num_beams=2, length_penalty=2.0) == [10, 11]
+
+
+def test_beam_search_keeps_every_beam_alive_when_end_tokens_lead():
+    # 4 live beams whose two end tokens lead: the reference's 3 * num_beams candidates leave room for the
+    # 8 end candidates and 4 continuations (2 * num_beams + 2 would kill two beams)
+    group = BeamGroup(num_beams=4, length_penalty=1.0, prefix=5)
+    group.live, group.scores = [[10], [11], [12], [13]], [-1.0, -1.1, -1.2, -1.3]
+    logprobs = torch.full((4, CFG.vocab_size), -50.0)
+    logprobs[:, [EOP, 2]] = math.log(0.45)
+    logprobs[torch.arange(4), torch.arange(20, 24)] = math.log(0.1)
+    chosen = group.step(logprobs, [EOP, 2])
+    assert chosen == [(0, 20), (1, 21), (2, 22), (3, 23)] and all(math.isfinite(v) for v in group.scores)
+    assert len(group.ended) == 4  # the best end candidates are kept too
 
 
 def test_no_repeat_ngram_and_min_new_tokens(engine_for):
