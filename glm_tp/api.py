@@ -41,12 +41,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None = None, layers: int | None = None,
                dtype: str | torch.dtype | None = None, quant: str | int | None = None, device: str | None = None,
-               tp: TPContext | None = None, progress: bool = True) -> GLMModel:
+               tp: TPContext | None = None, progress: bool = True, kernels: str = "fused") -> GLMModel:
     """Load this rank's shard of a release-format checkpoint.
 
     Single process: `load_model("ckpt")`. Under `torchrun --nproc_per_node N` every rank calls the
-    same line and gets its own shard (the process group is set up on first use).
+    same line and gets its own shard (the process group is set up on first use). kernels: "fused" (the
+    fastest quantized matmul the device has) or "dequant" (the reference's dequantize-then-matmul).
     """
+    if kernels not in ("fused", "dequant"):
+        raise ValueError(f"unknown kernels {kernels!r}: use fused or dequant")
     tp = tp or init_distributed(device)
     info = inspect(checkpoint)
     cfg = resolve_config(info.model_config(), model, layers)
@@ -66,5 +69,5 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     if report.unexpected and tp.is_first:
         warnings.warn(f"{path} has {len(report.unexpected)} tensor(s) this model does not use, e.g. "
                       f"{report.unexpected[0]}: ignored")
-    net.prepare_kernels()
+    net.prepare_kernels(fused=kernels == "fused")
     return net.eval()

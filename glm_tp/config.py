@@ -50,6 +50,8 @@ class ModelConfig:
     layernorm_eps: float = 1e-5
     rotary_base: float = 10000.0
     special: SpecialTokens = field(default_factory=SpecialTokens)
+    deepnorm_layers: int = 0  # depth the model was trained at, for alpha (0: num_layers); see with_layers
+
 
     @property
     def head_dim(self) -> int:
@@ -57,7 +59,7 @@ class ModelConfig:
 
     @property
     def deepnorm_alpha(self) -> float:
-        return (2.0 * self.num_layers) ** 0.5
+        return (2.0 * (self.deepnorm_layers or self.num_layers)) ** 0.5
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -76,7 +78,9 @@ class ModelConfig:
             )
 
     def with_layers(self, num_layers: int) -> "ModelConfig":
-        return dataclasses.replace(self, num_layers=num_layers)
+        """The first `num_layers` layers of this model: alpha stays the full model's, so each kept layer
+        computes what it computes in the full model."""
+        return dataclasses.replace(self, num_layers=num_layers, deepnorm_layers=self.deepnorm_layers or self.num_layers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -75,13 +75,12 @@ class KVCache:
 
 
 def rotary_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [max_seq_len, head_dim]. In fp16 the reference computes the whole table in
-    fp16 (which is exact for integer positions up to 2048); other dtypes use fp32, then cast."""
+    """cos, sin of shape [max_seq_len, head_dim], as the reference computes them whatever the model's dtype:
+    inverse frequencies rounded to fp16, then angles, cos and sin in fp16 (integer positions are exact in
+    fp16 up to 2048). GLM-130B was trained with these values, so bf16/fp32 runs take them too."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, device=device).float() / d))
-    work = torch.float16 if dtype == torch.float16 else torch.float32
-    inv_freq = inv_freq.to(work)
-    t = torch.arange(cfg.max_seq_len, device=device, dtype=work)
+    inv_freq = (1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, device=device).float() / d))).half()
+    t = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float16)
     emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -175,11 +174,12 @@ class GLMModel(nn.Module):
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
 
-    def prepare_kernels(self) -> None:
-        """Lay quantized weights out for the device's fused kernels (once, after loading)."""
+    def prepare_kernels(self, fused: bool = True) -> None:
+        """Lay quantized weights out for the device's fused kernels (once, after loading); fused=False keeps
+        the reference's dequantize-then-matmul."""
         for module in self.modules():
             if getattr(module, "bits", 0):
-                module.prepare_()
+                module.prepare_(fused)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, self.tp.size, batch, max_len or self.cfg.max_seq_len, self.dtype, self.device)

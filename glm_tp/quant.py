@@ -6,10 +6,15 @@ are packed two per int8 byte along the input dim, the even column in the high ni
 
 Matmul: `prepare` turns a quantized weight once (at load) into the fastest form the device has,
 checked against plain dequantization on a small case before it is trusted:
-- "int8pack": torch's fused int8 weight-only matmul (bf16 activations), CPU and CUDA;
-- "int4pack": torch's fused int4 kernel; per-row symmetric scales are exact in its grouped
-  format (every group of a row gets the row's scale, zero point 0);
-- "dequant": dequantize to the activation dtype, then F.linear (always available).
+- "int8pack": torch's fused int8 weight-only matmul (bf16 activations), CPU;
+- "int4pack": torch's fused int4 kernel (bf16 activations; its grouped format with unit scales and zero
+  point 0), CPU and CUDA sm_80+;
+- "compiled": CUDA, the dequantization fused into the matmul by torch.compile (Triton) for decode-sized
+  batches, cuBLAS on the dequantized weight for prefill;
+- "dequant": dequantize to the activation dtype, then F.linear: the reference's computation (always
+  available, and chosen with fused=False).
+The bf16 kernels round activations to bf16, so their logits differ from the reference's fp16 ones by bf16
+rounding; the fp16 row scales are applied exactly.
 """
 from __future__ import annotations
 
@@ -60,6 +65,28 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dty
     return int_values(q, bits).to(dtype) * scale.to(dtype)[:, None]
 
 
+# a fused kernel for small batches only: larger ones (prefill) are compute-bound, and there cuBLAS on the
+# dequantized weight is faster than a GEMV-style kernel
+COMPILED_MAX_ROWS = 16
+
+
+def dequant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """x @ (q * scale)^T written as one expression, for torch.compile to fuse the dequantization into the
+    matmul (for a few rows inductor turns it into a single reduction kernel that reads int8 weights)."""
+    return F.linear(x, int_values(q, bits).to(x.dtype)) * scale.to(x.dtype)
+
+
+_COMPILED: list = []
+
+
+def _compiled_dequant_linear():
+    if not _COMPILED:
+        # one specialisation per (rows, weight shape): a TP rank has 4 weight shapes and up to 16 row counts
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+        _COMPILED.append(torch.compile(dequant_linear, dynamic=False, fullgraph=True))
+    return _COMPILED[0]
+
+
 @dataclass
 class PreparedWeight:
     """A quantized weight in the layout of the kernel that multiplies by it."""
@@ -69,11 +96,14 @@ class PreparedWeight:
     scale: torch.Tensor
     bits: int
     packed: torch.Tensor | None = None
-    scales: torch.Tensor | None = None
+    scales: torch.Tensor | None = None     # the fused kernel's own scale argument (unit scales)
+    row_scale: torch.Tensor | None = None  # the fp16 row scales as fp32, applied after the kernel
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ W^T -> [..., out] in x's dtype."""
-        if self.kind == "dequant":
+        if self.kind == "compiled" and x[..., 0].numel() <= COMPILED_MAX_ROWS:
+            return _compiled_dequant_linear()(x, self.q, self.scale, self.bits)
+        if self.kind in ("dequant", "compiled"):
             return F.linear(x, dequantize(self.q, self.scale, self.bits, x.dtype))
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         if self.kind == "int8pack":
@@ -82,12 +112,29 @@ class PreparedWeight:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales)
         else:
             out = torch.ops.aten._weight_int4pack_mm(flat, self.packed, INT4_GROUP, self.scales)
-        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        # the kernels ran with unit scales; the fp16 row scales are applied exactly, in fp32
+        return (out.float() * self.row_scale).to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def _fused(q: torch.Tensor, scale: torch.Tensor, bits: int) -> PreparedWeight:
-    if bits == 8:
-        return PreparedWeight("int8pack", q, scale, bits, scales=scale.to(torch.bfloat16))
+def _candidates(device: torch.device, bits: int) -> list[str]:
+    """The fused kernels for a device, fastest first. torch's int8 weight-only kernel has no CUDA version,
+    so CUDA INT8 (and INT4 where torch's int4 kernel needs a newer GPU than sm_80) is compiled with Triton
+    by torch.compile, for the GPU at hand: no prebuilt binaries."""
+    if device.type == "cpu":
+        return ["int8pack" if bits == 8 else "int4pack"]
+    if device.type == "cuda":
+        return (["int4pack"] if bits == 4 else []) + ["compiled"]
+    return []
+
+
+def _make(kind: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> PreparedWeight:
+    if kind == "compiled":
+        return PreparedWeight(kind, q, scale, bits)
+    # bf16 cannot hold the fp16 scales exactly (it would shift whole rows by up to 0.4 %): the kernels get
+    # unit scales and the real ones are applied to their output
+    ones = torch.ones_like(scale, dtype=torch.bfloat16)
+    if kind == "int8pack":
+        return PreparedWeight(kind, q, scale, bits, scales=ones, row_scale=scale.float())
     k = q.shape[1] * 2
     if k % INT4_GROUP:
         raise ValueError("input dim is not a multiple of the int4 group size")
@@ -96,36 +143,48 @@ def _fused(q: torch.Tensor, scale: torch.Tensor, bits: int) -> PreparedWeight:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
     else:
         packed = torch.ops.aten._convert_weight_to_int4pack(((unsigned[:, ::2] << 4) | unsigned[:, 1::2]).to(torch.uint8), 8)
-    groups = scale.to(torch.bfloat16).repeat(k // INT4_GROUP, 1)
+    groups = ones.repeat(k // INT4_GROUP, 1)
     scales = torch.stack([groups, torch.zeros_like(groups)], dim=-1).contiguous()  # [k/group, n, (scale, zero)]
-    return PreparedWeight("int4pack", q, scale, bits, packed=packed, scales=scales)
+    return PreparedWeight(kind, q, scale, bits, packed=packed, scales=scales, row_scale=scale.float())
 
 
-_KERNEL_OK: dict[tuple[str, int], bool] = {}
+_KERNEL_OK: dict[tuple[str, int, str], bool] = {}
 
 
-def _kernel_works(device: torch.device, bits: int) -> bool:
-    """Run the fused kernel once on a small random case and compare with dequantization."""
-    key = (device.type, bits)
+def _kernel_works(device: torch.device, bits: int, kind: str) -> bool:
+    """Run a fused kernel once on a small random case and compare with dequantization."""
+    key = (device.type, bits, kind)
     if key not in _KERNEL_OK:
         try:
             gen = torch.Generator().manual_seed(0)
             q, scale = quantize_rows(torch.randn(64, 128, generator=gen), bits)
             x = torch.randn(3, 128, generator=gen).to(device)
-            got = _fused(q.to(device), scale.to(device), bits).matmul(x).float()
+            got = _make(kind, q.to(device), scale.to(device), bits).matmul(x).float()
             want = F.linear(x.float(), dequantize(q, scale, bits, torch.float32).to(device))
             _KERNEL_OK[key] = bool((got - want).abs().max() <= 0.02 * want.abs().max() + 1e-3)
-        except (RuntimeError, AttributeError, NotImplementedError, ValueError):
+        except Exception:  # noqa: BLE001 - a kernel that fails to build or run is simply not used
             _KERNEL_OK[key] = False
-        if not _KERNEL_OK[key]:
-            warnings.warn(f"no fused INT{bits} kernel works on {device.type}: using dequantize + matmul (slower)")
     return _KERNEL_OK[key]
 
 
 def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, fused: bool = True) -> PreparedWeight:
-    if fused and _kernel_works(q.device, bits):
-        try:
-            return _fused(q, scale, bits)
-        except ValueError:
-            pass
+    """The fastest kernel that works here (fused=False: the reference's dequantize-then-matmul)."""
+    if fused:
+        for kind in _candidates(q.device, bits):
+            if _kernel_works(q.device, bits, kind):
+                try:
+                    return _make(kind, q, scale, bits)
+                except ValueError:  # this weight's shape does not suit the kernel
+                    continue
+        if _candidates(q.device, bits):
+            _warn_once(f"no fused INT{bits} kernel works on {q.device.type}: using dequantize + matmul (slower)")
     return PreparedWeight("dequant", q, scale, bits)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message)

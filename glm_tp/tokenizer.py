@@ -39,17 +39,14 @@ class GLMTokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
-        """Plain text to ids; mask markers are NOT parsed here (see blanks.tokenize_prompt)."""
+        """Plain text to ids; mask markers are NOT parsed here (see blanks.tokenize_prompt).
+
+        Newlines become the `<n>` piece, as icetk's line-break mode does (the text is encoded in one
+        piece with `<n>` in place of each newline); a model without `<n>` reads them as spaces."""
         if not text:
             return []
-        lines = text.split("\n") if self.newline_id is not None else [text.replace("\n", " ")]
-        ids: list[int] = []
-        for i, line in enumerate(lines):
-            if i:
-                ids.append(self.newline_id + self.offset)
-            if line:
-                ids.extend(t + self.offset for t in self.sp.encode(line))
-        return ids
+        text = text.replace("\n", NEWLINE_PIECE if self.newline_id is not None else " ")
+        return [t + self.offset for t in self.sp.encode(text)]
 
     def decode(self, ids: list[int]) -> str:
         """Text ids back to text; control tokens render as their names, padded rows as nothing."""

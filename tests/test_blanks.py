@@ -74,6 +74,9 @@ def test_prompt_text_and_newlines(tiny_tokenizer_file):
     ids = tokenize_prompt("the quick\nbrown [MASK] over\nthe [gMASK]", tok)
     assert ids.count(S.mask) == 1 and ids.count(S.gmask) == 1 and ids[-1] == S.gmask
     assert tok.decode(ids) == "the quick\nbrown[MASK] over\nthe[gMASK]"
+    # as icetk's line-break mode: <n> sits inside the text, the next word gets no word-boundary piece
+    pieces = [tok.sp.id_to_piece(i - tok.offset) for i in tok.encode("quick\nbrown")]
+    assert not pieces[pieces.index("<n>") + 1].startswith("\u2581")
     assert tokenize_prompt("no mask here", tok)[-1] == S.gmask
 
 

@@ -69,7 +69,7 @@ def test_tty_multiline_settings_interrupt_and_exit(tiny_checkpoints, tiny_tokeni
         term.expect(r"\.\.\. ")
         term.send("brown [MASK] fox\n")
         first = term.expect(">>> ")
-        assert "the quick\nbrown" in first.replace("\r", "") and "fox" in first
+        assert "the quick \nbrown" in first.replace("\r", "") and "fox" in first  # the newline is kept
         term.send("/set max_new_tokens 1\n")
         term.expect("max_new_tokens=1")
         term.send("the quick \\\n")

@@ -96,6 +96,20 @@ def test_bad_requests_get_errors_and_the_rest_run(tiny_checkpoints, tiny_tokeniz
     assert results[3].error is None and results[3].completion_tokens > 0
 
 
+def test_prompts_near_the_max_length_batch_with_short_ones(tiny_checkpoints, tiny_tokenizer_file):
+    # a [gMASK] prompt with room for 2 tokens next to short prompts with room for many: every row stays
+    # within the model's positions and the cache, and batching changes nothing
+    engine = _engine(None, tiny_checkpoints[1], tiny_tokenizer_file, default=GenerationConfig(max_new_tokens=8))
+    gmask, mask = engine.tok.special.gmask, engine.tok.special.mask
+    requests = [Request("long", token_ids=[5] * 124 + [gmask]), Request("short", token_ids=[5, 6, gmask]),
+                Request("full", token_ids=[5] * 126 + [mask]), Request("mid", token_ids=[7] * 60 + [mask, 8])]
+    together = engine.generate(requests)
+    alone = [engine.generate([r])[0] for r in requests]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.completion_tokens for r in together][:3] == [2, 8, 0]
+    assert together[0].finish_reason == together[2].finish_reason == "length"
+
+
 def test_all_beams_are_returned(tiny_checkpoints, tiny_tokenizer_file):
     engine = _engine(None, tiny_checkpoints[1], tiny_tokenizer_file)
     cfg = GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=4, return_all_beams=True)

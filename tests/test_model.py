@@ -7,7 +7,7 @@ import torch
 
 from distributed import run_ranks
 from glm_tp import SeqLayout, load_model
-from glm_tp.config import ModelConfig
+from glm_tp.config import PRESETS, ModelConfig
 from glm_tp.dist import single_process
 from glm_tp.model import GLMModel
 from glm_tp.synthetic import random_shard
@@ -65,12 +65,13 @@ def _reference_forward(sd: dict, cfg: ModelConfig, ids: list[int], pos: list[int
         var = ((x - mu) ** 2).mean(-1, keepdim=True)
         return (x - mu) / torch.sqrt(var + cfg.layernorm_eps) * w + b
 
-    def rope(v, p):  # rotate pair (i, i + d/2) by p * base^(-2i/d)
+    def rope(v, p):  # rotate pair (i, i + d/2) by p * base^(-2i/d); the reference does this arithmetic in fp16
         out = v.clone()
         for i in range(d // 2):
-            theta = p * cfg.rotary_base ** (-2 * i / d)
+            theta = torch.tensor(float(p), dtype=torch.half) * torch.tensor(cfg.rotary_base ** (-2 * i / d)).half()
+            cos, sin = theta.cos().double(), theta.sin().double()
             a, b = v[i], v[i + d // 2]
-            out[i], out[i + d // 2] = a * math.cos(theta) - b * math.sin(theta), b * math.cos(theta) + a * math.sin(theta)
+            out[i], out[i + d // 2] = a * cos - b * sin, b * cos + a * sin
         return out
 
     n = len(ids)
@@ -124,3 +125,9 @@ def test_fp16_and_bf16_forward_stay_close_to_fp32(tiny_checkpoints):
             assert (got - want).abs().max().item() < tol, dtype
             assert (got.argmax(-1) == want.argmax(-1)).all()
 
+
+
+def test_truncating_layers_keeps_the_full_models_deepnorm_alpha():
+    full = PRESETS["glm-130b"]
+    assert full.with_layers(2).deepnorm_alpha == full.deepnorm_alpha == math.sqrt(140)
+    assert ModelConfig.from_dict(full.with_layers(2).to_dict()).deepnorm_alpha == math.sqrt(140)  # metadata keeps it

@@ -11,7 +11,7 @@ from conftest import ROOT
 from distributed import run_ranks
 from glm_tp import CheckpointError, load_model
 from glm_tp.checkpoint import open_shard
-from glm_tp.quant import _fused, dequantize, pack_int4, prepare, quantize_rows, unpack_int4
+from glm_tp.quant import dequant_linear, dequantize, pack_int4, prepare, quantize_rows, unpack_int4
 
 from test_model import LAYOUT, POSITIONS, TOKENS
 
@@ -55,15 +55,41 @@ def test_fused_kernel_matches_dequantize(bits):
     assert ((want - x @ w.t()).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_kernels_apply_the_fp16_row_scales_exactly(bits):
+    # bf16 activations round every output a little, but no row may be biased: the fp16 scales are not
+    # rounded to bf16 (which would shift whole rows by up to 0.2 %)
+    torch.manual_seed(0)
+    w = torch.randn(256, 128) * torch.linspace(0.5, 2, 256)[:, None]
+    x = torch.randn(512, 128).bfloat16().float()
+    q, scale = quantize_rows(w, bits)
+    got, want = prepare(q, scale, bits).matmul(x), prepare(q, scale, bits, fused=False).matmul(x)
+    keep = want.abs() > 0.5
+    row_bias = torch.where(keep, got / want - 1, 0).sum(0) / keep.sum(0)
+    assert row_bias.abs().max() < 4e-4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_expression_cuda_compiles_is_the_dequantized_matmul(bits):
+    w, x = torch.randn(96, 128), torch.randn(3, 128, dtype=torch.float64)
+    q, scale = quantize_rows(w, bits)
+    got = dequant_linear(x, q, scale, bits)
+    want = x @ dequantize(q, scale, bits, torch.float64).t()
+    assert (got - want).abs().max() < 1e-9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the GPU kernels run on a GPU machine only")
 def test_cuda_kernels_match_dequantize_on_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device here: the GPU kernels run on a GPU machine only")
     for bits in (8, 4):
-        w, x = torch.randn(256, 512, device="cuda"), torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(256, 512, device="cuda")
         q, scale = quantize_rows(w, bits)
-        got = _fused(q, scale, bits).matmul(x).float()
-        want = prepare(q, scale, bits, fused=False).matmul(x.float())
-        assert (got - want).abs().max() <= 0.02 * want.abs().max()
+        fused = prepare(q, scale, bits)
+        assert fused.kind in ("compiled", "int4pack")
+        for rows in (1, 4, 64):  # decode-sized batches and a prefill
+            x = torch.randn(rows, 512, device="cuda", dtype=torch.float16)
+            got = fused.matmul(x).float()
+            want = prepare(q, scale, bits, fused=False).matmul(x.float())
+            assert (got - want).abs().max() <= 0.02 * want.abs().max()
 
 
 def _quantized_logits(tp, ckpt, bits):
