@@ -12,6 +12,7 @@ in flight. SIGTERM finishes the current batch, then exits cleanly.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -85,13 +86,30 @@ def read_items(path: Path, default: GenerationConfig) -> Iterator[Item]:
                 yield parse_line(number, text, default)
 
 
+def drop_partial_last_line(output: Path, chunk: int = 1 << 16) -> None:
+    """Cut a last line that a crash left without its newline (reads only the file's tail)."""
+    with output.open("r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            data = f.read(pos - start)
+            if pos == end and data.endswith(b"\n"):
+                return
+            cut = data.rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
 def done_keys(output: Path) -> set[str]:
     """Ids already answered; a last line cut short by a crash is removed first."""
     if not output.exists():
         return set()
-    data = output.read_bytes()
-    if data and not data.endswith(b"\n"):
-        output.write_bytes(data[: data.rfind(b"\n") + 1])
+    drop_partial_last_line(output)
     keys = set()
     with output.open(encoding="utf-8") as f:
         for text in f:
