@@ -56,6 +56,36 @@ def read_bandwidth(device: torch.device, gib: float = 0.5, runs: int = 5) -> flo
     return buf.numel() * 4 / min(timed(lambda: buf.sum(), device, runs))
 
 
+def matmul_peak(device: torch.device, dtype: torch.dtype, runs: int = 3) -> float:
+    """FLOP/s of a large square matmul in the model's dtype: the compute ceiling."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n ** 3 / min(timed(lambda: a @ a, device, runs))
+
+
+def step_flops(cfg: ModelConfig, tp: int, rows: int, tokens: int, keys: int) -> float:
+    """One rank's FLOPs for `rows` x `tokens` new tokens attending to `keys` keys each (logits at one
+    position per row)."""
+    h, f = cfg.hidden_size, cfg.inner_hidden_size
+    linear = (4 * h * h + 3 * f * h) // tp
+    attention = 4 * tokens * keys * h // tp
+    return 2 * rows * (cfg.num_layers * (tokens * linear + attention) + cfg.vocab_size // tp * h)
+
+
+def allreduce_ms(tp, cfg: ModelConfig, dtype: torch.dtype, runs: int) -> float | None:
+    """The all-reduces of one batch-1 decode step (2 per layer, 1 for the embedding), or None when a
+    single-rank simulation has no other ranks to talk to."""
+    if not tp.communicates:
+        return None
+    x = torch.zeros(1, 1, cfg.hidden_size, dtype=dtype, device=tp.device)
+
+    def step() -> None:
+        for _ in range(2 * cfg.num_layers + 1):
+            tp.all_reduce(x)
+
+    return statistics.median(timed(step, tp.device, runs)) * 1e3
+
+
 def random_model(cfg: ModelConfig, tp, dtype: torch.dtype, bits: int) -> GLMModel:
     """Per-rank shapes, random values written in place (fast: no checkpoint, no full-size temporaries)."""
     model = GLMModel(cfg, tp, dtype, tp.device, quant_bits=bits)
@@ -155,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heads", type=int)
     ap.add_argument("--inner", type=int)
     ap.add_argument("--vocab", type=int)
+    ap.add_argument("--max-len", type=int, help="the model's max sequence length (default: the preset's)")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--quant", choices=("none", "int8", "int4"), default="none")
     ap.add_argument("--simulate-tp", type=int, default=0, help="run one rank of a TP=N job on this device")
@@ -171,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
 
     base = get_preset(args.preset)
     shape = {k: v for k, v in dict(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
-                                   inner_hidden_size=args.inner, vocab_size=args.vocab).items() if v}
+                                   inner_hidden_size=args.inner, vocab_size=args.vocab,
+                                   max_seq_len=args.max_len).items() if v}
     cfg = ModelConfig(**{**base.to_dict(), "special": base.special, **shape})
     if args.simulate_tp:
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
@@ -184,20 +216,19 @@ def main(argv: list[str] | None = None) -> None:
     cfg.check_tp(tp.size)
     dtype, bits = parse_dtype(args.dtype), {"none": 0, "int8": 8, "int4": 4}[args.quant]
     model = random_model(cfg, tp, dtype, bits)
-    bandwidth = read_bandwidth(tp.device)
-    plan = Plan(cfg, tp.size, dtype.itemsize if hasattr(dtype, "itemsize") else 2, bits, 1, 1)
+    bandwidth, peak = read_bandwidth(tp.device), matmul_peak(tp.device, dtype)
+    plan = Plan(cfg, tp.size, dtype.itemsize, bits, 1, 1)
     result = measure(model, [int(x) for x in args.prefill.split(",")], [int(x) for x in args.batches.split(",")],
                      args.steps, args.runs, args.context)
     result.update(label=label, device=str(tp.device), dtype=args.dtype, quant=args.quant, shape=shape or args.preset,
                   layers=cfg.num_layers, weight_bytes_per_rank=plan.weight_bytes, read_bandwidth_gbs=bandwidth / 1e9,
-                  threads=torch.get_num_threads())
-    decode1 = result["decode_ms_per_step"].get(1, {}).get("median")
-    if decode1:
-        result["bandwidth_limit_ms"] = plan.weight_bytes / bandwidth * 1e3
-        result["decode_efficiency"] = result["bandwidth_limit_ms"] / decode1
+                  matmul_peak_tflops=peak / 1e12, threads=torch.get_num_threads(),
+                  allreduce_ms_per_step=allreduce_ms(tp, cfg, dtype, args.runs))
+    add_ceilings(result, cfg, tp.size, dtype.itemsize, plan.weight_bytes, bandwidth, peak)
     if args.reference:
-        ref = reference_decode_ms(cfg, args.steps, args.runs, args.context)
+        ref = reference_decode_ms(cfg, args.steps, args.runs, result["context"])
         result["reference_decode_ms"] = ref
+        decode1 = result["decode_ms_per_step"].get(1, {}).get("median")
         if ref and decode1:
             result["speedup_vs_reference"] = ref / decode1
     if tp.is_first:
@@ -207,17 +238,36 @@ def main(argv: list[str] | None = None) -> None:
             plot(result, args.plot)
 
 
+def add_ceilings(r: dict, cfg: ModelConfig, tp: int, dtype_bytes: int, weight_bytes: int, bandwidth: float,
+                 peak: float) -> None:
+    """What the device allows: a decode step reads the weights and every row's keys and values and
+    computes its FLOPs; a prefill computes its FLOPs. Efficiency = ceiling / measured."""
+    kv_per_token = 2 * cfg.num_layers * cfg.hidden_size // tp * dtype_bytes
+    context = r["context"]
+    r["decode_ceiling_ms"], r["decode_efficiency"] = {}, {}
+    for b, s in r["decode_ms_per_step"].items():
+        read = weight_bytes + int(b) * (context + 1) * kv_per_token
+        ceiling = max(read / bandwidth, step_flops(cfg, tp, int(b), 1, context + 1) / peak) * 1e3
+        r["decode_ceiling_ms"][b], r["decode_efficiency"][b] = ceiling, ceiling / s["median"]
+    r["bandwidth_limit_ms"] = weight_bytes / bandwidth * 1e3  # batch 1, weights only
+    r["prefill_mfu"] = {n: step_flops(cfg, tp, 1, int(n), int(n)) / (s["median"] / 1e3) / peak
+                        for n, s in r["prefill_ms"].items()}
+
+
 def print_table(r: dict) -> None:
     print(f"glm-tp bench: {r['label']}; {r['layers']} layers, {r['dtype']}/{r['quant']} on {r['device']} "
           f"({r['threads']} threads); weights/rank {r['weight_bytes_per_rank'] / 1e6:.1f} MB; "
-          f"read bandwidth {r['read_bandwidth_gbs']:.1f} GB/s")
+          f"read bandwidth {r['read_bandwidth_gbs']:.1f} GB/s; matmul peak {r['matmul_peak_tflops']:.3f} TFLOP/s")
     for n, s in r["prefill_ms"].items():
-        print(f"  prefill {n:>5} tokens: {s['median']:9.2f} ms (min {s['min']:.2f}, max {s['max']:.2f})")
+        print(f"  prefill {n:>5} tokens: {s['median']:9.2f} ms (min {s['min']:.2f}, max {s['max']:.2f})"
+              f"  {r['prefill_mfu'][n]:.0%} of the matmul peak")
     for b, s in r["decode_ms_per_step"].items():
-        print(f"  decode batch {b:>3}: {s['median']:9.2f} ms/step  {int(b) * 1e3 / s['median']:9.1f} tokens/s")
-    if "decode_efficiency" in r:
-        print(f"  batch-1 decode: bandwidth limit {r['bandwidth_limit_ms']:.2f} ms -> efficiency "
-              f"{r['decode_efficiency']:.0%}")
+        print(f"  decode batch {b:>3} (context {r['context']}): {s['median']:9.2f} ms/step (min {s['min']:.2f}, "
+              f"max {s['max']:.2f})  {int(b) * 1e3 / s['median']:9.1f} tokens/s  ceiling "
+              f"{r['decode_ceiling_ms'][b]:.2f} ms -> {r['decode_efficiency'][b]:.0%}")
+    ar = r["allreduce_ms_per_step"]
+    print("  all-reduces per decode step: " + ("not measured (single-rank simulation: no other ranks)"
+                                                 if ar is None else f"{ar:.2f} ms"))
     if "reference_decode_ms" in r:
         ref = r["reference_decode_ms"]
         print("  reference (SwissArmyTransformer, CPU fp16): " +
@@ -234,12 +284,12 @@ def plot(r: dict, path: str) -> None:
         return
     batches = [int(b) for b in r["decode_ms_per_step"]]
     ms = [s["median"] for s in r["decode_ms_per_step"].values()]
-    plt.plot(batches, ms, marker="o", label="decode step")
-    if "bandwidth_limit_ms" in r:
-        plt.axhline(r["bandwidth_limit_ms"], color="red", linestyle="--", label="weight-read bandwidth limit")
+    plt.plot(batches, ms, marker="o", label="decode step (measured)")
+    plt.plot(batches, list(r["decode_ceiling_ms"].values()), color="red", linestyle="--",
+             label="ceiling: weights + KV read at the measured bandwidth, or FLOPs at the matmul peak")
     plt.xscale("log", base=2)
     plt.xlabel("batch size")
-    plt.ylabel("ms per decode step")
+    plt.ylabel(f"ms per decode step (context {r['context']})")
     plt.title(r["label"])
     plt.legend()
     plt.savefig(path, dpi=120)
