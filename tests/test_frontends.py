@@ -190,8 +190,9 @@ def test_lost_worker_fails_the_job_without_hanging(tiny_checkpoints, tiny_tokeni
         time.sleep(3)  # let it load and enter the worker loop
         os.kill(worker, signal.SIGKILL)
         start = time.time()
-        job.wait(timeout=90)
+        _, stderr = job.communicate(timeout=90)
         assert job.returncode != 0 and time.time() - start < 90
+        assert re.search(r"rank\s*: 1 .*\n.*exitcode\s*: -9", stderr)  # the report names the lost rank
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
