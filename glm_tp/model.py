@@ -115,11 +115,13 @@ class SelfAttention(nn.Module):
             keys, values = keys[:, :, :window], values[:, :, :window]
 
         c = float(self.layer_id + 1)
-        scores = torch.matmul(q / (math.sqrt(self.head_dim) * c), keys.transpose(-1, -2))
+        # CPUs without half-precision arithmetic run half batched matmuls as slow loops: use fp32 there
+        work = torch.float32 if h.device.type == "cpu" else h.dtype
+        scores = torch.matmul((q / (math.sqrt(self.head_dim) * c)).to(work), keys.transpose(-1, -2).to(work))
         scores = scores.masked_fill(mask, MASK_FILL)
-        probs = torch.softmax(scores.float() * c, dim=-1).to(q.dtype)
-        ctx = torch.matmul(probs, values).transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
-        return self.dense(ctx)
+        probs = torch.softmax(scores.float() * c, dim=-1).to(work)
+        ctx = torch.matmul(probs, values.to(work)).to(h.dtype)
+        return self.dense(ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
 class GeGLU(nn.Module):
