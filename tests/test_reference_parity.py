@@ -1,23 +1,20 @@
 """Parity with the reference: SwissArmyTransformer's GLM130B on the same random weights (optional).
 
-Runs only where the `reference` extra is installed; SAT's GLM130B is CUDA/apex-era code, so on CPU it
-needs the two monkeypatches its own setup lacks (a CPU "current device" and a bool attention mask),
-and it only runs in fp16.
+Runs only where the `reference` extra is installed (glm_tp/reference.py makes SAT's GLM130B run on CPU,
+in fp16). Both sides prefill a [MASK] and a [gMASK] prompt, then decode greedily through their own KV
+caches: SAT's `mems` and glm-tp's Decoder, at TP 1 and 2.
 """
 from __future__ import annotations
-
-import argparse
-import importlib.util
-import sys
 
 import pytest
 import torch
 
 from distributed import run_ranks
-from glm_tp import SeqLayout, load_model
+from glm_tp import SeqLayout, load_model, reference
 from glm_tp.checkpoint import open_shard
+from glm_tp.decode import Decoder
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("sat") is None,
+pytestmark = pytest.mark.skipif(not reference.available(),
                                 reason="SwissArmyTransformer is not installed (pip install -e '.[reference]')")
 
 # [MASK] prompt: context bidirectional up to (not incl.) sop, generated positions pinned to the mask (index 3)
@@ -25,80 +22,65 @@ MASK_IDS = [5, 6, 7, 1000, 8, 9, 2, 1004]
 MASK_POS = [0, 1, 2, 3, 4, 5, 6, 3]
 GMASK_IDS = [11, 12, 13, 14, 15, 1001, 1004]
 GMASK_POS = list(range(7))
+PROMPTS = (("mask", MASK_IDS, MASK_POS, 3), ("gmask", GMASK_IDS, GMASK_POS, None))  # name, ids, positions, pinned
 STEPS = 6
 
 
-def _import_sat_glm130b():
-    if importlib.util.find_spec("wandb") is None:
-        sys.modules.setdefault("deepspeed", None)  # sat imports wandb only next to deepspeed
-    torch.cuda.current_device = lambda: "cpu"
-    from sat.model.official import glm130B_model
-
-    mixin = glm130B_model.SelfAttentionWithFP32SoftmaxMixin
-    if not getattr(mixin, "_bool_mask_patch", False):
-        original = mixin.attention_fn
-
-        def attention_fn(self, q, k, v, mask, *args, **kw):
-            return original(self, q, k, v, mask.bool(), *args, **kw)
-
-        mixin.attention_fn, mixin._bool_mask_patch = attention_fn, True
-    return glm130B_model.GLM130B
+def _pick(logits: torch.Tensor, seq: list[int]) -> int:
+    """Greedy, never repeating a token already in the sequence (random weights otherwise echo the last
+    input token, which would compare nothing)."""
+    return int(logits.float().index_fill(0, torch.tensor(seq), float("-inf")).argmax())
 
 
-def _mask(total: int, bidirectional: int) -> torch.Tensor:
-    visible = torch.ones(total, total).tril()
-    visible[:, :bidirectional] = 1
-    return (visible < 0.5).view(1, 1, total, total)  # True = masked, as the reference builds it
-
-
-def _greedy(step_logits, ids: list[int], pos: list[int], pinned: int | None) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy continuation by full recompute, never repeating a token already in the sequence (random
-    weights otherwise echo the last input token, which would compare nothing)."""
-    ids, pos, out, logits = list(ids), list(pos), [], []
-    for _ in range(STEPS):
-        last = step_logits(ids, pos)
-        logits.append(last)
-        tok = int(last.index_fill(0, torch.tensor(ids), float("-inf")).argmax())
-        out.append(tok)
-        ids.append(tok)
-        pos.append(pinned if pinned is not None else pos[-1] + 1)
-    return out, logits
-
-
-def _run_both(tp, ckpt):
-    ours = load_model(ckpt, tp=tp, dtype="fp16", progress=False)
-    GLM130B = _import_sat_glm130b()
-    cfg = ours.cfg
-    args = argparse.Namespace(
-        num_layers=cfg.num_layers, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_heads, inner_hidden_size=cfg.inner_hidden_size,
-        max_sequence_length=cfg.max_seq_len, layernorm_order="post", layernorm_epsilon=cfg.layernorm_eps,
-        fp16=True, model_parallel_size=1, position_encoding_2d=False, no_glu=False, skip_init=True,
-        hidden_dropout=0.0, attention_dropout=0.0)
-    ref = GLM130B(args).half().eval()
+def _reference(_tp, ckpt):
+    """SAT's GLM130B: full prompt logits, then its own decode loop (the KV memory `mems` grown per step)."""
+    cfg = load_model(ckpt, progress=False).cfg
+    ref = reference.build(cfg)
     state, _ = open_shard(next((ckpt / "1").glob("mp_rank_00_*")))
     missing, unexpected = ref.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-
-    def ref_logits(ids, pos, bidir):
-        n = len(ids)
-        with torch.no_grad():
-            out = ref(torch.tensor([ids]), torch.tensor([pos]), _mask(n, bidir))[0]
-        return out[0].float()
-
-    def our_logits(ids, pos, bidir):
-        n = len(ids)
-        with torch.inference_mode():
-            return ours(torch.tensor([ids]), torch.tensor([pos]), SeqLayout(torch.tensor([0]), torch.tensor([bidir])),
-                        ours.new_cache(1, n), logits_at=torch.arange(n)[None])[0].float()
-
     results = {}
-    for name, ids, pos, pinned in (("mask", MASK_IDS, MASK_POS, 3), ("gmask", GMASK_IDS, GMASK_POS, None)):
-        bidir = len(ids) - 1
-        full_diff = (ref_logits(ids, pos, bidir) - our_logits(ids, pos, bidir)).abs().max().item()
-        ref_tokens, _ = _greedy(lambda i, p: ref_logits(i, p, bidir)[-1], ids, pos, pinned)
-        our_tokens, _ = _greedy(lambda i, p: our_logits(i, p, bidir)[-1], ids, pos, pinned)
-        results[name] = (full_diff, ref_tokens, our_tokens)
+    with torch.no_grad():
+        for name, ids, pos, pinned in PROMPTS:
+            n = len(ids)
+            full, *layers = ref(torch.tensor([ids]), torch.tensor([pos]), reference.mask(n, n - 1))
+            mems = torch.stack([o["mem_kv"] for o in layers])
+            seq, steps, logits = list(ids), [], full[0, -1]
+            for i in range(STEPS):
+                steps.append(logits.float())
+                seq.append(_pick(logits, seq))
+                position = pinned if pinned is not None else n + i
+                out, *layers = ref(torch.tensor([[seq[-1]]]), torch.tensor([[position]]),
+                                   torch.zeros(1, 1, 1, n + i + 1, dtype=torch.bool), mems=mems)
+                mems = torch.cat([mems, torch.stack([o["mem_kv"] for o in layers])], dim=2)
+                logits = out[0, -1]
+            results[name] = (full[0].float(), seq[n:], torch.stack(steps))
+    return results
+
+
+def _ours(tp, ckpt):
+    """glm-tp at this TP size: full prompt logits, then the engine's decode path (Decoder steps); rank 0
+    picks each token and shares it, as the engine does."""
+    model = load_model(ckpt, tp=tp, dtype="fp16", progress=False)
+    decoder = Decoder(model, max_rows=1)
+    results = {}
+    with torch.inference_mode():
+        for name, ids, pos, pinned in PROMPTS:
+            n = len(ids)
+            layout = SeqLayout(torch.tensor([0]), torch.tensor([n - 1]))
+            full = model(torch.tensor([ids]), torch.tensor([pos]), layout, None, logits_at=torch.arange(n)[None])
+            logits = decoder.prefill(torch.tensor([ids]), torch.tensor([pos]), layout,
+                                     torch.tensor([pinned if pinned is not None else n]), torch.tensor([int(pinned is None)]))
+            seq, steps = list(ids), []
+            for _ in range(STEPS):
+                token = torch.zeros(1, dtype=torch.long)
+                if logits is not None:
+                    steps.append(logits[0].float())
+                    token[0] = _pick(logits[0], seq)
+                model.tp.broadcast(token)
+                seq.append(int(token))
+                logits = decoder.step(token)
+            results[name] = (full[0].float(), seq[n:], torch.stack(steps)) if full is not None else None
     return results
 
 
@@ -106,9 +88,14 @@ def test_logits_and_greedy_tokens_match_swissarmytransformer(tmp_path):
     from conftest import write_random_checkpoint
     from glm_tp.config import PRESETS
 
-    ckpt = write_random_checkpoint(tmp_path / "fp16", PRESETS["tiny"], 1, torch.float16)
-    results = run_ranks(1, _run_both, ckpt)[0]
-    for name, (diff, ref_tokens, our_tokens) in results.items():
-        print(f"{name}: max |logit diff| {diff:.4f}, reference {ref_tokens}, glm-tp {our_tokens}")
-        assert diff < 0.05, f"{name}: logits differ by {diff}"
-        assert ref_tokens == our_tokens
+    checkpoints = {tp: write_random_checkpoint(tmp_path / f"tp{tp}", PRESETS["tiny"], tp, torch.float16) for tp in (1, 2)}
+    want = run_ranks(1, _reference, checkpoints[1])[0]
+    for tp, ckpt in checkpoints.items():
+        got = run_ranks(tp, _ours, ckpt)[0]
+        for name, (ref_full, ref_tokens, ref_steps) in want.items():
+            full, tokens, steps = got[name]
+            prompt_diff, step_diff = (full - ref_full).abs().max().item(), (steps - ref_steps).abs().max().item()
+            print(f"TP={tp} {name}: max |logit diff| prompt {prompt_diff:.4f}, decode steps {step_diff:.4f}; "
+                  f"reference {ref_tokens}, glm-tp {tokens}")
+            assert prompt_diff < 0.05 and step_diff < 0.05, f"TP={tp} {name}: logits differ"
+            assert tokens == ref_tokens

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from glm_tp import reference  # noqa: E402
 from glm_tp.config import ModelConfig, get_preset, parse_dtype  # noqa: E402
 from glm_tp.decode import Decoder  # noqa: E402
 from glm_tp.dist import init_distributed, simulated_rank  # noqa: E402
@@ -57,10 +58,11 @@ def read_bandwidth(device: torch.device, gib: float = 0.5, runs: int = 5) -> flo
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, runs: int = 3) -> float:
-    """FLOP/s of a large square matmul in the model's dtype: the compute ceiling."""
-    n = 4096 if device.type == "cuda" else 1024
+    """FLOP/s of a large matmul in the model's dtype and the model's layout (F.linear, weights [out, in]):
+    the compute ceiling. (On CPUs without half-precision units the other layout can be 50x slower.)"""
+    n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device).to(dtype)
-    return 2 * n ** 3 / min(timed(lambda: a @ a, device, runs))
+    return 2 * n ** 3 / min(timed(lambda: torch.nn.functional.linear(a, a), device, runs))
 
 
 def step_flops(cfg: ModelConfig, tp: int, rows: int, tokens: int, keys: int) -> float:
@@ -145,26 +147,23 @@ def summary(seconds: list[float]) -> dict:
     return {"median": statistics.median(ms), "min": min(ms), "max": max(ms), "runs": len(ms)}
 
 
-def reference_decode_ms(cfg: ModelConfig, steps: int, runs: int, context: int) -> float | None:
-    """SwissArmyTransformer's GLM130B (CPU fp16, its mems-based decode), on random weights of the same shape."""
-    try:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from test_reference_parity import _import_sat_glm130b, _mask
-        GLM130B = _import_sat_glm130b()
-    except Exception:  # noqa: BLE001 - any import failure means "not installed"
+def reference_times(cfg: ModelConfig, prefills: list[int], steps: int, runs: int, context: int) -> dict | None:
+    """SwissArmyTransformer's GLM130B on random weights of the same shape (CPU fp16, the only dtype it runs
+    there): prefill of each length with logits at the last position, and its own decode loop, where the KV
+    memory (`mems`) grows by concatenation every step. None when it is not installed."""
+    if not reference.available():
         return None
-    import argparse as ap
-    args = ap.Namespace(num_layers=cfg.num_layers, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                        num_attention_heads=cfg.num_heads, inner_hidden_size=cfg.inner_hidden_size,
-                        max_sequence_length=cfg.max_seq_len, layernorm_order="post", layernorm_epsilon=1e-5,
-                        fp16=True, model_parallel_size=1, position_encoding_2d=False, no_glu=False, skip_init=True,
-                        hidden_dropout=0.0, attention_dropout=0.0)
-    ref = GLM130B(args).half().eval()
+    ref = reference.build(cfg)
+    out: dict = {"prefill_ms": {}}
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.02)
+        for n in (n for n in prefills if n <= cfg.max_seq_len):
+            tokens = torch.randint(0, cfg.vocab_size, (1, n))
+            times = timed(lambda: ref(tokens, torch.arange(n)[None], reference.mask(n, n - 1)), torch.device("cpu"), runs)
+            out["prefill_ms"][n] = statistics.median(times) * 1e3
         tokens = torch.randint(0, cfg.vocab_size, (1, context))
-        _, *layers = ref(tokens, torch.arange(context)[None], _mask(context, context - 1))
+        _, *layers = ref(tokens, torch.arange(context)[None], reference.mask(context, context - 1))
         mems = torch.stack([o["mem_kv"] for o in layers])
 
         def decode() -> None:
@@ -174,7 +173,8 @@ def reference_decode_ms(cfg: ModelConfig, steps: int, runs: int, context: int) -
                 _, *outs = ref(tokens[:, -1:], torch.tensor([[context + i]]), mask, mems=m)
                 m = torch.cat([m, torch.stack([o["mem_kv"] for o in outs])], dim=2)
 
-        return statistics.median(timed(decode, torch.device("cpu"), runs)) / steps * 1e3
+        out["decode_ms"] = statistics.median(timed(decode, torch.device("cpu"), runs)) / steps * 1e3
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,11 +226,12 @@ def main(argv: list[str] | None = None) -> None:
                   allreduce_ms_per_step=allreduce_ms(tp, cfg, dtype, args.runs))
     add_ceilings(result, cfg, tp.size, dtype.itemsize, plan.weight_bytes, bandwidth, peak)
     if args.reference:
-        ref = reference_decode_ms(cfg, args.steps, args.runs, result["context"])
-        result["reference_decode_ms"] = ref
-        decode1 = result["decode_ms_per_step"].get(1, {}).get("median")
-        if ref and decode1:
-            result["speedup_vs_reference"] = ref / decode1
+        ref = reference_times(cfg, list(result["prefill_ms"]), args.steps, args.runs, result["context"])
+        result["reference"] = ref
+        if ref and 1 in result["decode_ms_per_step"]:
+            result["speedup_vs_reference"] = {
+                "decode": ref["decode_ms"] / result["decode_ms_per_step"][1]["median"],
+                **{f"prefill_{n}": ms / result["prefill_ms"][n]["median"] for n, ms in ref["prefill_ms"].items()}}
     if tp.is_first:
         print_table(result)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -268,10 +269,17 @@ def print_table(r: dict) -> None:
     ar = r["allreduce_ms_per_step"]
     print("  all-reduces per decode step: " + ("not measured (single-rank simulation: no other ranks)"
                                                  if ar is None else f"{ar:.2f} ms"))
-    if "reference_decode_ms" in r:
-        ref = r["reference_decode_ms"]
-        print("  reference (SwissArmyTransformer, CPU fp16): " +
-              ("not installed" if ref is None else f"{ref:.2f} ms/token -> glm-tp is {r['speedup_vs_reference']:.1f}x faster"))
+    if "reference" in r:
+        ref = r["reference"]
+        if ref is None:
+            print("  reference (SwissArmyTransformer): not installed (pip install -e '.[reference]')")
+            return
+        speedup = r["speedup_vs_reference"]
+        for n, ms in ref["prefill_ms"].items():
+            print(f"  reference prefill {n:>5} tokens (SwissArmyTransformer, CPU fp16): {ms:9.2f} ms -> glm-tp "
+                  f"{speedup[f'prefill_{n}']:.2f}x as fast")
+        print(f"  reference decode batch   1 (SwissArmyTransformer, CPU fp16): {ref['decode_ms']:9.2f} ms/step -> "
+              f"glm-tp {speedup['decode']:.2f}x as fast")
 
 
 def plot(r: dict, path: str) -> None:
