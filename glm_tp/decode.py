@@ -79,14 +79,20 @@ class Decoder:
         if width > self.max_len:
             raise ValueError(f"a prompt of {width} tokens exceeds the decoder's {self.max_len} slots")
         self._grow(rows)
-        self.rows, self.width, self.steps = rows, width, 0
+        self.rows, self.width = rows, width
         for buffer, values in ((self.first_position, first_position), (self.counting, counting),
                                (self.pad, layout.pad), (self.bidirectional, layout.bidirectional)):
             buffer[:rows].copy_(values)
         self.first_slot.fill_(width)
-        self.generated.zero_()
+        self.restart()
         device = self.model.device
         return self.model(tokens.to(device), positions.to(device), layout, self._cache().rows(rows))
+
+    def restart(self) -> None:
+        """Back to the end of the prompt: the next step writes the first generated slot again (the prompt's
+        keys and values stay). Lets a benchmark time the same steps repeatedly without a new prefill."""
+        self.steps = 0
+        self.generated.zero_()
 
     def reorder(self, parents: torch.Tensor) -> None:
         """Beam search: row i continues from row parents[i]."""

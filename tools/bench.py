@@ -126,14 +126,13 @@ def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int
             positions = torch.arange(context, device=device).expand(b, -1)
             step_tokens = tokens[:, -1].contiguous()
 
-            def prefill() -> None:
-                decoder.prefill(tokens, positions, layout, torch.full((b,), context), torch.ones(b, dtype=torch.long))
+            decoder.prefill(tokens, positions, layout, torch.full((b,), context), torch.ones(b, dtype=torch.long))
 
             def decode() -> None:
                 for _ in range(steps):
                     decoder.step(step_tokens)
 
-            times = [t / steps for t in timed(decode, device, runs, setup=prefill)]
+            times = [t / steps for t in timed(decode, device, runs, setup=decoder.restart)]
             out["decode_ms_per_step"][b] = summary(times)
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
