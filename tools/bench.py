@@ -57,12 +57,14 @@ def read_bandwidth(device: torch.device, gib: float = 0.5, runs: int = 5) -> flo
     return buf.numel() * 4 / min(timed(lambda: buf.sum(), device, runs))
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, runs: int = 3) -> float:
-    """FLOP/s of a large matmul in the model's dtype and the model's layout (F.linear, weights [out, in]):
-    the compute ceiling. (On CPUs without half-precision units the other layout can be 50x slower.)"""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    return 2 * n ** 3 / min(timed(lambda: torch.nn.functional.linear(a, a), device, runs))
+def matmul_peak(cfg: ModelConfig, tp: int, device: torch.device, dtype: torch.dtype, runs: int = 3) -> float:
+    """FLOP/s of the model's widest matmul (h->4h of one rank) on a prefill-sized input, in the model's dtype
+    and layout (F.linear, weights [out, in]): the compute ceiling. On CPUs without half-precision units
+    this is far below the fp32 peak, and the other layout can be 50x slower still."""
+    rows = 2048 if device.type == "cuda" else 512
+    x = torch.randn(rows, cfg.hidden_size, device=device).to(dtype)
+    w = torch.randn(2 * cfg.inner_hidden_size // tp, cfg.hidden_size, device=device).to(dtype)
+    return 2 * rows * w.numel() / min(timed(lambda: torch.nn.functional.linear(x, w), device, runs))
 
 
 def step_flops(cfg: ModelConfig, tp: int, rows: int, tokens: int, keys: int) -> float:
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg.check_tp(tp.size)
     dtype, bits = parse_dtype(args.dtype), {"none": 0, "int8": 8, "int4": 4}[args.quant]
     model = random_model(cfg, tp, dtype, bits)
-    bandwidth, peak = read_bandwidth(tp.device), matmul_peak(tp.device, dtype)
+    bandwidth, peak = read_bandwidth(tp.device), matmul_peak(cfg, tp.size, tp.device, dtype)
     plan = Plan(cfg, tp.size, dtype.itemsize, bits, 1, 1)
     result = measure(model, [int(x) for x in args.prefill.split(",")], [int(x) for x in args.batches.split(",")],
                      args.steps, args.runs, args.context)
@@ -249,7 +251,10 @@ def add_ceilings(r: dict, cfg: ModelConfig, tp: int, dtype_bytes: int, weight_by
         read = weight_bytes + int(b) * (context + 1) * kv_per_token
         ceiling = max(read / bandwidth, step_flops(cfg, tp, int(b), 1, context + 1) / peak) * 1e3
         r["decode_ceiling_ms"][b], r["decode_efficiency"][b] = ceiling, ceiling / s["median"]
-    r["bandwidth_limit_ms"] = weight_bytes / bandwidth * 1e3  # batch 1, weights only
+    # the bandwidth-only view at batch 1: weight bytes per token / time / measured bandwidth
+    r["bandwidth_limit_ms"] = weight_bytes / bandwidth * 1e3
+    if 1 in r["decode_ms_per_step"]:
+        r["bandwidth_efficiency"] = r["bandwidth_limit_ms"] / r["decode_ms_per_step"][1]["median"]
     r["prefill_mfu"] = {n: step_flops(cfg, tp, 1, int(n), int(n)) / (s["median"] / 1e3) / peak
                         for n, s in r["prefill_ms"].items()}
 
@@ -265,9 +270,14 @@ def print_table(r: dict) -> None:
         print(f"  decode batch {b:>3} (context {r['context']}): {s['median']:9.2f} ms/step (min {s['min']:.2f}, "
               f"max {s['max']:.2f})  {int(b) * 1e3 / s['median']:9.1f} tokens/s  ceiling "
               f"{r['decode_ceiling_ms'][b]:.2f} ms -> {r['decode_efficiency'][b]:.0%}")
+    if "bandwidth_efficiency" in r:
+        print(f"  batch 1: weights read at {r['weight_bytes_per_rank'] / r['decode_ms_per_step'][1]['median'] / 1e6:.1f}"
+              f" GB/s = {r['bandwidth_efficiency']:.0%} of the measured bandwidth "
+              f"(limit {r['bandwidth_limit_ms']:.2f} ms/step)")
     ar = r["allreduce_ms_per_step"]
-    print("  all-reduces per decode step: " + ("not measured (single-rank simulation: no other ranks)"
-                                                 if ar is None else f"{ar:.2f} ms"))
+    print("  all-reduces per decode step: " + (f"{ar:.2f} ms" if ar is not None else "none (one rank)"
+                                                 if "simulation" not in r["label"] else
+                                                 "not measured (single-rank simulation: no other ranks)"))
     if "reference" in r:
         ref = r["reference"]
         if ref is None:
