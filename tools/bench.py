@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from glm_tp import reference  # noqa: E402
+from glm_tp import quant, reference  # noqa: E402
 from glm_tp.config import ModelConfig, get_preset, parse_dtype  # noqa: E402
 from glm_tp.decode import Decoder  # noqa: E402
 from glm_tp.dist import init_distributed, simulated_rank  # noqa: E402
@@ -57,14 +57,21 @@ def read_bandwidth(device: torch.device, gib: float = 0.5, runs: int = 5) -> flo
     return buf.numel() * 4 / min(timed(lambda: buf.sum(), device, runs))
 
 
-def matmul_peak(cfg: ModelConfig, tp: int, device: torch.device, dtype: torch.dtype, runs: int = 3) -> float:
-    """FLOP/s of the model's widest matmul (h->4h of one rank) on a prefill-sized input, in the model's dtype
-    and layout (F.linear, weights [out, in]): the compute ceiling. On CPUs without half-precision units
-    this is far below the fp32 peak, and the other layout can be 50x slower still."""
+def matmul_peak(cfg: ModelConfig, tp: int, device: torch.device, dtype: torch.dtype, bits: int,
+                runs: int = 3) -> float:
+    """FLOP/s of the model's widest matmul (h->4h of one rank) on a prefill-sized input, through the kernel
+    the model uses (its dtype and layout, or its quantized kernel): the compute ceiling. On CPUs without
+    half-precision units this is far below the fp32 peak."""
     rows = 2048 if device.type == "cuda" else 512
     x = torch.randn(rows, cfg.hidden_size, device=device).to(dtype)
-    w = torch.randn(2 * cfg.inner_hidden_size // tp, cfg.hidden_size, device=device).to(dtype)
-    return 2 * rows * w.numel() / min(timed(lambda: torch.nn.functional.linear(x, w), device, runs))
+    w = torch.randn(2 * cfg.inner_hidden_size // tp, cfg.hidden_size, device=device)
+    if bits:
+        weight = quant.prepare(*quant.quantize_rows(w, bits), bits)
+        matmul = lambda: weight.matmul(x)  # noqa: E731
+    else:
+        w = w.to(dtype)
+        matmul = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+    return 2 * rows * w.shape[0] * w.shape[1] / min(timed(matmul, device, runs))
 
 
 def step_flops(cfg: ModelConfig, tp: int, rows: int, tokens: int, keys: int) -> float:
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg.check_tp(tp.size)
     dtype, bits = parse_dtype(args.dtype), {"none": 0, "int8": 8, "int4": 4}[args.quant]
     model = random_model(cfg, tp, dtype, bits)
-    bandwidth, peak = read_bandwidth(tp.device), matmul_peak(cfg, tp.size, tp.device, dtype)
+    bandwidth, peak = read_bandwidth(tp.device), matmul_peak(cfg, tp.size, tp.device, dtype, bits)
     plan = Plan(cfg, tp.size, dtype.itemsize, bits, 1, 1)
     result = measure(model, [int(x) for x in args.prefill.split(",")], [int(x) for x in args.batches.split(",")],
                      args.steps, args.runs, args.context)
