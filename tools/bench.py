@@ -299,6 +299,7 @@ def print_table(r: dict) -> None:
 
 
 def plot(r: dict, path: str) -> None:
+    """ms per generated token against batch size, with the device's ceiling drawn in."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -307,16 +308,20 @@ def plot(r: dict, path: str) -> None:
         print("--plot needs matplotlib: pip install matplotlib (or the [plot] extra)")
         return
     batches = [int(b) for b in r["decode_ms_per_step"]]
-    ms = [s["median"] for s in r["decode_ms_per_step"].values()]
-    plt.plot(batches, ms, marker="o", label="decode step (measured)")
-    plt.plot(batches, list(r["decode_ceiling_ms"].values()), color="red", linestyle="--",
-             label="ceiling: weights + KV read at the measured bandwidth, or FLOPs at the matmul peak")
-    plt.xscale("log", base=2)
-    plt.xlabel("batch size")
-    plt.ylabel(f"ms per decode step (context {r['context']})")
-    plt.title(r["label"])
-    plt.legend()
-    plt.savefig(path, dpi=120)
+    per_token = [s["median"] / b for b, s in zip(batches, r["decode_ms_per_step"].values())]
+    ceiling = [ms / b for b, ms in zip(batches, r["decode_ceiling_ms"].values())]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(batches, per_token, marker="o", label="measured")
+    ax.plot(batches, ceiling, color="red", linestyle="--", label="ceiling (bandwidth or compute)")
+    ax.axhline(r["bandwidth_limit_ms"], color="grey", linestyle=":", label="batch-1 weight-read limit")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(f"ms per generated token (context {r['context']})")
+    ax.set_title(f"{r['label']}\n{r['layers']} layers, {r['dtype']}/{r['quant']} on {r['device']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
