@@ -141,7 +141,8 @@ def _make(kind: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> Prepare
     k = q.shape[1] * 2
     group = next((g for g in INT4_GROUPS if k % g == 0), None)
     if group is None:
-        raise ValueError("input dim is not a multiple of the int4 group size")
+        raise ValueError(f"an INT4 weight's input dim {k} is not a multiple of {INT4_GROUPS[-1]} (the fused "
+                         f"kernels' smallest group)")
     unsigned = (unpack_int4(q).to(torch.int32) + 8)  # the kernels store q + 8 and subtract it again
     if q.device.type == "cpu":
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
@@ -173,15 +174,15 @@ def _kernel_works(device: torch.device, bits: int, kind: str) -> bool:
 
 def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, fused: bool = True) -> PreparedWeight:
     """The fastest kernel that works here (fused=False: the reference's dequantize-then-matmul)."""
-    if fused:
+    if fused and _candidates(q.device, bits):
+        reason = f"no fused INT{bits} kernel works on {q.device.type}"
         for kind in _candidates(q.device, bits):
             if _kernel_works(q.device, bits, kind):
                 try:
                     return _make(kind, q, scale, bits)
-                except ValueError:  # this weight's shape does not suit the kernel
-                    continue
-        if _candidates(q.device, bits):
-            _warn_once(f"no fused INT{bits} kernel works on {q.device.type}: using dequantize + matmul (slower)")
+                except ValueError as e:  # this weight's shape does not suit the kernel
+                    reason = str(e)
+        _warn_once(f"{reason}: using dequantize + matmul for it (slower)")
     return PreparedWeight("dequant", q, scale, bits)
 
 
