@@ -52,7 +52,6 @@ class ModelConfig:
     special: SpecialTokens = field(default_factory=SpecialTokens)
     deepnorm_layers: int = 0  # depth the model was trained at, for alpha (0: num_layers); see with_layers
 
-
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads

@@ -90,7 +90,7 @@ def run(cfg: DictConfig) -> int:
     checkpoint = resolve_path(cfg.checkpoint)
     model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels)
     tokenizer = load_tokenizer_for(cfg, checkpoint, model.cfg.special)
-    engine = Engine(model, tokenizer, gen, max_batch=int(cfg.batch_size), max_len=int(cfg.max_len or 0) or None)
+    engine = Engine(model, tokenizer, gen, max_batch=int(cfg.batch_size), max_len=int(cfg.max_len) if cfg.max_len else None)
     if not tp.is_first:
         worker_loop(tp, engine)
         return 0

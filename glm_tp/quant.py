@@ -182,14 +182,7 @@ def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, fused: bool = True)
                     return _make(kind, q, scale, bits)
                 except ValueError as e:  # this weight's shape does not suit the kernel
                     reason = str(e)
-        _warn_once(f"{reason}: using dequantize + matmul for it (slower)")
+        # shown once per message (Python's default warning filter), not once per weight
+        warnings.warn(f"{reason}: using dequantize + matmul for it (slower)")
     return PreparedWeight("dequant", q, scale, bits)
 
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message)
