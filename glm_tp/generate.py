@@ -17,7 +17,8 @@ from .api import load_model, parse_quant, resolve_config
 from .checkpoint import CheckpointError, inspect
 from .config import parse_dtype
 from .dist import init_distributed, shutdown
-from .generation import Engine, GenerationConfig
+from .generation import Engine
+from .requests import GenerationConfig
 from .planner import GiB, Plan, refusal
 from .serve import Coordinator, worker_loop
 from .tokenizer import TokenizerError, load_tokenizer
@@ -68,8 +69,7 @@ def load_tokenizer_for(cfg: DictConfig, checkpoint: Path, special):
 
 
 def run(cfg: DictConfig) -> int:
-    gen = GenerationConfig(**OmegaConf.to_container(cfg.generation))
-    gen.validate()
+    gen = GenerationConfig().updated(**OmegaConf.to_container(cfg.generation))
     if cfg.plan:
         ranks = int(cfg.ranks or os.environ.get("WORLD_SIZE", "1"))
         plan = make_plan(cfg, ranks, "cuda" if cfg.device == "cuda" else "cpu")

@@ -18,80 +18,11 @@ from .blanks import BlankInput, PromptError, check_length, complete_context, fil
     tokenize_prompt
 from .decode import Decoder
 from .model import GLMModel, SeqLayout
+from .requests import GenerationConfig, Request, Result
 from .sampling import BeamGroup, RowSettings, ban_tokens, choose_tokens
 from .tokenizer import GLMTokenizer
 
-STRATEGIES = ("greedy", "sample", "beam")
 CONTINUE, DONE, INTERRUPTED = 0, 1, 2
-
-
-@dataclass
-class GenerationConfig:
-    strategy: str = "greedy"
-    max_new_tokens: int = 64           # generated tokens per blank
-    temperature: float = 1.0
-    top_k: int = 0                     # 0 = off
-    top_p: float = 1.0                 # 1.0 = off
-    num_beams: int = 4
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    min_new_tokens: int = 0
-    seed: int = 1234
-    return_all_beams: bool = False
-
-    def validate(self) -> None:
-        checks = [
-            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}"),
-            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
-            (self.temperature > 0, "temperature must be > 0 (use strategy=greedy for argmax)"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 turns it off)"),
-            (self.num_beams >= 1, "num_beams must be at least 1"),
-            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be between 0 and max_new_tokens"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    def updated(self, **changes: object) -> "GenerationConfig":
-        """A copy with fields changed (values are converted to the field's type); unknown keys raise."""
-        types = {f.name: f.type for f in dataclasses.fields(self)}
-        converted = {}
-        for key, value in changes.items():
-            if key not in types:
-                raise ValueError(f"unknown generation setting {key!r}: use one of {', '.join(types)}")
-            kind = {"int": int, "float": float, "str": str, "bool": _as_bool}[types[key]]
-            converted[key] = kind(value)
-        new = dataclasses.replace(self, **converted)
-        new.validate()
-        return new
-
-
-def _as_bool(v: object) -> bool:
-    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
-
-
-@dataclass
-class Request:
-    id: str
-    text: str | None = None
-    token_ids: list[int] | None = None
-    config: GenerationConfig | None = None
-
-
-@dataclass
-class Result:
-    id: str
-    text: str = ""
-    blanks: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    beams: list[str] | None = None
-    error: str | None = None
-    pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, is a filled blank), for display
 
 
 @dataclass
@@ -280,6 +211,7 @@ class Engine:
         if s.beams and s.config.return_all_beams:
             beams = [self.tok.decode(b[:-1] if b and b[-1] == self.tok.special.eos else b) for b in s.beams]
         return Result(id=s.request.id, text=self.tok.decode(ids), blanks=[self.tok.decode(b) for b in s.blank_ids],
+                      blanks_token_ids=[list(b) for b in s.blank_ids],
                       token_ids=ids, finish_reason=s.finish or "stop", prompt_tokens=s.prompt_tokens,
                       completion_tokens=sum(len(b) for b in s.blank_ids), beams=beams, error=s.error, pieces=pieces)
 

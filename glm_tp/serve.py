@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .dist import TPContext
-from .generation import Engine, GenerationConfig, Request, Result
+from .generation import Engine
+from .requests import GenerationConfig, Request, Result
 
 KEEPALIVE_S = 10.0
 

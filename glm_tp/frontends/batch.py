@@ -21,7 +21,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from ..generation import GenerationConfig, Request, Result
+from ..requests import GenerationConfig, Request, Result
 from ..serve import Coordinator
 from . import openai_format
 

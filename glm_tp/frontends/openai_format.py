@@ -12,7 +12,7 @@ import hashlib
 import time
 from typing import TYPE_CHECKING
 
-from ..generation import GenerationConfig, Request, Result
+from ..requests import GenerationConfig, Request, Result
 
 if TYPE_CHECKING:
     from .batch import Item

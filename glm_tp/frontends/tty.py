@@ -18,7 +18,7 @@ import termios
 import threading
 from typing import Callable
 
-from ..generation import GenerationConfig, Request, Result
+from ..requests import GenerationConfig, Request, Result
 from ..serve import KEEPALIVE_S, Coordinator
 
 HELP = """commands:
