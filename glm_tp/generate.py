@@ -20,7 +20,7 @@ from .api import load_model, parse_quant, resolve_config
 from .checkpoint import CheckpointError, inspect
 from .config import ModelConfig, parse_dtype
 from .dist import TPContext, init_distributed, shutdown
-from .generation import Engine
+from .engine import Engine
 from .planner import GiB, Plan, refusal
 from .requests import GenerationConfig
 from .serve import Coordinator, worker_loop
@@ -93,8 +93,8 @@ def follow(tp: TPContext, engine: Engine) -> None:
     worker_loop(tp, engine)
 
 
-def setup(cfg: DictConfig) -> tuple[TPContext, Engine] | None:
-    """Checks, then loading on every rank; None in plan mode. Whatever fails here fails alike on every rank
+def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None] | None:
+    """Checks, then loading on every rank; returns the batch output path too, None in plan mode. Whatever fails here fails alike on every rank
     (loading failures are shared by load_engine), so it is raised as one UsageError."""
     try:
         gen = check_config(cfg)
@@ -109,6 +109,10 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine] | None:
                 print(refusal(plan, memory))
             return None
         check_device(cfg.device)
+        output = None
+        if cfg.input != "interactive":  # before loading: a bad output path must not cost a model load
+            from .frontends.batch import check_output
+            output = check_output(resolve_path(cfg.input), Path(cfg.output) if cfg.output else None)
         tp = init_distributed(cfg.device, timeout_s=float(cfg.timeout_s))
         if cfg.ranks and int(cfg.ranks) != tp.size:
             raise UsageError(f"this hardware preset runs {cfg.ranks} ranks but {tp.size} were started: "
@@ -118,7 +122,7 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine] | None:
             plan = make_plan(cfg, model_cfg, tp.size, tp.device.type)
             if not plan.fits(memory):
                 raise UsageError(refusal(plan, memory))
-        return tp, load_engine(cfg, tp, gen)
+        return tp, load_engine(cfg, tp, gen), output
     except (CheckpointError, TokenizerError, ValueError) as e:
         raise UsageError(str(e)) from None
 
@@ -127,7 +131,7 @@ def run(cfg: DictConfig) -> int:
     ready = setup(cfg)
     if ready is None:
         return 0
-    tp, engine = ready
+    tp, engine, output = ready
     if not tp.is_first:
         follow(tp, engine)
         return 0
@@ -138,7 +142,7 @@ def run(cfg: DictConfig) -> int:
             run_tty(coordinator, color=str(cfg.color))
         else:
             from .frontends.batch import run_batch
-            run_batch(coordinator, resolve_path(cfg.input), Path(cfg.output) if cfg.output else None)
+            run_batch(coordinator, resolve_path(cfg.input), output)
     except (RuntimeError, ConnectionError):
         raise  # a failed collective: a shutdown would only wait for the timeout again
     except BaseException:

@@ -70,8 +70,6 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
             parse_dtype(cfg.dtype)
     except ValueError as e:
         raise UsageError(f"{'quant' if 'quantization' in str(e) else 'dtype'}: {e}") from None
-    if cfg.input != "interactive" and not resolve_path(str(cfg.input)).is_file():
-        raise UsageError(f"input={cfg.input}: no such file: give input=PATH.jsonl or input=interactive")
     try:
         return GenerationConfig().updated(**OmegaConf.to_container(cfg.generation))
     except ValueError as e:

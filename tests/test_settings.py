@@ -29,7 +29,7 @@ def _config(*overrides: str):
     ("max_len=0", "max_len=0"), ("max_len=1.5", "max_len"), ("timeout_s=0", "timeout_s=0"),
     ("timeout_s=-1", "timeout_s"), ("device=tpu", "device='tpu': use one of auto, cpu, cuda"),
     ("color=blue", "color='blue': use one of auto, always, never"), ("kernels=x", "kernels"),
-    ("quant=int3", "quant"), ("dtype=fp8", "dtype"), ("input=missing.jsonl", "input=missing.jsonl"),
+    ("quant=int3", "quant"), ("dtype=fp8", "dtype"),
     ("generation.temperature=abc", "generation.temperature: expected a number, got 'abc'"),
     ("generation.max_new_tokens=x", "generation.max_new_tokens: expected an integer"),
     ("generation.top_p=2", "top_p must be in (0, 1]"),
