@@ -139,15 +139,17 @@ def test_render_marks_interrupted_answers_and_answers_cut_by_the_cache():
 def test_tty_marks_an_interrupted_beam_search_and_an_answer_cut_by_the_cache(tiny_checkpoints, tiny_tokenizer_file):
     from test_frontends import Terminal, _cmd
 
-    term = Terminal(_cmd(tiny_checkpoints[1], tiny_tokenizer_file, 1, "max_len=24",
-                         "generation.max_new_tokens=100", "generation.min_new_tokens=100"))
+    term = Terminal(_cmd(tiny_checkpoints[1], tiny_tokenizer_file, 1, "max_len=20",
+                         "generation.max_new_tokens=8", "generation.min_new_tokens=8"))
     try:
         term.expect(">>> ")
-        term.send("one two [gMASK]\n")  # room for 20 of the 100 tokens asked for
+        # the first blank's 8 tokens leave the second one less room than 8 tokens
+        term.send("one [MASK] two [MASK]\n")
+        term.expect(r"one \[MASK\] two \[MASK\]")
         assert "cut short" in term.expect(">>> ")
         term.send("/set max_len 24\n")
         term.expect("unknown generation setting 'max_len'")
-        term.send("/set max_new_tokens 20\n/set min_new_tokens 20\n/beam 4\n")
+        term.send("/set max_new_tokens 12\n/set min_new_tokens 12\n/beam 4\n")
         term.expect("num_beams=4")
         term.send("one [gMASK]\n\x03")  # Ctrl-C right behind the prompt: the beam search stops
         term.expect(r"one \[gMASK\]")  # the echo
