@@ -80,7 +80,8 @@ def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig) -> Engine
     failed = [(rank, message) for rank, message in enumerate(tp.all_gather_object(error)) if message]
     if failed:
         rank, message = failed[0]
-        raise UsageError(message if tp.size == 1 else f"rank {rank}: {message}")
+        alike = len(failed) == tp.size and all(m == message for _, m in failed)
+        raise UsageError(message if alike else f"rank {rank}: {message}")
     assert engine is not None
     return engine
 

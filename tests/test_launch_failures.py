@@ -158,3 +158,20 @@ def test_error_file_format_is_what_torchrun_reads(tmp_path, monkeypatch):
     assert failure.message["extraInfo"]["py_callstack"] == "error: something named"
     assert abs(failure.timestamp - time.time()) < 60
     assert json.loads(path.read_text())["message"]["message"] == "error: something named"
+
+
+@pytest.mark.parametrize("nproc, overrides, expected", [
+    (2, ["batch_size=0"], "error: batch_size=0: must be a whole number >= 1"),
+    (3, [], "error: checkpoint"),  # 2 shards, 3 ranks: told the rank counts that work
+])
+def test_a_shared_error_under_torchrun_is_one_line_and_the_last_one(tiny_checkpoints, tiny_tokenizer_file, nproc,
+                                                                     overrides, expected):
+    job = subprocess.run(_cmd(tiny_checkpoints[2], tiny_tokenizer_file, nproc, *overrides), cwd=ROOT,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    ours = [line for line in job.stderr.splitlines() if line.startswith("error")]
+    assert job.returncode != 0 and len(ours) == 1 and ours[0].startswith(expected), job.stderr[-3000:]
+    tail = [line for line in job.stderr.splitlines() if line.strip() and not set(line.strip()) <= {"="}]
+    assert tail[-1].strip() == f"traceback : {ours[0]}", tail[-5:]
+    if nproc == 3:
+        assert "(1, 2, 4, 8)" in ours[0] and "ready" not in job.stderr
+    _no_traceback_from_glm_tp(job.stdout + job.stderr)
