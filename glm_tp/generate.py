@@ -87,10 +87,10 @@ def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig) -> Engine
 
 
 def follow(tp: TPContext, engine: Engine) -> None:
-    """Ranks > 0. torchrun passes a SIGTERM (or Ctrl-C's SIGINT) to every rank; the workers ignore it and
-    keep following rank 0, which finishes or cancels its work and then sends the shutdown."""
+    """Ranks > 0. torchrun passes a SIGTERM or SIGHUP to every rank; the workers ignore it and keep following
+    rank 0, which finishes its work and then sends the shutdown. (A SIGINT ends every rank at once.)"""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     worker_loop(tp, engine)
 
 
@@ -144,8 +144,8 @@ def run(cfg: DictConfig) -> int:
         else:
             from .frontends.batch import run_batch
             run_batch(coordinator, resolve_path(cfg.input), output)
-    except (RuntimeError, ConnectionError):
-        raise  # a failed collective: a shutdown would only wait for the timeout again
+    except (RuntimeError, ConnectionError, KeyboardInterrupt):
+        raise  # a failed collective, or a SIGINT that every rank got: no shutdown to send
     except BaseException:
         coordinator.shutdown()
         raise

@@ -5,6 +5,7 @@ second instead of a model load or a traceback from deep inside torch.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def resolve_path(value: str) -> Path:
 def _whole(key: str, value: Any, minimum: int, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < minimum:
         unset = " (or null)" if optional else ""
         raise UsageError(f"{key}={value!r}: must be a whole number >= {minimum}{unset}")
     return int(value)
@@ -47,8 +49,8 @@ def _whole(key: str, value: Any, minimum: int, optional: bool = False) -> int | 
 def _positive(key: str, value: Any, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise UsageError(f"{key}={value!r}: must be a number > 0" + (" (or null)" if optional else ""))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise UsageError(f"{key}={value!r}: must be a finite number > 0" + (" (or null)" if optional else ""))
     return float(value)
 
 
@@ -64,12 +66,12 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
     _positive("device_memory_gib", cfg.device_memory_gib, optional=True)
     if not isinstance(cfg.plan, bool):
         raise UsageError(f"plan={cfg.plan!r}: use true or false")
-    try:
-        parse_quant(cfg.quant)
-        if cfg.dtype:
-            parse_dtype(cfg.dtype)
-    except ValueError as e:
-        raise UsageError(f"{'quant' if 'quantization' in str(e) else 'dtype'}: {e}") from None
+    for key, parse in (("quant", parse_quant), ("dtype", parse_dtype)):
+        try:
+            if cfg[key] is not None:
+                parse(cfg[key])
+        except ValueError as e:
+            raise UsageError(f"{key}={cfg[key]!r}: {str(e).split(': ', 1)[-1]}") from None
     try:
         return GenerationConfig().updated(**OmegaConf.to_container(cfg.generation))
     except ValueError as e:
