@@ -88,9 +88,11 @@ def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig) -> Engine
 
 def follow(tp: TPContext, engine: Engine) -> None:
     """Ranks > 0. torchrun passes a SIGTERM or SIGHUP to every rank; the workers ignore it and keep following
-    rank 0, which finishes its work and then sends the shutdown. (A SIGINT ends every rank at once.)"""
+    rank 0, which finishes its work and then sends the shutdown. A SIGINT (Ctrl-C at torchrun) ends every
+    rank at once: rank 0 says so, the workers leave without a word as soon as their collective returns."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
     worker_loop(tp, engine)
 
 
