@@ -77,6 +77,9 @@ def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig) -> Engine
                         max_len=int(cfg.max_len) if cfg.max_len else None)
     except (CheckpointError, TokenizerError, ValueError) as e:
         error = str(e)
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        first = str(e).strip().split(". ")[0] or type(e).__name__
+        error = f"out of memory while loading ({first}): try quant=int8 or quant=int4, more ranks, or a smaller batch_size"
     failed = [(rank, message) for rank, message in enumerate(tp.all_gather_object(error)) if message]
     if failed:
         rank, message = failed[0]

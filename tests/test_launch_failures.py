@@ -175,3 +175,22 @@ def test_a_shared_error_under_torchrun_is_one_line_and_the_last_one(tiny_checkpo
     if nproc == 3:
         assert "(1, 2, 4, 8)" in ours[0] and "ready" not in job.stderr
     _no_traceback_from_glm_tp(job.stdout + job.stderr)
+
+
+def test_sigterm_to_torchrun_stops_the_tty_generation_and_quits_cleanly(tiny_checkpoints, tiny_tokenizer_file):
+    term = Terminal(_cmd(tiny_checkpoints[2], tiny_tokenizer_file, 2, "generation.max_new_tokens=100",
+                         "generation.min_new_tokens=100"))
+    try:
+        term.expect(">>> ")
+        term.send("one two [gMASK]\n")
+        term.expect(r"one two \[gMASK\]")
+        time.sleep(0.3)  # the 100-token generation is under way
+        term.proc.send_signal(signal.SIGTERM)  # torchrun passes it to every rank
+        screen = _rest(term, 60)
+        assert "(interrupted)" in screen and "glm-tp: stopped by SIGTERM" in screen, screen[-3000:]
+        assert not any(line.strip().startswith("error") for line in screen.splitlines()), screen[-3000:]
+        _no_traceback_from_glm_tp(screen)
+        _assert_terminal_restored(term)
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
