@@ -79,7 +79,8 @@ def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig) -> Engine
         error = str(e)
     except (MemoryError, torch.OutOfMemoryError) as e:
         first = str(e).strip().split(". ")[0] or type(e).__name__
-        error = f"out of memory while loading ({first}): try quant=int8 or quant=int4, more ranks, or a smaller batch_size"
+        error = (f"out of memory while loading ({first}): try quant=int8 or quant=int4, more ranks, "
+                 f"or a smaller batch_size")
     failed = [(rank, message) for rank, message in enumerate(tp.all_gather_object(error)) if message]
     if failed:
         rank, message = failed[0]
@@ -100,8 +101,8 @@ def follow(tp: TPContext, engine: Engine) -> None:
 
 
 def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None] | None:
-    """Checks, then loading on every rank; returns the batch output path too, None in plan mode. Whatever fails here fails alike on every rank
-    (loading failures are shared by load_engine), so it is raised as one UsageError."""
+    """Checks, then loading on every rank; returns the batch output path too, None in plan mode. Whatever
+    fails here fails alike on every rank (load_engine shares loading failures): one UsageError."""
     try:
         gen = check_config(cfg)
         model_cfg = model_config(cfg)

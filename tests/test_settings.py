@@ -26,7 +26,8 @@ def _config(*overrides: str):
 
 @pytest.mark.parametrize("override, named", [
     ("batch_size=0", "batch_size=0"), ("batch_size=-3", "batch_size"), ("batch_size=abc", "batch_size"),
-    ("max_len=0", "max_len=0"), ("max_len=1.5", "max_len"), ("timeout_s=0", "timeout_s=0"), ("batch_size=inf", "batch_size=inf"),
+    ("max_len=0", "max_len=0"), ("max_len=1.5", "max_len"), ("timeout_s=0", "timeout_s=0"),
+    ("batch_size=inf", "batch_size=inf"),
     ("timeout_s=-1", "timeout_s"), ("device=tpu", "device='tpu': use one of auto, cpu, cuda"),
     ("color=blue", "color='blue': use one of auto, always, never"), ("kernels=x", "kernels"),
     ("quant=int3", "quant"), ("dtype=fp8", "dtype"),
@@ -100,7 +101,8 @@ class _FakeCoordinator:
 
 
 @pytest.mark.parametrize("line, message", [
-    ("/set return_all_beams maybe", "error: generation setting 'return_all_beams': expected true or false, got 'maybe'"),
+    ("/set return_all_beams maybe",
+     "error: generation setting 'return_all_beams': expected true or false, got 'maybe'"),
     ("/set max_new_tokens abc", "error: generation setting 'max_new_tokens': expected an integer, got 'abc'"),
     ("/set temperature -1", "error: temperature must be > 0 (use strategy=greedy for argmax)"),
     ("/set colour red", "error: unknown generation setting 'colour'"),
