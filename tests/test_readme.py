@@ -2,8 +2,9 @@
 
 - Every ```python block runs.
 - A ```bash block right after the line `<!-- readme-test: run -->` runs command by command (a line ending in
-  `\\` continues); blocks without the mark need GPUs, real checkpoints or minutes (their commands are still
-  checked: the files and modules they name exist, and glm_tp.generate's key=value settings are valid).
+  `\\` continues); blocks without the mark need GPUs, real checkpoints, installs or minutes (their commands
+  are still checked: the files they name exist, and glm_tp.generate's key=value settings are valid).
+- Of a `pip install ... && COMMAND` line, COMMAND runs (the first thing a new user runs is the CPU demo).
 Both run in a scratch folder that links the repository's top-level entries, so relative paths work as in a
 checkout and what the commands write stays out of it.
 """
@@ -68,7 +69,14 @@ def test_python_block_runs(index, scratch):
     assert done.returncode == 0, f"{code}\n{done.stderr[-3000:]}"
 
 
-MARKED = [c for marked, b in blocks("bash") if marked for c in commands(b)]
+def after_install(command: str) -> str | None:
+    parts = [p.strip() for p in command.split("&&")]
+    rest = [p for p in parts if not p.startswith(("pip ", "python -m pytest"))]
+    return " && ".join(rest) if parts[0].startswith("pip ") and rest else None
+
+
+MARKED = [c for marked, b in blocks("bash") if marked for c in commands(b)] + \
+    [c for _, b in blocks("bash") for c in map(after_install, commands(b)) if c]
 
 
 @pytest.mark.parametrize("command", MARKED)
