@@ -173,6 +173,7 @@ class Result:
     error: str | None = None
     pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, is a filled blank), for display
     logprobs: list[TokenLogprob] | None = None  # every generated token of every blank, in order
+    cut_by_max_len: bool = False       # an answer ended because the sequence filled max_len, not as asked
 
 
 @dataclass

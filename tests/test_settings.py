@@ -123,18 +123,18 @@ def test_tty_set_takes_the_rest_of_the_line_as_the_value(capsys):
     assert coordinator.engine.default.stop == ("end of story",) and coordinator.engine.default.logprobs is None
 
 
-def _result(finish: str, answer: list[int]) -> Result:
+def _result(finish: str, answer: list[int], cut: bool = False) -> Result:
     return Result(id="r", text="a b", blanks=["b"], blanks_token_ids=[answer], finish_reason=finish,
-                  pieces=[("a ", False), ("b", True)])
+                  pieces=[("a ", False), ("b", True)], cut_by_max_len=cut)
 
 
 def test_render_marks_interrupted_answers_and_answers_cut_by_the_cache():
-    assert "(interrupted)" in render(_result("length", [5, 6]), color=False, interrupted=True, max_new_tokens=8)
-    assert "(interrupted)" in render(_result("interrupted", [5]), color=False, max_new_tokens=8)
-    cut = render(_result("length", [5, 6]), color=False, max_new_tokens=8)  # ended before max_new_tokens
+    assert "(interrupted)" in render(_result("length", [5, 6]), color=False, interrupted=True)
+    assert "(interrupted)" in render(_result("interrupted", [5]), color=False)
+    cut = render(_result("length", [5, 6], cut=True), color=False)  # the engine says max_len ended it
     assert "cut short" in cut and "max_len" in cut
-    assert "cut short" not in render(_result("length", [5, 6]), color=False, max_new_tokens=2)  # as asked
-    assert "cut short" not in render(_result("stop", [5]), color=False, max_new_tokens=8)
+    assert "cut short" not in render(_result("length", [5, 6]), color=False)  # max_new_tokens, as asked
+    assert "cut short" not in render(_result("stop", [5]), color=False)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses a Linux pseudo-terminal")

@@ -37,7 +37,7 @@ BLANK_STYLE, RESET = "\033[1;32m\033[4m", "\033[0m"
 CTRL_C = b"\x03"
 
 
-def render(result: Result, color: bool, interrupted: bool = False, max_new_tokens: int | None = None) -> str:
+def render(result: Result, color: bool, interrupted: bool = False) -> str:
     """The answer as shown. An answer that ended on the cache's length before max_new_tokens was cut short
     by max_len, which the user should know (a max_new_tokens end is what they asked for)."""
     if result.error:
@@ -50,8 +50,7 @@ def render(result: Result, color: bool, interrupted: bool = False, max_new_token
         lines += [f"  beam {i}: {b}" for i, b in enumerate(result.beams)]
     if interrupted or result.finish_reason == "interrupted":
         lines.append("(interrupted)")
-    elif result.finish_reason == "length" and max_new_tokens and result.blanks_token_ids \
-            and len(result.blanks_token_ids[-1]) < max_new_tokens:
+    elif result.cut_by_max_len:
         lines.append("(cut short: prompt and answer reached max_len; a larger max_len leaves more room)")
     return "\n".join(lines)
 
@@ -275,9 +274,8 @@ def _loop(coordinator: Coordinator, terminal: _Terminal, signals: _Signals, inte
                 stopped.append(True)
             return bool(stopped)
 
-        max_new = coordinator.engine.default.max_new_tokens
         result = coordinator.generate([Request(f"tty-{count}", text)], interrupt=interrupt)[0]
-        print(render(result, color, interrupted=bool(stopped), max_new_tokens=max_new), flush=True)
+        print(render(result, color, interrupted=bool(stopped)), flush=True)
     if signals.failure is not None:
         print(flush=True)  # off the prompt's line
         raise signals.failure
