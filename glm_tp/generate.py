@@ -1,6 +1,6 @@
 """The entry point: `torchrun --nproc_per_node N -m glm_tp.generate [key=value ...]` (or python -m for one rank).
 
-Every rank loads its shard; rank 0 runs the front end (TTY or a JSONL batch job) and the other ranks
+Every rank loads its shard; rank 0 runs the front end (TTY, a JSONL batch job or the HTTP server) and the other ranks
 follow its commands. Configuration is hydra's, from configs/ (see configs/generate.yaml for the keys).
 """
 from __future__ import annotations
@@ -99,6 +99,11 @@ def run(cfg: DictConfig) -> int:
         if cfg.input == "interactive":
             from .frontends.tty import run_tty
             run_tty(coordinator, color=str(cfg.color))
+        elif cfg.input == "http":
+            from .server.run import ServerSettings, run_server
+            settings = ServerSettings(**OmegaConf.to_container(cfg.server))
+            settings.model_name = settings.model_name or checkpoint.name
+            run_server(coordinator, engine.default, settings)
         else:
             from .frontends.batch import run_batch
             run_batch(coordinator, resolve_path(cfg.input), Path(cfg.output) if cfg.output else None)
