@@ -224,3 +224,14 @@ def test_a_full_queue_answers_503_with_retry_after():
         assert {s for s, _ in statuses} <= {200, 503} and any(s == 200 for s, _ in statuses)
     finally:
         live.close()
+
+
+def test_loadgen_measures_a_running_server(server):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import asyncio
+
+    from loadgen import run_level, table
+
+    row = asyncio.run(run_level(server.url, "demo", concurrency=2, total=4, max_tokens=6, min_tokens=6))
+    assert row["requests"] == 4 and row["tokens_s"] > 0 and 0 < row["ttft_p50"] <= row["ttft_p99"]
+    assert "| 2 | 4 |" in table([row])
