@@ -235,3 +235,34 @@ def test_loadgen_measures_a_running_server(server):
     row = asyncio.run(run_level(server.url, "demo", concurrency=2, total=4, max_tokens=6, min_tokens=6))
     assert row["requests"] == 4 and row["tokens_s"] > 0 and 0 < row["ttft_p50"] <= row["ttft_p99"]
     assert "| 2 | 4 |" in table([row])
+
+
+def _idle(server, seconds: float) -> bool:
+    """The engine has no request left within `seconds`."""
+    import time
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if server.coordinator.load() == {"waiting": 0, "running": 0}:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_client_that_hangs_up_cancels_its_request(server):
+    long = {"model": "demo", "prompt": "one two three", "max_tokens": 60, "glm": {"min_new_tokens": 60}}
+    with httpx.stream("POST", server.url + "/v1/completions", json={**long, "stream": True}, timeout=60) as r:
+        next(r.iter_lines())  # generation has started; hang up
+    assert _idle(server, 2.0)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=long, timeout=0.3)
+    assert _idle(server, 2.0)
+
+
+def test_a_request_over_its_time_limit_gets_504():
+    live = start(demo_engine(), ServerSettings(port=0, model_name="demo", request_timeout_s=0.2))
+    try:
+        r = httpx.post(live.url + "/v1/completions", timeout=60, json={
+            "model": "demo", "prompt": "one two", "max_tokens": 60, "n": 4, "glm": {"min_new_tokens": 60}})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    finally:
+        live.close()
