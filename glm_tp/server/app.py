@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -60,6 +60,21 @@ class ServerState:
 
 def _error(e: oa.OpenAIError, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+class _Stream(StreamingResponse):
+    """A server-sent event stream that closes its call however it ends, even when the client hung up
+    before the first event (then the event generator never ran)."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _sse(obj: object) -> bytes:
@@ -136,8 +151,7 @@ class Routes:
         created = int(time.time())
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         if parsed.stream:
-            return StreamingResponse(self._stream(call, parsed, response_id, created, deadline),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _Stream(self._stream(call, parsed, response_id, created, deadline), lambda: self._close(call))
         try:
             done = await self._wait(call, request, deadline)
         finally:
