@@ -17,7 +17,7 @@ from .api import load_model, parse_quant, resolve_config
 from .checkpoint import CheckpointError, inspect
 from .config import parse_dtype
 from .dist import init_distributed, shutdown
-from .generation import Engine
+from .engine import Engine
 from .requests import GenerationConfig
 from .planner import GiB, Plan, refusal
 from .serve import Coordinator, worker_loop
@@ -87,6 +87,10 @@ def run(cfg: DictConfig) -> int:
         plan = make_plan(cfg, tp.size, tp.device.type)
         if not plan.fits(memory):
             raise UsageError(refusal(plan, memory))
+    output = None
+    if cfg.input not in ("interactive", "http"):  # before loading: a bad output path must not cost a model load
+        from .frontends.batch import check_output
+        output = check_output(resolve_path(cfg.input), Path(cfg.output) if cfg.output else None)
     checkpoint = resolve_path(cfg.checkpoint)
     model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels)
     tokenizer = load_tokenizer_for(cfg, checkpoint, model.cfg.special)
@@ -106,7 +110,7 @@ def run(cfg: DictConfig) -> int:
             run_server(coordinator, engine.default, settings)
         else:
             from .frontends.batch import run_batch
-            run_batch(coordinator, resolve_path(cfg.input), Path(cfg.output) if cfg.output else None)
+            run_batch(coordinator, resolve_path(cfg.input), output)
     finally:
         coordinator.shutdown()
     return 0

@@ -8,7 +8,8 @@ import torch
 
 from glm_tp.config import PRESETS
 from glm_tp.dist import single_process
-from glm_tp.generation import Engine, GenerationConfig, Request
+from glm_tp.engine import Engine
+from glm_tp.requests import GenerationConfig, Request
 from glm_tp.model import KVCache
 from glm_tp.sampling import BeamGroup, filter_top_k_top_p
 from glm_tp.tokenizer import load_tokenizer
