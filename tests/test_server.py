@@ -81,6 +81,10 @@ def test_streaming_completions_and_chat_with_usage(client):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
     assert {c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason} == \
         {whole.choices[0].finish_reason}
+    beam = {"model": "demo", "prompt": "list : cup fire drum star fox . again :", "max_tokens": 12,
+            "extra_body": {"glm": {"strategy": "beam", "num_beams": 3}}}
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**beam, stream=True) if c.choices)
+    assert streamed == client.completions.create(**beam).choices[0].text != ""  # beams arrive at the end
     chat_body = {"model": "demo", "messages": [{"role": "user", "content": "list : a b c d . again :"}],
                  "max_tokens": 12}
     whole_chat = client.chat.completions.create(**chat_body)

@@ -258,6 +258,15 @@ def answer_text(parsed: Parsed, choice: int, result: Result) -> str:
     return (parsed.prompts[p] if parsed.echo else "") + "".join(result.blanks)
 
 
+def unsent_text(parsed: Parsed, choice: int, result: Result, sent: str) -> str:
+    """What a stream still owes a continuation at its end (beam search streams nothing before), so the
+    streamed text adds up to the whole response's; infilling streams only the blanks' tokens."""
+    if parsed.infill[parsed.prompt_of(choice)]:
+        return ""
+    answer = "".join(result.blanks)
+    return answer[len(sent):] if answer.startswith(sent) else ""
+
+
 def completion_logprobs(logprobs: list[TokenLogprob], offset: int = 0) -> dict:
     offsets = []
     for lp in logprobs:

@@ -199,14 +199,17 @@ class Routes:
                 echo = parsed.prompts[p] if parsed.echo and not parsed.infill[p] else ""
                 if parsed.kind == "chat" or echo:
                     yield event([oa.chunk_choice(parsed, i, echo, first=True)])
+            sent = [""] * len(parsed.requests)
             async for i, ev in call.events(deadline):
                 if isinstance(ev, Delta) and (ev.text or ev.logprobs):
+                    sent[i] += ev.text
                     yield event([oa.chunk_choice(parsed, i, ev.text, ev.logprobs, blank=ev.blank)])
                 elif isinstance(ev, Done):
                     failed = oa.result_error(ev.result)
                     if failed is not None:
                         raise failed
-                    yield event([oa.chunk_choice(parsed, i, "", result=ev.result)])
+                    rest = oa.unsent_text(parsed, i, ev.result, sent[i])
+                    yield event([oa.chunk_choice(parsed, i, rest, result=ev.result)])
             if parsed.include_usage:
                 yield event([], oa.usage(parsed, call.ordered_results()))
         except (TimeoutError, EngineFailed, oa.OpenAIError) as e:
