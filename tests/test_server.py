@@ -193,13 +193,22 @@ def test_32_concurrent_clients_and_a_disconnect(server):
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
             next(r.iter_lines())
 
+    bad_statuses: list[int] = []
+
+    def bad_client(body: dict) -> None:  # bad requests among the good ones harm nobody
+        bad_statuses.append(httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code)
+
     threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(32)]
     threads.insert(5, threading.Thread(target=quitter))
+    for k, body in enumerate([{"model": "demo", "prompt": "a", "stop": 5}, {"model": "demo", "prompt": "one " * 200},
+                              {"model": "demo", "prompt": "a", "glm": {"strategy": "beam", "num_beams": "x"}}]):
+        threads.insert(3 + 9 * k, threading.Thread(target=bad_client, args=(body,)))
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
+    assert bad_statuses == [400, 400, 400]
     assert len(answers) == 32 and all(got == expected for got, expected in answers.values()), answers
     metrics = httpx.get(server.url + "/metrics").text
     assert "glm_tp_time_to_first_token_seconds_count" in metrics and "glm_tp_requests_waiting" in metrics
