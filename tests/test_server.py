@@ -38,11 +38,31 @@ BODIES = [  # (url, body) pairs the server and the batch runner both answer
                               "max_tokens": 8}),
     ("/v1/completions", {"model": "demo", "prompt": "list : drum key dog root elk . again :", "max_tokens": 12,
                          "glm": {"strategy": "beam", "num_beams": 3}}),
+    ("/v1/completions", {"model": "demo", "prompt": "list : drum key dog root elk . again :", "max_tokens": 12,
+                         "stop": [" root"], "logprobs": 2, "echo": True}),
+    ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": RECALL[2].prompt}],
+                              "max_tokens": 4, "logprobs": True, "top_logprobs": 2}),
 ]
 
 
 def _texts(body: dict) -> list[str]:
     return [c["text"] if "text" in c else c["message"]["content"] for c in body["choices"]]
+
+
+def _same_logprobs(a: object, b: object) -> None:
+    """The same tokens; values equal up to float noise (a batch of other requests rounds differently)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _same_logprobs(a[k], b[k])
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same_logprobs(x, y)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=1e-3)
+    else:
+        assert a == b
 
 
 def test_answers_equal_the_batch_runners(client, tmp_path):
@@ -62,6 +82,8 @@ def test_answers_equal_the_batch_runners(client, tmp_path):
         assert _texts(got) == _texts(batch[str(i)]), url
         assert [c["finish_reason"] for c in got["choices"]] == [c["finish_reason"] for c in batch[str(i)]["choices"]]
         assert {k: got["usage"][k] for k in batch[str(i)]["usage"]} == batch[str(i)]["usage"]
+        for mine, theirs in zip(got["choices"], batch[str(i)]["choices"]):
+            _same_logprobs(mine["logprobs"], theirs["logprobs"])
     first = client.completions.create(**BODIES[0][1])
     assert [c.text for c in first.choices] == [RECALL[0].prompt.replace("[MASK]", RECALL[0].answers[0]),
                                                CYCLE[0].prompt.replace("[MASK]", CYCLE[0].answers[0])]
