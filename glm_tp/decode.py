@@ -3,7 +3,7 @@
 `Decoder` owns the engine's cache (rows x max_len, allocated once: what the memory planner budgets).
 Every row is independent: its prompt starts at cache slot 0, and it has its own length, positions and
 bidirectional span, so sequences join and leave the running batch at any step (continuous batching):
-- `prefill` writes prompts of equal length into rows [row, row + b) as one plain forward;
+- `prefill` writes prompts (right-padded to one length) into rows [row, row + b) as one plain forward;
 - `step` feeds one token to each of the rows [0, n) (the engine keeps its rows packed at the front with
   `move`). Its inputs live in static device buffers: the tokens, and per row the cache length (the slot
   written next), the first generated position, whether positions count on ([gMASK]) or stay pinned
@@ -63,13 +63,18 @@ class Decoder:
         return self.cache
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, bidirectional: torch.Tensor,
-                first_position: torch.Tensor, counting: torch.Tensor, row: int = 0) -> torch.Tensor | None:
-        """Run b prompts of equal length [b, s] into rows [row, row + b) and set up their steps.
+                first_position: torch.Tensor, counting: torch.Tensor, row: int = 0,
+                lengths: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run b prompts [b, s] into rows [row, row + b) as one forward and set up their steps.
 
+        Prompts shorter than s are right-padded (lengths [b]): a real token never sees the padding after it
+        (its context is bidirectional only up to `bidirectional`, then causal), and the padded slots are
+        beyond the row's length, so steps overwrite them before any query can see them.
         positions [b, s] or [b, s, P]; bidirectional [b]: context tokens every query sees; first_position
         and counting [b] or [b, P]: the first generated token's position and whether later ones count on.
         Returns the logits after each prompt's last token (rank 0; None elsewhere)."""
         b, s = tokens.shape
+        lengths = torch.full((b,), s, dtype=torch.long) if lengths is None else lengths
         if s > self.max_len:
             raise ValueError(f"a prompt of {s} tokens exceeds the decoder's {self.max_len} slots")
         if row + b > self.max_rows:
@@ -78,15 +83,16 @@ class Decoder:
         self.first_position[rows] = first_position.view(b, -1)
         self.counting[rows] = counting.view(b, -1)
         self.bidirectional[rows] = bidirectional
-        self.length[rows] = s
+        self.length[rows] = lengths
         self.generated[rows] = 0
-        for r in range(row, row + b):
-            self.host_length[r] = self._prompt_length[r] = s
+        for r, n in zip(range(row, row + b), lengths.tolist()):
+            self.host_length[r] = self._prompt_length[r] = n
         device = self.model.device
         cache = self._cache().select(row, b)
         mask = causal_after(bidirectional.to(device), s, device)
         slots = torch.arange(s, device=device)
-        return self.model.run(tokens.to(device), _squeeze(positions.to(device)), mask, cache, slots, s)
+        return self.model.run(tokens.to(device), _squeeze(positions.to(device)), mask, cache, slots, s,
+                              logits_at=(lengths - 1).to(device))
 
     def copy_row(self, src: int, dst: int) -> None:
         """Row dst becomes a copy of row src: its cache slots and step state (beam fan-out, packing)."""

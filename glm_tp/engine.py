@@ -35,7 +35,9 @@ class Engine:
         self.decoder = Decoder(model, max_batch, max_len, graphs=cuda_graphs)
         self.rows = 0  # rows in use, the same on every rank
         # rank 0: the scheduler and the logits of rows [0, rows) that await its decision
-        self.scheduler = Scheduler(self, max_batch, prefill_budget or self.decoder.max_len) if self.tp.is_first else None
+        # prefill tokens per step (padded): at least one whole prompt, and room to batch several
+        budget = prefill_budget or max(2048, self.decoder.max_len)
+        self.scheduler = Scheduler(self, max_batch, budget) if self.tp.is_first else None
         self.logits: torch.Tensor | None = None
         special = tokenizer.special
         # only text tokens and the end tokens may be generated: never masks, sop or padding
@@ -138,16 +140,26 @@ class Engine:
             outs = []
             if plan.tokens:
                 outs.append(decoder.step(torch.tensor(plan.tokens, dtype=torch.long, device=self.model.device)))
-            for a in plan.admit:
-                outs.append(self._prefill(a))
-        self.rows = len(plan.tokens) + sum(a.copies for a in plan.admit)
+            if plan.admit:
+                outs.append(self._prefill(plan.admit))
+        self.rows = len(plan.tokens) + sum(1 + len(a.copies_to) for a in plan.admit)
         return torch.cat(outs) if outs and outs[0] is not None else None
 
-    def _prefill(self, a: Admission) -> torch.Tensor | None:
-        long = dict(dtype=torch.long)
-        logits = self.decoder.prefill(torch.tensor([a.tokens], **long), torch.tensor([a.positions], **long),
-                                      torch.tensor([a.bidirectional], **long), torch.tensor([a.first_position], **long),
-                                      torch.tensor([a.counting], **long), row=a.row)
-        for c in range(1, a.copies):  # beams start from the same prompt
-            self.decoder.copy_row(a.row, a.row + c)
-        return None if logits is None else logits.expand(a.copies, -1)
+    def _prefill(self, admit: list[Admission]) -> torch.Tensor | None:
+        """The admitted fills as one right-padded batch into their first rows, then the beams' copies; returns
+        logits in row order (first rows, then the copies)."""
+        width = max(len(a.tokens) for a in admit)
+        pad = self.tok.special.pad
+        tokens = torch.tensor([a.tokens + [pad] * (width - len(a.tokens)) for a in admit])
+        positions = torch.tensor([a.positions + [0] * (width - len(a.positions)) for a in admit])
+        column = [torch.tensor([getattr(a, key) for a in admit]) for key in ("bidirectional", "first_position", "counting")]
+        lengths = torch.tensor([len(a.tokens) for a in admit])
+        logits = self.decoder.prefill(tokens, positions, *column, row=admit[0].row, lengths=lengths)
+        sources = []
+        for i, a in enumerate(admit):  # beams start from the same prompt
+            for dst in a.copies_to:
+                self.decoder.copy_row(a.row, dst)
+                sources.append(i)
+        if logits is None or not sources:
+            return logits
+        return torch.cat([logits, logits[sources]])

@@ -52,6 +52,7 @@ class Job:
         self.generator = torch.Generator().manual_seed(self.config.seed)  # carried from blank to blank
         self.rows: list[int] = []  # cache rows of the current fill, one per beam
         self.cancel_reason = "cancelled"
+        self.queued_at = 0  # the scheduler step at which it began waiting
         self.fill: BlankInput | None = None
 
     # -- the current fill ---------------------------------------------------------------------------

@@ -7,7 +7,9 @@ After every forward, `Scheduler.decide` takes the logits of the rows [0, n) and
 3. ends the fills that hit an end token, their cap or a stop string; a request with another blank goes
    back to the front of the waiting queue (its next fill is a fresh prefill with the answer spliced in);
 4. packs the surviving rows to the front (moving the last rows into the holes);
-5. admits waiting fills into the free rows, first come first served, within a prefill token budget.
+5. admits waiting fills into the free rows, first come first served, within a prefill token budget; while
+   rows are decoding, fills join in groups so that one prefill forward serves several (when a quarter
+   of the rows are free or the oldest fill has waited `max_wait_steps` steps).
 The resulting `StepPlan` is what every rank applies (engine.py). A request's tokens depend only on its
 own rows and its own random stream, never on what else runs.
 """
@@ -25,7 +27,7 @@ from .sampling import ban_tokens, sampled_logits
 
 @dataclass
 class Admission:
-    """A fill every rank prefills into rows [row, row + copies)."""
+    """A fill every rank prefills into `row`, then copies into `copies_to` (the other beams)."""
 
     tokens: list[int]
     positions: list[int]
@@ -33,7 +35,7 @@ class Admission:
     first_position: int
     counting: int
     row: int
-    copies: int  # beams: the prompt is prefilled once and copied
+    copies_to: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -45,8 +47,13 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, engine, max_rows: int, prefill_budget: int):
+    def __init__(self, engine, max_rows: int, prefill_budget: int, max_wait_steps: int = 8):
         self.engine, self.max_rows, self.prefill_budget = engine, max_rows, prefill_budget
+        # while rows decode, fills join in groups (one prefill forward for several): once a quarter of
+        # the rows are free, or once the oldest has waited max_wait_steps steps (as TGI batches prefills)
+        self.min_group = max(1, max_rows // 4)
+        self.max_wait_steps = max_wait_steps
+        self.steps = 0
         self.waiting: deque[Job] = deque()
         self.rows: list[tuple[Job, int]] = []  # (job, beam index) of each occupied row [0, n)
         self.finished: list[Job] = []          # ended since the caller last looked
@@ -60,6 +67,7 @@ class Scheduler:
         return bool(self.rows or self.waiting)
 
     def add(self, job: Job) -> None:
+        job.queued_at = self.steps
         self.waiting.append(job)
 
     def jobs(self) -> list[Job]:
@@ -82,6 +90,7 @@ class Scheduler:
         for job, reason in ended:
             if job.fill is not None and reason in ("stop", "length"):
                 if job.end_fill(reason):
+                    job.queued_at = self.steps - self.max_wait_steps  # its next blank joins at once
                     self.waiting.appendleft(job)
                     continue
             elif reason not in ("stop", "length"):
@@ -89,8 +98,16 @@ class Scheduler:
             self.finished.append(job)
             job.done()
         self._pack(plan, next_token)
-        self._admit(plan)
+        if self._admission_due():
+            self._admit(plan)
+        self.steps += 1
         return plan
+
+    def _admission_due(self) -> bool:
+        if not self.waiting:
+            return False
+        free = self.max_rows - len(self.rows)
+        return not self.rows or free >= self.min_group or self.steps - self.waiting[0].queued_at >= self.max_wait_steps
 
     def _cancelled(self) -> list[tuple[Job, str]]:
         out = [(j, j.cancel_reason) for j in self.jobs() if j.handle.cancelled.is_set()]
@@ -187,18 +204,25 @@ class Scheduler:
         return [source[d] for d in range(n)]
 
     def _admit(self, plan: StepPlan) -> None:
-        budget = self.prefill_budget
+        """Waiting fills join, first come first served, while rows are free and the padded prefill stays
+        within the token budget (the first one always joins). Their first rows are consecutive, so every
+        rank prefills them as one batch; beams' other rows follow."""
+        jobs: list[Job] = []
+        free, width = self.max_rows - len(self.rows), 0
         while self.waiting:
             job = self.waiting[0]
-            free = self.max_rows - len(self.rows)
-            inp_len = len(job.ids) + 1
-            if job.beams > free or (plan.admit and inp_len > budget):
+            new_width = max(width, len(job.ids) + 1)
+            if job.beams > free or (jobs and new_width * (len(jobs) + 1) > self.prefill_budget):
                 break
-            self.waiting.popleft()
+            jobs.append(self.waiting.popleft())
+            free -= job.beams
+            width = new_width
+        first, extra = len(self.rows), len(self.rows) + len(jobs)
+        self.rows += [(job, 0) for job in jobs]
+        for job in jobs:
             inp = job.start_fill()
-            row = len(self.rows)
-            job.rows = list(range(row, row + job.beams))
-            self.rows += [(job, b) for b in range(job.beams)]
+            job.rows = [first] + list(range(extra, extra + job.beams - 1))
+            self.rows += [(job, b) for b in range(1, job.beams)]
             plan.admit.append(Admission(inp.tokens, inp.positions, inp.bidirectional, inp.next_position,
-                                        0 if inp.pinned else 1, row, job.beams))
-            budget -= inp_len
+                                        0 if inp.pinned else 1, first, job.rows[1:]))
+            first, extra = first + 1, extra + job.beams - 1

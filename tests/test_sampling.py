@@ -34,8 +34,9 @@ class MarkovModel:
     def __call__(self, tokens, positions, layout, cache, start=0, logits_at=None):
         return self.table[tokens[:, -1]]
 
-    def run(self, tokens, positions, mask, cache, slots, window):
-        return self.table[tokens[:, -1]]
+    def run(self, tokens, positions, mask, cache, slots, window, logits_at=None):
+        last = tokens[:, -1] if logits_at is None else tokens[torch.arange(tokens.shape[0]), logits_at]
+        return self.table[last]
 
 
 @pytest.fixture()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -256,7 +257,8 @@ def run_batch(coordinator: Coordinator, input_path: Path, output: Path | None = 
                 occurrence = seen[item.key]
                 seen[item.key] += 1
                 if occurrence == 1:
-                    tqdm.write(f"warning: id {item.key!r} appears more than once in {input_path}: every line is answered")
+                    tqdm.write(f"warning: id {item.key!r} appears more than once in {input_path}: every line is "
+                               f"answered", file=sys.stderr)
                 if occurrence < done[item.key]:
                     stats["skipped"] += 1
                     continue
