@@ -111,10 +111,13 @@ class Routes:
                               code="queue_full")
 
     async def _body(self, request: Request) -> object:
-        raw = await request.body()
-        if len(raw) > self.settings.max_body_bytes:
-            raise oa.OpenAIError(f"the body is {len(raw)} bytes, more than {self.settings.max_body_bytes}",
-                                 status=413, code="body_too_large")
+        declared = request.headers.get("content-length", "")
+        # a declared length over the limit is refused before the body is read
+        size = int(declared) if declared.isdigit() else len(await request.body())
+        if size > self.settings.max_body_bytes:
+            raise oa.OpenAIError(f"the body is {size} bytes, more than server.max_body_bytes="
+                                 f"{self.settings.max_body_bytes}", status=413, code="body_too_large")
+        raw = await request.body()  # read once; Starlette keeps it
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
