@@ -106,7 +106,7 @@ def test_responses_answer_infills_with_the_text_and_continuations_with_the_blank
     refused = Result("r.0", finish_reason="error", error="prompt is 900 tokens with sop, more than the model's max length 512")
     with pytest.raises(oa.OpenAIError) as e:
         oa.response_body(p, [refused, refused], "x", 0, "demo")
-    assert e.value.code == "context_length_exceeded"
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
 
 
 def test_every_bad_line_gets_its_own_record_and_the_job_goes_on(tmp_path):

@@ -139,9 +139,10 @@ def test_bad_requests_get_openai_errors(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="demo", prompt="a", n=17)
     assert e.value.body["param"] == "n"
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="demo", prompt="one " * 200)
-    assert e.value.code == "context_length_exceeded"
+    for prompt, max_tokens in (("one " * 200, 4), ("one two", 200)):  # the prompt, or prompt + answer, too long
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="demo", prompt=prompt, max_tokens=max_tokens)
+        assert e.value.code == "context_length_exceeded" and e.value.body["param"] == "prompt"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}],
                                        extra_body={"glm": {"strategy": "beam", "num_beams": 0}})

@@ -13,6 +13,7 @@ Every mistake raises `OpenAIError` naming the field and what it allows.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -289,13 +290,18 @@ def logprobs_body(parsed: Parsed, logprobs: list[TokenLogprob] | None, offset: i
     return completion_logprobs(logprobs, offset) if parsed.kind == "completion" else chat_logprobs(logprobs)
 
 
-def result_error(result: Result) -> OpenAIError | None:
-    """A request the engine refused (it never started) as an OpenAI error."""
+def refusal(message: str, kind: str) -> OpenAIError:
+    """A request the engine refuses (it can never run) as an OpenAI error."""
+    too_long = re.search(r"max[ _]len", message) is not None
+    return OpenAIError(message, "prompt" if kind == "completion" else "messages",
+                       code="context_length_exceeded" if too_long else "invalid_prompt")
+
+
+def result_error(parsed: Parsed, result: Result) -> OpenAIError | None:
+    """A request that ended in an error before generating anything, as an OpenAI error."""
     if result.finish_reason != "error":
         return None
-    message = result.error or "the request failed"
-    code = "context_length_exceeded" if "max length" in message else "invalid_prompt"
-    return OpenAIError(message, "messages" if code == "context_length_exceeded" else None, code=code)
+    return refusal(result.error or "the request failed", parsed.kind)
 
 
 def _choice(parsed: Parsed, choice: int, result: Result) -> dict:
@@ -320,7 +326,7 @@ def usage(parsed: Parsed, results: list[Result]) -> dict:
 
 def response_body(parsed: Parsed, results: list[Result], response_id: str, created: int, model: str) -> dict:
     """The whole (non-streaming) response; raises OpenAIError when the engine refused a request."""
-    failed = next((e for e in map(result_error, results) if e is not None), None)
+    failed = next((e for e in (result_error(parsed, r) for r in results) if e is not None), None)
     if failed is not None:
         raise failed
     return {"id": response_id, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",

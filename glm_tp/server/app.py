@@ -129,8 +129,7 @@ class Routes:
         except QueueFull:
             raise self._busy() from None
         except ValueError as e:  # a prompt that can never run
-            code = "context_length_exceeded" if "length" in str(e) else "invalid_prompt"
-            raise oa.OpenAIError(str(e), "prompt" if parsed.kind == "completion" else "messages", code=code) from None
+            raise oa.refusal(str(e), parsed.kind) from None
         with self.state.lock:
             self.state.open_calls.add(call)
         return call
@@ -208,7 +207,7 @@ class Routes:
                     sent[i] += ev.text
                     yield event([oa.chunk_choice(parsed, i, ev.text, ev.logprobs, blank=ev.blank)])
                 elif isinstance(ev, Done):
-                    failed = oa.result_error(ev.result)
+                    failed = oa.result_error(parsed, ev.result)
                     if failed is not None:
                         raise failed
                     rest = oa.unsent_text(parsed, i, ev.result, sent[i])
