@@ -39,6 +39,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def rank_mismatch(checkpoint: str | os.PathLike, shards: int, ranks: int, cfg: ModelConfig) -> str:
+    """What to do when the rank count is not the checkpoint's: repartitioning needs a TP size that divides
+    the model and is a multiple or a divisor of the shard count."""
+    head = f"checkpoint {checkpoint} has {shards} shard(s) but {ranks} rank(s) were started: start {shards} ranks"
+    if ranks in cfg.valid_tp_sizes(max(64, ranks)) and (ranks % shards == 0 or shards % ranks == 0):
+        return f"{head}, or run `python tools/repartition.py {checkpoint} DST --tp {ranks}` and load DST"
+    sizes = [n for n in cfg.valid_tp_sizes() if n % shards == 0 or shards % n == 0]
+    return (f"{head}, or repartition it for one of the rank counts this model allows ({', '.join(map(str, sizes))}): "
+            f"`python tools/repartition.py {checkpoint} DST --tp N`")
+
+
 def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None = None, layers: int | None = None,
                dtype: str | torch.dtype | None = None, quant: str | int | None = None, device: str | None = None,
                tp: TPContext | None = None, progress: bool = True, kernels: str = "fused") -> GLMModel:
@@ -54,9 +65,7 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     info = inspect(checkpoint)
     cfg = resolve_config(info.model_config(), model, layers)
     if info.tp != tp.size:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} has {info.tp} shard(s) but {tp.size} rank(s) were started: start "
-            f"{info.tp} ranks, or run `python tools/repartition.py {checkpoint} DST --tp {tp.size}` and load DST")
+        raise CheckpointError(rank_mismatch(checkpoint, info.tp, tp.size, cfg))
     cfg.check_tp(tp.size)
     path = info.shards[tp.rank]
     state, mapped = open_shard(path)

@@ -306,3 +306,19 @@ def test_a_request_over_its_time_limit_gets_504():
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     finally:
         live.close()
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("port", 70000, "0..65535"), ("port", "x", "whole number"), ("api_key", 123, "non-empty string"),
+    ("max_waiting", 0, ">= 1"), ("request_timeout_s", -1, "> 0"), ("host", "", "non-empty string"),
+])
+def test_bad_server_settings_are_refused_before_loading(key, value, words):
+    from omegaconf import OmegaConf
+
+    from glm_tp.settings import UsageError, check_server
+
+    server = OmegaConf.load(ROOT / "configs" / "generate.yaml").server
+    check_server(server)  # the defaults pass
+    server[key] = value
+    with pytest.raises(UsageError, match=f"server.{key}=.*{words}"):
+        check_server(server)
