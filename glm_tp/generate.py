@@ -149,7 +149,7 @@ def run(cfg: DictConfig) -> int:
             run_tty(coordinator, color=str(cfg.color))
         elif cfg.input == "http":
             from .server.run import ServerSettings, run_server
-            settings = ServerSettings(**OmegaConf.to_container(cfg.server))
+            settings = ServerSettings(**cfg.server)
             settings.model_name = settings.model_name or resolve_path(cfg.checkpoint).name
             run_server(coordinator, engine.default, settings)
         else:
