@@ -1,6 +1,6 @@
 """The entry point: `torchrun --nproc_per_node N -m glm_tp.generate [key=value ...]` (or python -m for one rank).
 
-Every rank loads its shard; rank 0 runs the front end (TTY or a JSONL batch job) and the other ranks
+Every rank loads its shard; rank 0 runs the front end (TTY, a JSONL batch job or the HTTP server) and the other ranks
 follow its commands. Configuration is hydra's, from configs/ (see configs/generate.yaml for the keys).
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None] | None:
             return None
         check_device(cfg.device)
         output = None
-        if cfg.input != "interactive":  # before loading: a bad output path must not cost a model load
+        if cfg.input not in ("interactive", "http"):  # before loading: a bad output path must not cost a model load
             from .frontends.batch import check_output
             output = check_output(resolve_path(cfg.input), Path(cfg.output) if cfg.output else None)
         tp = init_distributed(cfg.device, timeout_s=float(cfg.timeout_s))
@@ -147,6 +147,11 @@ def run(cfg: DictConfig) -> int:
         if cfg.input == "interactive":
             from .frontends.tty import run_tty
             run_tty(coordinator, color=str(cfg.color))
+        elif cfg.input == "http":
+            from .server.run import ServerSettings, run_server
+            settings = ServerSettings(**cfg.server)
+            settings.model_name = settings.model_name or resolve_path(cfg.checkpoint).name
+            run_server(coordinator, engine.default, settings)
         else:
             from .frontends.batch import run_batch
             run_batch(coordinator, resolve_path(cfg.input), output)

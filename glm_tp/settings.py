@@ -72,10 +72,27 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
                 parse(cfg[key])
         except ValueError as e:
             raise UsageError(f"{key}={cfg[key]!r}: {str(e).split(': ', 1)[-1]}") from None
+    if cfg.input == "http":
+        check_server(cfg.server)
     try:
         return GenerationConfig().updated(**OmegaConf.to_container(cfg.generation))
     except ValueError as e:
         raise UsageError(str(e).replace("generation setting '", "generation.").replace("':", ":", 1)) from None
+
+
+def check_server(server: DictConfig) -> None:
+    """input=http: the server's keys (server.*)."""
+    if _whole("server.port", server.port, 0) > 65535:
+        raise UsageError(f"server.port={server.port!r}: must be a port number 0..65535 (0: any free port)")
+    for key in ("host", "api_key", "model_name"):
+        value = server[key]
+        if not (value is None and key != "host") and not (isinstance(value, str) and value):
+            raise UsageError(f"server.{key}={value!r}: must be a non-empty string (quote a number: "
+                             f"server.{key}='\"123\"')")
+    _whole("server.max_waiting", server.max_waiting, 1)
+    _positive("server.request_timeout_s", server.request_timeout_s)
+    _whole("server.retry_after_s", server.retry_after_s, 0)
+    _whole("server.max_body_bytes", server.max_body_bytes, 1)
 
 
 def check_max_len(max_len: int | None, model: ModelConfig) -> None:
