@@ -65,6 +65,7 @@ class Job:
         inp = next_blank(self.ids, self.kind, self.tok.special)
         assert inp is not None
         self.fill, self.sent, self.cut = inp, "", None  # cut: where a stop string begins in the text
+        self.logprobs_from = len(self.logprobs or [])   # this fill's first entry in self.logprobs
         self.generated: list[list[int]] = [[] for _ in range(self.beams)]
         self.cap = min(self.config.max_new_tokens, self.max_len - len(inp.tokens))
         self.beam = BeamGroup(self.beams, self.config.length_penalty, prefix=len(inp.tokens)) \
@@ -143,6 +144,8 @@ class Job:
                 keep = len(gen)
                 while keep and not text.startswith(self.tok.decode(gen[:keep])):
                     keep -= 1  # the tokens whose text lies before the stop string
+                if self.logprobs is not None:
+                    del self.logprobs[self.logprobs_from + keep:]
                 return gen[:keep], text
             return gen, self.tok.decode(gen)
         hyps = self.beam.finish()

@@ -99,6 +99,8 @@ def test_logprobs_are_the_chosen_tokens_and_their_top_alternatives():
         assert len(lp.top) == 5 and [t[2] for t in lp.top] == sorted((t[2] for t in lp.top), reverse=True)
         assert sum(math.exp(t[2]) for t in lp.top) <= 1 + 1e-5
     assert all(len(lp.top) == 20 for lp in sampled.logprobs)
+    stopped = engine.generate([Request("st", REPEAT, config=GenerationConfig(logprobs=0, stop=("root",)))])[0]
+    assert [lp.token_id for lp in stopped.logprobs] == stopped.blanks_token_ids[0]  # none for the stop string
     with pytest.raises(ValueError, match="logprobs must be between 0 and 20"):
         GenerationConfig().updated(logprobs=21)
 
