@@ -51,10 +51,19 @@ class ModelConfig:
     rotary_base: float = 10000.0
     special: SpecialTokens = field(default_factory=SpecialTokens)
     deepnorm_layers: int = 0  # depth the model was trained at, for alpha (0: num_layers); see with_layers
+    # the GLM family's variants (ChatGLM-6B: "2d", "gelu", untied, "chatglm")
+    position_encoding: str = "1d"  # "1d": one rotary over the head; "2d": position and block position, half each
+    mlp: str = "geglu"             # "geglu" (h->4h = value and gate rows) or "gelu" (tanh GeLU, no gate)
+    tied_lm_head: bool = True      # False: a separate vocab-parallel lm_head.weight
+    chat_template: str = ""        # how chat messages become a prompt ("chatglm"; "": no chat format)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def glu(self) -> bool:
+        return self.mlp == "geglu"
 
     @property
     def deepnorm_alpha(self) -> float:
@@ -63,6 +72,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        for key, value, allowed in (("position_encoding", self.position_encoding, ("1d", "2d")),
+                                    ("mlp", self.mlp, ("geglu", "gelu")), ("chat_template", self.chat_template, ("", "chatglm"))):
+            if value not in allowed:
+                raise ValueError(f"model {key} {value!r} is not one of {', '.join(map(repr, allowed))}")
+        if self.position_encoding == "2d" and self.head_dim % 4:
+            raise ValueError(f"2D rotary needs a head dim divisible by 4, not {self.head_dim}")
 
     def valid_tp_sizes(self, limit: int = 64) -> list[int]:
         dims = (self.num_heads, self.hidden_size, self.inner_hidden_size, self.vocab_size)

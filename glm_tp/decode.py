@@ -58,8 +58,9 @@ class Decoder:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         long = dict(dtype=torch.long, device=self.model.device)
         self.tokens = torch.zeros(rows, 1, **long)
-        self.first_position = torch.zeros(rows, **long)
-        self.counting = torch.zeros(rows, **long)   # 1: [gMASK] positions count on; 0: pinned to the mask
+        dims = (2,) if self.model.cfg.position_encoding == "2d" else ()  # 2D: (position, block position)
+        self.first_position = torch.zeros(rows, *dims, **long)
+        self.counting = torch.zeros(rows, *dims, **long)   # 1: positions count on; 0: pinned to the mask
         self.pad = torch.zeros(rows, **long)
         self.bidirectional = torch.zeros(rows, **long)
 
@@ -121,7 +122,7 @@ class Decoder:
     def _step(self, rows: int, window: int) -> torch.Tensor | None:
         """One decode step on the static buffers; every value it needs is already on the device."""
         slot = self.first_slot + self.generated
-        positions = (self.first_position[:rows] + self.counting[:rows] * self.generated).view(rows, 1)
+        positions = (self.first_position[:rows] + self.counting[:rows] * self.generated).unsqueeze(1)
         keys = torch.arange(window, device=slot.device).view(1, 1, 1, window)
         pad = self.pad[:rows].view(rows, 1, 1, 1)
         visible = (keys < pad + self.bidirectional[:rows].view(rows, 1, 1, 1)) | (keys <= slot)

@@ -146,7 +146,7 @@ class Engine:
         k = self._beams(cfg)
         inputs: list[BlankInput] = []
         for s in chunk:
-            inp = next_blank(s.ids, s.kind, self.tok.special)
+            inp = next_blank(s.ids, s.kind, self.tok.special, model.cfg.position_encoding)
             assert inp is not None
             inputs.append(inp)
         rows = len(chunk) * k
@@ -158,10 +158,10 @@ class Engine:
         row_caps = [c for c in caps for _ in range(k)]
         pad = torch.tensor([width - len(i.tokens) for i in row_inputs])
         tokens = torch.tensor([[self.tok.special.pad] * (width - len(i.tokens)) + i.tokens for i in row_inputs])
-        positions = torch.tensor([[0] * (width - len(i.tokens)) + i.positions for i in row_inputs])
+        positions = torch.tensor([[i.pad_position] * (width - len(i.tokens)) + i.positions for i in row_inputs])
         layout = SeqLayout(pad=pad, bidirectional=torch.tensor([i.bidirectional for i in row_inputs]))
         first_position = torch.tensor([i.next_position for i in row_inputs])
-        counting = torch.tensor([0 if i.pinned else 1 for i in row_inputs])
+        counting = torch.tensor([i.counting for i in row_inputs])
         device = model.device
         decider = _Decider(self, chunk, inputs, k, row_caps) if self.tp.is_first else None
 
