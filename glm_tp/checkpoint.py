@@ -48,7 +48,7 @@ class CheckpointInfo:
     @property
     def quant_bits(self) -> int | None:
         """From the metadata when present; None means "look at the tensors"."""
-        return None if self.metadata is None else int(self.metadata.get("quant_bits", 0))
+        return None if self.metadata is None or "quant_bits" not in self.metadata else int(self.metadata["quant_bits"])
 
     def model_config(self) -> ModelConfig | None:
         if self.metadata and "model" in self.metadata:
@@ -111,7 +111,7 @@ def check_files(root: Path, metadata: dict[str, Any] | None, verify: bool = Fals
         return {}
     if not records:
         raise CheckpointError(f"{root} records no checksums (only checkpoints written by glm-tp's tools do): "
-                              f"load it without verify=true, or check it with tools/verify.py")
+                              f"load it without verify=true, or record them from a copy you trust with tools/verify.py CKPT --record")
     names = sorted(records)[rank::ranks]
     return hash_problems(root, records, names, progress)
 

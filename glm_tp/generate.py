@@ -14,7 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .api import load_model, parse_quant, resolve_config
-from .checkpoint import CheckpointError, inspect
+from .checkpoint import CheckpointError
+from .loader import source_bits
+from .sources import open_source
 from .config import parse_dtype
 from .dist import init_distributed, shutdown
 from .generation import Engine
@@ -42,10 +44,11 @@ def resolve_path(value: str) -> Path:
 def make_plan(cfg: DictConfig, tp_size: int, device_type: str) -> Plan:
     """The memory plan for this run; with a model preset it needs no checkpoint on disk."""
     checkpoint = resolve_path(cfg.checkpoint)
-    info = inspect(checkpoint) if cfg.model is None or (checkpoint / "latest").exists() else None
-    model_cfg = resolve_config(info.model_config() if info else None, cfg.model, None)
+    source = open_source(checkpoint) if cfg.model is None or checkpoint.exists() else None
+    model_cfg = resolve_config(source.model_config() if source else None, cfg.model, None)
     bits = parse_quant(cfg.quant)
-    bits = ((info.quant_bits if info else 0) or 0) if bits is None else bits
+    if bits is None:  # as the checkpoint holds: its metadata says, or its first QKV weight shows
+        bits = source_bits(source, model_cfg.hidden_size) if source else 0
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else (torch.float16 if device_type == "cuda" else torch.float32)
     return Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
                 int(cfg.max_len or model_cfg.max_seq_len))
@@ -60,12 +63,13 @@ def device_bytes(cfg: DictConfig, device: torch.device) -> float | None:
 
 
 def load_tokenizer_for(cfg: DictConfig, checkpoint: Path, special):
+    meta = open_source(checkpoint).metadata or {}
+    options = dict(text_offset=meta.get("tokenizer_offset"), whitespace=bool(meta.get("tokenizer_whitespace")))
     if cfg.tokenizer:
-        return load_tokenizer(resolve_path(cfg.tokenizer), special)
-    meta = inspect(checkpoint).metadata or {}
+        return load_tokenizer(resolve_path(cfg.tokenizer), special, **options)
     if "tokenizer" in meta:
-        return load_tokenizer(checkpoint / meta["tokenizer"], special, meta.get("tokenizer_offset"))
-    return load_tokenizer(checkpoint, special)
+        return load_tokenizer(checkpoint / meta["tokenizer"], special, **options)
+    return load_tokenizer(checkpoint, special, **options)
 
 
 def run(cfg: DictConfig) -> int:
@@ -88,7 +92,8 @@ def run(cfg: DictConfig) -> int:
         if not plan.fits(memory):
             raise UsageError(refusal(plan, memory))
     checkpoint = resolve_path(cfg.checkpoint)
-    model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels)
+    model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels,
+                       verify=bool(cfg.verify))
     tokenizer = load_tokenizer_for(cfg, checkpoint, model.cfg.special)
     engine = Engine(model, tokenizer, gen, max_batch=int(cfg.batch_size), max_len=int(cfg.max_len) if cfg.max_len else None)
     if not tp.is_first:
