@@ -56,7 +56,7 @@ def test_plan_knows_the_chatglm_presets_and_the_demo():
     res = _plan("preset=chatglm-6b-int4", "ranks=1", "device_memory_gib=8", "batch_size=1", "dtype=fp16")
     assert res.returncode == 0 and "28 layers x 4096, TP=1, int4" in res.stdout and "-> fits" in res.stdout
     res = _plan("preset=chatglm-6b", "ranks=1", "device_memory_gib=8", "dtype=fp16", "batch_size=1")
-    assert "does NOT fit" in res.stdout and "quant=int8" in res.stdout  # fp16 needs ~15 GiB: the fix is named
+    assert "does NOT fit" in res.stdout and "try quant=int4" in res.stdout  # fp16 needs 15 GiB: the fix is named
     assert "4 layers x 192" in _plan("model=demo").stdout
 
 
