@@ -13,10 +13,10 @@ setup(
     include_package_data=True,
     package_data={"glm_tp": ["conf/**/*.yaml"]},
     # torch is pinned by the installer (see README): an open requirement would pull a CUDA build
-    install_requires=["torch>=2.3", "numpy", "tqdm", "hydra-core>=1.3", "sentencepiece"],
+    install_requires=["torch>=2.3", "numpy", "tqdm", "hydra-core>=1.3", "sentencepiece", "safetensors"],
     extras_require={
         "test": ["pytest>=7"],
-        "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb"],
+        "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb", "einops", "transformers"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["glm-tp-generate = glm_tp.generate:main"]},
