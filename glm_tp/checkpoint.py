@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from .config import ModelConfig, dtype_name
 from .integrity import file_records, hash_problems, size_problem
-from .partition import QUANTIZED_LINEARS, Layout, is_ignored, layout_of, short_name
+from .partition import QUANTIZED_LINEARS, Layout, layout_of, short_name
 
 METADATA_FILE = "glm_tp.json"
 LAYOUT_VERSION = 1

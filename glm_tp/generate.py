@@ -63,13 +63,12 @@ def device_bytes(cfg: DictConfig, device: torch.device) -> float | None:
 
 
 def load_tokenizer_for(cfg: DictConfig, checkpoint: Path, special):
-    meta = open_source(checkpoint).metadata or {}
+    source = open_source(checkpoint)
+    meta = source.metadata or {}
     options = dict(text_offset=meta.get("tokenizer_offset"), whitespace=bool(meta.get("tokenizer_whitespace")))
     if cfg.tokenizer:
         return load_tokenizer(resolve_path(cfg.tokenizer), special, **options)
-    if "tokenizer" in meta:
-        return load_tokenizer(checkpoint / meta["tokenizer"], special, **options)
-    return load_tokenizer(checkpoint, special, **options)
+    return load_tokenizer(source.root / meta.get("tokenizer", ""), special, **options)
 
 
 def run(cfg: DictConfig) -> int:

@@ -20,11 +20,12 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, release_pages, shape_message
-from .partition import Copy, Layout, copy_plan, is_ignored, layout_of, shard_shape
+from .partition import Copy, Layout, copy_plan, is_ignored, layout_of, short_name
 from .quant import dequantize
 from .sources import Part, Source
 
 QKV = "transformer.layers.0.attention.query_key_value.weight"
+_DTYPE_NAMES = {"fp16": ("float16",), "bf16": ("bfloat16",), "fp32": ("float32",)}
 
 
 @dataclass
@@ -49,9 +50,6 @@ def source_bits(source: Source, hidden_size: int) -> int:
         raise CheckpointError(f"{source.file_of(QKV)} holds {part.dtype} weights but the checkpoint's metadata says "
                               f"{dtype}: the weight files and their metadata do not belong together")
     return found
-
-
-_DTYPE_NAMES = {"fp16": ("float16",), "bf16": ("bfloat16",), "fp32": ("float32",)}
 
 
 def full_shape(parts: list[Part], layout: Layout, cut: bool) -> tuple[int, ...]:
@@ -148,6 +146,9 @@ class RankLoader:
             owner.load_float_weight_(gather(torch.empty(shard, dtype=parts[0].dtype), parts, plan, self.source.mapped))
             return
         layout, plan = self._plan(name, parts, self._expected_full(name, tuple(owner.weight.shape)))
+        if not self.source.has(name + "_scale"):
+            raise CheckpointError(f"{self.source.file_of(name)} holds an INT{self.bits} {name} without its "
+                                  f"{name}_scale: the checkpoint is incomplete (re-copy or re-create it)")
         scales = self.source.parts(name + "_scale")
         if layout is not Layout.ROW:  # scales follow the rows: exact
             gather(owner.weight.data, parts, plan, self.source.mapped)
@@ -173,7 +174,6 @@ class RankLoader:
 
 
 def _missing_hint(missing: list[str]) -> str:
-    from .partition import short_name
     if any(n.endswith(".weight_scale") for n in missing):
         return "the model expects a quantized checkpoint; load the fp16 one with quant=int8/int4 instead"
     if any(n == "lm_head.weight" for n in missing):

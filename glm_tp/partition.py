@@ -138,13 +138,6 @@ def copy_plan(layout: Layout, full_shape: tuple[int, ...], sources: int, tp: int
     return out
 
 
-def shard_shape(layout: Layout, full_shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
-    shape = list(full_shape)
-    if layout is not Layout.REPLICATED and shape:
-        shape[_dim(layout, len(shape))] //= tp
-    return tuple(shape)
-
-
 def shard_views(t: torch.Tensor, layout: Layout, tp: int, rank: int) -> list[torch.Tensor]:
     """The views of `t` that, joined along the layout's dim, make rank `rank`'s shard."""
     if layout is Layout.REPLICATED:

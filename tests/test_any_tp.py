@@ -136,3 +136,15 @@ def test_a_rank_holds_its_share_plus_about_one_tensor(tmp_path):
         print(f"4 shards -> rank {rank} of {size}: kept {r['kept'] / 1e6:.0f} MB, RSS grew {grown / 1e6:.0f} MB "
               f"({grown / r['kept']:.2f}x kept; largest tensor {largest / 1e6:.0f} MB)")
         assert grown < 1.1 * r["kept"] + largest
+
+
+def _params(tp, ckpt, model):
+    return {n: p.clone() for n, p in load_model(ckpt, tp=tp, model=model, progress=False).named_parameters()}
+
+
+def test_a_single_unsharded_file_loads_on_two_ranks(tiny_checkpoints, tmp_path):
+    from glm_tp.synthetic import random_shard
+    torch.save(random_shard(PRESETS["tiny"], 1, 0, 0, torch.float32), tmp_path / "model.pt")  # the full tensors
+    got = run_ranks(2, _params, tmp_path / "model.pt", "tiny")
+    want = run_ranks(2, _params, tiny_checkpoints[2], None)
+    assert all(torch.equal(g[n], w[n]) for g, w in zip(got, want) for n in w)

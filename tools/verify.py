@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from _common import ROOT  # noqa: F401 - makes glm_tp importable from a source checkout
+import _common  # noqa: F401 - makes glm_tp importable from a source checkout
 from tqdm import tqdm
 
 from glm_tp.checkpoint import METADATA_FILE, CheckpointError, check_files
