@@ -82,11 +82,6 @@ class BlankInput:
     next_position: Position    # position of the first generated token
     counting: Position         # 1D: 0 pinned ([MASK]/[sMASK]) or 1 ([gMASK]); 2D: (0, 1)
 
-    @property
-    def pad_position(self) -> Position:
-        """The position given to left-padding slots."""
-        return (0, 0) if isinstance(self.next_position, tuple) else 0
-
     def position_after(self, generated: int) -> Position:
         """Position of generated token number `generated` (0-based)."""
         if isinstance(self.next_position, tuple):

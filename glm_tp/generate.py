@@ -19,7 +19,7 @@ from .loader import source_bits
 from .sources import open_source
 from .config import parse_dtype
 from .dist import init_distributed, shutdown
-from .generation import Engine
+from .engine import Engine
 from .requests import GenerationConfig
 from .planner import GiB, Plan, refusal
 from .serve import Coordinator, worker_loop
@@ -90,6 +90,10 @@ def run(cfg: DictConfig) -> int:
         plan = make_plan(cfg, tp.size, tp.device.type)
         if not plan.fits(memory):
             raise UsageError(refusal(plan, memory))
+    output = None
+    if cfg.input != "interactive":  # before loading: a bad output path must not cost a model load
+        from .frontends.batch import check_output
+        output = check_output(resolve_path(cfg.input), Path(cfg.output) if cfg.output else None)
     checkpoint = resolve_path(cfg.checkpoint)
     model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels,
                        verify=bool(cfg.verify))
@@ -105,7 +109,7 @@ def run(cfg: DictConfig) -> int:
             run_tty(coordinator, color=str(cfg.color))
         else:
             from .frontends.batch import run_batch
-            run_batch(coordinator, resolve_path(cfg.input), Path(cfg.output) if cfg.output else None)
+            run_batch(coordinator, resolve_path(cfg.input), output)
     finally:
         coordinator.shutdown()
     return 0

@@ -62,17 +62,29 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def rows(self, n: int) -> "KVCache":
-        """The first `n` rows, sharing this cache's memory (a fill uses as many rows as it has sequences)."""
+    def select(self, row: int, n: int) -> "KVCache":
+        """Rows [row, row + n), sharing this cache's memory (a prefill writes only its own rows)."""
         view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        view.k, view.v = self.k[:, row:row + n], self.v[:, row:row + n]
         return view
 
-    def reorder(self, index: torch.Tensor, upto: int | None = None) -> None:
-        """Keep rows `index` of the batch (beam search picks parents); only slots [0, upto) are moved."""
-        k, v = self.k[:, :, :, :upto], self.v[:, :, :, :upto]
-        k.copy_(k.index_select(1, index))
-        v.copy_(v.index_select(1, index))
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, upto: int) -> None:
+        """Rows dst become copies of rows src over slots [0, upto) (beam parents, packing rows)."""
+        for t in (self.k, self.v):
+            part = t[:, :, :, :upto]
+            part.index_copy_(1, dst.to(t.device), part.index_select(1, src.to(t.device)))
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store a call's keys/values [b, heads, s, d] in place: at slots [s] shared by every row (a
+        prompt), or at each row's own slot [b, 1] (a decode step over rows of different lengths)."""
+        keys, values = self.k[layer], self.v[layer]
+        if slots.dim() == 1:
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+            return
+        rows = torch.arange(k.shape[0], device=k.device)
+        keys.transpose(1, 2).index_put_((rows, slots[:, 0]), k[:, :, 0])
+        values.transpose(1, 2).index_put_((rows, slots[:, 0]), v[:, :, 0])
 
 
 def rotary_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,10 +138,8 @@ class SelfAttention(nn.Module):
         if cache is None:  # one-shot forward (training): nothing to keep
             keys, values = k, v
         else:  # write this call's keys/values at `slots` in place, attend over the first `window` slots
-            keys, values = cache.k[self.layer_id], cache.v[self.layer_id]
-            keys.index_copy_(2, slots, k)
-            values.index_copy_(2, slots, v)
-            keys, values = keys[:, :, :window], values[:, :, :window]
+            cache.write(self.layer_id, k, v, slots)
+            keys, values = cache.k[self.layer_id, :, :, :window], cache.v[self.layer_id, :, :, :window]
 
         c = float(self.layer_id + 1)
         # CPUs without half-precision arithmetic run half batched matmuls as slow loops: use fp32 there
@@ -231,8 +241,9 @@ class GLMModel(nn.Module):
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache | None,
             slots: torch.Tensor, window: int, logits_at: torch.Tensor | None = None,
             gather: bool = True) -> torch.Tensor | None:
-        """`forward` on inputs already on the device: tokens [b, s], positions [b, s] or [b, s, 2] (2D), the mask [b, 1, s, window]
-        (True = hidden), the cache slots [s] this call writes. It does no host work, so a decode step made
+        """`forward` on inputs already on the device: tokens [b, s], positions [b, s] or [b, s, 2] (2D), the mask
+        [b, 1, s, window] (True = hidden), the cache slots this call writes ([s], or [b, 1]: each row's own slot).
+        It does no host work, so a decode step made
         of it can be captured in a CUDA graph (see decode.py)."""
         cos, sin = rotary_at(self.rotary_cos, self.rotary_sin, positions)
         x = self.transformer.word_embeddings(tokens)

@@ -16,7 +16,6 @@ from glm_tp import load_model
 from glm_tp.blanks import next_blank
 from glm_tp.config import PRESETS, ModelConfig
 from glm_tp.decode import Decoder
-from glm_tp.model import SeqLayout
 from glm_tp.partition import Layout, copy_plan, split
 from glm_tp.reshard import rewrite
 
@@ -50,8 +49,8 @@ def _greedy(tp, ckpt, kernels="fused"):
             decoder = Decoder(model, max_rows=1, graphs=False)
             n = len(blank.tokens)
             logits = decoder.prefill(torch.tensor([blank.tokens]), torch.tensor([blank.positions]),
-                                     SeqLayout(torch.tensor([0]), torch.tensor([blank.bidirectional])),
-                                     torch.tensor([blank.next_position]), torch.tensor([blank.counting]))
+                                     torch.tensor([blank.bidirectional]), torch.tensor([blank.next_position]),
+                                     torch.tensor([blank.counting]))
             first, answer = None if logits is None else logits[0].clone(), []
             for _ in range(STEPS):
                 token = torch.zeros(1, dtype=torch.long)

@@ -41,7 +41,7 @@ def full_state(dtype=torch.float32, bits: int = 0) -> dict[str, torch.Tensor]:
 def test_2d_blank_positions():
     gmask = next_blank(PROMPTS[1], S.gmask, S, "2d")
     assert gmask.positions == [(i, 0) for i in range(6)] + [(5, 1)] and gmask.tokens[-1] == S.sop
-    assert gmask.next_position == (5, 2) and gmask.position_after(3) == (5, 5) and gmask.pad_position == (0, 0)
+    assert gmask.next_position == (5, 2) and gmask.position_after(3) == (5, 5)
     mask = next_blank(PROMPTS[0], S.mask, S, "2d")
     assert mask.positions[-1] == (2, 1) and mask.position_after(0) == (2, 2) and mask.bidirectional == 6
     one_d = next_blank(PROMPTS[1], S.gmask, S)  # GLM-130B's 1D layout is unchanged
@@ -56,10 +56,11 @@ def _greedy(tp, ckpt, quant=None, kernels="fused"):
     with torch.inference_mode():
         for ids in PROMPTS:
             blank = next_blank(ids, S.mask if S.mask in ids else S.gmask, S, "2d")
-            decoder = Decoder(model, max_rows=1, graphs=False)
+            decoder = Decoder(model, max_rows=1, graphs=False, position_dims=2)
             layout = SeqLayout(torch.tensor([0]), torch.tensor([blank.bidirectional]))
-            logits = decoder.prefill(torch.tensor([blank.tokens]), torch.tensor([blank.positions]), layout,
-                                     torch.tensor([blank.next_position]), torch.tensor([blank.counting]))
+            logits = decoder.prefill(torch.tensor([blank.tokens]), torch.tensor([blank.positions]),
+                                     torch.tensor([blank.bidirectional]), torch.tensor([blank.next_position]),
+                                     torch.tensor([blank.counting]))
             first, answer = None if logits is None else logits[0].clone(), []
             for _ in range(STEPS):
                 token = torch.zeros(1, dtype=torch.long)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from glm_tp import SeqLayout, load_model, reference
+from glm_tp import load_model, reference
 from glm_tp.blanks import next_blank
 from glm_tp.config import PRESETS
 from glm_tp.decode import Decoder
@@ -79,10 +79,10 @@ def _ours(tp, ckpt):
     with torch.inference_mode():
         for ids in PROMPTS:
             blank = _blank(ids)
-            decoder = Decoder(model, max_rows=1, graphs=False)
+            decoder = Decoder(model, max_rows=1, graphs=False, position_dims=2)
             logits = decoder.prefill(torch.tensor([blank.tokens]), torch.tensor([blank.positions]),
-                                     SeqLayout(torch.tensor([0]), torch.tensor([blank.bidirectional])),
-                                     torch.tensor([blank.next_position]), torch.tensor([blank.counting]))
+                                     torch.tensor([blank.bidirectional]), torch.tensor([blank.next_position]),
+                                     torch.tensor([blank.counting]))
             seq, steps = list(blank.tokens), []
             for _ in range(STEPS):
                 token = torch.zeros(1, dtype=torch.long)

@@ -6,22 +6,26 @@ Input lines are either
   OpenAI batch request lines {"custom_id", "method": "POST", "url": "/v1/completions" |
   "/v1/chat/completions", "body": {...}}, answered in the OpenAI batch output format.
 A malformed or invalid line gets an error record naming its line number. Results are appended and
-flushed line by line; a rerun skips ids already in the output, so a killed job loses at most the batch
-in flight. SIGTERM finishes the current batch, then exits cleanly.
+flushed as each line is answered (lines finish out of order: the engine runs many at once); a rerun
+skips the lines already in the output, matched by id (the n-th line of an id by its n-th record), so a
+killed job loses at most the lines in flight. SIGTERM finishes the lines in flight, then exits cleanly.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
 
-from ..requests import GenerationConfig, Request, Result
+from ..jobs import error_result
+from ..requests import GenerationConfig, Request, RequestHandle, Result
 from ..serve import Coordinator
 from . import openai_format
 
@@ -105,25 +109,38 @@ def drop_partial_last_line(output: Path, chunk: int = 1 << 16) -> None:
         f.truncate(0)
 
 
-def done_keys(output: Path) -> set[str]:
-    """Ids already answered; a last line cut short by a crash is removed first."""
+def done_keys(output: Path) -> Counter[str]:
+    """How many answers each id already has; a last line cut short by a crash is removed first."""
     if not output.exists():
-        return set()
+        return Counter()
     drop_partial_last_line(output)
-    keys = set()
+    keys: Counter[str] = Counter()
     with output.open(encoding="utf-8") as f:
         for text in f:
             obj = json.loads(text)
-            keys.add(str(obj.get("custom_id", obj.get("id"))))
+            keys[str(obj.get("custom_id", obj.get("id")))] += 1
     return keys
 
 
-def _pending(items: Iterator[Item], skip: set[str], stats: dict[str, float]) -> Iterator[Item]:
-    for item in items:
-        if item.key in skip:
-            stats["skipped"] += 1
-            continue
-        yield item
+def check_output(input_path: Path, output: Path | None) -> Path:
+    """The results path, checked before the model loads: its folder is writable, and an existing file is
+    a results file (JSON lines with an id), never an unrelated file that appending would spoil."""
+    output = output or input_path.with_name(input_path.stem + ".results.jsonl")
+    if not input_path.is_file():
+        raise ValueError(f"input file {input_path} does not exist: give input=PATH.jsonl or input=interactive")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write results to {output}: {folder} is not a writable folder")
+    if output.exists():
+        with output.open(encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        try:
+            ok = first == "" or "id" in json.loads(first) or "custom_id" in json.loads(first)
+        except (json.JSONDecodeError, TypeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{output} exists and is not a glm-tp results file: give another output=PATH")
+    return output
 
 
 class _Stop:
@@ -135,43 +152,102 @@ class _Stop:
         self.requested = True
 
 
+@dataclass
+class _Flight:
+    """An item whose requests are in the engine."""
+
+    item: Item
+    occurrence: int                        # how many earlier lines had the same id
+    handles: list[RequestHandle | Result]  # a Result where a request was refused at once
+
+
+class _Writer:
+    """Writes each finished line at once; the n-th line of an id is written after the (n-1)-th, so a rerun
+    that skips the first `done[id]` lines of each id loses and duplicates nothing."""
+
+    def __init__(self, out, written: Counter[str], stats: dict[str, float]):
+        self.out, self.written, self.stats = out, written, stats
+        self.held: dict[tuple[str, int], tuple[Item, list[Result]]] = {}
+
+    def put(self, item: Item, occurrence: int, results: list[Result]) -> int:
+        """Returns how many lines were written."""
+        self.held[(item.key, occurrence)] = (item, results)
+        count = 0
+        while (item.key, self.written[item.key]) in self.held:
+            held_item, held_results = self.held.pop((item.key, self.written[item.key]))
+            self._write(held_item, held_results)
+            self.written[item.key] += 1
+            count += 1
+        return count
+
+    def _write(self, item: Item, results: list[Result]) -> None:
+        record = openai_format.output_line(item, results) if item.openai is not None else plain_record(item, results)
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.flush()
+        failed = item.error is not None or any(r.error for r in results)
+        self.stats["failed" if failed else "done"] += 1
+        self.stats["tokens"] += sum(r.completion_tokens for r in results)
+
+
 def run_batch(coordinator: Coordinator, input_path: Path, output: Path | None = None) -> dict[str, float]:
-    if not input_path.is_file():
-        raise ValueError(f"input file {input_path} does not exist: give input=PATH.jsonl or input=interactive")
-    output = output or input_path.with_name(input_path.stem + ".results.jsonl")
-    skip = done_keys(output)
+    """Stream the input through the engine, keeping it full: new lines are admitted as rows free up, and
+    each line's record is written as soon as it is answered. SIGTERM: take no new lines, finish those in
+    flight, write the summary."""
+    output = check_output(input_path, output)
+    done = done_keys(output)
     stop = _Stop()
-    default = coordinator.engine.default
     stats = {"done": 0, "failed": 0, "skipped": 0, "tokens": 0}
     start = time.time()
     bar = tqdm(desc="prompts", unit="prompt")
-    items = _pending(read_items(input_path, default), skip, stats)
+    items = read_items(input_path, coordinator.engine.default)
+    seen: Counter[str] = Counter()
+    flights: list[_Flight] = []
+    target = 2 * coordinator.engine.max_batch  # requests in flight: a full engine and a queue to refill it
     with output.open("a", encoding="utf-8") as out:
-        while not stop.requested:
-            batch: list[Item] = []
-            for item in items:
-                batch.append(item)
-                if sum(len(i.requests) for i in batch) >= coordinator.engine.max_batch:
+        writer = _Writer(out, Counter(done), stats)
+        exhausted = False
+        while flights or not (exhausted or stop.requested):
+            while not (exhausted or stop.requested) and sum(len(f.handles) for f in flights) < target:
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
                     break
-            if not batch:
-                break
-            requests = [r for i in batch for r in i.requests]
-            results = coordinator.generate(requests) if requests else []
-            by_id = {r.id: r for r in results}
-            for item in batch:
-                mine = [by_id[r.id] for r in item.requests]
-                record = openai_format.output_line(item, mine) if item.openai is not None else plain_record(item, mine)
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-                failed = item.error is not None or any(r.error for r in mine)
-                stats["failed" if failed else "done"] += 1
-                stats["tokens"] += sum(r.completion_tokens for r in mine)
-            bar.update(len(batch))
+                occurrence = seen[item.key]
+                seen[item.key] += 1
+                if occurrence == 1:
+                    tqdm.write(f"warning: id {item.key!r} appears more than once in {input_path}: every line is "
+                               f"answered", file=sys.stderr)
+                if occurrence < done[item.key]:
+                    stats["skipped"] += 1
+                    continue
+                flights.append(_Flight(item, occurrence, [_submit(coordinator, r) for r in item.requests]))
+            if any(isinstance(h, RequestHandle) and not h.done for f in flights for h in f.handles):
+                coordinator.step()
+            flights = _write_finished(flights, writer, bar)
             elapsed = max(time.time() - start, 1e-9)
             bar.set_postfix(prompts_s=f"{bar.n / elapsed:.2f}", tokens_s=f"{stats['tokens'] / elapsed:.1f}")
     bar.close()
     stats["seconds"] = round(time.time() - start, 2)
-    note = " (stopped by SIGTERM after the current batch)" if stop.requested else ""
+    note = " (stopped by SIGTERM: the lines in flight were finished)" if stop.requested else ""
     print(f"batch summary: {stats['done']} done, {stats['failed']} failed, {stats['skipped']} skipped "
           f"(already in {output}), {stats['tokens']} tokens, {stats['seconds']} s{note}", flush=True)
     return stats
+
+
+def _submit(coordinator: Coordinator, request: Request) -> RequestHandle | Result:
+    try:
+        return coordinator.submit(request, limit=False)
+    except ValueError as e:  # refused at once (too long, bad settings): the line gets its error
+        return error_result(request.id, str(e))
+
+
+def _write_finished(flights: list[_Flight], writer: _Writer, bar: tqdm) -> list[_Flight]:
+    """Write the lines whose requests all ended; returns those still running."""
+    running = []
+    for flight in flights:
+        if all(not isinstance(h, RequestHandle) or h.done for h in flight.handles):
+            results = [h.result() if isinstance(h, RequestHandle) else h for h in flight.handles]
+            bar.update(writer.put(flight.item, flight.occurrence, results))
+        else:
+            running.append(flight)
+    return running
