@@ -160,3 +160,24 @@ def test_whitespace_pieces_and_chat_ids(tmp_path):
     assert tok.decode(ids) == "glm    fills\tblanks"
     ids = chat_ids([{"role": "user", "content": "glm [MASK] fills"}], tok, "chatglm")
     assert ids[-1] == S.gmask and S.mask not in ids  # a typed [MASK] is text, the answer is the [gMASK] blank
+
+
+def _engine_answers(tp, ckpt, tokenizer_file):
+    from glm_tp.engine import Engine
+    from glm_tp.requests import GenerationConfig, Request
+    from glm_tp.tokenizer import load_tokenizer
+    model = load_model(ckpt, tp=tp, dtype="fp32", progress=False)
+    engine = Engine(model, load_tokenizer(tokenizer_file, S), GenerationConfig(max_new_tokens=STEPS), max_batch=4)
+    requests = [Request(f"r{i}", token_ids=ids) for i, ids in enumerate(PROMPTS)]
+    requests.append(Request("beam", token_ids=PROMPTS[1], config=GenerationConfig(strategy="beam", num_beams=2,
+                                                                                   max_new_tokens=STEPS)))
+    together = [r.blanks_token_ids for r in engine.generate(requests)]
+    alone = [engine.generate([r])[0].blanks_token_ids for r in requests]
+    return together, alone
+
+
+def test_the_engine_fills_2d_blanks_alike_at_tp_1_and_2(tmp_path, tiny_tokenizer_file):
+    ckpt = write_hf_checkpoint(tmp_path / "hf", CFG, full_state(), files=2)
+    together, alone = run_ranks(1, _engine_answers, ckpt, tiny_tokenizer_file)[0]
+    assert together == alone and all(len(b) == 1 and b[0] for b in together)
+    assert run_ranks(2, _engine_answers, ckpt, tiny_tokenizer_file)[0] == (together, alone)
