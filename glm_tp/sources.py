@@ -39,9 +39,6 @@ class SafetensorsPart:
         self.shape = tuple(self._slice.get_shape())
         self.dtype = SAFETENSORS_DTYPES[self._slice.get_dtype()]
 
-    def dim(self) -> int:
-        return len(self.shape)
-
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         index = [slice(None)] * len(self.shape)
         if self.shape:
@@ -70,10 +67,6 @@ class Source:
         if self.metadata and "model" in self.metadata:
             return ModelConfig.from_dict(self.metadata["model"])
         return None
-
-    @property
-    def shards(self) -> int:
-        return len(self.files) if self.cut else 1
 
     def names(self) -> list[str]:
         self._open()
