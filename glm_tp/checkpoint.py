@@ -162,7 +162,7 @@ def open_shard(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             mapped = False
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse means a bad file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"shard {path} cannot be read ({first}): it is truncated or corrupt; "
                               f"re-copy it (compare its checksum) or re-create it") from None
     state = obj.get("module", obj) if isinstance(obj, dict) else None

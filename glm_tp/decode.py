@@ -40,7 +40,9 @@ class Decoder:
     def __init__(self, model: GLMModel, max_rows: int, max_len: int | None = None, graphs: bool | None = None,
                  position_dims: int = 1):
         self.model = model
-        self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        if max_len is not None and not 0 < max_len <= model.cfg.max_seq_len:
+            raise ValueError(f"max_len {max_len} must be between 1 and the model's {model.cfg.max_seq_len} positions")
+        self.max_len = max_len or model.cfg.max_seq_len
         self.graphs = model.device.type == "cuda" if graphs is None else graphs
         self.max_rows = max_rows
         self.cache: KVCache | None = None  # allocated on first use

@@ -49,6 +49,7 @@ class Job:
         self.blank_texts: list[str] = []
         self.beam_texts: list[str] | None = None
         self.finish, self.error = "", None
+        self.cut_by_max_len = False
         self.completion_tokens = 0
         self.logprobs: list[TokenLogprob] | None = [] if self.config.logprobs is not None else None
         self.generator = torch.Generator().manual_seed(self.config.seed)  # carried from blank to blank
@@ -125,11 +126,13 @@ class Job:
         self.blank_ids.append(answer)
         self.blank_texts.append(text)
         self.handle.emit(BlankDone(self.handle.id, number - 1, text, list(answer)))
+        if reason == "length" and self.cap < self.config.max_new_tokens:
+            self.cut_by_max_len = True
         self.finish, self.fill, self.rows = reason, None, []
         if self.kind not in self.ids:
             return False
         if len(self.ids) + 1 + 1 > self.max_len:
-            self.finish = "length"  # no room left for the next blank's sop and one token
+            self.finish, self.cut_by_max_len = "length", True  # no room for the next blank's sop and a token
             self.error = f"prompt grew to {len(self.ids)} tokens after filling a blank: no room for the next one"
             return False
         return True
@@ -183,7 +186,7 @@ class Job:
                       blanks_token_ids=[list(b) for b in self.blank_ids], token_ids=ids,
                       finish_reason=self.finish or "stop", prompt_tokens=self.prompt_tokens,
                       completion_tokens=self.completion_tokens, beams=self.beam_texts, error=self.error,
-                      pieces=pieces, logprobs=self.logprobs)
+                      pieces=pieces, logprobs=self.logprobs, cut_by_max_len=self.cut_by_max_len)
 
 
 def error_result(request_id: str, message: str) -> Result:

@@ -71,9 +71,11 @@ class Coordinator:
         self._take_inbox()
         self.engine.lead()
 
-    def serve(self, stop: threading.Event, idle_s: float = KEEPALIVE_S) -> None:
-        """Step while there is work, keep the workers alive while there is none; once `stop` is set, finish
-        the requests already running, cancel those still waiting, and return."""
+    def serve(self, stop: threading.Event, idle_s: float | None = None) -> None:
+        """Step while there is work, keep the workers alive while there is none (several keep-alives per
+        collective timeout); once `stop` is set, finish the requests already running, cancel those still
+        waiting, and return."""
+        idle_s = idle_s or min(KEEPALIVE_S, self.tp.timeout_s / 4)
         scheduler = self.engine.scheduler
         idle_since = time.monotonic()
         while True:

@@ -36,39 +36,67 @@ class Item:
 
     line: int
     key: str                        # id or custom_id: what resuming matches on
-    requests: list[Request]         # several for OpenAI n > 1
-    openai: dict | None = None      # the request line, for OpenAI output
+    requests: list[Request]         # several for OpenAI n > 1 or a list of prompts
+    openai: dict | None = None      # set for a line of an OpenAI-format file: answered in that format
     error: str | None = None
+    parsed: openai_format.Parsed | None = None
+    openai_error: openai_format.OpenAIError | None = None
 
 
-def parse_line(number: int, text: str, default: GenerationConfig) -> Item:
+def _kind(value: object) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def _openai_item(number: int, obj: dict, default: GenerationConfig) -> Item:
+    key = obj.get("custom_id")
+    if not isinstance(key, str) or not key:
+        error = openai_format.OpenAIError(f"custom_id must be a non-empty string, not {key!r}", "custom_id")
+        return Item(number, f"line-{number}", [], openai=obj, error=f"line {number}: {error}", openai_error=error)
     try:
-        obj = json.loads(text)
-        if not isinstance(obj, dict):
-            raise ValueError("a line must be a JSON object")
-    except (json.JSONDecodeError, ValueError) as e:
-        return Item(number, f"line-{number}", [], error=f"line {number}: not valid JSON ({e})")
-    if "custom_id" in obj:
-        key = str(obj["custom_id"])
-        try:
-            return Item(number, key, openai_format.to_requests(number, obj, default), openai=obj)
-        except (ValueError, TypeError, KeyError) as e:
-            return Item(number, key, [], openai=obj, error=f"line {number}: {e}")
+        parsed = openai_format.parse_batch_line(number, obj, default)
+    except openai_format.OpenAIError as e:
+        return Item(number, key, [], openai=obj, error=f"line {number}: {e}", openai_error=e)
+    return Item(number, key, parsed.requests, openai=obj, parsed=parsed)
+
+
+def _plain_item(number: int, obj: dict, default: GenerationConfig) -> Item:
     key = str(obj.get("id", f"line-{number}"))
     try:
-        config = default.updated(**obj.get("generation", {})) if obj.get("generation") else default
+        settings = obj.get("generation")
+        if settings is not None and not isinstance(settings, dict):
+            raise ValueError(f"'generation' must be an object of settings such as {{\"strategy\": \"beam\"}}, "
+                             f"not {_kind(settings)}")
+        config = default.updated(**settings) if settings else default
         if "prompt" in obj:
             if not isinstance(obj["prompt"], str):
-                raise ValueError("'prompt' must be a string")
+                raise ValueError(f"'prompt' must be a string, not {_kind(obj['prompt'])}")
             return Item(number, key, [Request(f"{number}", text=obj["prompt"], config=config)])
         if "prompt_token_ids" in obj:
             ids = obj["prompt_token_ids"]
-            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise ValueError("'prompt_token_ids' must be a list of integers")
             return Item(number, key, [Request(f"{number}", token_ids=ids, config=config)])
         raise ValueError("a line needs 'prompt', 'prompt_token_ids' or an OpenAI 'custom_id' + 'body'")
-    except (ValueError, TypeError) as e:
+    except ValueError as e:
         return Item(number, key, [], error=f"line {number}: {e}")
+
+
+def parse_line(number: int, text: str, default: GenerationConfig, openai_file: bool = False) -> Item:
+    """One line to an Item; never raises. A line of an OpenAI-format file that cannot be read gets an
+    OpenAI error line (custom_id line-N, so resuming skips it)."""
+    try:
+        obj = json.loads(text)
+        problem = None if isinstance(obj, dict) else f"a line must be a JSON object, not {_kind(obj)}"
+    except json.JSONDecodeError as e:
+        problem = f"not valid JSON ({e})"
+    if problem is not None:
+        if openai_file:
+            error = openai_format.OpenAIError(problem, None, code="invalid_json")
+            return Item(number, f"line-{number}", [], openai={}, error=f"line {number}: {problem}", openai_error=error)
+        return Item(number, f"line-{number}", [], error=f"line {number}: {problem}")
+    if "custom_id" in obj or openai_file:
+        return _openai_item(number, obj, default)
+    return _plain_item(number, obj, default)
 
 
 def plain_record(item: Item, results: list[Result]) -> dict:
@@ -83,11 +111,25 @@ def plain_record(item: Item, results: list[Result]) -> dict:
     return record
 
 
+def is_openai_file(path: Path) -> bool:
+    """An OpenAI batch file: its first line that is a JSON object has a custom_id."""
+    with path.open(encoding="utf-8") as f:
+        for text in f:
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                return "custom_id" in obj
+    return False
+
+
 def read_items(path: Path, default: GenerationConfig) -> Iterator[Item]:
+    openai_file = is_openai_file(path)
     with path.open(encoding="utf-8") as f:
         for number, text in enumerate(f, start=1):
             if text.strip():
-                yield parse_line(number, text, default)
+                yield parse_line(number, text, default, openai_file)
 
 
 def drop_partial_last_line(output: Path, chunk: int = 1 << 16) -> None:
