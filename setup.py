@@ -13,13 +13,13 @@ setup(
     include_package_data=True,
     package_data={"glm_tp": ["conf/**/*.yaml"]},
     # torch is pinned by the installer (see README): an open requirement would pull a CUDA build
-    install_requires=["torch>=2.3", "numpy", "tqdm", "hydra-core>=1.3", "sentencepiece"],
+    install_requires=["torch>=2.3", "numpy", "tqdm", "hydra-core>=1.3", "sentencepiece", "safetensors"],
     extras_require={
         "server": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
         # the server's tests drive it with the official client and a real browser (selenium + system chromium)
         "test": ["pytest>=7", "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "openai>=1.40",
                  "httpx>=0.27", "selenium>=4.20"],
-        "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb"],
+        "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb", "einops", "transformers"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["glm-tp-generate = glm_tp.generate:main"]},

@@ -32,7 +32,8 @@ class Engine:
         self.default = default or GenerationConfig()
         self.max_batch = max_batch
         # the KV cache: max_batch rows of max_len tokens (default: the model's), allocated once
-        self.decoder = Decoder(model, max_batch, max_len, graphs=cuda_graphs)
+        self.decoder = Decoder(model, max_batch, max_len, graphs=cuda_graphs,
+                               position_dims=2 if model.cfg.position_encoding == "2d" else 1)
         self.rows = 0  # rows in use, the same on every rank
         # rank 0: the scheduler and the logits of rows [0, rows) that await its decision
         # prefill tokens per step (padded): at least one whole prompt, and room to batch several
@@ -58,7 +59,8 @@ class Engine:
 
     def new_job(self, handle: RequestHandle) -> Job:
         """Rank 0: check and tokenize a request (PromptError/ValueError when it can never run)."""
-        job = Job(handle, self.default, self.tok, self.model.cfg.vocab_size, self.max_len)
+        job = Job(handle, self.default, self.tok, self.model.cfg.vocab_size, self.max_len,
+                  self.model.cfg.position_encoding)
         if job.beams > self.max_batch:
             raise ValueError(f"num_beams {job.beams} needs more cache rows than batch_size {self.max_batch}: "
                              f"lower num_beams or raise batch_size")
@@ -151,7 +153,8 @@ class Engine:
         width = max(len(a.tokens) for a in admit)
         pad = self.tok.special.pad
         tokens = torch.tensor([a.tokens + [pad] * (width - len(a.tokens)) for a in admit])
-        positions = torch.tensor([a.positions + [0] * (width - len(a.positions)) for a in admit])
+        zero = admit[0].positions[0]  # 0, or (0, 0) for 2D positions
+        positions = torch.tensor([a.positions + [zero] * (width - len(a.positions)) for a in admit])
         column = [torch.tensor([getattr(a, key) for a in admit]) for key in ("bidirectional", "first_position", "counting")]
         lengths = torch.tensor([len(a.tokens) for a in admit])
         logits = self.decoder.prefill(tokens, positions, *column, row=admit[0].row, lengths=lengths)

@@ -17,9 +17,11 @@ import torch
 from omegaconf import DictConfig
 
 from .api import load_model, parse_quant, resolve_config
-from .checkpoint import CheckpointError, inspect
+from .checkpoint import CheckpointError
 from .config import ModelConfig, parse_dtype
 from .dist import TPContext, init_distributed, shutdown
+from .loader import source_bits
+from .sources import open_source
 from .engine import Engine
 from .planner import GiB, Plan, refusal
 from .requests import GenerationConfig
@@ -33,16 +35,17 @@ CONFIG_DIR = str(ROOT / "configs")
 def model_config(cfg: DictConfig) -> ModelConfig:
     """The model's shape from the preset or the checkpoint's glm_tp.json: no weights are read."""
     checkpoint = resolve_path(cfg.checkpoint)
-    info = inspect(checkpoint) if cfg.model is None or (checkpoint / "latest").exists() else None
-    return resolve_config(info.model_config() if info else None, cfg.model, None)
+    source = open_source(checkpoint) if cfg.model is None or checkpoint.exists() else None
+    return resolve_config(source.model_config() if source else None, cfg.model, None)
 
 
 def make_plan(cfg: DictConfig, model_cfg: ModelConfig, tp_size: int, device_type: str) -> Plan:
     """The memory plan for this run; with a model preset it needs no checkpoint on disk."""
     checkpoint = resolve_path(cfg.checkpoint)
-    info = inspect(checkpoint) if (checkpoint / "latest").exists() else None
+    source = open_source(checkpoint) if checkpoint.exists() else None
     bits = parse_quant(cfg.quant)
-    bits = ((info.quant_bits if info else 0) or 0) if bits is None else bits
+    if bits is None:  # as the checkpoint holds: its metadata says, or its first QKV weight shows
+        bits = source_bits(source, model_cfg.hidden_size) if source else 0
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else (torch.float16 if device_type == "cuda" else torch.float32)
     return Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
                 int(cfg.max_len or model_cfg.max_seq_len))
@@ -57,12 +60,12 @@ def device_bytes(cfg: DictConfig, device: torch.device) -> float | None:
 
 
 def load_tokenizer_for(cfg: DictConfig, checkpoint: Path, special):
+    source = open_source(checkpoint)
+    meta = source.metadata or {}
+    options = dict(text_offset=meta.get("tokenizer_offset"), whitespace=bool(meta.get("tokenizer_whitespace")))
     if cfg.tokenizer:
-        return load_tokenizer(resolve_path(cfg.tokenizer), special)
-    meta = inspect(checkpoint).metadata or {}
-    if "tokenizer" in meta:
-        return load_tokenizer(checkpoint / meta["tokenizer"], special, meta.get("tokenizer_offset"))
-    return load_tokenizer(checkpoint, special)
+        return load_tokenizer(resolve_path(cfg.tokenizer), special, **options)
+    return load_tokenizer(source.root / meta.get("tokenizer", ""), special, **options)
 
 
 def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig) -> Engine:
@@ -71,7 +74,8 @@ def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig) -> Engine
     engine, error = None, None
     try:
         checkpoint = resolve_path(cfg.checkpoint)
-        model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels)
+        model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels,
+                           verify=bool(cfg.verify))
         tokenizer = load_tokenizer_for(cfg, checkpoint, model.cfg.special)
         engine = Engine(model, tokenizer, gen, max_batch=int(cfg.batch_size),
                         max_len=int(cfg.max_len) if cfg.max_len else None)

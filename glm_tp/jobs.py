@@ -19,8 +19,10 @@ REPLACEMENT = "\ufffd"  # what a token that ends inside a multi-byte character d
 
 class Job:
     def __init__(self, handle: RequestHandle, default: GenerationConfig, tok: GLMTokenizer, vocab_size: int,
-                 max_len: int):
-        """Tokenizes and checks the request; raises PromptError/ValueError for one that can never run."""
+                 max_len: int, position_encoding: str = "1d"):
+        """Tokenizes and checks the request; raises PromptError/ValueError for one that can never run.
+        position_encoding: the model's ("2d": ChatGLM-6B's position and block position)."""
+        self.position_encoding = position_encoding
         self.handle, self.tok, self.max_len = handle, tok, max_len
         request = handle.request
         self.config = request.config or default
@@ -62,7 +64,7 @@ class Job:
         return self.config.num_beams if self.config.strategy == "beam" else 1
 
     def start_fill(self) -> BlankInput:
-        inp = next_blank(self.ids, self.kind, self.tok.special)
+        inp = next_blank(self.ids, self.kind, self.tok.special, self.position_encoding)
         assert inp is not None
         self.fill, self.sent, self.cut = inp, "", None  # cut: where a stop string begins in the text
         self.logprobs_from = len(self.logprobs or [])   # this fill's first entry in self.logprobs

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .blanks import Position
 from .jobs import Job
 from .requests import TokenLogprob
 from .sampling import ban_tokens, sampled_logits
@@ -30,10 +31,10 @@ class Admission:
     """A fill every rank prefills into `row`, then copies into `copies_to` (the other beams)."""
 
     tokens: list[int]
-    positions: list[int]
+    positions: list[Position]
     bidirectional: int
-    first_position: int
-    counting: int
+    first_position: Position  # an int, or a (position, block position) pair for 2D positions
+    counting: Position
     row: int
     copies_to: list[int] = field(default_factory=list)
 
@@ -224,5 +225,5 @@ class Scheduler:
             job.rows = [first] + list(range(extra, extra + job.beams - 1))
             self.rows += [(job, b) for b in range(1, job.beams)]
             plan.admit.append(Admission(inp.tokens, inp.positions, inp.bidirectional, inp.next_position,
-                                        0 if inp.pinned else 1, first, job.rows[1:]))
+                                        inp.counting, first, job.rows[1:]))
             first, extra = first + 1, extra + job.beams - 1

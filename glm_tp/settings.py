@@ -64,8 +64,9 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
     _whole("ranks", cfg.ranks, 1, optional=True)
     _positive("timeout_s", cfg.timeout_s)
     _positive("device_memory_gib", cfg.device_memory_gib, optional=True)
-    if not isinstance(cfg.plan, bool):
-        raise UsageError(f"plan={cfg.plan!r}: use true or false")
+    for key in ("plan", "verify"):
+        if not isinstance(cfg[key], bool):
+            raise UsageError(f"{key}={cfg[key]!r}: use true or false")
     for key, parse in (("quant", parse_quant), ("dtype", parse_dtype)):
         try:
             if cfg[key] is not None:

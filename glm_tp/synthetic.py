@@ -45,5 +45,5 @@ def random_shard(cfg: ModelConfig, tp: int, rank: int, seed: int, dtype: torch.d
     out = {}
     for name, shape in full_shapes(cfg).items():
         full = random_tensor(name, shape, seed, cfg.hidden_size, dtype)
-        out[name] = split(full, layout_of(name), tp)[rank].clone()
+        out[name] = split(full, layout_of(name, cfg.glu), tp)[rank].clone()
     return out
