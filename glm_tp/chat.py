@@ -7,6 +7,9 @@ before the first question.
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 from .blanks import PromptError
 from .config import SpecialTokens
 from .tokenizer import GLMTokenizer
@@ -56,3 +59,11 @@ def chat_ids(messages: list[dict], tok: GLMTokenizer, template: str) -> list[int
     special: SpecialTokens = tok.special
     masks = {special.mask, special.smask, special.gmask}
     return [i for i in tok.encode(chat_prompt(messages, template)) if i not in masks] + [special.gmask]
+
+
+ChatFormat = Callable[[list[dict]], list[int]]
+
+
+def chat_format(template: str | None, tok: GLMTokenizer) -> ChatFormat | None:
+    """The messages -> context ids function of a model with a chat format (None: the model has none)."""
+    return partial(chat_ids, tok=tok, template=template) if template else None

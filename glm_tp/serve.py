@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Callable
 
+from .chat import ChatFormat, chat_format
 from .engine import IDLE, SHUTDOWN, Engine
 from .jobs import error_result
 from .requests import Event, GenerationConfig, QueueFull, Request, RequestHandle, Result
@@ -46,6 +47,11 @@ class Coordinator:
     def load(self) -> dict[str, int]:
         scheduler = self.engine.scheduler
         return {"waiting": self._pending + len(scheduler.waiting), "running": scheduler.running}
+
+    @property
+    def chat_format(self) -> ChatFormat | None:
+        """Chat messages -> context ids in the model's chat format (None: the model has none)."""
+        return chat_format(self.engine.model.cfg.chat_template, self.engine.tok)
 
     def set_default(self, config: GenerationConfig) -> None:
         """New default settings for requests that carry none (only rank 0 decides, so workers need none)."""

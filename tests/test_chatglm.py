@@ -181,3 +181,22 @@ def test_the_engine_fills_2d_blanks_alike_at_tp_1_and_2(tmp_path, tiny_tokenizer
     together, alone = run_ranks(1, _engine_answers, ckpt, tiny_tokenizer_file)[0]
     assert together == alone and all(len(b) == 1 and b[0] for b in together)
     assert run_ranks(2, _engine_answers, ckpt, tiny_tokenizer_file)[0] == (together, alone)
+
+
+def test_chat_requests_use_the_models_chat_format(tiny_tokenizer_file):
+    """An OpenAI chat body (server and batch runner alike) becomes the model's chat prompt when it has a chat
+    format, and joined message texts when it has none (GLM-130B)."""
+    from glm_tp.chat import chat_format
+    from glm_tp.frontends.openai_format import parse_body
+    from glm_tp.requests import GenerationConfig
+    from glm_tp.tokenizer import load_tokenizer
+    tok = load_tokenizer(tiny_tokenizer_file, S)
+    messages = [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"},
+                {"role": "user", "content": [{"type": "text", "text": "four [MASK]"}]}]
+    body = {"messages": messages, "n": 2}
+    parsed = parse_body("chat", body, GenerationConfig(), "c", chat_format("chatglm", tok))
+    as_text = [{**m, "content": "four [MASK]"} if i == 2 else m for i, m in enumerate(messages)]
+    assert [r.token_ids for r in parsed.requests] == [chat_ids(as_text, tok, "chatglm")] * 2
+    assert parsed.requests[0].text is None and parsed.infill == [False]
+    plain = parse_body("chat", body, GenerationConfig(), "c", chat_format("", tok))
+    assert plain.requests[0].text == "one two\nthree\nfour [MASK]" and plain.infill == [True]

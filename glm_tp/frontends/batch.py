@@ -24,6 +24,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from ..chat import ChatFormat
 from ..jobs import error_result
 from ..requests import GenerationConfig, Request, RequestHandle, Result
 from ..serve import Coordinator
@@ -47,13 +48,13 @@ def _kind(value: object) -> str:
     return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
-def _openai_item(number: int, obj: dict, default: GenerationConfig) -> Item:
+def _openai_item(number: int, obj: dict, default: GenerationConfig, chat: ChatFormat | None) -> Item:
     key = obj.get("custom_id")
     if not isinstance(key, str) or not key:
         error = openai_format.OpenAIError(f"custom_id must be a non-empty string, not {key!r}", "custom_id")
         return Item(number, f"line-{number}", [], openai=obj, error=f"line {number}: {error}", openai_error=error)
     try:
-        parsed = openai_format.parse_batch_line(number, obj, default)
+        parsed = openai_format.parse_batch_line(number, obj, default, chat)
     except openai_format.OpenAIError as e:
         return Item(number, key, [], openai=obj, error=f"line {number}: {e}", openai_error=e)
     return Item(number, key, parsed.requests, openai=obj, parsed=parsed)
@@ -81,7 +82,8 @@ def _plain_item(number: int, obj: dict, default: GenerationConfig) -> Item:
         return Item(number, key, [], error=f"line {number}: {e}")
 
 
-def parse_line(number: int, text: str, default: GenerationConfig, openai_file: bool = False) -> Item:
+def parse_line(number: int, text: str, default: GenerationConfig, openai_file: bool = False,
+               chat: ChatFormat | None = None) -> Item:
     """One line to an Item; never raises. A line of an OpenAI-format file that cannot be read gets an
     OpenAI error line (custom_id line-N, so resuming skips it)."""
     try:
@@ -95,7 +97,7 @@ def parse_line(number: int, text: str, default: GenerationConfig, openai_file: b
             return Item(number, f"line-{number}", [], openai={}, error=f"line {number}: {problem}", openai_error=error)
         return Item(number, f"line-{number}", [], error=f"line {number}: {problem}")
     if "custom_id" in obj or openai_file:
-        return _openai_item(number, obj, default)
+        return _openai_item(number, obj, default, chat)
     return _plain_item(number, obj, default)
 
 
@@ -124,12 +126,12 @@ def is_openai_file(path: Path) -> bool:
     return False
 
 
-def read_items(path: Path, default: GenerationConfig) -> Iterator[Item]:
+def read_items(path: Path, default: GenerationConfig, chat: ChatFormat | None = None) -> Iterator[Item]:
     openai_file = is_openai_file(path)
     with path.open(encoding="utf-8") as f:
         for number, text in enumerate(f, start=1):
             if text.strip():
-                yield parse_line(number, text, default, openai_file)
+                yield parse_line(number, text, default, openai_file, chat)
 
 
 def drop_partial_last_line(output: Path, chunk: int = 1 << 16) -> None:
@@ -241,7 +243,7 @@ def run_batch(coordinator: Coordinator, input_path: Path, output: Path | None = 
     stats = {"done": 0, "failed": 0, "skipped": 0, "tokens": 0}
     start = time.time()
     bar = tqdm(desc="prompts", unit="prompt")
-    items = read_items(input_path, coordinator.engine.default)
+    items = read_items(input_path, coordinator.engine.default, coordinator.chat_format)
     seen: Counter[str] = Counter()
     flights: list[_Flight] = []
     target = 2 * coordinator.engine.max_batch  # requests in flight: a full engine and a queue to refill it

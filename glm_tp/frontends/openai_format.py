@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ..blanks import MASK_PATTERN
+from ..chat import ChatFormat
 from ..requests import MAX_LOGPROBS, MAX_STOPS, GenerationConfig, Request, Result, TokenLogprob
 
 if TYPE_CHECKING:
@@ -129,17 +130,18 @@ def _content_text(content: object, where: str) -> str:
     return "".join(texts)
 
 
-def _chat_prompt(body: dict) -> str:
+def _chat_messages(body: dict) -> list[dict]:
+    """The messages with their contents as text."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise OpenAIError(f"messages must be a non-empty list of {{\"role\", \"content\"}} objects, "
                           f"not {_short(messages)}", "messages")
-    lines = []
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise OpenAIError(f"messages[{i}] must be an object with a string 'role', not {_short(m)}", f"messages[{i}]")
-        lines.append(_content_text(m.get("content"), f"messages[{i}].content"))
-    return "\n".join(lines)
+        out.append({"role": m["role"], "content": _content_text(m.get("content"), f"messages[{i}].content")})
+    return out
 
 
 def _short(value: object, limit: int = 60) -> str:
@@ -204,15 +206,25 @@ def _config(body: dict, kind: str, default: GenerationConfig) -> GenerationConfi
 
 
 # -- the translation --------------------------------------------------------------------------------
-def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: str) -> Parsed:
-    """An OpenAI request body to glm-tp requests, with ids `{id_prefix}.{choice}`; raises OpenAIError."""
+def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: str,
+               chat: ChatFormat | None = None) -> Parsed:
+    """An OpenAI request body to glm-tp requests, with ids `{id_prefix}.{choice}`; raises OpenAIError.
+    chat: the model's chat format (messages -> context ids); without one, message contents are joined one
+    per line and run as a plain prompt (GLM-130B is no chat model)."""
     if not isinstance(body, dict):
         raise OpenAIError(f"the request body must be a JSON object, not {_short(body)}", None)
+    ids = None
     if kind == "completion":
         prompts, infill = _completion_prompts(body)
     else:
-        prompts = [_chat_prompt(body)]
-        infill = [bool(MASK_PATTERN.search(prompts[0]))]
+        messages = _chat_messages(body)
+        prompts = ["\n".join(m["content"] for m in messages)]
+        infill = [bool(MASK_PATTERN.search(prompts[0])) and chat is None]
+        if chat is not None:
+            try:
+                ids = chat(messages)
+            except ValueError as e:
+                raise OpenAIError(str(e), "messages") from None
     config = _config(body, kind, default)
     n = _get(body, "n", _int, 1, MAX_N) or 1
     if len(prompts) * n > MAX_CHOICES:  # type: ignore[operator]
@@ -227,20 +239,21 @@ def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: st
                           "and is only allowed with stream: true", "stream_options")
     include_usage = bool(_get(options or {}, "include_usage", _bool))
     echo = bool(_get(body, "echo", _bool)) if kind == "completion" else False
-    requests = [Request(f"{id_prefix}.{p * n + k}", text=prompt, config=config.updated(seed=config.seed + k))
+    requests = [Request(f"{id_prefix}.{p * n + k}", text=None if ids else prompt, token_ids=ids,
+                        config=config.updated(seed=config.seed + k))
                 for p, prompt in enumerate(prompts) for k in range(n)]  # type: ignore[arg-type]
     return Parsed(kind, prompts, requests, n=n, model=model, stream=stream,  # type: ignore[arg-type]
                   include_usage=include_usage, echo=echo, logprobs=config.logprobs, infill=infill)
 
 
-def parse_batch_line(number: int, obj: dict, default: GenerationConfig) -> Parsed:
+def parse_batch_line(number: int, obj: dict, default: GenerationConfig, chat: ChatFormat | None = None) -> Parsed:
     """An OpenAI batch request line {"custom_id", "method", "url", "body"}; raises OpenAIError."""
     if obj.get("method", "POST") != "POST":
         raise OpenAIError(f"method must be POST, not {_short(obj.get('method'))}", "method")
     url = obj.get("url")
     if url not in URLS:
         raise OpenAIError(f"url {_short(url)} is not supported: use {' or '.join(URLS)}", "url")
-    parsed = parse_body(URLS[url], obj.get("body"), default, str(number))
+    parsed = parse_body(URLS[url], obj.get("body"), default, str(number), chat)
     if parsed.stream:
         raise OpenAIError("stream: true is not available in batch jobs", "stream")
     return parsed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Callable, Protocol
 
+from ..chat import ChatFormat
 from ..requests import Delta, Done, Event, Request, RequestHandle, Result
 from .metrics import Metrics, Timing
 
@@ -19,6 +20,9 @@ class Backend(Protocol):
     def submit(self, request: Request, listener: Callable[[Event], None] | None = None) -> RequestHandle: ...
 
     def load(self) -> dict: ...
+
+    @property
+    def chat_format(self) -> ChatFormat | None: ...
 
 
 class EngineFailed(RuntimeError):
