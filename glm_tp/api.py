@@ -9,7 +9,9 @@ import torch
 from .checkpoint import CheckpointError, detect_quant_bits, inspect, load_shard_into, open_shard
 from .config import ModelConfig, get_preset, parse_dtype
 from .dist import TPContext, init_distributed
+from .layers import LM_HEADS
 from .model import GLMModel
+from .quant import KERNELS
 
 QUANT_CHOICES = {None: None, "auto": None, "none": 0, "fp": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4, 8: 8, 4: 4, 0: 0}
 
@@ -41,15 +43,20 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None = None, layers: int | None = None,
                dtype: str | torch.dtype | None = None, quant: str | int | None = None, device: str | None = None,
-               tp: TPContext | None = None, progress: bool = True, kernels: str = "fused") -> GLMModel:
+               tp: TPContext | None = None, progress: bool = True, kernels: str = "fused",
+               lm_head: str = "model") -> GLMModel:
     """Load this rank's shard of a release-format checkpoint.
 
     Single process: `load_model("ckpt")`. Under `torchrun --nproc_per_node N` every rank calls the
     same line and gets its own shard (the process group is set up on first use). kernels: "fused" (the
-    fastest quantized matmul the device has) or "dequant" (the reference's dequantize-then-matmul).
+    fastest quantized matmul the device has), "q8" (CPU: integer kernels with Q8_0 activations for batches
+    over quant.SMALL_ROWS), "torch" (torch's fused kernels only) or "dequant" (the reference's
+    dequantize-then-matmul). lm_head: "model" (the embedding in the model's dtype) or "int8".
     """
-    if kernels not in ("fused", "dequant"):
-        raise ValueError(f"unknown kernels {kernels!r}: use fused or dequant")
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"unknown lm_head {lm_head!r}: use one of {', '.join(LM_HEADS)}")
     tp = tp or init_distributed(device)
     info = inspect(checkpoint)
     cfg = resolve_config(info.model_config(), model, layers)
@@ -69,5 +76,5 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     if report.unexpected and tp.is_first:
         warnings.warn(f"{path} has {len(report.unexpected)} tensor(s) this model does not use, e.g. "
                       f"{report.unexpected[0]}: ignored")
-    net.prepare_kernels(fused=kernels == "fused")
+    net.prepare_kernels(kernels, lm_head)
     return net.eval()

@@ -88,7 +88,8 @@ def run(cfg: DictConfig) -> int:
         if not plan.fits(memory):
             raise UsageError(refusal(plan, memory))
     checkpoint = resolve_path(cfg.checkpoint)
-    model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels)
+    model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels,
+                       lm_head=cfg.lm_head)
     tokenizer = load_tokenizer_for(cfg, checkpoint, model.cfg.special)
     engine = Engine(model, tokenizer, gen, max_batch=int(cfg.batch_size), max_len=int(cfg.max_len) if cfg.max_len else None)
     if not tp.is_first:

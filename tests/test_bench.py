@@ -39,6 +39,6 @@ def test_fused_kernels_give_the_plain_path_tokens(tiny_checkpoints, tiny_tokeniz
         fast = engine.generate(prompts)
         for m in model.modules():
             if getattr(m, "bits", 0):
-                m.prepare_(fused=False)  # plain dequantize + matmul
+                m.prepare_("dequant")  # plain dequantize + matmul
         plain = engine.generate(prompts)
         assert [r.token_ids for r in fast] == [r.token_ids for r in plain]
