@@ -15,7 +15,9 @@ setup(
     # torch is pinned by the installer (see README): an open requirement would pull a CUDA build
     install_requires=["torch>=2.3", "numpy", "tqdm", "hydra-core>=1.3", "sentencepiece"],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "numba>=0.59"],
+        # the CPU decode kernels (glm_tp/cpu_kernels.py); without numba torch's kernels are used
+        "cpu": ["numba>=0.59"],
         "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb"],
         "plot": ["matplotlib"],
     },

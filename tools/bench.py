@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from glm_tp import quant, reference  # noqa: E402
+from glm_tp import quant, reference  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
+import torch  # noqa: E402
 from glm_tp.config import ModelConfig, get_preset, parse_dtype  # noqa: E402
 from glm_tp.decode import Decoder  # noqa: E402
 from glm_tp.dist import init_distributed, simulated_rank  # noqa: E402
