@@ -74,8 +74,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dty
 
 
 KERNELS = ("fused", "q8", "torch", "dequant")
-# the CPU GEMV kernels up to this many rows; above, batches are compute-bound and torch's kernels (which
-# block over rows) are as fast or faster
+# the CPU GEMV kernels take batches up to this many rows (decode); above, batches are compute-bound and
+# stay on torch's kernels, so prefill and large-batch throughput are what they were
 SMALL_ROWS = 16
 
 # a fused kernel for small batches only: larger ones (prefill) are compute-bound, and there cuBLAS on the

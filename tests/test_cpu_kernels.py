@@ -3,11 +3,15 @@ to torch's kernels, the q8 and INT8 LM head options. No timings here: tools/benc
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
+from conftest import ROOT
 from glm_tp import load_model, quant
 from glm_tp.quant import SMALL_ROWS, dequantize, prepare, quantize_rows
 
@@ -110,3 +114,12 @@ def test_int8_lm_head_stays_near_the_model_dtype_head(tiny_checkpoints):
     assert 0 < err < 0.01
     with pytest.raises(ValueError, match="unknown lm_head 'int4': use one of model, int8"):
         load_model(tiny_checkpoints[1], progress=False, lm_head="int4")
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
+    code = "import glm_tp, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env=env if given is None else {**env, "OMP_WAIT_POLICY": given})
+        assert res.returncode == 0 and res.stdout.strip() == want, res.stderr[-500:]
