@@ -4,15 +4,17 @@ At batch 1 a decode step is a stream of GEMVs whose cost is reading the weights;
 kernels read well below the memory bandwidth on AVX2 machines. These kernels are plain loops that LLVM
 vectorizes (int8 -> float32, fused multiply-add), parallel over blocks of output rows, with the fp16 row
 scales applied exactly afterwards in fp32:
-- `int8_matmul`: weights int8 [out, in] (the checkpoint's own layout);
-- `int4_matmul`: weights as `pack_int4_halves` lays them out: byte j of a row holds input column j in the
+- `int8_kernel`: weights int8 [out, in] (the checkpoint's own tensor); batch rows four at a time, so each
+  weight is converted once per four rows;
+- `int4_kernel`: weights as `pack_int4_halves` lays them out: byte j of a row holds input column j in the
   low nibble and column j + in/2 in the high nibble, both stored as q + 8 (unsigned), so unpacking needs no
-  sign handling and the two halves of x are read contiguously.
-- `q8_matmul`: the option for larger batches: activations quantized to int8 per block of `Q8_BLOCK` input
+  sign handling and the two halves of x are read contiguously;
+- `q8_kernel_`: the option for larger batches: activations quantized to int8 per block of `Q8_BLOCK` input
   columns (one fp32 scale per block, as llama.cpp's Q8_0), integer dot products per block.
+`small_kernel` / `q8_kernel` wrap them as callables on torch tensors (`Matmul`) for `quant.prepare`.
 
-Batch rows are taken four at a time so each weight is converted once per four rows. Compiled code is
-cached on disk (`cache=True`): the first load in a fresh environment compiles (seconds), later ones load.
+Compiled code is cached on disk (`cache=True`): the first load in a fresh environment compiles (tens of
+seconds on a busy 2-core machine), later ones load it.
 numba runs its own thread pool; `configure_threads` gives it torch's thread count so the two pools never
 run more threads than cores between them (they take turns: a decode step alternates torch ops and kernels).
 """
