@@ -13,12 +13,15 @@ setup(
     include_package_data=True,
     package_data={"glm_tp": ["conf/**/*.yaml"]},
     # torch is pinned by the installer (see README): an open requirement would pull a CUDA build
-    install_requires=["torch>=2.3", "numpy", "tqdm", "hydra-core>=1.3", "sentencepiece"],
+    install_requires=["torch>=2.3", "numpy", "tqdm", "hydra-core>=1.3", "sentencepiece", "safetensors"],
     extras_require={
-        "test": ["pytest>=7", "numba>=0.59"],
+        "server": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
         # the CPU decode kernels (glm_tp/cpu_kernels.py); without numba torch's kernels are used
         "cpu": ["numba>=0.59"],
-        "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb"],
+        # the server's tests drive it with the official client and a real browser (selenium + system chromium)
+        "test": ["pytest>=7", "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "openai>=1.40",
+                 "httpx>=0.27", "selenium>=4.20", "numba>=0.59"],
+        "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb", "einops", "transformers"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["glm-tp-generate = glm_tp.generate:main"]},

@@ -6,7 +6,9 @@ import warnings
 
 import torch
 
-from .checkpoint import CheckpointError, detect_quant_bits, inspect, load_shard_into, open_shard
+from .checkpoint import CheckpointError, check_files
+from .loader import RankLoader, source_bits
+from .sources import Source, open_source
 from .config import ModelConfig, get_preset, parse_dtype
 from .dist import TPContext, init_distributed
 from .layers import LM_HEADS
@@ -44,37 +46,49 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None = None, layers: int | None = None,
                dtype: str | torch.dtype | None = None, quant: str | int | None = None, device: str | None = None,
                tp: TPContext | None = None, progress: bool = True, kernels: str = "fused",
-               lm_head: str = "model") -> GLMModel:
-    """Load this rank's shard of a release-format checkpoint.
+               lm_head: str = "model", verify: bool = False) -> GLMModel:
+    """Load this rank's share of a checkpoint: the GLM-130B release layout with any number of shards, one
+    unsharded file, or a Hugging Face ChatGLM-6B folder, at any TP size that divides the model.
 
     Single process: `load_model("ckpt")`. Under `torchrun --nproc_per_node N` every rank calls the
-    same line and gets its own shard (the process group is set up on first use). kernels: "fused" (the
+    same line and gets its own slice (the process group is set up on first use). kernels: "fused" (the
     fastest quantized matmul the device has), "q8" (CPU: integer kernels with Q8_0 activations for batches
     over quant.SMALL_ROWS), "torch" (torch's fused kernels only) or "dequant" (the reference's
     dequantize-then-matmul). lm_head: "model" (the embedding in the model's dtype) or "int8".
+    verify: check every file's SHA-256 against glm_tp.json first (the ranks share the work); file sizes
+    are always checked.
     """
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
     if lm_head not in LM_HEADS:
         raise ValueError(f"unknown lm_head {lm_head!r}: use one of {', '.join(LM_HEADS)}")
     tp = tp or init_distributed(device)
-    info = inspect(checkpoint)
-    cfg = resolve_config(info.model_config(), model, layers)
-    if info.tp != tp.size:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} has {info.tp} shard(s) but {tp.size} rank(s) were started: start "
-            f"{info.tp} ranks, or run `python tools/repartition.py {checkpoint} DST --tp {tp.size}` and load DST")
+    source = open_source(checkpoint)
+    verify_files(source, tp, verify, progress)
+    cfg = resolve_config(source.model_config(), model, layers)
     cfg.check_tp(tp.size)
-    path = info.shards[tp.rank]
-    state, mapped = open_shard(path)
-    ckpt_bits = info.quant_bits if info.quant_bits is not None else detect_quant_bits(state, cfg, tp.size)
+    bits = source_bits(source, cfg.hidden_size)
     wanted = parse_quant(quant)
-    bits = ckpt_bits if wanted is None else wanted
     torch_dtype = parse_dtype(dtype) if dtype else default_dtype(tp.device)
-    net = GLMModel(cfg, tp, torch_dtype, tp.device, quant_bits=bits)
-    report = load_shard_into(net, state, mapped, path, ckpt_bits, progress=progress and tp.is_first)
+    net = GLMModel(cfg, tp, torch_dtype, tp.device, quant_bits=bits if wanted is None else wanted)
+    report = RankLoader(net, source).load(progress=progress and tp.is_first)
     if report.unexpected and tp.is_first:
-        warnings.warn(f"{path} has {len(report.unexpected)} tensor(s) this model does not use, e.g. "
+        warnings.warn(f"{source.root} has {len(report.unexpected)} tensor(s) this model does not use, e.g. "
                       f"{report.unexpected[0]}: ignored")
     net.prepare_kernels(kernels, lm_head)
     return net.eval()
+
+
+def verify_files(source: Source, tp: TPContext, verify: bool, progress: bool) -> None:
+    """Sizes always; with verify, each rank hashes its share of the files and every rank learns every
+    problem (one all-reduce), so all of them stop with the same line before computing anything."""
+    problems = check_files(source.root, source.metadata, verify, tp.rank, tp.size, progress and tp.is_first)
+    if not verify:
+        return
+    names = sorted(source.metadata["files"])
+    bad = torch.tensor([float(n in problems) for n in names], device=tp.device)
+    bad = tp.all_reduce(bad)
+    first = next((n for n, b in zip(names, bad.tolist()) if b), None)
+    if first is not None:
+        raise CheckpointError(problems.get(first) or f"{source.root / first} does not match its recorded SHA-256: "
+                                                     f"it is corrupt or from another checkpoint; re-copy it")

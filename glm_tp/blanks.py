@@ -9,11 +9,15 @@ The rules are the reference's (GLM-130B generate.py):
   tokens causal;
 - positions count 0..n-1 over the context; from sop on they stay pinned at the mask's index for
   [MASK]/[sMASK] and keep counting for [gMASK].
+- 2D positions (ChatGLM-6B, `position_encoding="2d"`): each position is a pair (position, block position).
+  The context is (0, 0) .. (n-1, 0); from sop on the position stays at the mask's index for every mask kind
+  and the block position counts 1, 2, ...
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Union
 
 from .config import SpecialTokens
 from .tokenizer import GLMTokenizer
@@ -61,31 +65,42 @@ def fill_kind(ids: list[int], special: SpecialTokens) -> int:
     return special.gmask
 
 
+Position = Union[int, tuple[int, int]]
+
+
 @dataclass
 class BlankInput:
-    """One fill pass: the model input up to and including sop, and how generation continues."""
+    """One fill pass: the model input up to and including sop, and how generation continues.
 
-    tokens: list[int]       # context + [sop]
-    positions: list[int]    # same length as tokens
-    bidirectional: int      # context tokens every query sees (all but sop)
-    mask_index: int         # where the blank is in the context
-    next_position: int      # position id of the first generated token
-    pinned: bool            # generated positions stay at the mask index ([MASK]/[sMASK])
+    Positions are ints (1D) or (position, block position) pairs (2D). Generated token g (0-based) sits at
+    `next_position + counting * g`, per dimension: `counting` is 1 where positions count on, 0 where pinned."""
 
-    def position_after(self, generated: int) -> int:
-        """Position id of generated token number `generated` (0-based)."""
-        return self.next_position if self.pinned else self.next_position + generated
+    tokens: list[int]          # context + [sop]
+    positions: list[Position]  # same length as tokens
+    bidirectional: int         # context tokens every query sees (all but sop)
+    mask_index: int            # where the blank is in the context
+    next_position: Position    # position of the first generated token
+    counting: Position         # 1D: 0 pinned ([MASK]/[sMASK]) or 1 ([gMASK]); 2D: (0, 1)
+
+    def position_after(self, generated: int) -> Position:
+        """Position of generated token number `generated` (0-based)."""
+        if isinstance(self.next_position, tuple):
+            return tuple(p + c * generated for p, c in zip(self.next_position, self.counting))
+        return self.next_position + self.counting * generated
 
 
-def next_blank(ids: list[int], kind: int, special: SpecialTokens) -> BlankInput | None:
+def next_blank(ids: list[int], kind: int, special: SpecialTokens, position_encoding: str = "1d") -> BlankInput | None:
     if kind not in ids:
         return None
     m = ids.index(kind)
     n = len(ids)
+    if position_encoding == "2d":  # position pinned at the mask for every kind, block position counts from 1
+        return BlankInput(tokens=ids + [special.sop], positions=[(i, 0) for i in range(n)] + [(m, 1)],
+                          bidirectional=n, mask_index=m, next_position=(m, 2), counting=(0, 1))
     pinned = kind != special.gmask
     sop_position = m if pinned else n
     return BlankInput(tokens=ids + [special.sop], positions=list(range(n)) + [sop_position], bidirectional=n,
-                      mask_index=m, next_position=m if pinned else n + 1, pinned=pinned)
+                      mask_index=m, next_position=m if pinned else n + 1, counting=0 if pinned else 1)
 
 
 def splice(ids: list[int], mask_index: int, generated: list[int]) -> list[int]:

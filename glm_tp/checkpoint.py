@@ -16,15 +16,14 @@ import mmap
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
-
 from .config import ModelConfig, dtype_name
-from .partition import QUANTIZED_LINEARS, Layout, is_ignored, layout_of, short_name
+from .integrity import file_records, hash_problems, size_problem
+from .partition import QUANTIZED_LINEARS, Layout, layout_of, short_name
 
 METADATA_FILE = "glm_tp.json"
 LAYOUT_VERSION = 1
@@ -49,7 +48,7 @@ class CheckpointInfo:
     @property
     def quant_bits(self) -> int | None:
         """From the metadata when present; None means "look at the tensors"."""
-        return None if self.metadata is None else int(self.metadata.get("quant_bits", 0))
+        return None if self.metadata is None or "quant_bits" not in self.metadata else int(self.metadata["quant_bits"])
 
     def model_config(self) -> ModelConfig | None:
         if self.metadata and "model" in self.metadata:
@@ -99,6 +98,24 @@ def read_metadata(root: Path) -> dict[str, Any] | None:
     return meta
 
 
+def check_files(root: Path, metadata: dict[str, Any] | None, verify: bool = False, rank: int = 0, ranks: int = 1,
+                progress: bool = False) -> dict[str, str]:
+    """Sizes of every recorded file (always: raises at once); with verify, the SHA-256 of this rank's share of
+    the files (file i goes to rank i % ranks), returned as {file: problem} for the caller to share."""
+    records = (metadata or {}).get("files") or {}
+    for rel, record in records.items():
+        problem = size_problem(root, rel, record)
+        if problem:
+            raise CheckpointError(problem)
+    if not verify:
+        return {}
+    if not records:
+        raise CheckpointError(f"{root} records no checksums (only checkpoints written by glm-tp's tools do): "
+                              f"load it without verify=true, or record them from a copy you trust with tools/verify.py CKPT --record")
+    names = sorted(records)[rank::ranks]
+    return hash_problems(root, records, names, progress)
+
+
 def make_metadata(cfg: ModelConfig, tp: int, dtype: torch.dtype, quant_bits: int = 0, **extra: Any) -> dict[str, Any]:
     return {"format": "glm-130b-release", "layout_version": LAYOUT_VERSION, "model": cfg.to_dict(), "tp": tp,
             "dtype": dtype_name(dtype), "quant_bits": quant_bits, **extra}
@@ -114,10 +131,16 @@ def write_shard(root: str | os.PathLike, iteration: str, rank: int, state_dict: 
     return path
 
 
-def write_latest(root: str | os.PathLike, iteration: str, metadata: dict[str, Any] | None = None) -> None:
+def write_latest(root: str | os.PathLike, iteration: str, metadata: dict[str, Any] | None = None,
+                 progress: bool = False) -> None:
+    """Name the iteration; with metadata, record it with each shard's (and the tokenizer's) size and SHA-256."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if metadata is not None:
+        files = sorted(p for p in (root / iteration).iterdir() if _SHARD_RE.match(p.name))
+        if metadata.get("tokenizer") and (root / metadata["tokenizer"]).is_file():
+            files.append(root / metadata["tokenizer"])
+        metadata = {**metadata, "files": file_records(root, files, progress)}
         (root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     (root / "latest").write_text(f"{iteration}\n")
 
@@ -139,7 +162,7 @@ def open_shard(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             mapped = False
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse means a bad file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"shard {path} cannot be read ({first}): it is truncated or corrupt; "
                               f"re-copy it (compare its checksum) or re-create it") from None
     state = obj.get("module", obj) if isinstance(obj, dict) else None
@@ -179,65 +202,7 @@ def detect_quant_bits(state: dict[str, torch.Tensor], cfg: ModelConfig, tp: int)
     return 4 if qkv.shape[-1] * 2 == cfg.hidden_size else 8
 
 
-@dataclass
-class LoadReport:
-    loaded: int = 0
-    unexpected: list[str] = field(default_factory=list)
-
-
-def load_shard_into(model: torch.nn.Module, state: dict[str, torch.Tensor], mapped: bool, path: Path,
-                    checkpoint_bits: int, progress: bool = True) -> LoadReport:
-    """Fill `model` (one rank's GLMModel, built with the wanted dtype and quantization) from a shard.
-
-    checkpoint_bits: what the shard holds (0 = float). A float shard into a quantized model is
-    quantized tensor by tensor on the model's device; a quantized shard needs a model of the same bits.
-    """
-    model_bits = model.quant_bits
-    if checkpoint_bits and checkpoint_bits != model_bits:
-        wanted = f"INT{model_bits}" if model_bits else "a float model"
-        raise CheckpointError(f"{path} holds INT{checkpoint_bits} weights but {wanted} was asked: set "
-                              f"quant=int{checkpoint_bits}, or load the fp16 checkpoint to quantize it yourself")
-    params = dict(model.named_parameters())
-    if not checkpoint_bits:  # a float shard has no scales; a quantized model computes them
-        params = {n: p for n, p in params.items() if not n.endswith(".weight_scale")}
-    missing = [n for n in params if n not in state]
-    if missing:
-        raise CheckpointError(f"{path} lacks {len(missing)} tensor(s), e.g. {missing[0]}: "
-                              f"{_missing_hint(missing)}")
-    report = LoadReport(unexpected=[n for n in state if n not in params and not is_ignored(n)
-                                    and not n.endswith(".weight_scale")])
-    modules = dict(model.named_modules())
-    zero_copy_ok = model.device.type == "cpu"
-    for name in tqdm(params, desc=f"loading {path.name}", disable=not progress, unit="tensor", leave=False):
-        param, t = params[name], state[name]
-        owner = modules[name.rsplit(".", 1)[0]]
-        quantize_here = name.endswith(".weight") and getattr(owner, "bits", 0) and t.is_floating_point()
-        expected = (owner.out_features, owner.in_features) if quantize_here else tuple(param.shape)
-        if tuple(t.shape) != expected:
-            raise CheckpointError(_shape_message(name, expected, tuple(t.shape)))
-        if quantize_here:
-            owner.load_float_weight_(t)
-        elif zero_copy_ok and t.dtype == param.dtype:
-            param.data = t  # CPU, same dtype: use the mapped file pages directly
-            report.loaded += 1
-            continue
-        else:
-            param.copy_(t)
-        if mapped:
-            release_pages(t)
-        report.loaded += 1
-    return report
-
-
-def _missing_hint(missing: list[str]) -> str:
-    if any(n.endswith(".weight_scale") for n in missing):
-        return "the model expects a quantized checkpoint; load the fp16 one with quant=int8/int4 instead"
-    layers = {short_name(n) for n in missing}
-    return (f"the checkpoint does not match this model shape ({len(layers)} distinct tensor kinds missing); "
-            f"check the model preset or --layers")
-
-
-def _shape_message(name: str, expected: tuple[int, ...], found: tuple[int, ...]) -> str:
+def shape_message(name: str, expected: tuple[int, ...], found: tuple[int, ...]) -> str:
     head = f"tensor {name} has shape {list(found)} in the checkpoint but the model expects {list(expected)}"
     if len(found) == len(expected) == 2 and found[0] == expected[0] and short_name(name).split(".")[-2] in \
             {q.split(".")[-1] for q in QUANTIZED_LINEARS} and found[1] * 2 == expected[1]:
@@ -247,7 +212,7 @@ def _shape_message(name: str, expected: tuple[int, ...], found: tuple[int, ...])
     if split_dim is not None and len(found) == len(expected) and all(
             f == e for i, (f, e) in enumerate(zip(found, expected)) if i != split_dim):
         f, e = found[split_dim], expected[split_dim]
-        if max(f, e) % min(f, e) == 0:
-            return (f"{head}: the checkpoint seems cut for a tensor-parallel size {e / f:g}x the model's; "
-                    f"run tools/repartition.py to reshard it for the number of ranks you start")
+        if f < e and e % f == 0:
+            return (f"{head}: the checkpoint seems to hold 1/{e / f:g} of each tensor (shards missing, or files of "
+                    f"another checkpoint); restore the missing shards")
     return f"{head}: the model shape does not match the checkpoint; check the model preset (or --layers)"

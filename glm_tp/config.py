@@ -51,10 +51,19 @@ class ModelConfig:
     rotary_base: float = 10000.0
     special: SpecialTokens = field(default_factory=SpecialTokens)
     deepnorm_layers: int = 0  # depth the model was trained at, for alpha (0: num_layers); see with_layers
+    # the GLM family's variants (ChatGLM-6B: "2d", "gelu", untied, "chatglm")
+    position_encoding: str = "1d"  # "1d": one rotary over the head; "2d": position and block position, half each
+    mlp: str = "geglu"             # "geglu" (h->4h = value and gate rows) or "gelu" (tanh GeLU, no gate)
+    tied_lm_head: bool = True      # False: a separate vocab-parallel lm_head.weight
+    chat_template: str = ""        # how chat messages become a prompt ("chatglm"; "": no chat format)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def glu(self) -> bool:
+        return self.mlp == "geglu"
 
     @property
     def deepnorm_alpha(self) -> float:
@@ -63,6 +72,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        for key, value, allowed in (("position_encoding", self.position_encoding, ("1d", "2d")),
+                                    ("mlp", self.mlp, ("geglu", "gelu")), ("chat_template", self.chat_template, ("", "chatglm"))):
+            if value not in allowed:
+                raise ValueError(f"model {key} {value!r} is not one of {', '.join(map(repr, allowed))}")
+        if self.position_encoding == "2d" and self.head_dim % 4:
+            raise ValueError(f"2D rotary needs a head dim divisible by 4, not {self.head_dim}")
 
     def valid_tp_sizes(self, limit: int = 64) -> list[int]:
         dims = (self.num_heads, self.hidden_size, self.inner_hidden_size, self.vocab_size)
@@ -92,13 +107,27 @@ class ModelConfig:
         return cls(special=special, **{k: v for k, v in d.items() if k in known})
 
 
+_TINY_SPECIAL = SpecialTokens(mask=1000, gmask=1001, smask=1002, sop=1004, eop=1005, eos=2, pad=0)
+
 PRESETS: dict[str, ModelConfig] = {
     "glm-130b": ModelConfig(num_layers=70, hidden_size=12288, num_heads=96, inner_hidden_size=32768,
                             vocab_size=150528, max_seq_len=2048),
+    # THUDM/chatglm-6b (and -int4) as released: config.json's shape and ids, 2D positions, GeLU, untied head
+    "chatglm-6b": ModelConfig(num_layers=28, hidden_size=4096, num_heads=32, inner_hidden_size=16384,
+                              vocab_size=130528, max_seq_len=2048, special=SpecialTokens(
+                                  mask=130000, gmask=130001, smask=130002, sop=130004, eop=130005, eos=2, pad=3),
+                              position_encoding="2d", mlp="gelu", tied_lm_head=False, chat_template="chatglm"),
+    # the bundled demo model (data/demo, tools/train_demo.py); its glm_tp.json says the same
+    "demo": ModelConfig(num_layers=4, hidden_size=192, num_heads=8, inner_hidden_size=384, vocab_size=128,
+                        max_seq_len=96, special=SpecialTokens(mask=104, gmask=105, smask=106, sop=108, eop=109,
+                                                              eos=2, pad=0)),
     # a few-MB model for unit tests: every dimension divisible by 1, 2, 4 and 8
     "tiny": ModelConfig(num_layers=2, hidden_size=64, num_heads=8, inner_hidden_size=128,
-                        vocab_size=1024, max_seq_len=128, special=SpecialTokens(
-                            mask=1000, gmask=1001, smask=1002, sop=1004, eop=1005, eos=2, pad=0)),
+                        vocab_size=1024, max_seq_len=128, special=_TINY_SPECIAL),
+    # the same size in ChatGLM-6B's architecture, for tests of that family
+    "tiny-chatglm": ModelConfig(num_layers=2, hidden_size=64, num_heads=8, inner_hidden_size=256,
+                                vocab_size=1024, max_seq_len=128, special=_TINY_SPECIAL, position_encoding="2d",
+                                mlp="gelu", tied_lm_head=False, chat_template="chatglm"),
 }
 
 

@@ -26,6 +26,7 @@ class TPContext:
     group: Any = None
     device: torch.device = torch.device("cpu")
     simulated: bool = False
+    timeout_s: float = DEFAULT_TIMEOUT_S  # every collective's limit (idle ranks need keep-alives more often)
 
     @property
     def is_first(self) -> bool:
@@ -67,6 +68,14 @@ class TPContext:
         dist.broadcast_object_list(box, src=0, group=self.group, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable `obj`, in rank order, on every rank."""
+        if not self.communicates:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
 
 def single_process(device: str | torch.device = "cpu") -> TPContext:
     return TPContext(device=torch.device(device))
@@ -92,14 +101,15 @@ def init_distributed(device: str | None = None, backend: str | None = None,
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world == 1 and not dist.is_initialized():
-        return TPContext(device=dev)
+        return TPContext(device=dev, timeout_s=timeout_s)
     if not dist.is_initialized():
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         # a group left to interpreter teardown can abort the process ("terminate called ...")
         atexit.register(shutdown)
-    return TPContext(rank=dist.get_rank(), size=dist.get_world_size(), group=dist.group.WORLD, device=dev)
+    return TPContext(rank=dist.get_rank(), size=dist.get_world_size(), group=dist.group.WORLD, device=dev,
+                     timeout_s=timeout_s)
 
 
 def shutdown() -> None:

@@ -1,11 +1,16 @@
-"""The GLM-130B transformer, one tensor-parallel rank of it.
+"""The GLM transformer (GLM-130B, ChatGLM-6B), one tensor-parallel rank of it.
 
 Per layer (DeepNorm, post-LN, alpha = sqrt(2 * num_layers)):
     h = LN_in(x);   x' = alpha*h + Attention(h)
-    m = LN_post(x'); y = alpha*m + GeGLU(m)
-and after the last layer: logits = LN_final(y) @ E^T with the tied, vocab-parallel embedding E.
+    m = LN_post(x'); y = alpha*m + MLP(m)
+and after the last layer: logits = LN_final(y) @ E^T with the tied, vocab-parallel embedding E
+(or a separate vocab-parallel `lm_head` when `tied_lm_head` is off).
 
-Attention: head-major fused QKV, NeoX-style rotary over the whole head dim at caller-given
+The config picks the family's variants: MLP GeGLU (GLM-130B) or tanh-GeLU without gate (ChatGLM-6B);
+rotary over the whole head dim at 1D positions [b, s], or 2D (ChatGLM-6B): positions [b, s, 2] as
+(position, block position), each rotating its own half of the head dim.
+
+Attention: head-major fused QKV, NeoX-style rotary at caller-given
 position ids, q scaled by 1/(sqrt(d)*c) and softmax(scores*c) in fp32 with c = layer+1, masked
 scores filled with -10000. The mask is GLM's: every query sees the first `bidirectional` tokens
 of its sequence, and the rest causally. Sequences of different lengths are left-padded, and pad
@@ -57,40 +62,68 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def rows(self, n: int) -> "KVCache":
-        """The first `n` rows, sharing this cache's memory (a fill uses as many rows as it has sequences)."""
+    def select(self, row: int, n: int) -> "KVCache":
+        """Rows [row, row + n), sharing this cache's memory (a prefill writes only its own rows)."""
         view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        view.k, view.v = self.k[:, row:row + n], self.v[:, row:row + n]
         return view
 
-    def reorder(self, index: torch.Tensor, upto: int | None = None) -> None:
-        """Keep rows `index` of the batch (beam search picks parents); only slots [0, upto) are moved."""
-        k, v = self.k[:, :, :, :upto], self.v[:, :, :, :upto]
-        k.copy_(k.index_select(1, index))
-        v.copy_(v.index_select(1, index))
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, upto: int) -> None:
+        """Rows dst become copies of rows src over slots [0, upto) (beam parents, packing rows)."""
+        for t in (self.k, self.v):
+            part = t[:, :, :, :upto]
+            part.index_copy_(1, dst.to(t.device), part.index_select(1, src.to(t.device)))
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store a call's keys/values [b, heads, s, d] in place: at slots [s] shared by every row (a
+        prompt), or at each row's own slot [b, 1] (a decode step over rows of different lengths)."""
+        keys, values = self.k[layer], self.v[layer]
+        if slots.dim() == 1:
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+            return
+        rows = torch.arange(k.shape[0], device=k.device)
+        keys.transpose(1, 2).index_put_((rows, slots[:, 0]), k[:, :, 0])
+        values.transpose(1, 2).index_put_((rows, slots[:, 0]), v[:, :, 0])
 
 
 def rotary_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [max_seq_len, head_dim], as the reference computes them whatever the model's dtype:
-    inverse frequencies rounded to fp16, then angles, cos and sin in fp16 (integer positions are exact in
-    fp16 up to 2048). GLM-130B was trained with these values, so bf16/fp32 runs take them too."""
-    d = cfg.head_dim
+    """cos, sin of shape [max_seq_len, d] (d: the head dim, or half of it for 2D positions), as the reference
+    computes them whatever the model's dtype: inverse frequencies rounded to fp16, then angles, cos and sin in
+    fp16 (integer positions are exact in fp16 up to 2048). The GLM models were trained with these values, so
+    bf16/fp32 runs take them too."""
+    d = cfg.head_dim // rotary_groups(cfg)
     inv_freq = (1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, device=device).float() / d))).half()
     t = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float16)
     emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, heads, s, d]; cos/sin [b, 1, s, d]. Dims [0, d/2) pair with [d/2, d)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def rotary_groups(cfg: ModelConfig) -> int:
+    """How many independent rotary blocks a head has: 1 (1D positions) or 2 (position, block position)."""
+    return 2 if cfg.position_encoding == "2d" else 1
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """x [b, heads, s, d]; cos/sin [b, 1, s, d]. The head dim is `groups` blocks; in each, the first half
+    pairs with the second (groups=1: dims [0, d/2) with [d/2, d))."""
+    x1, x2 = x.unflatten(-1, (groups, 2, -1)).unbind(-2)
+    return x * cos + torch.stack([-x2, x1], dim=-2).flatten(-3) * sin
+
+
+def rotary_at(cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [b, 1, s, d] at positions [b, s] (1D) or [b, s, 2] (2D: the two tables' halves side by side)."""
+    if positions.dim() == 3:
+        return tuple(torch.cat([t[positions[..., 0]], t[positions[..., 1]]], dim=-1).unsqueeze(1)
+                     for t in (cos_table, sin_table))
+    return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
 
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPContext, dtype: torch.dtype, bits: int):
         super().__init__()
         self.layer_id = layer_id
+        self.rotary_groups = rotary_groups(cfg)
         self.heads = cfg.num_heads // tp.size
         self.head_dim = cfg.head_dim
         self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp, dtype, bits)
@@ -101,14 +134,12 @@ class SelfAttention(nn.Module):
         b, s, _ = h.shape
         qkv = self.query_key_value(h).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, self.rotary_groups), apply_rotary(k, cos, sin, self.rotary_groups)
         if cache is None:  # one-shot forward (training): nothing to keep
             keys, values = k, v
         else:  # write this call's keys/values at `slots` in place, attend over the first `window` slots
-            keys, values = cache.k[self.layer_id], cache.v[self.layer_id]
-            keys.index_copy_(2, slots, k)
-            values.index_copy_(2, slots, v)
-            keys, values = keys[:, :, :window], values[:, :, :window]
+            cache.write(self.layer_id, k, v, slots)
+            keys, values = cache.k[self.layer_id, :, :, :window], cache.v[self.layer_id, :, :, :window]
 
         c = float(self.layer_id + 1)
         # CPUs without half-precision arithmetic run half batched matmuls as slow loops: use fp32 there
@@ -120,13 +151,20 @@ class SelfAttention(nn.Module):
         return self.dense(ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
-class GeGLU(nn.Module):
+class MLP(nn.Module):
+    """GeGLU (value * gelu(gate), exact GeLU) or, without a gate, the tanh-approximated GeLU of ChatGLM-6B."""
+
     def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype, bits: int):
         super().__init__()
-        self.dense_h_to_4h = GLUColumnParallelLinear(cfg.hidden_size, 2 * cfg.inner_hidden_size, tp, dtype, bits)
-        self.dense_4h_to_h = RowParallelLinear(cfg.inner_hidden_size, cfg.hidden_size, tp, dtype, bits)
+        self.glu = cfg.glu
+        h, f = cfg.hidden_size, cfg.inner_hidden_size
+        self.dense_h_to_4h = (GLUColumnParallelLinear(h, 2 * f, tp, dtype, bits) if self.glu
+                              else ColumnParallelLinear(h, f, tp, dtype, bits))
+        self.dense_4h_to_h = RowParallelLinear(f, h, tp, dtype, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.glu:
+            return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
         value, gate = self.dense_h_to_4h(x).chunk(2, dim=-1)
         return self.dense_4h_to_h(value * F.gelu(gate))
 
@@ -138,7 +176,7 @@ class GLMBlock(nn.Module):
         self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
         self.attention = SelfAttention(cfg, layer_id, tp, dtype, bits)
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
-        self.mlp = GeGLU(cfg, tp, dtype, bits)
+        self.mlp = MLP(cfg, tp, dtype, bits)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None, slots: torch.Tensor, window: int) -> torch.Tensor:
@@ -167,6 +205,8 @@ class GLMModel(nn.Module):
         self.device = torch.device(device) if device is not None else tp.device
         with self.device:  # parameters are allocated, never written: the loader fills them
             self.transformer = Transformer(cfg, tp, dtype, quant_bits)
+            # the LM head: the embedding itself (tied) or its own vocab-parallel weight (ChatGLM-6B)
+            self.lm_head = None if cfg.tied_lm_head else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype)
         self.requires_grad_(False)
         cos, sin = rotary_tables(cfg, dtype, self.device)
         self.register_buffer("rotary_cos", cos, persistent=False)
@@ -203,11 +243,11 @@ class GLMModel(nn.Module):
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache | None,
             slots: torch.Tensor, window: int, logits_at: torch.Tensor | None = None,
             gather: bool = True) -> torch.Tensor | None:
-        """`forward` on inputs already on the device: tokens and positions [b, s], the mask [b, 1, s, window]
-        (True = hidden), the cache slots [s] this call writes. It does no host work, so a decode step made
+        """`forward` on inputs already on the device: tokens [b, s], positions [b, s] or [b, s, 2] (2D), the mask
+        [b, 1, s, window] (True = hidden), the cache slots this call writes ([s], or [b, 1]: each row's own slot).
+        It does no host work, so a decode step made
         of it can be captured in a CUDA graph (see decode.py)."""
-        cos = self.rotary_cos[positions].unsqueeze(1)
-        sin = self.rotary_sin[positions].unsqueeze(1)
+        cos, sin = rotary_at(self.rotary_cos, self.rotary_sin, positions)
         x = self.transformer.word_embeddings(tokens)
         for layer in self.transformer.layers:
             x = layer(x, cos, sin, mask, cache, slots, window)
@@ -216,5 +256,6 @@ class GLMModel(nn.Module):
         else:
             b = x.shape[0]
             picked = x[torch.arange(b, device=self.device).view(-1, *([1] * (logits_at.dim() - 1))), logits_at]
-        local = self.transformer.word_embeddings.logits(self.transformer.final_layernorm(picked))
+        head = self.lm_head or self.transformer.word_embeddings
+        local = head.logits(self.transformer.final_layernorm(picked))
         return self.tp.gather_last_dim_to_first(local) if gather else local

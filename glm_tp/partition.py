@@ -6,15 +6,21 @@ Layouts (weights are [out, in], as F.linear takes them):
 - COLUMN: contiguous cut along dim 0. The vocab-parallel embedding and the QKV projection use it;
   QKV rows are head-major ([q k v] of head 0, then head 1, ...), so a cut by rows is a cut by heads.
 - GLU: dim 0 holds [value rows ; gate rows]; rank r keeps its slice of the value rows followed by
-  its slice of the gate rows, because GeGLU halves each rank's own output.
+  its slice of the gate rows, because GeGLU halves each rank's own output. A GeLU MLP (ChatGLM-6B)
+  has no gate: its h->4h is plain COLUMN (`layout_of(..., glu=False)`).
 - ROW: contiguous cut along dim 1 (the input dim) of attention.dense and dense_4h_to_h weights.
 - REPLICATED: every rank holds the same tensor (LayerNorms, row-parallel biases).
+
+Every rule is expressed once, by `pieces`: the ranges of the full tensor a rank's shard is made of.
+`copy_plan` intersects those ranges between any two cuts (N source shards, tp ranks, no integer
+ratio needed), so a rank can take its slice from any checkpoint without building the full tensor.
 """
 from __future__ import annotations
 
 import enum
 import re
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -50,11 +56,14 @@ def is_ignored(name: str) -> bool:
     return name.endswith(IGNORED_SUFFIXES)
 
 
-def layout_of(name: str) -> Layout:
+def layout_of(name: str, glu: bool = True) -> Layout:
+    """glu=False: the model's MLP is a plain GeLU (ChatGLM-6B), so h->4h is cut like any column layer."""
     short = short_name(name)
-    if short == "word_embeddings.weight":
+    if short in ("word_embeddings.weight", "lm_head.weight"):
         return Layout.COLUMN
     for linear, (weight_layout, bias_layout) in _LINEARS.items():
+        if not glu and weight_layout is Layout.GLU:
+            weight_layout = bias_layout = Layout.COLUMN
         if short == f"{linear}.weight":
             return weight_layout
         if short == f"{linear}.bias":
@@ -77,16 +86,63 @@ def split(t: torch.Tensor, layout: Layout, tp: int) -> list[torch.Tensor]:
     return out
 
 
+class Piece(NamedTuple):
+    """A contiguous range [start, start + length) of the full tensor along `dim`."""
+
+    dim: int
+    start: int
+    length: int
+
+
+def pieces(layout: Layout, full_shape: tuple[int, ...], tp: int, rank: int) -> list[Piece]:
+    """The ranges of the full tensor that, joined in this order along their dim, make rank `rank`'s shard."""
+    if layout is Layout.REPLICATED or not full_shape:
+        return [Piece(0, 0, full_shape[0] if full_shape else 1)]
+    dim = _dim(layout, len(full_shape))
+    n = full_shape[dim]
+    if layout is Layout.GLU:
+        _check_divides(n, 2 * tp, layout)
+        part = n // (2 * tp)
+        return [Piece(0, rank * part, part), Piece(0, n // 2 + rank * part, part)]
+    _check_divides(n, tp, layout)
+    return [Piece(dim, rank * (n // tp), n // tp)]
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Copy `length` entries along `dim` from source shard `src` (at `src_offset`) to `dst_offset`."""
+
+    dim: int
+    src: int
+    src_offset: int
+    dst_offset: int
+    length: int
+
+
+def copy_plan(layout: Layout, full_shape: tuple[int, ...], sources: int, tp: int, rank: int) -> list[Copy]:
+    """How rank `rank` of `tp` builds its shard from a checkpoint cut into `sources` shards by the same
+    rule: only the overlaps, in order. A replicated tensor comes whole from source shard 0."""
+    if layout is Layout.REPLICATED or not full_shape:
+        return [Copy(0, 0, 0, 0, full_shape[0] if full_shape else 1)]
+    held = [pieces(layout, full_shape, sources, s) for s in range(sources)]
+    out, dst = [], 0
+    for want in pieces(layout, full_shape, tp, rank):
+        for s, have in enumerate(held):
+            src_offset = 0
+            for p in have:
+                lo, hi = max(want.start, p.start), min(want.start + want.length, p.start + p.length)
+                if lo < hi:
+                    out.append(Copy(want.dim, s, src_offset + lo - p.start, dst + lo - want.start, hi - lo))
+                src_offset += p.length
+        dst += want.length
+    return out
+
+
 def shard_views(t: torch.Tensor, layout: Layout, tp: int, rank: int) -> list[torch.Tensor]:
     """The views of `t` that, joined along the layout's dim, make rank `rank`'s shard."""
     if layout is Layout.REPLICATED:
         return [t]
-    dim = _dim(layout, t.dim())
-    if layout is Layout.GLU:
-        _check_divides(t.shape[0], 2 * tp, layout)
-        return [half.chunk(tp, dim=0)[rank] for half in t.chunk(2, dim=0)]
-    _check_divides(t.shape[dim], tp, layout)
-    return [t.chunk(tp, dim=dim)[rank]]
+    return [t.narrow(p.dim, p.start, p.length) for p in pieces(layout, tuple(t.shape), tp, rank)]
 
 
 def split_into(out: torch.Tensor, t: torch.Tensor, layout: Layout, tp: int, rank: int) -> torch.Tensor:
@@ -117,23 +173,13 @@ def merge_into(out: torch.Tensor, parts: list[torch.Tensor], layout: Layout,
                done: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Write the merge of `parts` into `out` piece by piece (no intermediate copy); `done(part)` is
     called once a part has been copied, so a caller can release its memory at once."""
-    if len(parts) == 1 or layout is Layout.REPLICATED:
-        out.copy_(parts[0])
-        if done:
-            done(parts[0])
-        return out
-    dim = _dim(layout, out.dim())
-    if layout is Layout.GLU:  # all value halves first, then all gate halves
-        halves = [p.chunk(2, dim=0) for p in parts]
-        pieces = [(h[0], None) for h in halves] + [(h[1], p) for h, p in zip(halves, parts)]
-    else:
-        pieces = [(p, p) for p in parts]
-    offset = 0
-    for piece, finished in pieces:
-        out.narrow(dim, offset, piece.shape[dim]).copy_(piece)
-        offset += piece.shape[dim]
-        if done and finished is not None:
-            done(finished)
+    plan = copy_plan(layout, tuple(out.shape), len(parts), 1, 0)
+    last = {c.src: i for i, c in enumerate(plan)}
+    for i, c in enumerate(plan):
+        part = parts[c.src] if layout is not Layout.REPLICATED else parts[0]
+        out.narrow(c.dim, c.dst_offset, c.length).copy_(part.narrow(c.dim, c.src_offset, c.length))
+        if done and last[c.src] == i:
+            done(part)
     return out
 
 
@@ -157,6 +203,7 @@ def reshard(parts: list[torch.Tensor], layout: Layout, tp: int) -> list[torch.Te
 def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every checkpoint tensor of an unquantized TP=1 model, in the release naming."""
     h, f = cfg.hidden_size, cfg.inner_hidden_size
+    up = 2 * f if cfg.glu else f  # GeGLU's h->4h holds value and gate rows
     shapes: dict[str, tuple[int, ...]] = {"transformer.word_embeddings.weight": (cfg.vocab_size, h)}
     for i in range(cfg.num_layers):
         p = f"transformer.layers.{i}."
@@ -165,10 +212,12 @@ def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "attention.query_key_value.weight": (3 * h, h), p + "attention.query_key_value.bias": (3 * h,),
             p + "attention.dense.weight": (h, h), p + "attention.dense.bias": (h,),
             p + "post_attention_layernorm.weight": (h,), p + "post_attention_layernorm.bias": (h,),
-            p + "mlp.dense_h_to_4h.weight": (2 * f, h), p + "mlp.dense_h_to_4h.bias": (2 * f,),
+            p + "mlp.dense_h_to_4h.weight": (up, h), p + "mlp.dense_h_to_4h.bias": (up,),
             p + "mlp.dense_4h_to_h.weight": (h, f), p + "mlp.dense_4h_to_h.bias": (h,),
         })
     shapes.update({"transformer.final_layernorm.weight": (h,), "transformer.final_layernorm.bias": (h,)})
+    if not cfg.tied_lm_head:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
 
 

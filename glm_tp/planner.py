@@ -25,14 +25,16 @@ class Plan:
         """One rank's weights: quantized linears hold bits/8 bytes per value plus an fp16 scale per row."""
         c, tp, e = self.cfg, self.tp, self.dtype_bytes
         h, f = c.hidden_size, c.inner_hidden_size
-        linear_values = (3 * h * h + h * h + 2 * f * h + f * h) // tp
-        linear_rows = (3 * h + 2 * f) // tp + 2 * h  # output rows: column layers split, row layers whole
+        up = 2 * f if c.glu else f  # h->4h rows: GeGLU's value and gate, or GeLU's one
+        linear_values = (3 * h * h + h * h + up * h + f * h) // tp
+        linear_rows = (3 * h + up) // tp + 2 * h  # output rows: column layers split, row layers whole
         if self.quant_bits:
             linear = linear_values * self.quant_bits // 8 + 2 * linear_rows
         else:
             linear = linear_values * e
         biases_norms = (linear_rows + 4 * h) * e
-        return c.num_layers * (linear + biases_norms) + (c.vocab_size // tp * h + 2 * h) * e
+        heads = 1 if c.tied_lm_head else 2  # an untied LM head is a second vocab-parallel matrix
+        return c.num_layers * (linear + biases_norms) + (heads * c.vocab_size // tp * h + 2 * h) * e
 
     @property
     def kv_bytes(self) -> int:
@@ -45,7 +47,7 @@ class Plan:
         batch on rank 0, and the runtime's own overhead (CUDA context, allocator slack: ~1 GiB)."""
         c = self.cfg
         tokens = self.batch * self.max_len
-        activations = tokens * (3 * c.hidden_size + 2 * c.inner_hidden_size) // self.tp * self.dtype_bytes
+        activations = tokens * (3 * c.hidden_size + (2 if c.glu else 1) * c.inner_hidden_size) // self.tp * self.dtype_bytes
         scores = self.batch * (c.num_heads // self.tp) * self.max_len * self.max_len * 4
         logits = self.batch * c.vocab_size * 4
         return activations + scores + logits + GiB

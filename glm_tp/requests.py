@@ -81,7 +81,10 @@ class GenerationConfig:
 def _as_int(v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         raise TypeError(f"expected an integer, got {v!r}")
-    f = float(v)
+    try:
+        f = _as_float(v)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {v!r}") from None
     if f != int(f):
         raise ValueError(f"expected an integer, got {v!r}")
     return int(f)
@@ -90,7 +93,13 @@ def _as_int(v: object) -> int:
 def _as_float(v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         raise TypeError(f"expected a number, got {v!r}")
-    return float(v)
+    try:
+        f = float(v)
+    except ValueError:
+        raise ValueError(f"expected a number, got {v!r}") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number, got {v!r}")
+    return f
 
 
 def _as_str(v: object) -> str:
@@ -121,7 +130,7 @@ def _as_stops(v: object) -> tuple[str, ...]:
 
 
 def _as_optional_int(v: object) -> int | None:
-    return None if v is None else _as_int(v)
+    return None if v is None or (isinstance(v, str) and v.lower() in ("none", "null")) else _as_int(v)
 
 
 _CONVERT: dict[str, Callable[[object], object]] = {
@@ -164,6 +173,7 @@ class Result:
     error: str | None = None
     pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, is a filled blank), for display
     logprobs: list[TokenLogprob] | None = None  # every generated token of every blank, in order
+    cut_by_max_len: bool = False       # an answer ended because the sequence filled max_len, not as asked
 
 
 @dataclass

@@ -92,10 +92,10 @@ def _is_quantized_weight(name: str) -> bool:
 
 
 def _plan_tensor(name: str, parts: list[torch.Tensor], scales: list[torch.Tensor] | None, src_bits: int,
-                 bits: int, tp: int, report: Report) -> list[dict[str, torch.Tensor]]:
+                 bits: int, tp: int, report: Report, glu: bool = True) -> list[dict[str, torch.Tensor]]:
     """The output pieces (name -> tensor per target rank) of one source parameter. On meta tensors
     the same code yields the output shapes and dtypes without touching data."""
-    layout = layout_of(name)
+    layout = layout_of(name, glu)
     if layout is Layout.REPLICATED:
         if parts[0].device.type != "meta" and any(not torch.equal(parts[0], p) for p in parts[1:]):
             report.mismatched.append(name)
@@ -135,6 +135,7 @@ def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int |
     if src_bits and cfg is None and info.metadata is None:
         raise CheckpointError(f"{src} is quantized but has no glm_tp.json: pass --model to tell INT8 from INT4")
     bits = src_bits if bits is None else bits
+    glu = cfg.glu if cfg is not None else True
     names = [n for n in states[0] if not is_ignored(n) and not n.endswith("_scale")]
     missing = [n for s in states for n in names if n not in s]
     if missing:
@@ -149,7 +150,7 @@ def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int |
     for name in names:
         meta = [shape_only(s[name]) for s in states]
         scales = [shape_only(s[name + "_scale"]) for s in states] if name + "_scale" in states[0] else None
-        for rank, piece in enumerate(_plan_tensor(name, meta, scales, src_bits, bits, tp, Report())):
+        for rank, piece in enumerate(_plan_tensor(name, meta, scales, src_bits, bits, tp, Report(), glu)):
             specs[rank].update({k: (tuple(v.shape), v.dtype) for k, v in piece.items()})
 
     iteration = info.iteration
@@ -158,7 +159,7 @@ def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int |
     for name in tqdm(names, desc=f"{info.tp} -> {tp} shards", unit="tensor", disable=not progress):
         parts = [s[name] for s in states]
         scales = [s[name + "_scale"] for s in states] if name + "_scale" in states[0] else None
-        layout = layout_of(name)
+        layout = layout_of(name, glu)
         if info.tp != tp and layout is not Layout.REPLICATED and not scales and not bits:
             # plain resharding: copy straight between the mapped files, dropping each part when done
             if info.tp > tp:
@@ -172,7 +173,7 @@ def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int |
                         writers[i * k + j].write_split(name, part, layout, k, j)
                     release(part)
             continue
-        for rank, piece in enumerate(_plan_tensor(name, parts, scales, src_bits, bits, tp, report)):
+        for rank, piece in enumerate(_plan_tensor(name, parts, scales, src_bits, bits, tp, report, glu)):
             for key, tensor in piece.items():
                 writers[rank].write(key, tensor)
         for t in parts + (scales or []):
@@ -183,9 +184,9 @@ def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int |
     meta.update(format="glm-130b-release", layout_version=LAYOUT_VERSION, tp=tp, quant_bits=bits)
     if cfg is not None:
         meta["model"] = cfg.to_dict()
-    write_latest(dst, iteration, meta)
     if "tokenizer" in meta and (Path(src) / meta["tokenizer"]).is_file():  # small models carry their tokenizer
         shutil.copy(Path(src) / meta["tokenizer"], Path(dst) / meta["tokenizer"])
+    write_latest(dst, iteration, meta, progress=progress)
     for name in report.mismatched:
         warnings.warn(f"replicated tensor {name} differs across source shards: kept shard 0's copy")
     if report.lossy:

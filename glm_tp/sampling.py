@@ -4,7 +4,7 @@ All of it works on a whole batch at once. Rules every strategy shares:
 - `min_new_tokens`: end tokens are banned until that many tokens were generated;
 - `no_repeat_ngram_size` n: a token that would repeat an n-gram of the generated text is banned;
 - one `torch.Generator` per request, seeded with its `seed`, so a request samples the same tokens
-  whatever batch it runs in and whatever the TP size (only rank 0 samples).
+  whatever else runs beside it and whatever the TP size (only rank 0 samples).
 Beam search is the reference's (GLM-130B BeamSearchStrategy) with deterministic candidates (top-k, as its
 evaluation runs it; its generate.py samples them): (1 + number of end tokens) * num_beams candidates a
 step, end candidates become finished hypotheses scored sum(log p) / ((5 + length) / 6) ** length_penalty
@@ -48,26 +48,14 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-@dataclass
-class RowSettings:
-    greedy: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    generator: torch.Generator | None
-
-
-def choose_tokens(logits: torch.Tensor, rows: list[RowSettings]) -> torch.Tensor:
-    """One token per row: argmax for greedy rows, a seeded draw for the others."""
-    out = logits.argmax(dim=-1)
-    sampled = [i for i, r in enumerate(rows) if not r.greedy]
-    if sampled:
-        sub = logits[sampled] / torch.tensor([max(rows[i].temperature, 1e-5) for i in sampled]).unsqueeze(-1)
-        sub = filter_top_k_top_p(sub, torch.tensor([rows[i].top_k for i in sampled]),
-                                 torch.tensor([rows[i].top_p for i in sampled]))
-        probs = sub.softmax(dim=-1)
-        for j, i in enumerate(sampled):
-            out[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+def sampled_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                   top_p: torch.Tensor) -> torch.Tensor:
+    """The distribution each sampled row draws from, as logits [rows, V]: temperature, then top-k and
+    top-p (the sort is skipped when every row has both off). Row-wise only, so a row's result never
+    depends on the other rows."""
+    out = logits / temperature.clamp(min=1e-5).unsqueeze(-1)
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        out = filter_top_k_top_p(out, top_k, top_p)
     return out
 
 

@@ -4,10 +4,13 @@ icetk's text ids are the ids of its sentencepiece model `ice_text.model` plus 20
 tokens come first); GLM's control tokens sit above the text vocabulary (`SpecialTokens`). Small
 models use any sentencepiece model, usually with offset 0, and declare their special ids in the
 checkpoint metadata. Newlines are kept: they map to the `<n>` piece when the model has one.
+ChatGLM-6B's tokenizer (`whitespace=True`) also writes a tab as `<|tab|>` and a run of 2-80 spaces as
+`<|blank_N|>`, and reads them back.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import sentencepiece as spm
@@ -17,6 +20,7 @@ from .config import SpecialTokens
 ICETK_TEXT_OFFSET = 20000
 NEWLINE_PIECE = "<n>"
 MODEL_FILES = ("ice_text.model", "tokenizer.model")
+SPACE_RUN = re.compile(r" {2,80}")
 
 
 class TokenizerError(FileNotFoundError):
@@ -25,8 +29,13 @@ class TokenizerError(FileNotFoundError):
 
 class GLMTokenizer:
     def __init__(self, model_file: str | os.PathLike, special: SpecialTokens | None = None,
-                 text_offset: int = ICETK_TEXT_OFFSET):
+                 text_offset: int = ICETK_TEXT_OFFSET, whitespace: bool = False):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.whitespace = whitespace
+        # pieces that stand for whitespace (ChatGLM-6B): sentencepiece id -> text
+        self.spaces = {i: ("\t" if p == "<|tab|>" else " " * int(p[8:-2])) for i in range(self.sp.get_piece_size())
+                       if (p := self.sp.id_to_piece(i)) == "<|tab|>" or re.fullmatch(r"<\|blank_\d+\|>", p)} \
+            if whitespace else {}
         self.special = special or SpecialTokens()
         self.offset = text_offset
         newline = self.sp.piece_to_id(NEWLINE_PIECE)
@@ -46,6 +55,8 @@ class GLMTokenizer:
         if not text:
             return []
         text = text.replace("\n", NEWLINE_PIECE if self.newline_id is not None else " ")
+        if self.whitespace:
+            text = SPACE_RUN.sub(lambda m: f"<|blank_{len(m.group())}|>", text.replace("\t", "<|tab|>"))
         return [t + self.offset for t in self.sp.encode(text)]
 
     def decode(self, ids: list[int]) -> str:
@@ -67,6 +78,9 @@ class GLMTokenizer:
             elif self.newline_id is not None and i - self.offset == self.newline_id:
                 flush()
                 out.append("\n")
+            elif i - self.offset in self.spaces:
+                flush()
+                out.append(self.spaces[i - self.offset])
             elif 0 <= i - self.offset < self.text_vocab_size:
                 run.append(i - self.offset)
         flush()
@@ -85,13 +99,14 @@ def find_model_file(path: str | os.PathLike) -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike, special: SpecialTokens | None = None,
-                   text_offset: int | None = None) -> GLMTokenizer:
-    """A folder holding ice_text.model (icetk layout, offset 20000) or tokenizer.model, or a .model file."""
+                   text_offset: int | None = None, whitespace: bool = False) -> GLMTokenizer:
+    """A folder holding ice_text.model (icetk layout, offset 20000; ChatGLM-6B's: offset 0, whitespace pieces)
+    or tokenizer.model, or a .model file."""
     model_file = find_model_file(path)
     if text_offset is None:
         text_offset = ICETK_TEXT_OFFSET if model_file.name == "ice_text.model" else 0
     try:
-        return GLMTokenizer(model_file, special, text_offset)
+        return GLMTokenizer(model_file, special, text_offset, whitespace)
     except (RuntimeError, OSError) as e:
         raise TokenizerError(f"{model_file} is not a readable sentencepiece model ({e}): "
                              f"point tokenizer= at a valid ice_text.model") from None

@@ -7,7 +7,8 @@ import sys
 
 from conftest import ROOT
 from glm_tp import load_model
-from glm_tp.generation import Engine, GenerationConfig, Request
+from glm_tp.engine import Engine
+from glm_tp.requests import GenerationConfig, Request
 from glm_tp.tokenizer import load_tokenizer
 
 

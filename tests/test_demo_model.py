@@ -9,7 +9,8 @@ from conftest import ROOT
 from distributed import run_ranks
 from glm_tp import load_model
 from glm_tp.demo_corpus import held_out
-from glm_tp.generation import Engine, GenerationConfig, Request
+from glm_tp.engine import Engine
+from glm_tp.requests import GenerationConfig, Request
 from glm_tp.reshard import rewrite
 from glm_tp.tokenizer import load_tokenizer
 

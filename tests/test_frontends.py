@@ -155,8 +155,8 @@ def test_a_line_cut_by_a_crash_is_dropped_before_resuming(tmp_path):
     out = tmp_path / "out.jsonl"
     whole = "".join(json.dumps({"id": f"p-{i}", "text": "x" * 300}) + "\n" for i in range(500))
     out.write_text(whole + '{"id": "p-500", "te')
-    assert done_keys(out) == {f"p-{i}" for i in range(500)} and out.read_text() == whole
-    assert done_keys(out) == {f"p-{i}" for i in range(500)} and out.read_text() == whole  # complete: untouched
+    assert done_keys(out) == {f"p-{i}": 1 for i in range(500)} and out.read_text() == whole
+    assert done_keys(out) == {f"p-{i}": 1 for i in range(500)} and out.read_text() == whole  # complete: untouched
 
 
 def test_sigterm_finishes_the_batch_and_exits_cleanly(tiny_checkpoints, tiny_tokenizer_file, tmp_path):

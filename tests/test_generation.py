@@ -7,7 +7,9 @@ import pytest
 
 from distributed import run_ranks
 from glm_tp import load_model
-from glm_tp.generation import Engine, GenerationConfig, Request
+from glm_tp.engine import Engine
+from glm_tp.serve import Coordinator, worker_loop
+from glm_tp.requests import GenerationConfig, Request
 from glm_tp.tokenizer import load_tokenizer
 
 PROMPTS = [
@@ -68,15 +70,20 @@ class _StopAfter:
 
 def _interrupted(tp, ckpt, tokfile):
     engine = _engine(tp, ckpt, tokfile, default=GenerationConfig(max_new_tokens=40))
-    results = engine.generate([Request("a", PROMPTS[1]), Request("b", PROMPTS[2])], interrupt=_StopAfter(3))
-    after = engine.generate([Request("c", PROMPTS[0], config=GenerationConfig(max_new_tokens=3))])
+    if not tp.is_first:
+        worker_loop(tp, engine)
+        return None
+    coordinator = Coordinator(tp, engine)
+    # the first step prefills; each later poll precedes one decision: 3 tokens, then the stop
+    results = coordinator.generate([Request("a", PROMPTS[1]), Request("b", PROMPTS[2])], interrupt=_StopAfter(4))
+    after = coordinator.generate([Request("c", PROMPTS[0], config=GenerationConfig(max_new_tokens=3))])
+    coordinator.shutdown()
     return [(r.finish_reason, r.completion_tokens) for r in results], after[0].completion_tokens
 
 
 def test_interrupt_stops_every_rank_at_the_same_step(tiny_checkpoints, tiny_tokenizer_file):
     per_rank = run_ranks(2, _interrupted, tiny_checkpoints[2], tiny_tokenizer_file)
     results, after = per_rank[0]
-    assert per_rank[1] == per_rank[0]
     assert [r[0] for r in results] == ["interrupted", "interrupted"]
     assert all(r[1] == 3 for r in results)  # three steps ran before the fourth poll said stop
     assert after == 3  # the ranks are still in step for the next request
@@ -96,18 +103,20 @@ def test_bad_requests_get_errors_and_the_rest_run(tiny_checkpoints, tiny_tokeniz
     assert results[3].error is None and results[3].completion_tokens > 0
 
 
-def test_prompts_near_the_max_length_batch_with_short_ones(tiny_checkpoints, tiny_tokenizer_file):
-    # a [gMASK] prompt with room for 2 tokens next to short prompts with room for many: every row stays
-    # within the model's positions and the cache, and batching changes nothing
+def test_prompts_near_the_max_length_run_beside_short_ones(tiny_checkpoints, tiny_tokenizer_file):
+    # rows of very different lengths share the decode steps: each stays within the model's positions and
+    # the cache, and running beside others changes nothing; a request that cannot fit is refused at once
     engine = _engine(None, tiny_checkpoints[1], tiny_tokenizer_file, default=GenerationConfig(max_new_tokens=8))
     gmask, mask = engine.tok.special.gmask, engine.tok.special.mask
-    requests = [Request("long", token_ids=[5] * 124 + [gmask]), Request("short", token_ids=[5, 6, gmask]),
-                Request("full", token_ids=[5] * 126 + [mask]), Request("mid", token_ids=[7] * 60 + [mask, 8])]
+    two = GenerationConfig(max_new_tokens=2)
+    requests = [Request("long", token_ids=[5] * 124 + [gmask], config=two), Request("short", token_ids=[5, 6, gmask]),
+                Request("mid", token_ids=[7] * 60 + [mask, 8]), Request("over", token_ids=[5] * 124 + [gmask])]
     together = engine.generate(requests)
     alone = [engine.generate([r])[0] for r in requests]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
-    assert [r.completion_tokens for r in together][:3] == [2, 8, 0]
-    assert together[0].finish_reason == together[2].finish_reason == "length"
+    assert [r.completion_tokens for r in together][:2] == [2, 8]
+    assert together[0].finish_reason == "length"
+    assert together[3].finish_reason == "error" and "max_len 128" in together[3].error
 
 
 def test_all_beams_are_returned(tiny_checkpoints, tiny_tokenizer_file):

@@ -39,3 +39,27 @@ def test_plan_mode_prints_a_table_without_loading():
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "TP=4, int4" in res.stdout and "-> fits" in res.stdout
+
+
+def _plan(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "glm_tp.generate", "plan=true", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_every_shipped_hardware_preset_fits_glm130b_at_its_defaults():
+    for hardware in ("8xA100-40G-fp16", "8xA100-80G", "8xRTX3090-int8", "4xRTX3090-int4"):
+        res = _plan("preset=glm-130b", f"hardware={hardware}")
+        assert res.returncode == 0 and "-> fits" in res.stdout, (hardware, res.stdout, res.stderr)
+
+
+def test_plan_knows_the_chatglm_presets_and_the_demo():
+    res = _plan("preset=chatglm-6b-int4", "ranks=1", "device_memory_gib=8", "batch_size=1", "dtype=fp16")
+    assert res.returncode == 0 and "28 layers x 4096, TP=1, int4" in res.stdout and "-> fits" in res.stdout
+    res = _plan("preset=chatglm-6b", "ranks=1", "device_memory_gib=8", "dtype=fp16", "batch_size=1")
+    assert "does NOT fit" in res.stdout and "try quant=int4" in res.stdout  # fp16 needs 15 GiB: the fix is named
+    assert "4 layers x 192" in _plan("model=demo").stdout
+
+
+def test_model_demo_loads_the_bundled_model():
+    from glm_tp import load_model
+    assert load_model(ROOT / "data" / "demo", model="demo", progress=False).cfg == PRESETS["demo"]

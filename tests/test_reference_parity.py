@@ -69,7 +69,7 @@ def _ours(tp, ckpt):
             n = len(ids)
             layout = SeqLayout(torch.tensor([0]), torch.tensor([n - 1]))
             full = model(torch.tensor([ids]), torch.tensor([pos]), layout, None, logits_at=torch.arange(n)[None])
-            logits = decoder.prefill(torch.tensor([ids]), torch.tensor([pos]), layout,
+            logits = decoder.prefill(torch.tensor([ids]), torch.tensor([pos]), torch.tensor([n - 1]),
                                      torch.tensor([pinned if pinned is not None else n]), torch.tensor([int(pinned is None)]))
             seq, steps = list(ids), []
             for _ in range(STEPS):

@@ -8,7 +8,8 @@ import torch
 
 from glm_tp.config import PRESETS
 from glm_tp.dist import single_process
-from glm_tp.generation import Engine, GenerationConfig, Request
+from glm_tp.engine import Engine
+from glm_tp.requests import GenerationConfig, Request
 from glm_tp.model import KVCache
 from glm_tp.sampling import BeamGroup, filter_top_k_top_p
 from glm_tp.tokenizer import load_tokenizer
@@ -33,8 +34,9 @@ class MarkovModel:
     def __call__(self, tokens, positions, layout, cache, start=0, logits_at=None):
         return self.table[tokens[:, -1]]
 
-    def run(self, tokens, positions, mask, cache, slots, window):
-        return self.table[tokens[:, -1]]
+    def run(self, tokens, positions, mask, cache, slots, window, logits_at=None):
+        last = tokens[:, -1] if logits_at is None else tokens[torch.arange(tokens.shape[0]), logits_at]
+        return self.table[last]
 
 
 @pytest.fixture()

@@ -145,18 +145,18 @@ def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int
         for b in batches:  # the engine's decode path: one reused cache, static step inputs, graphs on CUDA
             progress(f"decode batch {b} ({runs} runs of {steps} steps)")
             decoder = Decoder(model, b, context + steps)
-            layout = SeqLayout(torch.zeros(b, dtype=torch.long), torch.full((b,), context - 1))
             tokens = torch.randint(0, cfg.vocab_size, (b, context), device=device)
             positions = torch.arange(context, device=device).expand(b, -1)
             step_tokens = tokens[:, -1].contiguous()
 
-            decoder.prefill(tokens, positions, layout, torch.full((b,), context), torch.ones(b, dtype=torch.long))
+            decoder.prefill(tokens, positions, torch.full((b,), context - 1), torch.full((b,), context),
+                            torch.ones(b, dtype=torch.long))
 
             def decode() -> None:
                 for _ in range(steps):
                     decoder.step(step_tokens)
 
-            times = [t / steps for t in timed(decode, device, runs, setup=decoder.restart)]
+            times = [t / steps for t in timed(decode, device, runs, setup=lambda: decoder.restart(b))]
             out["decode_ms_per_step"][b] = summary(times)
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30

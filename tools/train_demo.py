@@ -28,7 +28,8 @@ from glm_tp.checkpoint import make_metadata, write_latest, write_shard
 from glm_tp.config import ModelConfig, SpecialTokens
 from glm_tp.demo_corpus import DAYS, DIGITS, MONTHS, TASKS, TRAIN_SEED, WORDS, held_out, tokenizer_corpus
 from glm_tp.dist import single_process
-from glm_tp.generation import Engine, GenerationConfig, Request
+from glm_tp.engine import Engine
+from glm_tp.requests import GenerationConfig, Request
 from glm_tp.model import GLMModel, SeqLayout
 from glm_tp.synthetic import random_shard
 from glm_tp.tokenizer import GLMTokenizer

@@ -6,22 +6,27 @@ Input lines are either
   OpenAI batch request lines {"custom_id", "method": "POST", "url": "/v1/completions" |
   "/v1/chat/completions", "body": {...}}, answered in the OpenAI batch output format.
 A malformed or invalid line gets an error record naming its line number. Results are appended and
-flushed line by line; a rerun skips ids already in the output, so a killed job loses at most the batch
-in flight. SIGTERM finishes the current batch, then exits cleanly.
+flushed as each line is answered (lines finish out of order: the engine runs many at once); a rerun
+skips the lines already in the output, matched by id (the n-th line of an id by its n-th record), so a
+killed job loses at most the lines in flight. SIGTERM finishes the lines in flight, then exits cleanly.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
 
-from ..requests import GenerationConfig, Request, Result
+from ..chat import ChatFormat
+from ..jobs import error_result
+from ..requests import GenerationConfig, Request, RequestHandle, Result
 from ..serve import Coordinator
 from . import openai_format
 
@@ -32,39 +37,68 @@ class Item:
 
     line: int
     key: str                        # id or custom_id: what resuming matches on
-    requests: list[Request]         # several for OpenAI n > 1
-    openai: dict | None = None      # the request line, for OpenAI output
+    requests: list[Request]         # several for OpenAI n > 1 or a list of prompts
+    openai: dict | None = None      # set for a line of an OpenAI-format file: answered in that format
     error: str | None = None
+    parsed: openai_format.Parsed | None = None
+    openai_error: openai_format.OpenAIError | None = None
 
 
-def parse_line(number: int, text: str, default: GenerationConfig) -> Item:
+def _kind(value: object) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def _openai_item(number: int, obj: dict, default: GenerationConfig, chat: ChatFormat | None) -> Item:
+    key = obj.get("custom_id")
+    if not isinstance(key, str) or not key:
+        error = openai_format.OpenAIError(f"custom_id must be a non-empty string, not {key!r}", "custom_id")
+        return Item(number, f"line-{number}", [], openai=obj, error=f"line {number}: {error}", openai_error=error)
     try:
-        obj = json.loads(text)
-        if not isinstance(obj, dict):
-            raise ValueError("a line must be a JSON object")
-    except (json.JSONDecodeError, ValueError) as e:
-        return Item(number, f"line-{number}", [], error=f"line {number}: not valid JSON ({e})")
-    if "custom_id" in obj:
-        key = str(obj["custom_id"])
-        try:
-            return Item(number, key, openai_format.to_requests(number, obj, default), openai=obj)
-        except (ValueError, TypeError, KeyError) as e:
-            return Item(number, key, [], openai=obj, error=f"line {number}: {e}")
+        parsed = openai_format.parse_batch_line(number, obj, default, chat)
+    except openai_format.OpenAIError as e:
+        return Item(number, key, [], openai=obj, error=f"line {number}: {e}", openai_error=e)
+    return Item(number, key, parsed.requests, openai=obj, parsed=parsed)
+
+
+def _plain_item(number: int, obj: dict, default: GenerationConfig) -> Item:
     key = str(obj.get("id", f"line-{number}"))
     try:
-        config = default.updated(**obj.get("generation", {})) if obj.get("generation") else default
+        settings = obj.get("generation")
+        if settings is not None and not isinstance(settings, dict):
+            raise ValueError(f"'generation' must be an object of settings such as {{\"strategy\": \"beam\"}}, "
+                             f"not {_kind(settings)}")
+        config = default.updated(**settings) if settings else default
         if "prompt" in obj:
             if not isinstance(obj["prompt"], str):
-                raise ValueError("'prompt' must be a string")
+                raise ValueError(f"'prompt' must be a string, not {_kind(obj['prompt'])}")
             return Item(number, key, [Request(f"{number}", text=obj["prompt"], config=config)])
         if "prompt_token_ids" in obj:
             ids = obj["prompt_token_ids"]
-            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise ValueError("'prompt_token_ids' must be a list of integers")
             return Item(number, key, [Request(f"{number}", token_ids=ids, config=config)])
         raise ValueError("a line needs 'prompt', 'prompt_token_ids' or an OpenAI 'custom_id' + 'body'")
-    except (ValueError, TypeError) as e:
+    except ValueError as e:
         return Item(number, key, [], error=f"line {number}: {e}")
+
+
+def parse_line(number: int, text: str, default: GenerationConfig, openai_file: bool = False,
+               chat: ChatFormat | None = None) -> Item:
+    """One line to an Item; never raises. A line of an OpenAI-format file that cannot be read gets an
+    OpenAI error line (custom_id line-N, so resuming skips it)."""
+    try:
+        obj = json.loads(text)
+        problem = None if isinstance(obj, dict) else f"a line must be a JSON object, not {_kind(obj)}"
+    except json.JSONDecodeError as e:
+        problem = f"not valid JSON ({e})"
+    if problem is not None:
+        if openai_file:
+            error = openai_format.OpenAIError(problem, None, code="invalid_json")
+            return Item(number, f"line-{number}", [], openai={}, error=f"line {number}: {problem}", openai_error=error)
+        return Item(number, f"line-{number}", [], error=f"line {number}: {problem}")
+    if "custom_id" in obj or openai_file:
+        return _openai_item(number, obj, default, chat)
+    return _plain_item(number, obj, default)
 
 
 def plain_record(item: Item, results: list[Result]) -> dict:
@@ -79,11 +113,25 @@ def plain_record(item: Item, results: list[Result]) -> dict:
     return record
 
 
-def read_items(path: Path, default: GenerationConfig) -> Iterator[Item]:
+def is_openai_file(path: Path) -> bool:
+    """An OpenAI batch file: its first line that is a JSON object has a custom_id."""
+    with path.open(encoding="utf-8") as f:
+        for text in f:
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                return "custom_id" in obj
+    return False
+
+
+def read_items(path: Path, default: GenerationConfig, chat: ChatFormat | None = None) -> Iterator[Item]:
+    openai_file = is_openai_file(path)
     with path.open(encoding="utf-8") as f:
         for number, text in enumerate(f, start=1):
             if text.strip():
-                yield parse_line(number, text, default)
+                yield parse_line(number, text, default, openai_file, chat)
 
 
 def drop_partial_last_line(output: Path, chunk: int = 1 << 16) -> None:
@@ -105,25 +153,38 @@ def drop_partial_last_line(output: Path, chunk: int = 1 << 16) -> None:
         f.truncate(0)
 
 
-def done_keys(output: Path) -> set[str]:
-    """Ids already answered; a last line cut short by a crash is removed first."""
+def done_keys(output: Path) -> Counter[str]:
+    """How many answers each id already has; a last line cut short by a crash is removed first."""
     if not output.exists():
-        return set()
+        return Counter()
     drop_partial_last_line(output)
-    keys = set()
+    keys: Counter[str] = Counter()
     with output.open(encoding="utf-8") as f:
         for text in f:
             obj = json.loads(text)
-            keys.add(str(obj.get("custom_id", obj.get("id"))))
+            keys[str(obj.get("custom_id", obj.get("id")))] += 1
     return keys
 
 
-def _pending(items: Iterator[Item], skip: set[str], stats: dict[str, float]) -> Iterator[Item]:
-    for item in items:
-        if item.key in skip:
-            stats["skipped"] += 1
-            continue
-        yield item
+def check_output(input_path: Path, output: Path | None) -> Path:
+    """The results path, checked before the model loads: its folder is writable, and an existing file is
+    a results file (JSON lines with an id), never an unrelated file that appending would spoil."""
+    output = output or input_path.with_name(input_path.stem + ".results.jsonl")
+    if not input_path.is_file():
+        raise ValueError(f"input file {input_path} does not exist: give input=PATH.jsonl or input=interactive")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write results to {output}: {folder} is not a writable folder")
+    if output.exists():
+        with output.open(encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        try:
+            ok = first == "" or "id" in json.loads(first) or "custom_id" in json.loads(first)
+        except (json.JSONDecodeError, TypeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{output} exists and is not a glm-tp results file: give another output=PATH")
+    return output
 
 
 class _Stop:
@@ -135,43 +196,102 @@ class _Stop:
         self.requested = True
 
 
+@dataclass
+class _Flight:
+    """An item whose requests are in the engine."""
+
+    item: Item
+    occurrence: int                        # how many earlier lines had the same id
+    handles: list[RequestHandle | Result]  # a Result where a request was refused at once
+
+
+class _Writer:
+    """Writes each finished line at once; the n-th line of an id is written after the (n-1)-th, so a rerun
+    that skips the first `done[id]` lines of each id loses and duplicates nothing."""
+
+    def __init__(self, out, written: Counter[str], stats: dict[str, float]):
+        self.out, self.written, self.stats = out, written, stats
+        self.held: dict[tuple[str, int], tuple[Item, list[Result]]] = {}
+
+    def put(self, item: Item, occurrence: int, results: list[Result]) -> int:
+        """Returns how many lines were written."""
+        self.held[(item.key, occurrence)] = (item, results)
+        count = 0
+        while (item.key, self.written[item.key]) in self.held:
+            held_item, held_results = self.held.pop((item.key, self.written[item.key]))
+            self._write(held_item, held_results)
+            self.written[item.key] += 1
+            count += 1
+        return count
+
+    def _write(self, item: Item, results: list[Result]) -> None:
+        record = openai_format.output_line(item, results) if item.openai is not None else plain_record(item, results)
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.flush()
+        failed = item.error is not None or any(r.error for r in results)
+        self.stats["failed" if failed else "done"] += 1
+        self.stats["tokens"] += sum(r.completion_tokens for r in results)
+
+
 def run_batch(coordinator: Coordinator, input_path: Path, output: Path | None = None) -> dict[str, float]:
-    if not input_path.is_file():
-        raise ValueError(f"input file {input_path} does not exist: give input=PATH.jsonl or input=interactive")
-    output = output or input_path.with_name(input_path.stem + ".results.jsonl")
-    skip = done_keys(output)
+    """Stream the input through the engine, keeping it full: new lines are admitted as rows free up, and
+    each line's record is written as soon as it is answered. SIGTERM: take no new lines, finish those in
+    flight, write the summary."""
+    output = check_output(input_path, output)
+    done = done_keys(output)
     stop = _Stop()
-    default = coordinator.engine.default
     stats = {"done": 0, "failed": 0, "skipped": 0, "tokens": 0}
     start = time.time()
     bar = tqdm(desc="prompts", unit="prompt")
-    items = _pending(read_items(input_path, default), skip, stats)
+    items = read_items(input_path, coordinator.engine.default, coordinator.chat_format)
+    seen: Counter[str] = Counter()
+    flights: list[_Flight] = []
+    target = 2 * coordinator.engine.max_batch  # requests in flight: a full engine and a queue to refill it
     with output.open("a", encoding="utf-8") as out:
-        while not stop.requested:
-            batch: list[Item] = []
-            for item in items:
-                batch.append(item)
-                if sum(len(i.requests) for i in batch) >= coordinator.engine.max_batch:
+        writer = _Writer(out, Counter(done), stats)
+        exhausted = False
+        while flights or not (exhausted or stop.requested):
+            while not (exhausted or stop.requested) and sum(len(f.handles) for f in flights) < target:
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
                     break
-            if not batch:
-                break
-            requests = [r for i in batch for r in i.requests]
-            results = coordinator.generate(requests) if requests else []
-            by_id = {r.id: r for r in results}
-            for item in batch:
-                mine = [by_id[r.id] for r in item.requests]
-                record = openai_format.output_line(item, mine) if item.openai is not None else plain_record(item, mine)
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-                failed = item.error is not None or any(r.error for r in mine)
-                stats["failed" if failed else "done"] += 1
-                stats["tokens"] += sum(r.completion_tokens for r in mine)
-            bar.update(len(batch))
+                occurrence = seen[item.key]
+                seen[item.key] += 1
+                if occurrence == 1:
+                    tqdm.write(f"warning: id {item.key!r} appears more than once in {input_path}: every line is "
+                               f"answered", file=sys.stderr)
+                if occurrence < done[item.key]:
+                    stats["skipped"] += 1
+                    continue
+                flights.append(_Flight(item, occurrence, [_submit(coordinator, r) for r in item.requests]))
+            if any(isinstance(h, RequestHandle) and not h.done for f in flights for h in f.handles):
+                coordinator.step()
+            flights = _write_finished(flights, writer, bar)
             elapsed = max(time.time() - start, 1e-9)
             bar.set_postfix(prompts_s=f"{bar.n / elapsed:.2f}", tokens_s=f"{stats['tokens'] / elapsed:.1f}")
     bar.close()
     stats["seconds"] = round(time.time() - start, 2)
-    note = " (stopped by SIGTERM after the current batch)" if stop.requested else ""
+    note = " (stopped by SIGTERM: the lines in flight were finished)" if stop.requested else ""
     print(f"batch summary: {stats['done']} done, {stats['failed']} failed, {stats['skipped']} skipped "
           f"(already in {output}), {stats['tokens']} tokens, {stats['seconds']} s{note}", flush=True)
     return stats
+
+
+def _submit(coordinator: Coordinator, request: Request) -> RequestHandle | Result:
+    try:
+        return coordinator.submit(request, limit=False)
+    except ValueError as e:  # refused at once (too long, bad settings): the line gets its error
+        return error_result(request.id, str(e))
+
+
+def _write_finished(flights: list[_Flight], writer: _Writer, bar: tqdm) -> list[_Flight]:
+    """Write the lines whose requests all ended; returns those still running."""
+    running = []
+    for flight in flights:
+        if all(not isinstance(h, RequestHandle) or h.done for h in flight.handles):
+            results = [h.result() if isinstance(h, RequestHandle) else h for h in flight.handles]
+            bar.update(writer.put(flight.item, flight.occurrence, results))
+        else:
+            running.append(flight)
+    return running

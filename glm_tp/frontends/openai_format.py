@@ -1,105 +1,400 @@
-"""OpenAI batch lines: request bodies to glm-tp requests, results to batch output lines.
+"""OpenAI request bodies to glm-tp requests: the one translation the HTTP server and JSONL batch jobs share.
 
-Supported urls: /v1/completions (body.prompt) and /v1/chat/completions (body.messages, whose
-contents are joined one per line; GLM-130B is not a chat model, so this is plain infilling).
-Body keys used: max_tokens, temperature (0 = greedy), top_p, n (n draws with seeds seed..seed+n-1),
-stop (the answer is cut at the first stop string), seed; GLM extras: any GenerationConfig key under
-"glm" (e.g. {"glm": {"strategy": "beam", "num_beams": 4}}).
+Endpoints: /v1/completions (`prompt`: a string or a list of strings, one choice per prompt; `suffix`
+makes the prompt `prompt [MASK] suffix`) and /v1/chat/completions (`messages`, whose contents are
+joined one per line; GLM-130B is not a chat model, so this is plain infilling; content-part lists are
+read as their text parts). Fields: max_tokens (max_completion_tokens), temperature (0 = greedy),
+top_p, n (draws with seeds seed..seed+n-1), seed, stop, logprobs/top_logprobs, echo, stream,
+stream_options.include_usage; `user` and other OpenAI fields glm-tp has no use for are ignored. A
+null value means "not given", as in OpenAI's API. GLM settings (any GenerationConfig key) go under
+"glm" (the official client sends them with extra_body={"glm": {...}}) and win over the OpenAI fields.
+Every mistake raises `OpenAIError` naming the field and what it allows.
 """
 from __future__ import annotations
 
 import hashlib
+import re
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
-from ..requests import GenerationConfig, Request, Result
+from ..blanks import MASK_PATTERN
+from ..chat import ChatFormat
+from ..requests import MAX_LOGPROBS, MAX_STOPS, GenerationConfig, Request, Result, TokenLogprob
 
 if TYPE_CHECKING:
     from .batch import Item
 
-URLS = ("/v1/completions", "/v1/chat/completions")
+URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+MAX_N = 16
+MAX_CHOICES = 64  # prompts x n in one body
 
 
-def _prompt(url: str, body: dict) -> str:
-    if url == "/v1/completions":
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ValueError("body.prompt must be a string")
-        return prompt
+class OpenAIError(ValueError):
+    """An error answered as an OpenAI error object with an HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = "invalid_value"):  # noqa: A002
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Parsed:
+    """One OpenAI body, checked: the requests to run (choice i = prompt i // n, draw i % n) and how to answer."""
+
+    kind: str                          # completion | chat
+    prompts: list[str]
+    requests: list[Request]
+    n: int = 1
+    model: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    logprobs: int | None = None        # top alternatives per token; None: no logprobs
+    infill: list[bool] = field(default_factory=list)  # per prompt: has a mask, so the answer is the filled text
+
+    def prompt_of(self, choice: int) -> int:
+        return choice // self.n
+
+
+# -- field checks -----------------------------------------------------------------------------------
+def _int(value: object, name: str, lo: int | None = None, hi: int | None = None) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (lo is None or value >= lo) and \
+        (hi is None or value <= hi)
+    if not ok:
+        span = f" between {lo} and {hi}" if lo is not None and hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise OpenAIError(f"{name} must be an integer{span}, not {value!r}", name)
+    return value  # type: ignore[return-value]
+
+
+def _number(value: object, name: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        raise OpenAIError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], not {value!r}", name)
+    return float(value)  # type: ignore[arg-type]
+
+
+def _bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise OpenAIError(f"{name} must be true or false, not {value!r}", name)
+    return value
+
+
+def _stops(value: object) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+        raise OpenAIError(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them, "
+                          f"not {value!r}", "stop")
+    return tuple(stops)
+
+
+def _get(body: dict, name: str, check: Callable[..., object], *args: object) -> object:
+    """The checked value of an optional field; None when absent or null."""
+    value = body.get(name)
+    return None if value is None else check(value, name, *args)
+
+
+# -- prompts ----------------------------------------------------------------------------------------
+def _completion_prompts(body: dict) -> tuple[list[str], list[bool]]:
+    """The prompts, and for each whether it is infilling (has a mask: the answer is the filled text)."""
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise OpenAIError(f"prompt must be a string or a non-empty list of strings, not {_short(prompt)}", "prompt")
+    suffix = body.get("suffix")
+    if suffix is None:
+        return prompts, [bool(MASK_PATTERN.search(p)) for p in prompts]
+    if not isinstance(suffix, str):
+        raise OpenAIError(f"suffix must be a string, not {_short(suffix)}", "suffix")
+    return [f"{p}[MASK]{suffix}" for p in prompts], [False] * len(prompts)  # the answer: what goes between
+
+
+def _content_text(content: object, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        raise OpenAIError(f"{where} must be a string or a list of content parts, not {_short(content)}", where)
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise OpenAIError(f"{where}[{j}] must be a text part {{\"type\": \"text\", \"text\": \"...\"}} "
+                              f"(glm-tp reads text only), not {_short(part)}", f"{where}[{j}]")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _chat_messages(body: dict) -> list[dict]:
+    """The messages with their contents as text."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ValueError("body.messages must be a non-empty list")
-    return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        raise OpenAIError(f"messages must be a non-empty list of {{\"role\", \"content\"}} objects, "
+                          f"not {_short(messages)}", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise OpenAIError(f"messages[{i}] must be an object with a string 'role', not {_short(m)}", f"messages[{i}]")
+        out.append({"role": m["role"], "content": _content_text(m.get("content"), f"messages[{i}].content")})
+    return out
 
 
-def to_requests(line: int, obj: dict, default: GenerationConfig) -> list[Request]:
-    url, body = obj.get("url"), obj.get("body")
-    if obj.get("method", "POST") != "POST":
-        raise ValueError("method must be POST")
-    if url not in URLS:
-        raise ValueError(f"url {url!r} is not supported: use {' or '.join(URLS)}")
-    if not isinstance(body, dict):
-        raise ValueError("body must be a JSON object")
-    prompt = _prompt(url, body)
-    changes: dict[str, object] = dict(body.get("glm", {}))
-    if "max_tokens" in body:
-        changes["max_new_tokens"] = body["max_tokens"]
-    if "temperature" in body:
-        if float(body["temperature"]) == 0:
-            changes["strategy"] = "greedy"
-        else:
-            changes.update(strategy="sample", temperature=body["temperature"])
-    if "top_p" in body:
-        changes["top_p"] = body["top_p"]
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# -- settings ---------------------------------------------------------------------------------------
+def _changes(body: dict, kind: str) -> dict[str, object]:
+    """GenerationConfig changes from the OpenAI fields."""
+    changes: dict[str, object] = {}
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = _get(body, name, _int, 1)
+        if value is not None:
+            changes["max_new_tokens"] = value
+    temperature = _get(body, "temperature", _number, 0.0, 2.0)
+    if temperature is not None:
+        changes.update(strategy="greedy") if temperature == 0 else changes.update(strategy="sample",
+                                                                                  temperature=temperature)
+    top_p = _get(body, "top_p", _number, 0.0, 1.0, True)
+    if top_p is not None:
+        changes["top_p"] = top_p
         changes.setdefault("strategy", "sample")
-    if "seed" in body:
-        changes["seed"] = body["seed"]
-    config = default.updated(**changes)
-    n = int(body.get("n", 1))
-    if not 1 <= n <= 16:
-        raise ValueError("n must be between 1 and 16")
-    return [Request(f"{line}.{k}", text=prompt, config=config.updated(seed=config.seed + k)) for k in range(n)]
+    seed = _get(body, "seed", _int)
+    if seed is not None:
+        changes["seed"] = seed
+    if body.get("stop") is not None:
+        changes["stop"] = _stops(body["stop"])
+    logprobs = _logprobs(body, kind)
+    if logprobs is not None:
+        changes["logprobs"] = logprobs
+    return changes
 
 
-def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
+def _logprobs(body: dict, kind: str) -> int | None:
+    if kind == "completion":
+        return _get(body, "logprobs", _int, 0, MAX_LOGPROBS)  # type: ignore[return-value]
+    wanted = _get(body, "logprobs", _bool)
+    top = _get(body, "top_logprobs", _int, 0, MAX_LOGPROBS)
+    if top is not None and not wanted:
+        raise OpenAIError("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if wanted else None  # type: ignore[return-value]
 
 
-def _answer(result: Result, prompt_has_mask: bool) -> str:
-    """A continuation ([gMASK] appended) answers with the blank; an infilling prompt with the full text."""
-    return result.text if prompt_has_mask else "".join(result.blanks)
+def _config(body: dict, kind: str, default: GenerationConfig) -> GenerationConfig:
+    try:
+        config = default.updated(**_changes(body, kind))
+    except OpenAIError:
+        raise
+    except ValueError as e:
+        raise OpenAIError(str(e)) from None
+    glm = body.get("glm")
+    if glm is None:
+        return config
+    if not isinstance(glm, dict):
+        raise OpenAIError(f"glm must be an object of GLM settings such as {{\"strategy\": \"beam\", "
+                          f"\"num_beams\": 4}}, not {_short(glm)}", "glm")
+    try:
+        return config.updated(**glm)
+    except ValueError as e:
+        raise OpenAIError(f"glm: {e}", "glm") from None
+
+
+# -- the translation --------------------------------------------------------------------------------
+def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: str,
+               chat: ChatFormat | None = None) -> Parsed:
+    """An OpenAI request body to glm-tp requests, with ids `{id_prefix}.{choice}`; raises OpenAIError.
+    chat: the model's chat format (messages -> context ids); without one, message contents are joined one
+    per line and run as a plain prompt (GLM-130B is no chat model)."""
+    if not isinstance(body, dict):
+        raise OpenAIError(f"the request body must be a JSON object, not {_short(body)}", None)
+    ids = None
+    if kind == "completion":
+        prompts, infill = _completion_prompts(body)
+    else:
+        messages = _chat_messages(body)
+        prompts = ["\n".join(m["content"] for m in messages)]
+        infill = [bool(MASK_PATTERN.search(prompts[0])) and chat is None]
+        if chat is not None:
+            try:
+                ids = chat(messages)
+            except ValueError as e:
+                raise OpenAIError(str(e), "messages") from None
+    config = _config(body, kind, default)
+    n = _get(body, "n", _int, 1, MAX_N) or 1
+    if len(prompts) * n > MAX_CHOICES:  # type: ignore[operator]
+        raise OpenAIError(f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices: send fewer", "n")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise OpenAIError(f"model must be a string, not {_short(model)}", "model")
+    stream = bool(_get(body, "stream", _bool))
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not stream):
+        raise OpenAIError("stream_options must be an object such as {\"include_usage\": true}, "
+                          "and is only allowed with stream: true", "stream_options")
+    include_usage = bool(_get(options or {}, "include_usage", _bool))
+    echo = bool(_get(body, "echo", _bool)) if kind == "completion" else False
+    requests = [Request(f"{id_prefix}.{p * n + k}", text=None if ids else prompt, token_ids=ids,
+                        config=config.updated(seed=config.seed + k))
+                for p, prompt in enumerate(prompts) for k in range(n)]  # type: ignore[arg-type]
+    return Parsed(kind, prompts, requests, n=n, model=model, stream=stream,  # type: ignore[arg-type]
+                  include_usage=include_usage, echo=echo, logprobs=config.logprobs, infill=infill)
+
+
+def parse_batch_line(number: int, obj: dict, default: GenerationConfig, chat: ChatFormat | None = None) -> Parsed:
+    """An OpenAI batch request line {"custom_id", "method", "url", "body"}; raises OpenAIError."""
+    if obj.get("method", "POST") != "POST":
+        raise OpenAIError(f"method must be POST, not {_short(obj.get('method'))}", "method")
+    url = obj.get("url")
+    if url not in URLS:
+        raise OpenAIError(f"url {_short(url)} is not supported: use {' or '.join(URLS)}", "url")
+    parsed = parse_body(URLS[url], obj.get("body"), default, str(number), chat)
+    if parsed.stream:
+        raise OpenAIError("stream: true is not available in batch jobs", "stream")
+    return parsed
+
+
+# -- results to responses -------------------------------------------------------------------------------
+FINISH = {"stop": "stop", "length": "length", "interrupted": "length", "cancelled": "cancelled"}
+
+
+def answer_text(parsed: Parsed, choice: int, result: Result) -> str:
+    """An infilling prompt answers with the filled text, a continuation with what was generated
+    (after the prompt when echo is on)."""
+    p = parsed.prompt_of(choice)
+    if parsed.infill[p]:
+        return result.text
+    return (parsed.prompts[p] if parsed.echo else "") + "".join(result.blanks)
+
+
+def unsent_text(parsed: Parsed, choice: int, result: Result, sent: str) -> str:
+    """What a stream still owes a continuation at its end (beam search streams nothing before), so the
+    streamed text adds up to the whole response's; infilling streams only the blanks' tokens."""
+    if parsed.infill[parsed.prompt_of(choice)]:
+        return ""
+    answer = "".join(result.blanks)
+    return answer[len(sent):] if answer.startswith(sent) else ""
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], offset: int = 0) -> dict:
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{t: v for _, t, v in lp.top} for lp in logprobs], "text_offset": offsets}
+
+
+def chat_logprobs(logprobs: list[TokenLogprob]) -> dict:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+    return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for _, t, v in lp.top]}
+                        for lp in logprobs], "refusal": None}
+
+
+def logprobs_body(parsed: Parsed, logprobs: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+    if parsed.logprobs is None or logprobs is None:
+        return None
+    return completion_logprobs(logprobs, offset) if parsed.kind == "completion" else chat_logprobs(logprobs)
+
+
+def refusal(message: str, kind: str) -> OpenAIError:
+    """A request the engine refuses (it can never run) as an OpenAI error."""
+    too_long = re.search(r"max[ _]len", message) is not None
+    return OpenAIError(message, "prompt" if kind == "completion" else "messages",
+                       code="context_length_exceeded" if too_long else "invalid_prompt")
+
+
+def result_error(parsed: Parsed, result: Result) -> OpenAIError | None:
+    """A request that ended in an error before generating anything, as an OpenAI error."""
+    if result.finish_reason != "error":
+        return None
+    return refusal(result.error or "the request failed", parsed.kind)
+
+
+def _choice(parsed: Parsed, choice: int, result: Result) -> dict:
+    text = answer_text(parsed, choice, result)
+    p = parsed.prompt_of(choice)
+    offset = len(parsed.prompts[p]) if parsed.echo and not parsed.infill[p] else 0
+    out: dict = {"index": choice, "logprobs": logprobs_body(parsed, result.logprobs, offset),
+                 "finish_reason": FINISH.get(result.finish_reason, result.finish_reason), "blanks": result.blanks,
+                 "pieces": [list(piece) for piece in result.pieces]}
+    if parsed.kind == "chat":
+        out["message"] = {"role": "assistant", "content": text}
+    else:
+        out["text"] = text
+    return out
+
+
+def usage(parsed: Parsed, results: list[Result]) -> dict:
+    prompt = sum(results[i].prompt_tokens for i in range(0, len(results), parsed.n))
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def response_body(parsed: Parsed, results: list[Result], response_id: str, created: int, model: str) -> dict:
+    """The whole (non-streaming) response; raises OpenAIError when the engine refused a request."""
+    failed = next((e for e in (result_error(parsed, r) for r in results) if e is not None), None)
+    if failed is not None:
+        raise failed
+    return {"id": response_id, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
+            "created": created, "model": model, "choices": [_choice(parsed, i, r) for i, r in enumerate(results)],
+            "usage": usage(parsed, results)}
+
+
+def chunk(parsed: Parsed, response_id: str, created: int, model: str, choices: list[dict],
+          usage_body: dict | None = None) -> dict:
+    """One stream event's JSON; `choices` from `chunk_choice`."""
+    body = {"id": response_id, "object": "chat.completion.chunk" if parsed.kind == "chat" else "text_completion",
+            "created": created, "model": model, "choices": choices}
+    if parsed.include_usage:
+        body["usage"] = usage_body
+    return body
+
+
+def chunk_choice(parsed: Parsed, choice: int, text: str, logprobs: list[TokenLogprob] | None = None,
+                 result: Result | None = None, blank: int | None = None, first: bool = False) -> dict:
+    """A choice's part of a stream event: new text of blank `blank`, or (with `result`) its end."""
+    out: dict = {"index": choice, "logprobs": logprobs_body(parsed, logprobs),
+                 "finish_reason": FINISH.get(result.finish_reason, result.finish_reason) if result else None}
+    if parsed.kind == "chat":
+        out["delta"] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+    else:
+        out["text"] = text
+    if blank is not None:
+        out["blank"] = blank
+    if result is not None:  # the end: the filled blanks, and the whole text in pieces for highlighting
+        out.update(blanks=result.blanks, pieces=[list(piece) for piece in result.pieces])
+    return out
+
+
+# -- batch output lines ----------------------------------------------------------------------------
+def _ids(key: str, line: int) -> tuple[str, str]:
+    digest = hashlib.sha1(f"{key}:{line}".encode()).hexdigest()
+    return "batch_req_" + digest[:24], "req_" + digest[24:40]
+
+
+def error_line(key: str, line: int, error: OpenAIError) -> dict:
+    line_id, request_id = _ids(key, line)
+    body = error.body()
+    body["error"]["message"] = f"line {line}: {error.message}"
+    return {"id": line_id, "custom_id": key,
+            "response": {"status_code": error.status, "request_id": request_id, "body": body}, "error": None}
 
 
 def output_line(item: "Item", results: list[Result]) -> dict:
-    obj = item.openai or {}
-    url, body = obj.get("url"), obj.get("body") if isinstance(obj.get("body"), dict) else {}
-    request_id = "req_" + hashlib.sha1(f"{item.key}:{item.line}".encode()).hexdigest()[:24]
-    line_id = "batch_req_" + hashlib.sha1(f"{item.line}:{item.key}".encode()).hexdigest()[:24]
-    failure = item.error or next((r.error for r in results if r.error), None)
-    if failure:
-        error = {"code": "invalid_request", "message": failure}
-        return {"id": line_id, "custom_id": item.key,
-                "response": {"status_code": 400, "request_id": request_id, "body": {"error": error}}, "error": None}
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else list(stop)
-    prompt = _prompt(url, body)
-    has_mask = "MASK]" in prompt
-    choices = []
-    for k, r in enumerate(results):
-        text, stopped = _cut(_answer(r, has_mask), stop)
-        reason = "stop" if stopped or r.finish_reason == "stop" else "length"
-        if url == "/v1/chat/completions":
-            choices.append({"index": k, "message": {"role": "assistant", "content": text}, "finish_reason": reason})
-        else:
-            choices.append({"index": k, "text": text, "logprobs": None, "finish_reason": reason, "blanks": r.blanks})
-    prompt_tokens = results[0].prompt_tokens
-    completion = sum(r.completion_tokens for r in results)
-    response = {"id": request_id, "object": "chat.completion" if url == "/v1/chat/completions" else "text_completion",
-                "created": int(time.time()), "model": body.get("model", "glm-tp"), "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                          "total_tokens": prompt_tokens + completion}}
+    """The OpenAI batch output line of an item (its response, or its error)."""
+    if item.parsed is None:
+        return error_line(item.key, item.line, item.openai_error or OpenAIError(item.error or "invalid line"))
+    line_id, request_id = _ids(item.key, item.line)
+    try:
+        body = response_body(item.parsed, results, request_id, int(time.time()), item.parsed.model or "glm-tp")
+    except OpenAIError as e:
+        return error_line(item.key, item.line, e)
     return {"id": line_id, "custom_id": item.key,
-            "response": {"status_code": 200, "request_id": request_id, "body": response}, "error": None}
+            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}

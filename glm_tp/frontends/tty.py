@@ -7,12 +7,16 @@
   Ctrl-C at the prompt clears the line; EOF (Ctrl-D) or /quit shuts every rank down.
 
 Ctrl-C is read as a key rather than taken as a signal (see _Terminal), because under torchrun the
-signal would reach torchrun itself, which ends the job.
+signal would reach torchrun itself, which ends the job. SIGTERM or SIGHUP (torchrun passes them on when
+the job is stopped or a rank died) ends the TTY like /quit, after the generation in flight stops; a
+keep-alive that finds the other ranks gone or hung ends it with that error. The terminal's settings are
+restored whatever happens.
 """
 from __future__ import annotations
 
 import os
 import select
+import signal
 import sys
 import termios
 import threading
@@ -33,7 +37,9 @@ BLANK_STYLE, RESET = "\033[1;32m\033[4m", "\033[0m"
 CTRL_C = b"\x03"
 
 
-def render(result: Result, color: bool) -> str:
+def render(result: Result, color: bool, interrupted: bool = False) -> str:
+    """The answer as shown. An answer that ended on the cache's length before max_new_tokens was cut short
+    by max_len, which the user should know (a max_new_tokens end is what they asked for)."""
     if result.error:
         return f"error: {result.error}"
     text = "".join(f"{BLANK_STYLE}{t}{RESET}" if blank and color else t for t, blank in result.pieces)
@@ -42,8 +48,10 @@ def render(result: Result, color: bool) -> str:
         lines.append("  blanks: " + " | ".join(b.strip() for b in result.blanks))
     if result.beams and len(result.beams) > 1:
         lines += [f"  beam {i}: {b}" for i, b in enumerate(result.beams)]
-    if result.finish_reason == "interrupted":
+    if interrupted or result.finish_reason == "interrupted":
         lines.append("(interrupted)")
+    elif result.cut_by_max_len:
+        lines.append("(cut short: prompt and answer reached max_len; a larger max_len leaves more room)")
     return "\n".join(lines)
 
 
@@ -97,21 +105,61 @@ class _Terminal:
             self._set()
 
 
-class _KeepAlive:
-    """While rank 0 waits for a person (or a slow pipe), a thread sends keep-alives so the idle
-    workers never reach the collective timeout. The lock keeps them apart from real commands."""
+class _Stop(Exception):
+    """Raised in the main thread while it waits at the prompt, by a signal handler (_Signals)."""
 
-    def __init__(self, coordinator: Coordinator):
-        self.coordinator = coordinator
+
+class _Signals:
+    """SIGTERM and SIGHUP end the TTY: at the prompt at once (the handler raises out of readline), during a
+    generation at the next step, through the interrupt poll. A failed keep-alive wakes the main thread with
+    SIGUSR1 (sent to that thread, so that its blocking read returns) to raise the keep-alive's error."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.failure: BaseException | None = None
+        self.at_prompt = False
+        self.saved = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)}
+
+    def _on_signal(self, signum: int, frame: object) -> None:  # noqa: ARG002
+        if signum != signal.SIGUSR1:
+            self.reason = signal.Signals(signum).name
+        if self.at_prompt:
+            raise _Stop()
+
+    def lost(self, error: BaseException) -> None:
+        """From the keep-alive thread: the other ranks are gone."""
+        self.failure = error
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    def restore(self) -> None:
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+
+class _KeepAlive:
+    """While rank 0 waits for a person (or a slow pipe), a thread sends keep-alives so the idle workers
+    never reach the collective timeout; several per timeout, so a lost or hung rank is found within about
+    one timeout. The lock keeps them apart from real commands."""
+
+    def __init__(self, coordinator: Coordinator, signals: _Signals):
+        self.coordinator, self.signals = coordinator, signals
+        self.interval = min(KEEPALIVE_S, coordinator.tp.timeout_s / 4)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self.stop.wait(KEEPALIVE_S):
+        while not self.stop.wait(self.interval):
             with self.lock:
-                if not self.stop.is_set():
+                if self.stop.is_set():
+                    return
+                try:
                     self.coordinator.keepalive()
+                    continue
+                except Exception as e:  # noqa: BLE001 - a failed collective: the main thread reports it
+                    error = e
+            self.signals.lost(error)
+            return
 
     def __enter__(self) -> "_KeepAlive":
         self.thread.start()
@@ -123,27 +171,31 @@ class _KeepAlive:
         self.thread.join()
 
 
-def read_line(prompt: str, coordinator: Coordinator, interactive: bool) -> str:
-    with _KeepAlive(coordinator):
-        if interactive:
-            return input(prompt)  # readline: editing and history
-        line = sys.stdin.readline()
+def read_line(prompt: str, coordinator: Coordinator, interactive: bool, signals: _Signals) -> str:
+    with _KeepAlive(coordinator, signals):
+        signals.at_prompt = True  # only around the blocking read: the handlers raise _Stop out of it
+        try:
+            if signals.reason or signals.failure:  # arrived just before
+                raise _Stop()
+            line = input(prompt) + "\n" if interactive else sys.stdin.readline()  # input(): readline editing
+        finally:
+            signals.at_prompt = False
     if not line:
         raise EOFError
     return line.rstrip("\n")
 
 
-def read_prompt(coordinator: Coordinator, interactive: bool) -> str:
-    lines = [read_line(">>> ", coordinator, interactive)]
+def read_prompt(coordinator: Coordinator, interactive: bool, signals: _Signals) -> str:
+    lines = [read_line(">>> ", coordinator, interactive, signals)]
     while lines[-1].endswith("\\"):
         lines[-1] = lines[-1][:-1]
-        lines.append(read_line("... ", coordinator, interactive))
+        lines.append(read_line("... ", coordinator, interactive, signals))
     return "\n".join(lines)
 
 
 def handle_command(line: str, coordinator: Coordinator) -> bool:
     """Apply a /command; False means quit."""
-    parts = line.split()
+    parts = line.split(maxsplit=2) if line.startswith("/set ") else line.split()
     name, args = parts[0], parts[1:]
     settings = coordinator.engine.default
     changes: dict[str, object] | None = None
@@ -177,35 +229,55 @@ def handle_command(line: str, coordinator: Coordinator) -> bool:
 def run_tty(coordinator: Coordinator, color: str = "auto") -> None:
     interactive = sys.stdin.isatty()
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
-    terminal = _Terminal()
-    print(f"glm-tp: ready on {coordinator.tp.size} rank(s)", file=sys.stderr, flush=True)
-    if interactive:
-        try:
-            import readline  # line editing and history for input()
-            readline.parse_and_bind(r'"\C-c": kill-whole-line')
-        except ImportError:
-            pass
-        print("glm-tp: type a prompt with [MASK] or [gMASK] blanks, /help for commands, Ctrl-D to quit")
-    count = 0
+    signals = _Signals()  # first: a SIGTERM from here on leaves through the finally below
+    terminal: _Terminal | None = None
     try:
-        while True:
-            terminal.prompting()
+        terminal = _Terminal()
+        print(f"glm-tp: ready on {coordinator.tp.size} rank(s)", file=sys.stderr, flush=True)
+        if interactive:
             try:
-                text = read_prompt(coordinator, interactive)
-            except KeyboardInterrupt:  # a SIGINT sent by other means than the keyboard
-                print()
-                continue
-            except EOFError:
-                break
-            if not text.strip():
-                continue
-            if text.startswith("/"):
-                if not handle_command(text.strip(), coordinator):
-                    break
-                continue
-            count += 1
-            poll = terminal.generating()
-            result = coordinator.generate([Request(f"tty-{count}", text)], interrupt=poll)[0]
-            print(render(result, use_color), flush=True)
+                import readline  # line editing and history for input()
+                readline.parse_and_bind(r'"\C-c": kill-whole-line')
+            except ImportError:
+                pass
+            print("glm-tp: type a prompt with [MASK] or [gMASK] blanks, /help for commands, Ctrl-D to quit")
+        _loop(coordinator, terminal, signals, interactive, use_color)
     finally:
-        terminal.restore()
+        if terminal is not None:
+            terminal.restore()
+        signals.restore()
+
+
+def _loop(coordinator: Coordinator, terminal: _Terminal, signals: _Signals, interactive: bool, color: bool) -> None:
+    count = 0
+    while signals.reason is None:
+        terminal.prompting()
+        try:
+            text = read_prompt(coordinator, interactive, signals)
+        except KeyboardInterrupt:  # a SIGINT sent by other means than the keyboard
+            print()
+            continue
+        except (EOFError, _Stop):
+            break
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            if not handle_command(text.strip(), coordinator):
+                break
+            continue
+        count += 1
+        keys = terminal.generating()
+        stopped: list[bool] = []  # set once the poll said stop: every rank ends at that step
+
+        def interrupt() -> bool:
+            if not stopped and (signals.reason is not None or (keys is not None and keys())):
+                stopped.append(True)
+            return bool(stopped)
+
+        result = coordinator.generate([Request(f"tty-{count}", text)], interrupt=interrupt)[0]
+        print(render(result, color, interrupted=bool(stopped)), flush=True)
+    if signals.failure is not None:
+        print(flush=True)  # off the prompt's line
+        raise signals.failure
+    if signals.reason is not None:
+        print(f"\nglm-tp: stopped by {signals.reason}", file=sys.stderr, flush=True)

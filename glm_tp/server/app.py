@@ -1,0 +1,278 @@
+"""The OpenAI-compatible routes: a thin layer over the engine's coordinator (see submission.py).
+
+POST /v1/completions and /v1/chat/completions (whole responses or server-sent events), GET /v1/models,
+/health, /metrics and the playground at /. Errors are OpenAI error objects; bodies are parsed by
+frontends/openai_format.py, the same translation JSONL batch jobs use, so both answer alike.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..frontends import openai_format as oa
+from ..requests import Delta, Done, GenerationConfig, QueueFull
+from .metrics import Metrics
+from .submission import Backend, EngineFailed, Submission, until_disconnected
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None          # set: /v1 routes need "Authorization: Bearer <api_key>"
+    model_name: str = "glm-tp"
+    max_waiting: int = 64               # requests waiting for engine rows before new calls get 503
+    request_timeout_s: float = 600.0
+    retry_after_s: int = 1
+    max_body_bytes: int = 4 << 20
+
+
+@dataclass
+class ServerState:
+    """What /health reports; shared by the routes and the thread that runs the engine."""
+
+    draining: bool = False
+    failure: str | None = None
+    open_calls: set[Submission] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fail(self, reason: str) -> None:
+        """The engine stopped: /health fails and every open call ends with an error."""
+        with self.lock:
+            self.failure = reason
+            calls = list(self.open_calls)
+        for call in calls:
+            call.fail(reason)
+
+
+def _error(e: oa.OpenAIError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+class _Stream(StreamingResponse):
+    """A server-sent event stream that closes its call however it ends, even when the client hung up
+    before the first event (then the event generator never ran)."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _sse(obj: object) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+class Routes:
+    def __init__(self, backend: Backend, default: GenerationConfig, settings: ServerSettings, state: ServerState):
+        self.backend, self.default, self.settings, self.state = backend, default, settings, state
+        self.metrics = Metrics(backend.load)
+        self.counter = itertools.count()
+
+    # -- checks -------------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise oa.OpenAIError("missing or wrong API key: send the header 'Authorization: Bearer <api_key>'",
+                                 status=401, code="invalid_api_key")
+
+    def _check_open(self) -> None:
+        if self.state.failure or self.state.draining:
+            why = "shutting down" if self.state.draining else f"failed ({self.state.failure})"
+            raise oa.OpenAIError(f"the server is {why}: try another replica", status=503, type="server_error",
+                                 code="unavailable")
+        if self.backend.load().get("waiting", 0) >= self.settings.max_waiting:
+            raise self._busy()
+
+    def _busy(self) -> oa.OpenAIError:
+        return oa.OpenAIError(f"too many requests are waiting (max_waiting={self.settings.max_waiting}): "
+                              f"retry after {self.settings.retry_after_s} s", status=503, type="server_error",
+                              code="queue_full")
+
+    async def _body(self, request: Request) -> object:
+        declared = request.headers.get("content-length", "")
+        # a declared length over the limit is refused before the body is read
+        size = int(declared) if declared.isdigit() else len(await request.body())
+        if size > self.settings.max_body_bytes:
+            raise oa.OpenAIError(f"the body is {size} bytes, more than server.max_body_bytes="
+                                 f"{self.settings.max_body_bytes}", status=413, code="body_too_large")
+        raw = await request.body()  # read once; Starlette keeps it
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise oa.OpenAIError(f"the body is not valid JSON ({e})", code="invalid_json") from None
+
+    def _submit(self, parsed: oa.Parsed) -> Submission:
+        try:
+            call = Submission(self.backend, parsed.requests, self.metrics)
+        except QueueFull:
+            raise self._busy() from None
+        except ValueError as e:  # a prompt that can never run
+            raise oa.refusal(str(e), parsed.kind) from None
+        with self.state.lock:
+            self.state.open_calls.add(call)
+        return call
+
+    def _close(self, call: Submission) -> None:
+        call.cancel()  # no-op for finished requests; frees the rows of unfinished ones
+        with self.state.lock:
+            self.state.open_calls.discard(call)
+
+    # -- completions --------------------------------------------------------------------------------
+    async def generate(self, request: Request, kind: str) -> Response:
+        self._authorize(request)
+        body = await self._body(request)
+        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{next(self.counter)}-{secrets.token_hex(6)}"
+        parsed = oa.parse_body(kind, body, self.default, response_id, self.backend.chat_format)
+        if parsed.model not in (None, self.settings.model_name):
+            raise oa.OpenAIError(f"model {parsed.model!r} does not exist: this server runs "
+                                 f"{self.settings.model_name!r} (GET /v1/models)", "model", 404, code="model_not_found")
+        self._check_open()
+        call = self._submit(parsed)
+        created = int(time.time())
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        if parsed.stream:
+            return _Stream(self._stream(call, parsed, response_id, created, deadline), lambda: self._close(call))
+        try:
+            done = await self._wait(call, request, deadline)
+        finally:
+            self._close(call)
+        if not done:
+            return Response(status_code=499)  # the client went away; nobody reads this
+        body = oa.response_body(parsed, call.ordered_results(), response_id, created, self.settings.model_name)
+        return JSONResponse(body)
+
+    async def _wait(self, call: Submission, request: Request, deadline: float) -> bool:
+        """True when every request finished, False when the client disconnected first."""
+        async def drain() -> None:
+            async for _ in call.events(deadline):
+                pass
+        work = asyncio.ensure_future(drain())
+        gone = asyncio.ensure_future(until_disconnected(request.receive))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            work.cancel()
+            return False
+        self._raise_for(work.exception())
+        return True
+
+    def _raise_for(self, error: BaseException | None) -> None:
+        if isinstance(error, TimeoutError):
+            raise oa.OpenAIError(f"the request took longer than request_timeout_s={self.settings.request_timeout_s}"
+                                 f": ask for fewer tokens", status=504, type="server_error", code="timeout")
+        if isinstance(error, EngineFailed):
+            raise oa.OpenAIError(f"the engine stopped: {error}", status=503, type="server_error", code="unavailable")
+        if error is not None:
+            raise error
+
+    async def _stream(self, call: Submission, parsed: oa.Parsed, response_id: str, created: int,
+                      deadline: float) -> AsyncIterator[bytes]:
+        model = self.settings.model_name
+
+        def event(choices: list[dict], usage: dict | None = None) -> bytes:
+            return _sse(oa.chunk(parsed, response_id, created, model, choices, usage))
+        try:
+            for i in range(len(parsed.requests)):
+                p = parsed.prompt_of(i)
+                echo = parsed.prompts[p] if parsed.echo and not parsed.infill[p] else ""
+                if parsed.kind == "chat" or echo:
+                    yield event([oa.chunk_choice(parsed, i, echo, first=True)])
+            sent = [""] * len(parsed.requests)
+            async for i, ev in call.events(deadline):
+                if isinstance(ev, Delta) and (ev.text or ev.logprobs):
+                    sent[i] += ev.text
+                    yield event([oa.chunk_choice(parsed, i, ev.text, ev.logprobs, blank=ev.blank)])
+                elif isinstance(ev, Done):
+                    failed = oa.result_error(parsed, ev.result)
+                    if failed is not None:
+                        raise failed
+                    rest = oa.unsent_text(parsed, i, ev.result, sent[i])
+                    yield event([oa.chunk_choice(parsed, i, rest, result=ev.result)])
+            if parsed.include_usage:
+                yield event([], oa.usage(parsed, call.ordered_results()))
+        except (TimeoutError, EngineFailed, oa.OpenAIError) as e:
+            try:
+                self._raise_for(e)
+            except oa.OpenAIError as err:
+                self.metrics.http_errors.labels(str(err.status)).inc()
+                yield _sse(err.body())
+        finally:  # also when the client disconnects: the stream is cancelled and the rows are freed
+            self._close(call)
+        yield b"data: [DONE]\n\n"
+
+    # -- the rest -----------------------------------------------------------------------------------
+    def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model",
+                                            "created": 0, "owned_by": "glm-tp"}]}
+
+    def health(self) -> Response:
+        if self.state.failure or self.state.draining:
+            status = f"failed: {self.state.failure}" if self.state.failure else "draining"
+            return JSONResponse({"status": status}, status_code=503)
+        return JSONResponse({"status": "ok", **self.backend.load()})
+
+
+def build_app(backend: Backend, default: GenerationConfig, settings: ServerSettings,
+              state: ServerState | None = None) -> FastAPI:
+    routes = Routes(backend, default, settings, state or ServerState())
+    app = FastAPI(title="glm-tp", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.routes = routes
+
+    @app.exception_handler(oa.OpenAIError)
+    async def openai_error(_: Request, e: oa.OpenAIError) -> JSONResponse:
+        routes.metrics.http_errors.labels(str(e.status)).inc()
+        retry = {"Retry-After": str(settings.retry_after_s)} if e.status in (429, 503) else None
+        return _error(e, retry)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        routes.metrics.http_errors.labels(str(e.status_code)).inc()
+        message = (f"no route {request.method} {request.url.path}: use POST /v1/completions, "
+                   f"POST /v1/chat/completions or GET /v1/models") if e.status_code in (404, 405) else str(e.detail)
+        return _error(oa.OpenAIError(message, status=e.status_code, code="not_found" if e.status_code == 404
+                                     else "method_not_allowed" if e.status_code == 405 else None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        routes.metrics.http_errors.labels("500").inc()
+        return _error(oa.OpenAIError(f"internal error: {type(e).__name__}: {e}", status=500, type="server_error",
+                                     code="internal_error"))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await routes.generate(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await routes.generate(request, "chat")
+
+    app.get("/v1/models")(routes.models)
+    app.get("/health")(routes.health)
+    app.get("/metrics")(lambda: Response(routes.metrics.render(), media_type="text/plain; version=0.0.4"))
+    app.get("/", response_class=HTMLResponse)(lambda: HTMLResponse(PLAYGROUND.read_text(encoding="utf-8")))
+    return app

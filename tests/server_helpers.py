@@ -1,0 +1,56 @@
+"""An HTTP server on the demo model inside the test process: uvicorn on one thread, the engine loop
+(`Coordinator.serve`) on another, as `input=http` runs them (there the engine loop has the main thread)."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+
+from conftest import ROOT
+from glm_tp import load_model
+from glm_tp.engine import Engine
+from glm_tp.requests import GenerationConfig
+from glm_tp.serve import Coordinator
+from glm_tp.server.app import ServerSettings, build_app
+from glm_tp.tokenizer import load_tokenizer
+
+DEMO = ROOT / "data" / "demo"
+
+
+def demo_engine(max_batch: int = 8, **defaults: object) -> Engine:
+    model = load_model(DEMO, progress=False)
+    return Engine(model, load_tokenizer(DEMO / "tokenizer.model", model.cfg.special),
+                  GenerationConfig(max_new_tokens=16).updated(**defaults), max_batch=max_batch)
+
+
+@dataclass
+class LiveServer:
+    url: str
+    coordinator: Coordinator
+    stop: threading.Event
+    uvicorn: uvicorn.Server
+    threads: list[threading.Thread]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.uvicorn.should_exit = True
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def start(engine: Engine, settings: ServerSettings | None = None) -> LiveServer:
+    settings = settings or ServerSettings(port=0, model_name="demo")
+    coordinator = Coordinator(engine.tp, engine)
+    stop = threading.Event()
+    app = build_app(coordinator, engine.default, settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    threads = [threading.Thread(target=server.run, daemon=True),
+               threading.Thread(target=coordinator.serve, args=(stop,), daemon=True)]
+    for t in threads:
+        t.start()
+    while not server.started:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return LiveServer(f"http://127.0.0.1:{port}", coordinator, stop, server, threads)

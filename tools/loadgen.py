@@ -1,0 +1,148 @@
+"""Load generator for the OpenAI-compatible server: requests/s, tokens/s, time to first token and inter-token
+latency (p50/p99) at several concurrency levels, with streamed completions.
+
+    python -m glm_tp.generate input=http server.port=8000 batch_size=32 &       # the bundled demo model
+    python tools/loadgen.py --url http://127.0.0.1:8000 --concurrency 1 8 32 --requests 64
+
+    python tools/loadgen.py --write-medium /tmp/medium                          # a ~100M-parameter random model
+    python -m glm_tp.generate input=http checkpoint=/tmp/medium batch_size=32 &
+
+Each client sends its next request as soon as its last one ended. Prompts are the demo model's held-out
+prompts (their words are in its tokenizer); `--min-tokens` forces every answer to `--max-tokens` tokens so
+runs compare. Inter-token latency is the gap between streamed chunks divided by the tokens they carry.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from glm_tp.demo_corpus import held_out  # noqa: E402
+
+
+@dataclass
+class Sample:
+    ttft: float
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Sample:
+    start = time.perf_counter()
+    sample, last = None, start
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            now = time.perf_counter()
+            if event.get("usage"):
+                sample = sample or Sample(now - start)
+                sample.tokens = event["usage"]["completion_tokens"]
+            texts = [c for c in event["choices"] if c.get("text")]
+            if not texts:
+                continue
+            if sample is None:
+                sample = Sample(now - start)
+            else:
+                sample.gaps.append(now - last)
+            last = now
+    assert sample is not None, "the stream carried no text"
+    return sample
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def run_level(url: str, model: str, concurrency: int, total: int, max_tokens: int, min_tokens: int) -> dict:
+    prompts = [e.prompt for kind in ("recall", "cycle", "repeat") for e in held_out(kind, 20)]
+    counter = iter(range(total))
+    samples: list[Sample] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for i in counter:
+            body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "stream": True,
+                    "stream_options": {"include_usage": True}, "glm": {"min_new_tokens": min_tokens}}
+            samples.append(await one_request(client, url + "/v1/completions", body))
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    ttft = [s.ttft for s in samples]
+    itl = [g for s in samples for g in s.gaps]
+    return {"concurrency": concurrency, "requests": len(samples), "seconds": elapsed,
+            "requests_s": len(samples) / elapsed, "tokens_s": sum(s.tokens for s in samples) / elapsed,
+            "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
+            "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| concurrency | requests | req/s | tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ms = lambda s: f"{s * 1000:.0f} ms"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['requests_s']:.2f} | {r['tokens_s']:.1f} | "
+                     f"{ms(r['ttft_p50'])} | {ms(r['ttft_p99'])} | {ms(r['itl_p50'])} | {ms(r['itl_p99'])} |")
+    return "\n".join(lines)
+
+
+def write_medium(dst: Path) -> None:
+    """A random ~100M-parameter GLM with the demo model's tokenizer and special ids (for load tests)."""
+    import torch
+
+    from glm_tp.checkpoint import inspect, make_metadata, write_latest, write_shard
+    from glm_tp.config import ModelConfig
+    from glm_tp.synthetic import random_shard
+
+    demo = ROOT / "data" / "demo"
+    special = inspect(demo).model_config().special
+    cfg = ModelConfig(num_layers=8, hidden_size=1024, num_heads=16, inner_hidden_size=2736, vocab_size=128,
+                      max_seq_len=256, special=special)
+    write_shard(dst, "1", 0, random_shard(cfg, 1, 0, 0, torch.float32))
+    shutil.copy(demo / "tokenizer.model", dst / "tokenizer.model")
+    write_latest(dst, "1", make_metadata(cfg, 1, torch.float32, seed=0, tokenizer="tokenizer.model", tokenizer_offset=0))
+    print(f"wrote {dst}: {cfg.num_layers} layers, hidden {cfg.hidden_size}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", default=None, help="default: the server's first model")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--min-tokens", type=int, default=16)
+    parser.add_argument("--write-medium", type=Path, metavar="DST", help="write the medium random model and exit")
+    args = parser.parse_args()
+    if args.write_medium:
+        write_medium(args.write_medium)
+        return
+    model = args.model or httpx.get(args.url + "/v1/models").json()["data"][0]["id"]
+    rows = []
+    for c in args.concurrency:
+        rows.append(asyncio.run(run_level(args.url, model, c, max(args.requests, c), args.max_tokens, args.min_tokens)))
+        print(f"concurrency {c}: {rows[-1]['requests_s']:.2f} req/s, {rows[-1]['tokens_s']:.1f} tokens/s", flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
