@@ -16,9 +16,11 @@ setup(
     install_requires=["torch>=2.3", "numpy", "tqdm", "hydra-core>=1.3", "sentencepiece", "safetensors"],
     extras_require={
         "server": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
+        # the CPU decode kernels (glm_tp/cpu_kernels.py); without numba torch's kernels are used
+        "cpu": ["numba>=0.59"],
         # the server's tests drive it with the official client and a real browser (selenium + system chromium)
         "test": ["pytest>=7", "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "openai>=1.40",
-                 "httpx>=0.27", "selenium>=4.20"],
+                 "httpx>=0.27", "selenium>=4.20", "numba>=0.59"],
         "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb", "einops", "transformers"],
         "plot": ["matplotlib"],
     },

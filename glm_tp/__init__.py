@@ -1,5 +1,13 @@
 """glm-tp: tensor-parallel inference for GLM-130B-class models."""
-from .api import load_model
+import os
+
+# OpenMP threads that spin after each parallel region steal the cores from the next op's threads: torch's
+# pool and the CPU kernels' (numba) pool take turns in a decode step, and on a busy machine spinning made
+# single ops 10-100x slower. Passive waiting is read when an OpenMP runtime loads, so it is set before
+# torch is imported (import glm_tp first, or export OMP_WAIT_POLICY yourself; an explicit value wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .api import load_model  # noqa: E402
 from .checkpoint import CheckpointError
 from .config import PRESETS, ModelConfig
 from .model import GLMModel, KVCache, SeqLayout

@@ -11,7 +11,9 @@ from .loader import RankLoader, source_bits
 from .sources import Source, open_source
 from .config import ModelConfig, get_preset, parse_dtype
 from .dist import TPContext, init_distributed
+from .layers import LM_HEADS
 from .model import GLMModel
+from .quant import KERNELS
 
 QUANT_CHOICES = {None: None, "auto": None, "none": 0, "fp": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4, 8: 8, 4: 4, 0: 0}
 
@@ -44,18 +46,22 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None = None, layers: int | None = None,
                dtype: str | torch.dtype | None = None, quant: str | int | None = None, device: str | None = None,
                tp: TPContext | None = None, progress: bool = True, kernels: str = "fused",
-               verify: bool = False) -> GLMModel:
+               lm_head: str = "model", verify: bool = False) -> GLMModel:
     """Load this rank's share of a checkpoint: the GLM-130B release layout with any number of shards, one
     unsharded file, or a Hugging Face ChatGLM-6B folder, at any TP size that divides the model.
 
     Single process: `load_model("ckpt")`. Under `torchrun --nproc_per_node N` every rank calls the
     same line and gets its own slice (the process group is set up on first use). kernels: "fused" (the
-    fastest quantized matmul the device has) or "dequant" (the reference's dequantize-then-matmul).
+    fastest quantized matmul the device has), "q8" (CPU: integer kernels with Q8_0 activations for batches
+    over quant.SMALL_ROWS), "torch" (torch's fused kernels only) or "dequant" (the reference's
+    dequantize-then-matmul). lm_head: "model" (the embedding in the model's dtype) or "int8".
     verify: check every file's SHA-256 against glm_tp.json first (the ranks share the work); file sizes
     are always checked.
     """
-    if kernels not in ("fused", "dequant"):
-        raise ValueError(f"unknown kernels {kernels!r}: use fused or dequant")
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"unknown lm_head {lm_head!r}: use one of {', '.join(LM_HEADS)}")
     tp = tp or init_distributed(device)
     source = open_source(checkpoint)
     verify_files(source, tp, verify, progress)
@@ -69,7 +75,7 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     if report.unexpected and tp.is_first:
         warnings.warn(f"{source.root} has {len(report.unexpected)} tensor(s) this model does not use, e.g. "
                       f"{report.unexpected[0]}: ignored")
-    net.prepare_kernels(fused=kernels == "fused")
+    net.prepare_kernels(kernels, lm_head)
     return net.eval()
 
 

@@ -75,7 +75,7 @@ def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig) -> Engine
     try:
         checkpoint = resolve_path(cfg.checkpoint)
         model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels,
-                           verify=bool(cfg.verify))
+                           lm_head=cfg.lm_head, verify=bool(cfg.verify))
         tokenizer = load_tokenizer_for(cfg, checkpoint, model.cfg.special)
         engine = Engine(model, tokenizer, gen, max_batch=int(cfg.batch_size),
                         max_len=int(cfg.max_len) if cfg.max_len else None)

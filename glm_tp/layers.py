@@ -23,6 +23,9 @@ from .dist import TPContext
 from .partition import Layout
 
 
+LM_HEADS = ("model", "int8")
+
+
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
@@ -36,6 +39,14 @@ class VocabParallelEmbedding(nn.Module):
         self.rows = vocab_size // tp.size
         self.start = tp.rank * self.rows
         self.weight = _param(self.rows, hidden_size, dtype=dtype)
+        self.head: quant.PreparedWeight | None = None  # an INT8 copy for the LM head, when asked for
+
+    def prepare_head_(self, lm_head: str, kernels: str = "fused") -> None:
+        """lm_head "int8": the logits multiply by an INT8 copy of the embedding (per-row scales, as the
+        linears; half the bytes of a bf16 head); "model": by the embedding itself, in the model's dtype."""
+        if lm_head not in LM_HEADS:
+            raise ValueError(f"unknown lm_head {lm_head!r}: use one of {', '.join(LM_HEADS)}")
+        self.head = quant.prepare(*quant.quantize_rows(self.weight, 8), 8, kernels) if lm_head == "int8" else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -48,7 +59,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied LM head: this rank's vocab slice of the logits."""
-        return F.linear(hidden, self.weight)
+        return self.head.matmul(hidden) if self.head is not None else F.linear(hidden, self.weight)
 
 
 class _ParallelLinear(nn.Module):
@@ -67,9 +78,9 @@ class _ParallelLinear(nn.Module):
         self.bias = _param(out_features, dtype=dtype)
         self.prepared: quant.PreparedWeight | None = None
 
-    def prepare_(self, fused: bool = True) -> None:
-        """Lay a quantized weight out for its kernel, once, after loading."""
-        self.prepared = quant.prepare(self.weight, self.weight_scale, self.bits, fused) if self.bits else None
+    def prepare_(self, kernels: str = "fused") -> None:
+        """Lay a quantized weight out for its kernel, once, after loading (kernels: see quant.KERNELS)."""
+        self.prepared = quant.prepare(self.weight, self.weight_scale, self.bits, kernels) if self.bits else None
 
     def load_float_weight_(self, w: torch.Tensor) -> None:
         """Take a float weight shard; a quantized layer quantizes it on its own device first."""

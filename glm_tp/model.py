@@ -212,12 +212,14 @@ class GLMModel(nn.Module):
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
 
-    def prepare_kernels(self, fused: bool = True) -> None:
-        """Lay quantized weights out for the device's fused kernels (once, after loading); fused=False keeps
-        the reference's dequantize-then-matmul."""
+    def prepare_kernels(self, kernels: str = "fused", lm_head: str = "model") -> None:
+        """Lay quantized weights out for the device's kernels (once, after loading; kernels: see
+        quant.KERNELS, "dequant" keeps the reference's dequantize-then-matmul); lm_head "int8" multiplies the
+        logits by an INT8 copy of the embedding."""
         for module in self.modules():
             if getattr(module, "bits", 0):
-                module.prepare_(fused)
+                module.prepare_(kernels)
+        self.transformer.word_embeddings.prepare_head_(lm_head, kernels)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, self.tp.size, batch, max_len or self.cfg.max_seq_len, self.dtype, self.device)

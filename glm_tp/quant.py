@@ -9,17 +9,23 @@ checked against plain dequantization on a small case before it is trusted:
 - "int8pack": torch's fused int8 weight-only matmul (bf16 activations), CPU;
 - "int4pack": torch's fused int4 kernel (bf16 activations; its grouped format with unit scales and zero
   point 0), CPU and CUDA sm_80+;
+- on CPU, batches of up to SMALL_ROWS rows (decode) go to numba-compiled GEMV kernels
+  (`cpu_kernels`, fp32 activations) when numba is installed; larger batches (prefill, big decode batches)
+  stay on torch's kernels above; kernels="q8" sends those through the integer kernel with Q8_0-quantized
+  activations instead;
 - "compiled": CUDA, the dequantization fused into the matmul by torch.compile (Triton) for decode-sized
   batches, cuBLAS on the dequantized weight for prefill;
 - "dequant": dequantize to the activation dtype, then F.linear: the reference's computation (always
-  available, and chosen with fused=False).
-The bf16 kernels round activations to bf16, so their logits differ from the reference's fp16 ones by bf16
-rounding; the fp16 row scales are applied exactly.
+  available, and chosen with kernels="dequant").
+kernels="torch" keeps torch's fused kernels only. The bf16 kernels round activations to bf16, so their
+logits differ from the reference's fp16 ones by bf16 rounding; the fp16 row scales are applied exactly.
 """
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +73,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dty
     return int_values(q, bits).to(dtype) * scale.to(dtype)[:, None]
 
 
+KERNELS = ("fused", "q8", "torch", "dequant")
+# the CPU GEMV kernels take batches up to this many rows (decode); above, batches are compute-bound and
+# stay on torch's kernels, so prefill and large-batch throughput are what they were
+SMALL_ROWS = 16
+
 # a fused kernel for small batches only: larger ones (prefill) are compute-bound, and there cuBLAS on the
 # dequantized weight is faster than a GEMV-style kernel
 COMPILED_MAX_ROWS = 16
@@ -101,9 +112,15 @@ class PreparedWeight:
     scales: torch.Tensor | None = None     # the fused kernel's own scale argument (unit scales)
     row_scale: torch.Tensor | None = None  # the fp16 row scales as fp32, applied after the kernel
     group: int = 0                         # int4 kernels: input columns per (unit) scale
+    small: Callable | None = None          # CPU: the kernel for batches of up to SMALL_ROWS rows
+    large: Callable | None = None          # CPU, kernels="q8": the kernel for larger batches
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ W^T -> [..., out] in x's dtype."""
+        if self.small is not None and x[..., 0].numel() <= SMALL_ROWS:
+            return self.small(x)
+        if self.large is not None:
+            return self.large(x)
         if self.kind == "compiled" and x[..., 0].numel() <= COMPILED_MAX_ROWS:
             return _compiled_dequant_linear()(x, self.q, self.scale, self.bits)
         if self.kind in ("dequant", "compiled"):
@@ -153,36 +170,81 @@ def _make(kind: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> Prepare
     return PreparedWeight(kind, q, scale, bits, packed=packed, scales=scales, row_scale=scale.float(), group=group)
 
 
+def _with_cpu_kernels(p: PreparedWeight, kernels: str) -> PreparedWeight:
+    """Attach the numba kernels (imported only here: glm_tp runs without numba)."""
+    from . import cpu_kernels
+
+    cpu_kernels.configure_threads()
+    p.small = cpu_kernels.small_kernel(p.q, p.scale, p.bits)
+    if kernels == "q8":
+        p.large = cpu_kernels.q8_kernel(p.q, p.scale, p.bits)
+    return p
+
+
 _KERNEL_OK: dict[tuple[str, int, str], bool] = {}
 
 
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    return bool((got.float() - want).abs().max() <= tol * want.abs().max() + 1e-3)
+
+
 def _kernel_works(device: torch.device, bits: int, kind: str) -> bool:
-    """Run a fused kernel once on a small random case and compare with dequantization."""
+    """Run a kernel once on small random cases (a decode-sized and a prefill-sized batch) and compare with
+    dequantization. kind: a fused kind, or "numba"/"q8" for the CPU kernels."""
     key = (device.type, bits, kind)
     if key not in _KERNEL_OK:
         try:
             gen = torch.Generator().manual_seed(0)
-            q, scale = quantize_rows(torch.randn(64, 128, generator=gen), bits)
-            x = torch.randn(3, 128, generator=gen).to(device)
-            got = _make(kind, q.to(device), scale.to(device), bits).matmul(x).float()
-            want = F.linear(x.float(), dequantize(q, scale, bits, torch.float32).to(device))
-            _KERNEL_OK[key] = bool((got - want).abs().max() <= 0.02 * want.abs().max() + 1e-3)
+            cpu = kind in ("numba", "q8")
+            # torch's int4 kernel takes 64-row multiples; 72 rows also test the CPU kernels' partial row block
+            q, scale = quantize_rows(torch.randn(72 if cpu else 64, 128, generator=gen), bits)
+            if cpu:
+                p = _with_cpu_kernels(PreparedWeight("dequant", q, scale, bits), kind)
+            else:
+                p = _make(kind, q.to(device), scale.to(device), bits)
+            ok = True
+            for rows, tol in ((3, 0.02), (SMALL_ROWS + 3, 0.05 if kind == "q8" else 0.02)):
+                x = torch.randn(rows, 128, generator=gen).to(device)
+                want = F.linear(x.float(), dequantize(q, scale, bits, torch.float32).to(device))
+                ok = ok and _close(p.matmul(x), want, tol)
+            _KERNEL_OK[key] = ok
         except Exception:  # noqa: BLE001 - a kernel that fails to build or run is simply not used
             _KERNEL_OK[key] = False
     return _KERNEL_OK[key]
 
 
-def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, fused: bool = True) -> PreparedWeight:
-    """The fastest kernel that works here (fused=False: the reference's dequantize-then-matmul)."""
-    if fused and _candidates(q.device, bits):
-        reason = f"no fused INT{bits} kernel works on {q.device.type}"
-        for kind in _candidates(q.device, bits):
-            if _kernel_works(q.device, bits, kind):
-                try:
-                    return _make(kind, q, scale, bits)
-                except ValueError as e:  # this weight's shape does not suit the kernel
-                    reason = str(e)
+def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, kernels: str = "fused") -> PreparedWeight:
+    """The fastest kernel that works here; kernels: see KERNELS (dequant: the reference's computation)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
+    if kernels == "dequant" or not _candidates(q.device, bits):
+        return PreparedWeight("dequant", q, scale, bits)
+    reason = f"no fused INT{bits} kernel works on {q.device.type}"
+    prepared = None
+    for kind in _candidates(q.device, bits):
+        if _kernel_works(q.device, bits, kind):
+            try:
+                prepared = _make(kind, q, scale, bits)
+                break
+            except (ValueError, RuntimeError) as e:  # this weight's shape does not suit the kernel
+                reason = str(e)
+    if prepared is None:
         # shown once per message (Python's default warning filter), not once per weight
         warnings.warn(f"{reason}: using dequantize + matmul for it (slower)")
-    return PreparedWeight("dequant", q, scale, bits)
+        prepared = PreparedWeight("dequant", q, scale, bits)
+    if q.device.type == "cpu" and kernels in ("fused", "q8"):
+        prepared = _attach_cpu(prepared, kernels)
+    return prepared
 
+
+def _attach_cpu(prepared: PreparedWeight, kernels: str) -> PreparedWeight:
+    if importlib.util.find_spec("numba") is None:
+        if kernels == "q8":
+            raise ValueError("kernels=q8 needs numba: pip install numba (or the [cpu] extra)")
+        return prepared  # torch's kernels only; the docs say how to get the faster ones
+    if not _kernel_works(prepared.q.device, prepared.bits, "numba"):
+        warnings.warn(f"the numba INT{prepared.bits} CPU kernels failed their check here: using torch's")
+        return prepared
+    if kernels == "q8" and not _kernel_works(prepared.q.device, prepared.bits, "q8"):
+        raise ValueError(f"the q8 INT{prepared.bits} kernel failed its check here: use kernels=fused")
+    return _with_cpu_kernels(prepared, kernels)

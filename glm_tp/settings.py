@@ -14,13 +14,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from .api import parse_quant
 from .config import ModelConfig, parse_dtype
+from .layers import LM_HEADS
+from .quant import KERNELS
 from .requests import GenerationConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "color": ("auto", "always", "never"),
-    "kernels": ("fused", "dequant"),
+    "kernels": KERNELS,
+    "lm_head": LM_HEADS,
 }
 
 

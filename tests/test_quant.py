@@ -45,7 +45,7 @@ def test_quantize_rows_is_the_reference_formula():
 def test_fused_kernel_matches_dequantize(bits):
     w, x = torch.randn(96, 128), torch.randn(5, 128)
     q, scale = quantize_rows(w, bits)
-    fused, plain = prepare(q, scale, bits), prepare(q, scale, bits, fused=False)
+    fused, plain = prepare(q, scale, bits), prepare(q, scale, bits, "dequant")
     assert fused.kind == ("int8pack" if bits == 8 else "int4pack") and plain.kind == "dequant"
     got, want = fused.matmul(x), plain.matmul(x)
     # bf16 activations in the fused kernel: agreement within bf16 rounding
@@ -63,7 +63,7 @@ def test_fused_kernels_apply_the_fp16_row_scales_exactly(bits):
     w = torch.randn(256, 128) * torch.linspace(0.5, 2, 256)[:, None]
     x = torch.randn(512, 128).bfloat16().float()
     q, scale = quantize_rows(w, bits)
-    got, want = prepare(q, scale, bits).matmul(x), prepare(q, scale, bits, fused=False).matmul(x)
+    got, want = prepare(q, scale, bits).matmul(x), prepare(q, scale, bits, "dequant").matmul(x)
     keep = want.abs() > 0.5
     row_bias = torch.where(keep, got / want - 1, 0).sum(0) / keep.sum(0)
     assert row_bias.abs().max() < 4e-4
@@ -88,7 +88,7 @@ def test_cuda_kernels_match_dequantize_on_gpu():
         for rows in (1, 4, 64):  # decode-sized batches and a prefill
             x = torch.randn(rows, 512, device="cuda", dtype=torch.float16)
             got = fused.matmul(x).float()
-            want = prepare(q, scale, bits, fused=False).matmul(x.float())
+            want = prepare(q, scale, bits, "dequant").matmul(x.float())
             assert (got - want).abs().max() <= 0.02 * want.abs().max()
 
 

@@ -29,7 +29,7 @@ def _config(*overrides: str):
     ("batch_size=inf", "batch_size=inf"),
     ("timeout_s=-1", "timeout_s"), ("device=tpu", "device='tpu': use one of auto, cpu, cuda"),
     ("color=blue", "color='blue': use one of auto, always, never"), ("kernels=x", "kernels"),
-    ("quant=int3", "quant"), ("dtype=fp8", "dtype"),
+    ("quant=int3", "quant"), ("dtype=fp8", "dtype"), ("lm_head=int4", "lm_head='int4': use one of model, int8"),
     ("generation.temperature=abc", "generation.temperature: expected a number, got 'abc'"),
     ("generation.max_new_tokens=x", "generation.max_new_tokens: expected an integer"),
     ("generation.top_p=2", "top_p must be in (0, 1]"),

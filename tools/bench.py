@@ -20,15 +20,24 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from glm_tp import quant, reference  # noqa: E402
+from glm_tp import quant, reference  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
+import torch  # noqa: E402
 from glm_tp.config import ModelConfig, get_preset, parse_dtype  # noqa: E402
 from glm_tp.decode import Decoder  # noqa: E402
 from glm_tp.dist import init_distributed, simulated_rank  # noqa: E402
+from glm_tp.layers import LM_HEADS  # noqa: E402
 from glm_tp.model import GLMModel, SeqLayout  # noqa: E402
 from glm_tp.planner import Plan  # noqa: E402
+
+
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A line on stderr per measurement (a full run takes minutes); only rank 0 speaks."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"[bench {time.perf_counter() - _START:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -58,7 +67,7 @@ def read_bandwidth(device: torch.device, gib: float = 0.5, runs: int = 5) -> flo
 
 
 def matmul_peak(cfg: ModelConfig, tp: int, device: torch.device, dtype: torch.dtype, bits: int,
-                runs: int = 3) -> float:
+                kernels: str = "fused", runs: int = 3) -> float:
     """FLOP/s of the model's widest matmul (h->4h of one rank) on a prefill-sized input, through the kernel
     the model uses (its dtype and layout, or its quantized kernel): the compute ceiling. On CPUs without
     half-precision units this is far below the fp32 peak."""
@@ -66,7 +75,7 @@ def matmul_peak(cfg: ModelConfig, tp: int, device: torch.device, dtype: torch.dt
     x = torch.randn(rows, cfg.hidden_size, device=device).to(dtype)
     w = torch.randn(2 * cfg.inner_hidden_size // tp, cfg.hidden_size, device=device)
     if bits:
-        weight = quant.prepare(*quant.quantize_rows(w, bits), bits)
+        weight = quant.prepare(*quant.quantize_rows(w, bits), bits, kernels)
         matmul = lambda: weight.matmul(x)  # noqa: E731
     else:
         w = w.to(dtype)
@@ -97,7 +106,8 @@ def allreduce_ms(tp, cfg: ModelConfig, dtype: torch.dtype, runs: int) -> float |
     return statistics.median(timed(step, tp.device, runs)) * 1e3
 
 
-def random_model(cfg: ModelConfig, tp, dtype: torch.dtype, bits: int) -> GLMModel:
+def random_model(cfg: ModelConfig, tp, dtype: torch.dtype, bits: int, kernels: str = "fused",
+                 lm_head: str = "model") -> GLMModel:
     """Per-rank shapes, random values written in place (fast: no checkpoint, no full-size temporaries)."""
     model = GLMModel(cfg, tp, dtype, tp.device, quant_bits=bits)
     gen = torch.Generator(device=tp.device).manual_seed(0)
@@ -110,7 +120,10 @@ def random_model(cfg: ModelConfig, tp, dtype: torch.dtype, bits: int) -> GLMMode
             p.fill_(1.0 if name.endswith("weight") else 0.0)
         else:
             p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.02, generator=gen)
-    model.prepare_kernels()
+    start = time.perf_counter()
+    model.prepare_kernels(kernels, lm_head)
+    progress(f"kernels prepared in {time.perf_counter() - start:.1f} s (the first load in a fresh environment "
+             f"includes compiling the CPU kernels)")
     return model.eval()
 
 
@@ -121,6 +134,7 @@ def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int
         for n in prefills:
             if n > cfg.max_seq_len:
                 continue
+            progress(f"prefill {n} tokens ({runs} runs)")
             tokens = torch.randint(0, cfg.vocab_size, (1, n), device=device)
             layout = SeqLayout(torch.zeros(1, dtype=torch.long), torch.tensor([n - 1]))
             cache = model.new_cache(1, n)
@@ -129,6 +143,7 @@ def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int
         context = min(context, cfg.max_seq_len - steps)
         out["context"] = context
         for b in batches:  # the engine's decode path: one reused cache, static step inputs, graphs on CUDA
+            progress(f"decode batch {b} ({runs} runs of {steps} steps)")
             decoder = Decoder(model, b, context + steps)
             tokens = torch.randint(0, cfg.vocab_size, (b, context), device=device)
             positions = torch.arange(context, device=device).expand(b, -1)
@@ -161,15 +176,18 @@ def reference_times(cfg: ModelConfig, prefills: list[int], steps: int, runs: int
     memory (`mems`) grows by concatenation every step. None when it is not installed."""
     if not reference.available():
         return None
+    progress("reference: building SwissArmyTransformer's GLM130B")
     ref = reference.build(cfg)
     out: dict = {"prefill_ms": {}}
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.02)
         for n in (n for n in prefills if n <= cfg.max_seq_len):
+            progress(f"reference: prefill {n} tokens ({runs} runs)")
             tokens = torch.randint(0, cfg.vocab_size, (1, n))
             times = timed(lambda: ref(tokens, torch.arange(n)[None], reference.mask(n, n - 1)), torch.device("cpu"), runs)
             out["prefill_ms"][n] = statistics.median(times) * 1e3
+        progress(f"reference: decode batch 1 ({runs} runs of {steps} steps)")
         tokens = torch.randint(0, cfg.vocab_size, (1, context))
         _, *layers = ref(tokens, torch.arange(context)[None], reference.mask(context, context - 1))
         mems = torch.stack([o["mem_kv"] for o in layers])
@@ -204,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context", type=int, default=128, help="prompt tokens in the cache before decoding")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--reference", action="store_true", help="also time SwissArmyTransformer (CPU fp16)")
-    ap.add_argument("--json", default="bench.json")
+    ap.add_argument("--kernels", choices=quant.KERNELS, default="fused", help="quantized matmul kernels")
+    ap.add_argument("--lm-head", choices=LM_HEADS, default="model", help="int8: an INT8 copy of the LM head")
+    ap.add_argument("--json", help="write the results as JSON to this file")
     ap.add_argument("--plot", help="write a PNG of ms/token against batch size")
     args = ap.parse_args(argv)
 
@@ -223,12 +243,15 @@ def main(argv: list[str] | None = None) -> None:
         label = f"TP={tp.size}, real ranks"
     cfg.check_tp(tp.size)
     dtype, bits = parse_dtype(args.dtype), {"none": 0, "int8": 8, "int4": 4}[args.quant]
-    model = random_model(cfg, tp, dtype, bits)
-    bandwidth, peak = read_bandwidth(tp.device), matmul_peak(cfg, tp.size, tp.device, dtype, bits)
+    progress(f"building a random {cfg.num_layers}-layer model ({args.dtype}/{args.quant})")
+    model = random_model(cfg, tp, dtype, bits, args.kernels, args.lm_head)
+    progress("measuring the read bandwidth and the matmul peak")
+    bandwidth, peak = read_bandwidth(tp.device), matmul_peak(cfg, tp.size, tp.device, dtype, bits, args.kernels)
     plan = Plan(cfg, tp.size, dtype.itemsize, bits, 1, 1)
     result = measure(model, [int(x) for x in args.prefill.split(",")], [int(x) for x in args.batches.split(",")],
                      args.steps, args.runs, args.context)
-    result.update(label=label, device=str(tp.device), dtype=args.dtype, quant=args.quant, shape=shape or args.preset,
+    result.update(label=label, device=str(tp.device), dtype=args.dtype, quant=args.quant, kernels=args.kernels,
+                  lm_head=args.lm_head, shape=shape or args.preset,
                   layers=cfg.num_layers, weight_bytes_per_rank=plan.weight_bytes, read_bandwidth_gbs=bandwidth / 1e9,
                   matmul_peak_tflops=peak / 1e12, threads=torch.get_num_threads(),
                   allreduce_ms_per_step=allreduce_ms(tp, cfg, dtype, args.runs))
@@ -242,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
                 **{f"prefill_{n}": ms / result["prefill_ms"][n]["median"] for n, ms in ref["prefill_ms"].items()}}
     if tp.is_first:
         print_table(result)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         if args.plot:
             plot(result, args.plot)
 
@@ -267,7 +291,8 @@ def add_ceilings(r: dict, cfg: ModelConfig, tp: int, dtype_bytes: int, weight_by
 
 
 def print_table(r: dict) -> None:
-    print(f"glm-tp bench: {r['label']}; {r['layers']} layers, {r['dtype']}/{r['quant']} on {r['device']} "
+    print(f"glm-tp bench: {r['label']}; {r['layers']} layers, {r['dtype']}/{r['quant']} (kernels {r['kernels']}, "
+          f"LM head {r['lm_head']}) on {r['device']} "
           f"({r['threads']} threads); weights/rank {r['weight_bytes_per_rank'] / 1e6:.1f} MB; "
           f"read bandwidth {r['read_bandwidth_gbs']:.1f} GB/s; matmul peak {r['matmul_peak_tflops']:.3f} TFLOP/s")
     for n, s in r["prefill_ms"].items():

@@ -1,0 +1,164 @@
+"""Weight-only INT8/INT4 matmul kernels for CPU decode, compiled by numba (the optional `cpu` extra).
+
+At batch 1 a decode step is a stream of GEMVs whose cost is reading the weights; torch's CPU weight-only
+kernels read well below the memory bandwidth on AVX2 machines. These kernels are plain loops that LLVM
+vectorizes (int8 -> float32, fused multiply-add), parallel over blocks of output rows, with the fp16 row
+scales applied exactly afterwards in fp32:
+- `int8_kernel`: weights int8 [out, in] (the checkpoint's own tensor); batch rows four at a time, so each
+  weight is converted once per four rows;
+- `int4_kernel`: weights as `pack_int4_halves` lays them out: byte j of a row holds input column j in the
+  low nibble and column j + in/2 in the high nibble, both stored as q + 8 (unsigned), so unpacking needs no
+  sign handling and the two halves of x are read contiguously;
+- `q8_kernel_`: the option for larger batches: activations quantized to int8 per block of `Q8_BLOCK` input
+  columns (one fp32 scale per block, as llama.cpp's Q8_0), integer dot products per block.
+`small_kernel` / `q8_kernel` wrap them as callables on torch tensors (`Matmul`) for `quant.prepare`.
+
+Compiled code is cached on disk (`cache=True`): the first load in a fresh environment compiles (tens of
+seconds on a busy 2-core machine), later ones load it.
+numba runs its own thread pool; `configure_threads` gives it torch's thread count so the two pools never
+run more threads than cores between them (they take turns: a decode step alternates torch ops and kernels).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+ROW_BLOCK = 16  # output rows per parallel task: small enough to balance 2-16 threads on 2k-row weights
+Q8_BLOCK = 32   # input columns per activation scale in the q8 option (llama.cpp's Q8_0 block)
+
+
+_jit = njit(parallel=True, fastmath=True, cache=True, nogil=True)
+
+
+@_jit
+def int8_kernel(x, w, s, out):
+    m_rows, k_cols = x.shape
+    n_rows = w.shape[0]
+    for blk in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        for n in range(blk * ROW_BLOCK, min(n_rows, blk * ROW_BLOCK + ROW_BLOCK)):
+            wr = w[n]
+            m = 0
+            while m + 4 <= m_rows:
+                x0, x1, x2, x3 = x[m], x[m + 1], x[m + 2], x[m + 3]
+                a0 = a1 = a2 = a3 = np.float32(0)
+                for k in range(k_cols):
+                    f = np.float32(wr[k])
+                    a0 += x0[k] * f
+                    a1 += x1[k] * f
+                    a2 += x2[k] * f
+                    a3 += x3[k] * f
+                out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = a0 * s[n], a1 * s[n], a2 * s[n], a3 * s[n]
+                m += 4
+            for r in range(m, m_rows):
+                xr = x[r]
+                acc = np.float32(0)
+                for k in range(k_cols):
+                    acc += xr[k] * np.float32(wr[k])
+                out[r, n] = acc * s[n]
+
+
+@_jit
+def int4_kernel(x, w, s, out):
+    # byte v = 16 * hi + lo (unsigned nibbles): x_lo*lo + x_hi*hi = x_lo*v + (x_hi - 16 x_lo)*hi, so
+    # only hi = floor(v / 16) is unpacked; the +8 offset comes off as 8 * sum(x)
+    m_rows, k_cols = x.shape
+    n_rows, half = w.shape
+    xl = np.empty((m_rows, half), np.float32)
+    xd = np.empty((m_rows, half), np.float32)
+    offset = np.empty(m_rows, np.float32)
+    for m in range(m_rows):
+        t = np.float32(0)
+        for k in range(half):
+            xl[m, k] = x[m, k]
+            xd[m, k] = x[m, k + half] - np.float32(16) * x[m, k]
+            t += x[m, k] + x[m, k + half]
+        offset[m] = np.float32(8) * t
+    for blk in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        for n in range(blk * ROW_BLOCK, min(n_rows, blk * ROW_BLOCK + ROW_BLOCK)):
+            wr = w[n]
+            for m in range(m_rows):
+                a, d = xl[m], xd[m]
+                acc = np.float32(0)
+                for k in range(half):
+                    f = np.float32(wr[k])
+                    acc += a[k] * f + d[k] * np.floor(f * np.float32(0.0625))
+                out[m, n] = (acc - offset[m]) * s[n]
+
+
+@njit(fastmath=True, inline="always")
+def _int_dot(a, b):
+    # int8 x int8 summed in int32 (the truncation lets LLVM use 16-bit multiply-adds, vpmaddwd)
+    acc = np.int32(0)
+    for k in range(a.shape[0]):
+        acc = np.int32(acc + np.int16(a[k]) * np.int16(b[k]))
+    return acc
+
+
+@_jit
+def q8_kernel_(xq, dx, w, s, out):
+    m_rows, k_cols = xq.shape
+    n_rows = w.shape[0]
+    for blk in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        for n in range(blk * ROW_BLOCK, min(n_rows, blk * ROW_BLOCK + ROW_BLOCK)):
+            wr = w[n]
+            for m in range(m_rows):
+                xr, dr = xq[m], dx[m]
+                acc = np.float32(0)
+                for b in range(k_cols // Q8_BLOCK):
+                    o = b * Q8_BLOCK
+                    acc += np.float32(_int_dot(wr[o:o + Q8_BLOCK], xr[o:o + Q8_BLOCK])) * dr[b]
+                out[m, n] = acc * s[n]
+
+
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [m, k] -> int8 [m, k] and fp32 scales [m, k/Q8_BLOCK]: absmax/127 per block (Q8_0)."""
+    blocks = x.reshape(x.shape[0], -1, Q8_BLOCK)
+    d = blocks.abs().amax(-1) / 127
+    q = torch.round(blocks / torch.where(d == 0, 1, d)[..., None]).to(torch.int8)
+    return q.reshape(x.shape), d
+
+
+def configure_threads() -> None:
+    """numba's pool gets torch's thread count (torch's is what the user or the launcher set)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def pack_int4_halves(q: torch.Tensor) -> torch.Tensor:
+    """int values in [-8, 7], [out, in] -> uint8 [out, in/2]: column j low nibble, column j + in/2 high, + 8."""
+    half = q.shape[1] // 2
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return (u[:, :half] | (u[:, half:] << 4)).contiguous()
+
+
+class Matmul:
+    """x [..., in] @ (W * scale[:, None])^T through one of the kernels, W held in that kernel's layout."""
+
+    def __init__(self, kernel, w: torch.Tensor, scale: torch.Tensor, q8: bool = False):
+        self.kernel, self.w, self.q8 = kernel, w.contiguous(), q8
+        self.scale = scale.float().contiguous()
+        self.arrays = (self.w.numpy(), self.scale.numpy())  # views: the tensors keep the memory alive
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+        out = torch.empty(flat.shape[0], self.w.shape[0], dtype=torch.float32)
+        inputs = [t.numpy() for t in quantize_q8(flat)] if self.q8 else [flat.numpy()]
+        self.kernel(*inputs, *self.arrays, out.numpy())
+        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def small_kernel(q: torch.Tensor, scale: torch.Tensor, bits: int) -> Matmul:
+    """The GEMV kernel for a quantized weight in the checkpoint's layout (int8 [out, in] or packed INT4)."""
+    if bits == 8:
+        return Matmul(int8_kernel, q, scale)  # the checkpoint's own tensor: no copy
+    from .quant import unpack_int4
+    return Matmul(int4_kernel, pack_int4_halves(unpack_int4(q)), scale)
+
+
+def q8_kernel(q: torch.Tensor, scale: torch.Tensor, bits: int) -> Matmul | None:
+    """The integer kernel with Q8_0 activations; None when the input dim is not a multiple of Q8_BLOCK.
+    INT4 weights are widened to int8 for it (twice their memory)."""
+    from .quant import unpack_int4
+    w = q if bits == 8 else unpack_int4(q)
+    return Matmul(q8_kernel_, w, scale, q8=True) if w.shape[1] % Q8_BLOCK == 0 else None

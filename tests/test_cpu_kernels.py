@@ -1,0 +1,125 @@
+"""The numba CPU kernels (the `cpu` extra): results against dequantization, the choice at load, the fallback
+to torch's kernels, the q8 and INT8 LM head options. No timings here: tools/bench.py measures speed."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from conftest import ROOT
+from glm_tp import load_model, quant
+from glm_tp.quant import SMALL_ROWS, dequantize, prepare, quantize_rows
+
+from test_model import LAYOUT, POSITIONS, TOKENS
+
+pytest.importorskip("numba", reason="the CPU kernels need numba: pip install -e '.[cpu]' (the [test] extra has it)")
+from glm_tp import cpu_kernels  # noqa: E402
+
+
+def _exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    return x.double() @ dequantize(q, scale, bits, torch.float64).t()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, SMALL_ROWS])
+def test_small_batch_kernels_match_dequantization(bits, rows):
+    # INT8: 100 output rows, a partial parallel block (torch's INT4 kernel needs multiples of 16, and the
+    # load-time check covers the partial block for INT4); 4-row batch tiles plus a remainder
+    torch.manual_seed(rows)
+    n = 100 if bits == 8 else 112
+    w, x = torch.randn(n, 96) * torch.linspace(0.2, 3, n)[:, None], torch.randn(rows, 96)
+    q, scale = quantize_rows(w, bits)
+    p = prepare(q, scale, bits)
+    assert p.small is not None and p.large is None  # fused on CPU: the numba kernels take small batches
+    got, want = p.small(x), _exact(x, q, scale, bits)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()  # fp32 accumulation only
+    assert (p.matmul(x.bfloat16()).double() - want).abs().max() <= 0.01 * want.abs().max()  # bf16 in and out
+
+
+def test_int4_halves_layout_round_trips():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 4)
+    packed = cpu_kernels.pack_int4_halves(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 32)
+    half = q.shape[1] // 2
+    assert torch.equal((packed & 15).to(torch.int8) - 8, q[:, :half])
+    assert torch.equal((packed >> 4).to(torch.int8) - 8, q[:, half:])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_larger_batches_stay_on_torch_kernels_and_q8_is_an_option(bits):
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(SMALL_ROWS + 5, 128)
+    q, scale = quantize_rows(w, bits)
+    want = _exact(x, q, scale, bits)
+    assert prepare(q, scale, bits, "fused").large is None
+    q8 = prepare(q, scale, bits, "q8")
+    got = q8.matmul(x).double()
+    # Q8_0 activations: each block of 32 rounded to 1/254 of its absmax, so errors of ~0.5 % of a product
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    assert (got - want).abs().max() > 0  # it really ran the quantized-activation kernel
+    assert torch.equal(q8.matmul(x[:1]), q8.small(x[:1]))  # small batches are unchanged by the option
+    for kernels in ("torch", "dequant"):
+        p = prepare(q, scale, bits, kernels)
+        assert p.small is None and p.large is None
+    with pytest.raises(ValueError, match="unknown kernels 'fast'"):
+        prepare(q, scale, bits, "fast")
+
+
+def test_q8_needs_whole_blocks():
+    q, scale = quantize_rows(torch.randn(32, 48), 8)  # 48 input columns: not a multiple of 32
+    assert cpu_kernels.q8_kernel(q, scale, 8) is None
+    x = torch.randn(SMALL_ROWS + 1, 48)
+    p = prepare(q, scale, 8, "q8")
+    assert (p.matmul(x).double() - _exact(x, q, scale, 8)).abs().max() <= 0.02 * _exact(x, q, scale, 8).abs().max()
+
+
+def test_without_numba_the_torch_kernels_are_used(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real(name, *a))
+    q, scale = quantize_rows(torch.randn(64, 128), 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing optional extra is not worth a warning per weight
+        p = prepare(q, scale, 8)
+    assert p.kind == "int8pack" and p.small is None
+    with pytest.raises(ValueError, match=r"kernels=q8 needs numba: pip install numba"):
+        prepare(q, scale, 8, "q8")
+
+
+def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setitem(quant._KERNEL_OK, ("cpu", 4, "numba"), False)
+    q, scale = quantize_rows(torch.randn(64, 128), 4)
+    with pytest.warns(UserWarning, match="numba INT4 CPU kernels failed their check here: using torch's"):
+        p = prepare(q, scale, 4)
+    assert p.kind == "int4pack" and p.small is None
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(TOKENS, POSITIONS, LAYOUT, model.new_cache(2, 16), logits_at=torch.arange(12).expand(2, 12))
+
+
+def test_int8_lm_head_stays_near_the_model_dtype_head(tiny_checkpoints):
+    plain = load_model(tiny_checkpoints[1], quant="int8", progress=False)
+    head = load_model(tiny_checkpoints[1], quant="int8", progress=False, lm_head="int8")
+    assert head.transformer.word_embeddings.head is not None and plain.transformer.word_embeddings.head is None
+    a, b = _logits(plain), _logits(head)
+    err = (a - b).abs().max() / a.abs().max()
+    print(f"INT8 LM head: max |logit diff| = {err:.3%} of the largest logit")
+    assert 0 < err < 0.01
+    with pytest.raises(ValueError, match="unknown lm_head 'int4': use one of model, int8"):
+        load_model(tiny_checkpoints[1], progress=False, lm_head="int4")
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
+    code = "import glm_tp, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env=env if given is None else {**env, "OMP_WAIT_POLICY": given})
+        assert res.returncode == 0 and res.stdout.strip() == want, res.stderr[-500:]
