@@ -50,11 +50,13 @@ class StepPlan:
 class Scheduler:
     def __init__(self, engine, max_rows: int, prefill_budget: int, max_wait_steps: int = 8):
         self.engine, self.max_rows, self.prefill_budget = engine, max_rows, prefill_budget
-        # while rows decode, fills join in groups (one prefill forward for several): once a quarter of
-        # the rows are free, or once the oldest has waited max_wait_steps steps (as TGI batches prefills)
-        self.min_group = max(1, max_rows // 4)
+        # while rows decode, fills join in groups (one prefill forward for several): once half of the
+        # rows are free, or once the oldest has waited max_wait_steps steps since the last admission
+        # (as TGI batches prefills)
+        self.min_group = max(1, max_rows // 2)
         self.max_wait_steps = max_wait_steps
         self.steps = 0
+        self.last_admission = 0
         self.waiting: deque[Job] = deque()
         self.rows: list[tuple[Job, int]] = []  # (job, beam index) of each occupied row [0, n)
         self.finished: list[Job] = []          # ended since the caller last looked
@@ -101,6 +103,7 @@ class Scheduler:
         self._pack(plan, next_token)
         if self._admission_due():
             self._admit(plan)
+            self.last_admission = self.steps
         self.steps += 1
         return plan
 
@@ -108,7 +111,8 @@ class Scheduler:
         if not self.waiting:
             return False
         free = self.max_rows - len(self.rows)
-        return not self.rows or free >= self.min_group or self.steps - self.waiting[0].queued_at >= self.max_wait_steps
+        waited = self.steps - max(self.waiting[0].queued_at, self.last_admission)
+        return not self.rows or free >= self.min_group or waited >= self.max_wait_steps
 
     def _cancelled(self) -> list[tuple[Job, str]]:
         out = [(j, j.cancel_reason) for j in self.jobs() if j.handle.cancelled.is_set()]

@@ -6,10 +6,12 @@
 The round-based engine is the code of an earlier commit (--baseline-ref, default: the last commit before
 continuous batching), extracted with `git archive` into a temporary folder and run in its own process with
 the same workload, as its batch runner fed it: `batch_size` requests per `generate` call, each call
-returning when its slowest request ends. The current engine gets every request at t=0 through
-`Coordinator.submit` and steps until all are answered. Both use one config for every request, so answer
-lengths vary only by content (the demo model's answers, a random model's end tokens): both engines
-generate the same tokens, which the report checks. Reported: tokens/s, requests/s, per-request latency p50/p99 (and time to first token for
+returning when its slowest request ends (and running requests with different settings in separate
+rounds, its rule). The current engine gets every request at t=0 through `Coordinator.submit` and steps
+until all are answered. By default every request has the same settings, so answer lengths vary only by
+content (the demo model's answers; a random model rarely ends by itself); with --mixed-caps each request
+has its own max_new_tokens, as a server's clients send. Both engines generate the same tokens, which the
+report checks. Reported: tokens/s, requests/s, per-request latency p50/p99 (and time to first token for
 the continuous engine, which streams).
 """
 from __future__ import annotations
@@ -33,9 +35,9 @@ MEDIUM = dict(num_layers=8, hidden_size=1024, num_heads=16, inner_hidden_size=25
 
 
 def workload(count: int, seed: int = 0) -> list[str]:
-    """Mixed prompt and answer lengths: three quarters held-out demo prompts of every kind ([MASK], [gMASK],
-    two blanks; answers of 1 to ~8 tokens) and one quarter open-ended continuations ([gMASK] after a few
-    months, days or digits), which the demo model runs on for 8 to 48 tokens; shuffled."""
+    """Mixed prompt lengths and content: three quarters held-out demo prompts of every kind ([MASK],
+    [gMASK], two blanks; answers of 1 to ~8 tokens) and one quarter open-ended continuations ([gMASK] after
+    a few months, days or digits), which the demo model runs on for 8 to 48 tokens; shuffled."""
     sys.path.insert(0, str(ROOT))
     from glm_tp.demo_corpus import DAYS, DIGITS, MONTHS, TASKS, held_out
 
@@ -75,7 +77,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def run_one(ckpt: str, prompts: list[str], max_batch: int, max_new_tokens: int) -> dict:
+def answer_caps(count: int, top: int, seed: int = 1) -> list[int]:
+    """Per-request max_new_tokens as clients of a server send them: 4 to `top`, short ones most often."""
+    rng = random.Random(seed)
+    return [min(top, rng.choice([4, 4, 8, 8, 16, 32, 48])) for _ in range(count)]
+
+
+def run_one(ckpt: str, prompts: list[str], max_batch: int, max_new_tokens: int, caps: list[int] | None) -> dict:
     """In this process, with whichever glm_tp is on the path: round-based or continuous."""
     import torch
 
@@ -92,7 +100,8 @@ def run_one(ckpt: str, prompts: list[str], max_batch: int, max_new_tokens: int) 
     model = load_model(ckpt, progress=False)
     tok = load_tokenizer(Path(ckpt) / "tokenizer.model", model.cfg.special, 0)
     engine = Engine(model, tok, GenerationConfig(max_new_tokens=max_new_tokens), max_batch=max_batch)
-    requests = [Request(str(i), p) for i, p in enumerate(prompts)]
+    requests = [Request(str(i), p, config=GenerationConfig(max_new_tokens=caps[i]) if caps else None)
+                for i, p in enumerate(prompts)]
     engine.generate(requests[:max_batch])  # warm-up
     start = time.perf_counter()
     finished, first_token = {}, {}
@@ -138,8 +147,9 @@ def baseline_tree(ref: str, into: Path) -> Path:
 
 
 def run_in_subprocess(package_root: Path, ckpt: Path, prompts: list[str], args) -> dict:
+    caps = answer_caps(len(prompts), args.max_new_tokens) if args.mixed_caps else None
     spec = json.dumps({"ckpt": str(ckpt), "prompts": prompts, "max_batch": args.batch_size,
-                       "max_new_tokens": args.max_new_tokens})
+                       "max_new_tokens": args.max_new_tokens, "caps": caps})
     env = dict(os.environ, PYTHONPATH=str(package_root))
     done = subprocess.run([sys.executable, __file__, "--worker"], input=spec, env=env, capture_output=True,
                           text=True, check=False)
@@ -154,13 +164,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--mixed-caps", action="store_true",
+                    help="each request its own max_new_tokens (4 to --max-new-tokens), as a server's clients send")
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git commit of the round-based engine")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         spec = json.loads(sys.stdin.read())
-        print(json.dumps(run_one(spec["ckpt"], spec["prompts"], spec["max_batch"], spec["max_new_tokens"])))
+        print(json.dumps(run_one(spec["ckpt"], spec["prompts"], spec["max_batch"], spec["max_new_tokens"],
+                                 spec["caps"])))
         return
     sys.path.insert(0, str(ROOT))
     prompts = workload(args.requests)
