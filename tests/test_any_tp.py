@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from conftest import ROOT, write_random_checkpoint
-from distributed import run_ranks
+from distributed import greedy_blank, run_ranks
 from glm_tp import load_model
 from glm_tp.blanks import next_blank
 from glm_tp.config import PRESETS, ModelConfig
-from glm_tp.decode import Decoder
 from glm_tp.partition import Layout, copy_plan, split
 from glm_tp.reshard import rewrite
 
@@ -46,19 +45,8 @@ def _greedy(tp, ckpt, kernels="fused"):
     with torch.inference_mode():
         for ids in PROMPTS:
             blank = next_blank(ids, special.mask if special.mask in ids else special.gmask, special)
-            decoder = Decoder(model, max_rows=1, graphs=False)
+            answer, first, _ = greedy_blank(model, blank, STEPS)
             n = len(blank.tokens)
-            logits = decoder.prefill(torch.tensor([blank.tokens]), torch.tensor([blank.positions]),
-                                     torch.tensor([blank.bidirectional]), torch.tensor([blank.next_position]),
-                                     torch.tensor([blank.counting]))
-            first, answer = None if logits is None else logits[0].clone(), []
-            for _ in range(STEPS):
-                token = torch.zeros(1, dtype=torch.long)
-                if logits is not None:
-                    token[0] = int(logits[0].argmax())
-                model.tp.broadcast(token)
-                answer.append(int(token))
-                logits = decoder.step(token)
             out.append((answer, first, n))
     return out if model.tp.is_first else None
 

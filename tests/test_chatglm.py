@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from conftest import write_random_checkpoint
-from distributed import run_ranks
+from distributed import greedy_blank, run_ranks
 from glm_tp import CheckpointError, load_model
 from glm_tp.blanks import next_blank
 from glm_tp.chat import chat_ids, chat_prompt
 from glm_tp.config import PRESETS
-from glm_tp.decode import Decoder
 from glm_tp.hf import config_metadata, hf_config, write_hf_checkpoint
 from glm_tp.model import SeqLayout
 from glm_tp.partition import full_shapes
@@ -56,19 +55,8 @@ def _greedy(tp, ckpt, quant=None, kernels="fused"):
     with torch.inference_mode():
         for ids in PROMPTS:
             blank = next_blank(ids, S.mask if S.mask in ids else S.gmask, S, "2d")
-            decoder = Decoder(model, max_rows=1, graphs=False, position_dims=2)
             layout = SeqLayout(torch.tensor([0]), torch.tensor([blank.bidirectional]))
-            logits = decoder.prefill(torch.tensor([blank.tokens]), torch.tensor([blank.positions]),
-                                     torch.tensor([blank.bidirectional]), torch.tensor([blank.next_position]),
-                                     torch.tensor([blank.counting]))
-            first, answer = None if logits is None else logits[0].clone(), []
-            for _ in range(STEPS):
-                token = torch.zeros(1, dtype=torch.long)
-                if logits is not None:
-                    token[0] = int(logits[0].argmax())
-                model.tp.broadcast(token)
-                answer.append(int(token))
-                logits = decoder.step(token)
+            answer, first, logits = greedy_blank(model, blank, STEPS, position_dims=2)
             positions = blank.positions + [blank.position_after(g) for g in range(STEPS)]
             full = model(torch.tensor([blank.tokens + answer]), torch.tensor([positions]), layout, None)
             if full is not None:
