@@ -25,6 +25,31 @@ def demo_engine(max_batch: int = 8, **defaults: object) -> Engine:
                   GenerationConfig(max_new_tokens=16).updated(**defaults), max_batch=max_batch)
 
 
+def slowed(engine: Engine, step_s: float) -> Engine:
+    """Every decode step takes at least `step_s`: a request of N tokens then outlasts N * step_s on any
+    machine, so tests of time limits and hang-ups do not depend on how fast the machine is."""
+    step = engine.decoder.step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(step_s)
+        return step(*args, **kwargs)
+
+    engine.decoder.step = slow_step
+    return engine
+
+
+def watch_handles(coordinator: Coordinator) -> list:
+    """The handles of every request submitted to `coordinator` from now on, in order."""
+    handles, submit = [], coordinator.submit
+
+    def recorded(*args, **kwargs):
+        handles.append(submit(*args, **kwargs))
+        return handles[-1]
+
+    coordinator.submit = recorded
+    return handles
+
+
 @dataclass
 class LiveServer:
     url: str

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 from glm_tp.demo_corpus import held_out
 from glm_tp.server.app import ServerSettings
-from server_helpers import DEMO, demo_engine, start
+from server_helpers import DEMO, demo_engine, slowed, start, watch_handles
 
 
 @pytest.fixture(scope="module")
@@ -288,22 +288,31 @@ def _idle(server, seconds: float) -> bool:
     return False
 
 
-def test_a_client_that_hangs_up_cancels_its_request(server):
+def test_a_client_that_hangs_up_cancels_its_request():
+    live = start(slowed(demo_engine(), 0.05))  # 60 tokens take 3 s or more
+    handles = watch_handles(live.coordinator)
     long = {"model": "demo", "prompt": "one two three", "max_tokens": 60, "glm": {"min_new_tokens": 60}}
-    with httpx.stream("POST", server.url + "/v1/completions", json={**long, "stream": True}, timeout=60) as r:
-        next(r.iter_lines())  # generation has started; hang up
-    assert _idle(server, 2.0)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=long, timeout=0.3)
-    assert _idle(server, 2.0)
+    try:
+        with httpx.stream("POST", live.url + "/v1/completions", json={**long, "stream": True}, timeout=60) as r:
+            next(r.iter_lines())  # generation has started; hang up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + "/v1/completions", json=long, timeout=0.5)
+        results = [h.result(timeout=2.0) for h in handles]  # well before the 3 s a whole answer takes
+        assert [r.finish_reason for r in results] == ["cancelled", "cancelled"]
+        assert all(r.completion_tokens < 60 for r in results)
+        assert _idle(live, 1.0)
+    finally:
+        live.close()
 
 
 def test_a_request_over_its_time_limit_gets_504():
-    live = start(demo_engine(), ServerSettings(port=0, model_name="demo", request_timeout_s=0.2))
+    live = start(slowed(demo_engine(), 0.05), ServerSettings(port=0, model_name="demo", request_timeout_s=0.3))
+    handles = watch_handles(live.coordinator)
     try:
         r = httpx.post(live.url + "/v1/completions", timeout=60, json={
             "model": "demo", "prompt": "one two", "max_tokens": 60, "n": 4, "glm": {"min_new_tokens": 60}})
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert len(handles) == 4 and all(h.result(timeout=2.0).finish_reason == "cancelled" for h in handles)
     finally:
         live.close()
 
