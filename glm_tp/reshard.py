@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (LAYOUT_VERSION, CheckpointError, detect_quant_bits, inspect, open_shard, release_pages,
-                         shard_name, write_latest)
+from .checkpoint import (LAYOUT_VERSION, CheckpointError, CheckpointInfo, detect_quant_bits, inspect, open_shard,
+                         release_pages, shard_name, write_latest)
 from .config import ModelConfig
 from .partition import Layout, is_ignored, layout_of, merge_into, reshard, split_into
 from .quant import dequantize, quantize_rows
@@ -120,6 +120,40 @@ def _plan_tensor(name: str, parts: list[torch.Tensor], scales: list[torch.Tensor
     return out
 
 
+def _output_specs(names: list[str], states: list[dict], src_bits: int, bits: int, tp: int,
+                  glu: bool) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """Shape and dtype of every output tensor of every rank, from shapes alone (meta tensors)."""
+    def shape_only(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")  # (Tensor.to("meta") may read the data)
+
+    specs: list[dict[str, tuple[tuple[int, ...], torch.dtype]]] = [{} for _ in range(tp)]
+    for name in names:
+        meta = [shape_only(s[name]) for s in states]
+        scales = [shape_only(s[name + "_scale"]) for s in states] if name + "_scale" in states[0] else None
+        for rank, piece in enumerate(_plan_tensor(name, meta, scales, src_bits, bits, tp, Report(), glu)):
+            specs[rank].update({k: (tuple(v.shape), v.dtype) for k, v in piece.items()})
+    return specs
+
+
+def _write_metadata(info: CheckpointInfo, src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int,
+                    cfg: ModelConfig | None, progress: bool) -> None:
+    meta = dict(info.metadata or {})
+    meta.update(format="glm-130b-release", layout_version=LAYOUT_VERSION, tp=tp, quant_bits=bits)
+    if cfg is not None:
+        meta["model"] = cfg.to_dict()
+    if "tokenizer" in meta and (Path(src) / meta["tokenizer"]).is_file():  # small models carry their tokenizer
+        shutil.copy(Path(src) / meta["tokenizer"], Path(dst) / meta["tokenizer"])
+    write_latest(dst, info.iteration, meta, progress=progress)
+
+
+def _warn(report: Report) -> None:
+    for name in report.mismatched:
+        warnings.warn(f"replicated tensor {name} differs across source shards: kept shard 0's copy")
+    if report.lossy:
+        warnings.warn(f"{len(report.lossy)} quantized weights were dequantized and quantized again "
+                      f"(e.g. {report.lossy[0]}): this is lossy; start from the fp16 checkpoint for exact results")
+
+
 def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int | None = None,
             model: ModelConfig | None = None, progress: bool = True) -> Report:
     """Reshard `src` to `tp` ranks (and quantize to `bits`: 8, 4, 0 = float, None = as the source)."""
@@ -142,19 +176,8 @@ def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int |
         raise CheckpointError(f"source shards disagree: {missing[0]} is missing from one of them")
 
     report = Report()
-    # first pass: shapes and dtypes of every output tensor, from shapes alone (meta tensors)
-    specs: list[dict[str, tuple[tuple[int, ...], torch.dtype]]] = [{} for _ in range(tp)]
-    def shape_only(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")  # (Tensor.to("meta") may read the data)
-
-    for name in names:
-        meta = [shape_only(s[name]) for s in states]
-        scales = [shape_only(s[name + "_scale"]) for s in states] if name + "_scale" in states[0] else None
-        for rank, piece in enumerate(_plan_tensor(name, meta, scales, src_bits, bits, tp, Report(), glu)):
-            specs[rank].update({k: (tuple(v.shape), v.dtype) for k, v in piece.items()})
-
-    iteration = info.iteration
-    writers = [ShardWriter(Path(dst) / iteration / shard_name(r), specs[r]) for r in range(tp)]
+    specs = _output_specs(names, states, src_bits, bits, tp, glu)
+    writers = [ShardWriter(Path(dst) / info.iteration / shard_name(r), specs[r]) for r in range(tp)]
     release = release_pages if mapped else (lambda t: None)
     for name in tqdm(names, desc=f"{info.tp} -> {tp} shards", unit="tensor", disable=not progress):
         parts = [s[name] for s in states]
@@ -180,17 +203,7 @@ def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int |
             release(t)
     report.shard_bytes = [w.close() for w in writers]
 
-    meta = dict(info.metadata or {})
-    meta.update(format="glm-130b-release", layout_version=LAYOUT_VERSION, tp=tp, quant_bits=bits)
-    if cfg is not None:
-        meta["model"] = cfg.to_dict()
-    if "tokenizer" in meta and (Path(src) / meta["tokenizer"]).is_file():  # small models carry their tokenizer
-        shutil.copy(Path(src) / meta["tokenizer"], Path(dst) / meta["tokenizer"])
-    write_latest(dst, iteration, meta, progress=progress)
-    for name in report.mismatched:
-        warnings.warn(f"replicated tensor {name} differs across source shards: kept shard 0's copy")
-    if report.lossy:
-        warnings.warn(f"{len(report.lossy)} quantized weights were dequantized and quantized again "
-                      f"(e.g. {report.lossy[0]}): this is lossy; start from the fp16 checkpoint for exact results")
+    _write_metadata(info, src, dst, tp, bits, cfg, progress)
+    _warn(report)
     return report
 
