@@ -57,21 +57,25 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 120) -> lis
     return [results[r] for r in range(world)]
 
 
-def greedy_blank(model, blank, steps: int, position_dims: int = 1) -> tuple[list[int], Any, Any]:
-    """One blank decoded greedily through the engine's Decoder (rank 0 picks, every rank follows):
-    the answer's tokens, the prefill logits and the last step's logits (None off rank 0)."""
+def greedy_blank(model, blank, steps: int, position_dims: int = 1,
+                 pick: Callable | None = None) -> tuple[list[int], list[torch.Tensor], Any]:
+    """One blank decoded through the engine's Decoder, rank 0 picking each token (`pick(logits, tokens so
+    far)`, greedy by default) and every rank following: the answer's tokens, the logits each pick saw
+    (rank 0; empty elsewhere) and the logits after the last token (None off rank 0)."""
     from glm_tp.decode import Decoder
 
+    pick = pick or (lambda logits, seq: int(logits.argmax()))
     decoder = Decoder(model, max_rows=1, graphs=False, position_dims=position_dims)
     logits = decoder.prefill(torch.tensor([blank.tokens]), torch.tensor([blank.positions]),
                              torch.tensor([blank.bidirectional]), torch.tensor([blank.next_position]),
                              torch.tensor([blank.counting]))
-    first, answer = None if logits is None else logits[0].clone(), []
+    seq, seen = list(blank.tokens), []
     for _ in range(steps):
         token = torch.zeros(1, dtype=torch.long)
         if logits is not None:
-            token[0] = int(logits[0].argmax())
+            seen.append(logits[0].clone())
+            token[0] = pick(logits[0], seq)
         model.tp.broadcast(token)
-        answer.append(int(token))
+        seq.append(int(token))
         logits = decoder.step(token)
-    return answer, first, logits
+    return seq[len(blank.tokens):], seen, logits

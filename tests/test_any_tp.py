@@ -45,9 +45,8 @@ def _greedy(tp, ckpt, kernels="fused"):
     with torch.inference_mode():
         for ids in PROMPTS:
             blank = next_blank(ids, special.mask if special.mask in ids else special.gmask, special)
-            answer, first, _ = greedy_blank(model, blank, STEPS)
-            n = len(blank.tokens)
-            out.append((answer, first, n))
+            answer, seen, _ = greedy_blank(model, blank, STEPS)
+            out.append((answer, seen[0] if seen else None, len(blank.tokens)))
     return out if model.tp.is_first else None
 
 

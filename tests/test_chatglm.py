@@ -56,12 +56,12 @@ def _greedy(tp, ckpt, quant=None, kernels="fused"):
         for ids in PROMPTS:
             blank = next_blank(ids, S.mask if S.mask in ids else S.gmask, S, "2d")
             layout = SeqLayout(torch.tensor([0]), torch.tensor([blank.bidirectional]))
-            answer, first, logits = greedy_blank(model, blank, STEPS, position_dims=2)
+            answer, seen, logits = greedy_blank(model, blank, STEPS, position_dims=2)
             positions = blank.positions + [blank.position_after(g) for g in range(STEPS)]
             full = model(torch.tensor([blank.tokens + answer]), torch.tensor([positions]), layout, None)
             if full is not None:
                 assert (full[0] - logits[0]).abs().max() < 1e-4, "decode step differs from a full forward"
-            out.append((answer, first))
+            out.append((answer, seen[0] if seen else None))
     return out if model.tp.is_first else None
 
 

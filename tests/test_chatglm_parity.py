@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_ranks
+from distributed import greedy_blank, run_ranks
 from glm_tp import load_model, reference
 from glm_tp.blanks import next_blank
 from glm_tp.config import PRESETS
-from glm_tp.decode import Decoder
 from glm_tp.sources import open_source
 
 pytestmark = pytest.mark.skipif(not reference.available(),
@@ -79,20 +78,8 @@ def _ours(tp, ckpt):
     with torch.inference_mode():
         for ids in PROMPTS:
             blank = _blank(ids)
-            decoder = Decoder(model, max_rows=1, graphs=False, position_dims=2)
-            logits = decoder.prefill(torch.tensor([blank.tokens]), torch.tensor([blank.positions]),
-                                     torch.tensor([blank.bidirectional]), torch.tensor([blank.next_position]),
-                                     torch.tensor([blank.counting]))
-            seq, steps = list(blank.tokens), []
-            for _ in range(STEPS):
-                token = torch.zeros(1, dtype=torch.long)
-                if logits is not None:
-                    steps.append(logits[0].float())
-                    token[0] = _pick(logits[0], seq)
-                model.tp.broadcast(token)
-                seq.append(int(token))
-                logits = decoder.step(token)
-            results.append((seq[len(blank.tokens):], torch.stack(steps) if steps else None))
+            answer, seen, _ = greedy_blank(model, blank, STEPS, position_dims=2, pick=_pick)
+            results.append((answer, torch.stack(seen).float() if seen else None))
     return results if model.tp.is_first else None
 
 

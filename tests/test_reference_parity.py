@@ -6,13 +6,14 @@ caches: SAT's `mems` and glm-tp's Decoder, at TP 1 and 2.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from distributed import run_ranks
+from distributed import greedy_blank, run_ranks
 from glm_tp import SeqLayout, load_model, reference
 from glm_tp.checkpoint import open_shard
-from glm_tp.decode import Decoder
 
 pytestmark = pytest.mark.skipif(not reference.available(),
                                 reason="SwissArmyTransformer is not installed (pip install -e '.[reference]')")
@@ -62,25 +63,16 @@ def _ours(tp, ckpt):
     """glm-tp at this TP size: full prompt logits, then the engine's decode path (Decoder steps); rank 0
     picks each token and shares it, as the engine does."""
     model = load_model(ckpt, tp=tp, dtype="fp16", progress=False)
-    decoder = Decoder(model, max_rows=1)
     results = {}
     with torch.inference_mode():
         for name, ids, pos, pinned in PROMPTS:
             n = len(ids)
             layout = SeqLayout(torch.tensor([0]), torch.tensor([n - 1]))
             full = model(torch.tensor([ids]), torch.tensor([pos]), layout, None, logits_at=torch.arange(n)[None])
-            logits = decoder.prefill(torch.tensor([ids]), torch.tensor([pos]), torch.tensor([n - 1]),
-                                     torch.tensor([pinned if pinned is not None else n]), torch.tensor([int(pinned is None)]))
-            seq, steps = list(ids), []
-            for _ in range(STEPS):
-                token = torch.zeros(1, dtype=torch.long)
-                if logits is not None:
-                    steps.append(logits[0].float())
-                    token[0] = _pick(logits[0], seq)
-                model.tp.broadcast(token)
-                seq.append(int(token))
-                logits = decoder.step(token)
-            results[name] = (full[0].float(), seq[n:], torch.stack(steps)) if full is not None else None
+            blank = SimpleNamespace(tokens=ids, positions=pos, bidirectional=n - 1, counting=int(pinned is None),
+                                    next_position=pinned if pinned is not None else n)
+            answer, seen, _ = greedy_blank(model, blank, STEPS, pick=_pick)
+            results[name] = (full[0].float(), answer, torch.stack(seen).float()) if full is not None else None
     return results
 
 
