@@ -5,7 +5,7 @@ Every row is independent: its prompt starts at cache slot 0, and it has its own 
 bidirectional span, so sequences join and leave the running batch at any step (continuous batching):
 - `prefill` writes prompts (right-padded to one length) into rows [row, row + b) as one plain forward;
 - `step` feeds one token to each of the rows [0, n) (the engine keeps its rows packed at the front with
-  `move`). Its inputs live in static device buffers: the tokens, and per row the cache length (the slot
+  `copy_row`). Its inputs live in static device buffers: the tokens, and per row the cache length (the slot
   written next), the first generated position, whether positions count on ([gMASK]) or stay pinned
   ([MASK]), tokens generated so far and the bidirectional span. Positions, the slots and the attention
   mask are computed from them on the device, so a step makes no host round trip; keys and values are
@@ -53,7 +53,6 @@ class Decoder:
         self.first_position = torch.zeros(max_rows, position_dims, **long)
         self.counting = torch.zeros(max_rows, position_dims, **long)  # 1: positions count on; 0: pinned
         self.bidirectional = torch.zeros(max_rows, **long)
-        self.row_index = torch.arange(max_rows, **long)
         self.host_length = [0] * max_rows  # the same lengths on the host: key windows, copy bounds
         self._prompt_length = [0] * max_rows
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}

@@ -95,6 +95,8 @@ class Engine:
         self.logits = self.apply(plan)
 
     def send(self, command: int, plan: StepPlan | None = None) -> None:
+        if not self.tp.communicates:  # one rank: nobody to tell
+            return
         message = torch.zeros(HEADER + 2 * self.max_batch, dtype=torch.long)
         message[0] = command
         if plan is not None:
@@ -103,8 +105,6 @@ class Engine:
             message[HEADER:HEADER + len(plan.parents)] = torch.tensor(plan.parents, dtype=torch.long)
             message[HEADER + self.max_batch:HEADER + self.max_batch + len(plan.tokens)] = \
                 torch.tensor(plan.tokens, dtype=torch.long)
-        if not self.tp.communicates:
-            return
         self.tp.broadcast(message.to(self.model.device))
         if plan is not None and (plan.moves or plan.admit):
             self.tp.broadcast_object((plan.moves, plan.admit))

@@ -8,8 +8,8 @@ After every forward, `Scheduler.decide` takes the logits of the rows [0, n) and
    back to the front of the waiting queue (its next fill is a fresh prefill with the answer spliced in);
 4. packs the surviving rows to the front (moving the last rows into the holes);
 5. admits waiting fills into the free rows, first come first served, within a prefill token budget; while
-   rows are decoding, fills join in groups so that one prefill forward serves several (when a quarter
-   of the rows are free or the oldest fill has waited `max_wait_steps` steps).
+   rows are decoding, fills join in groups so that one prefill forward serves several (when half the
+   rows are free or the oldest fill has waited `max_wait_steps` steps since the last admission).
 The resulting `StepPlan` is what every rank applies (engine.py). A request's tokens depend only on its
 own rows and its own random stream, never on what else runs.
 """
@@ -132,11 +132,14 @@ class Scheduler:
                     ban_tokens(scores[row:row + 1], [job.generated[beam]], job.end_tokens, cfg.min_new_tokens,
                                cfg.no_repeat_ngram_size)
         greedy = [j for j in jobs if j.config.strategy == "greedy" and j.config.logprobs is None]
-        if greedy:
+        ended = []
+        if greedy:  # one argmax over all greedy rows, on the logits' device
             picked = scores[[j.rows[0] for j in greedy]].argmax(dim=-1).tolist()
             for job, token in zip(greedy, picked):
                 next_token[job.rows[0]] = token
-        ended = [(j, r) for j, r in ((j, j.take(next_token[j.rows[0]], None)) for j in greedy) if r]
+                reason = job.take(token, None)
+                if reason:
+                    ended.append((job, reason))
         others = [j for j in jobs if j not in greedy]
         if others:
             ended += self._choose_on_host(others, scores, parents, next_token)
