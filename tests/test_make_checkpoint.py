@@ -18,8 +18,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 import make_checkpoint  # noqa: E402
 
 
-@pytest.mark.parametrize("tp", [1, 4])
-def test_shards_are_random_shard_and_each_tensor_is_drawn_once(tp, tmp_path, monkeypatch):
+# tiny-chatglm has a GeLU MLP: its h->4h is cut as a plain column layer, not as GLU halves
+@pytest.mark.parametrize("preset, tp", [("tiny", 1), ("tiny", 4), ("tiny-chatglm", 4)])
+def test_shards_are_random_shard_and_each_tensor_is_drawn_once(preset, tp, tmp_path, monkeypatch):
     drawn: list[str] = []
 
     def counting(name, *args, **kwargs):
@@ -27,13 +28,13 @@ def test_shards_are_random_shard_and_each_tensor_is_drawn_once(tp, tmp_path, mon
         return random_tensor(name, *args, **kwargs)
 
     monkeypatch.setattr(make_checkpoint, "random_tensor", counting)
-    make_checkpoint.main([str(tmp_path / "ckpt"), "--preset", "tiny", "--tp", str(tp), "--seed", "5"])
-    assert sorted(drawn) == sorted(full_shapes(PRESETS["tiny"]))  # once each, not once per rank
+    make_checkpoint.main([str(tmp_path / "ckpt"), "--preset", preset, "--tp", str(tp), "--seed", "5"])
+    assert sorted(drawn) == sorted(full_shapes(PRESETS[preset]))  # once each, not once per rank
     info = inspect(tmp_path / "ckpt")
-    assert info.tp == tp and info.model_config() == PRESETS["tiny"]
+    assert info.tp == tp and info.model_config() == PRESETS[preset]
     for rank, path in enumerate(info.shards):
         state, _ = open_shard(path)
-        expected = random_shard(PRESETS["tiny"], tp, rank, 5, torch.float16)
+        expected = random_shard(PRESETS[preset], tp, rank, 5, torch.float16)
         assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
 
 

@@ -29,7 +29,7 @@ def write_random(dst: Path, cfg: ModelConfig, tp: int, dtype: torch.dtype, seed:
     shapes = full_shapes(cfg)
     specs: list[dict] = [{} for _ in range(tp)]
     for name, shape in shapes.items():  # each rank's piece shapes, from shapes alone
-        for rank, piece in enumerate(split(torch.empty(shape, device="meta"), layout_of(name), tp)):
+        for rank, piece in enumerate(split(torch.empty(shape, device="meta"), layout_of(name, cfg.glu), tp)):
             specs[rank][name] = (tuple(piece.shape), dtype)
     writers = [ShardWriter(dst / iteration / shard_name(rank), specs[rank]) for rank in range(tp)]
     total = sum(torch.Size(s).numel() for s in shapes.values())
@@ -37,7 +37,7 @@ def write_random(dst: Path, cfg: ModelConfig, tp: int, dtype: torch.dtype, seed:
         for name, shape in shapes.items():
             full = random_tensor(name, shape, seed, cfg.hidden_size, dtype)
             for rank, writer in enumerate(writers):
-                writer.write_split(name, full, layout_of(name), tp, rank)
+                writer.write_split(name, full, layout_of(name, cfg.glu), tp, rank)
             bar.update(full.numel())
             del full
     for writer in writers:
