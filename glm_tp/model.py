@@ -215,11 +215,11 @@ class GLMModel(nn.Module):
     def prepare_kernels(self, kernels: str = "fused", lm_head: str = "model") -> None:
         """Lay quantized weights out for the device's kernels (once, after loading; kernels: see
         quant.KERNELS, "dequant" keeps the reference's dequantize-then-matmul); lm_head "int8" multiplies the
-        logits by an INT8 copy of the embedding."""
+        logits by an INT8 copy of the LM head (the embedding, when the two are tied)."""
         for module in self.modules():
             if getattr(module, "bits", 0):
                 module.prepare_(kernels)
-        self.transformer.word_embeddings.prepare_head_(lm_head, kernels)
+        (self.lm_head or self.transformer.word_embeddings).prepare_head_(lm_head, kernels)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, self.tp.size, batch, max_len or self.cfg.max_seq_len, self.dtype, self.device)

@@ -116,6 +116,19 @@ def test_int8_lm_head_stays_near_the_model_dtype_head(tiny_checkpoints):
         load_model(tiny_checkpoints[1], progress=False, lm_head="int4")
 
 
+def test_an_untied_lm_head_is_the_one_made_int8(tmp_path):
+    from conftest import PRESETS, write_random_checkpoint
+
+    ckpt = write_random_checkpoint(tmp_path / "chatglm", PRESETS["tiny-chatglm"], 1, torch.float32)
+    plain = load_model(ckpt, progress=False)
+    head = load_model(ckpt, progress=False, lm_head="int8")
+    assert head.lm_head.head is not None and head.transformer.word_embeddings.head is None
+    positions = torch.stack([POSITIONS, torch.zeros_like(POSITIONS)], dim=-1)  # ChatGLM's 2D positions
+    with torch.inference_mode():
+        a, b = (m(TOKENS, positions, LAYOUT, None, logits_at=torch.arange(12).expand(2, 12)) for m in (plain, head))
+    assert 0 < (a - b).abs().max() / a.abs().max() < 0.05  # the logits go through the INT8 head (~1 % here)
+
+
 def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
     code = "import glm_tp, os; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
