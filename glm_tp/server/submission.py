@@ -34,7 +34,7 @@ class Submission:
 
     def __init__(self, backend: Backend, requests: list[Request], metrics: Metrics):
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Event | EngineFailed]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Event | Exception]] = asyncio.Queue()
         self.results: dict[int, Result] = {}
         self.timings = [Timing(metrics) for _ in requests]
         self.streamed = [0] * len(requests)
@@ -72,19 +72,24 @@ class Submission:
 
     async def events(self, deadline: float) -> AsyncIterator[tuple[int, Event]]:
         """Events until every request is done; raises TimeoutError at `deadline` (loop time), EngineFailed."""
-        while not self.finished:
-            index, event = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - self.loop.time()))
-            if isinstance(event, EngineFailed):
-                raise event
-            if isinstance(event, Delta):
-                self.timings[index].generated(len(event.token_ids))
-                self.streamed[index] += len(event.token_ids)
-            elif isinstance(event, Done):
-                r = event.result
-                self.results[index] = r
-                self.timings[index].finished(r.finish_reason, r.prompt_tokens, r.completion_tokens,
-                                             self.streamed[index])
-            yield index, event
+        # the deadline arrives as one more event (no timer per event; the builtin TimeoutError on every Python)
+        timer = self.loop.call_at(deadline, lambda: self.queue.put_nowait((-1, TimeoutError())))
+        try:
+            while not self.finished:
+                index, event = await self.queue.get()
+                if isinstance(event, Exception):
+                    raise event
+                if isinstance(event, Delta):
+                    self.timings[index].generated(len(event.token_ids))
+                    self.streamed[index] += len(event.token_ids)
+                elif isinstance(event, Done):
+                    r = event.result
+                    self.results[index] = r
+                    self.timings[index].finished(r.finish_reason, r.prompt_tokens, r.completion_tokens,
+                                                 self.streamed[index])
+                yield index, event
+        finally:
+            timer.cancel()
 
     def ordered_results(self) -> list[Result]:
         return [self.results[i] for i in range(len(self.handles))]
