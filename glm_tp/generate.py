@@ -155,6 +155,7 @@ def run(cfg: DictConfig) -> int:
             from .server.run import ServerSettings, run_server
             settings = ServerSettings(**cfg.server)
             settings.model_name = settings.model_name or resolve_path(cfg.checkpoint).name
+            coordinator.max_waiting = settings.max_waiting  # one bound: the coordinator's QueueFull is a 503
             run_server(coordinator, engine.default, settings)
         else:
             from .frontends.batch import run_batch

@@ -67,7 +67,7 @@ class LiveServer:
 
 def start(engine: Engine, settings: ServerSettings | None = None) -> LiveServer:
     settings = settings or ServerSettings(port=0, model_name="demo")
-    coordinator = Coordinator(engine.tp, engine)
+    coordinator = Coordinator(engine.tp, engine, max_waiting=settings.max_waiting)
     stop = threading.Event()
     app = build_app(coordinator, engine.default, settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))

@@ -102,8 +102,6 @@ class Routes:
             why = "shutting down" if self.state.draining else f"failed ({self.state.failure})"
             raise oa.OpenAIError(f"the server is {why}: try another replica", status=503, type="server_error",
                                  code="unavailable")
-        if self.backend.load().get("waiting", 0) >= self.settings.max_waiting:
-            raise self._busy()
 
     def _busy(self) -> oa.OpenAIError:
         return oa.OpenAIError(f"too many requests are waiting (max_waiting={self.settings.max_waiting}): "
