@@ -169,13 +169,13 @@ class RankLoader:
             q = parts[c.src].narrow(1, c.src_offset, c.length)
             scale = scales[c.src].narrow(0, 0, owner.out_features)
             values.narrow(1, c.dst_offset * per_byte, c.length * per_byte).copy_(dequantize(q, scale, self.bits))
+        for src in {c.src for c in plan}:  # done with these sources: drop their mapped pages, as gather does
+            _release(parts[src], self.source.mapped)
         owner.load_float_weight_(values)
         self.report.requantized.append(name)
 
 
 def _missing_hint(missing: list[str]) -> str:
-    if any(n.endswith(".weight_scale") for n in missing):
-        return "the model expects a quantized checkpoint; load the fp16 one with quant=int8/int4 instead"
     if any(n == "lm_head.weight" for n in missing):
         return "the model has an untied lm_head but the checkpoint has none; check the model preset"
     kinds = {short_name(n) for n in missing}
