@@ -71,7 +71,7 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     wanted = parse_quant(quant)
     torch_dtype = parse_dtype(dtype) if dtype else default_dtype(tp.device)
     net = GLMModel(cfg, tp, torch_dtype, tp.device, quant_bits=bits if wanted is None else wanted)
-    report = RankLoader(net, source).load(progress=progress and tp.is_first)
+    report = RankLoader(net, source, bits).load(progress=progress and tp.is_first)
     if report.unexpected and tp.is_first:
         warnings.warn(f"{source.root} has {len(report.unexpected)} tensor(s) this model does not use, e.g. "
                       f"{report.unexpected[0]}: ignored")

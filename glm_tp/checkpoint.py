@@ -194,12 +194,17 @@ def _libc() -> Any:
     return _LIBC[0]
 
 
-def detect_quant_bits(state: dict[str, torch.Tensor], cfg: ModelConfig, tp: int) -> int:
-    """0 for a float checkpoint, else 8 or 4, read off the first QKV weight."""
-    qkv = state.get("transformer.layers.0.attention.query_key_value.weight")
-    if qkv is None or qkv.is_floating_point():
+def quant_bits_of(qkv, hidden_size: int) -> int:
+    """0 for a float (or absent) QKV weight, else 8, or 4 when two values share each byte of a row. qkv: a
+    tensor, or anything with its dtype and shape (a lazily read part)."""
+    if qkv is None or qkv.dtype.is_floating_point:
         return 0
-    return 4 if qkv.shape[-1] * 2 == cfg.hidden_size else 8
+    return 4 if qkv.shape[-1] * 2 == hidden_size else 8
+
+
+def detect_quant_bits(state: dict[str, torch.Tensor], cfg: ModelConfig) -> int:
+    """0 for a float checkpoint, else 8 or 4, read off the first QKV weight."""
+    return quant_bits_of(state.get("transformer.layers.0.attention.query_key_value.weight"), cfg.hidden_size)
 
 
 def shape_message(name: str, expected: tuple[int, ...], found: tuple[int, ...]) -> str:

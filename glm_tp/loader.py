@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, release_pages, shape_message
+from .checkpoint import CheckpointError, quant_bits_of, release_pages, shape_message
 from .partition import Copy, Layout, copy_plan, is_ignored, layout_of, short_name
 from .quant import dequantize
 from .sources import Part, Source
@@ -38,7 +38,7 @@ class LoadReport:
 def source_bits(source: Source, hidden_size: int) -> int:
     """0 for float weights, else 8 or 4, read off the first QKV weight and checked against the metadata."""
     part = source.parts(QKV)[0] if source.has(QKV) else None
-    found = 0 if part is None or part.dtype.is_floating_point else (4 if part.shape[-1] * 2 == hidden_size else 8)
+    found = quant_bits_of(part, hidden_size)
     meta = source.metadata or {}
     if "quant_bits" in meta and part is not None and int(meta["quant_bits"]) != found:
         said = f"INT{meta['quant_bits']}" if int(meta["quant_bits"]) else f"{meta.get('dtype', 'float')} (not quantized)"
@@ -77,10 +77,10 @@ def gather(out: torch.Tensor, parts: list[Part], plan: list[Copy], mapped: bool)
 class RankLoader:
     """Loads this rank's parameters of `model` from `source`."""
 
-    def __init__(self, model: torch.nn.Module, source: Source):
-        self.model, self.source = model, source
+    def __init__(self, model: torch.nn.Module, source: Source, bits: int):
+        """bits: what the source holds (source_bits): 0 for float weights, 8 or 4."""
+        self.model, self.source, self.bits = model, source, bits
         self.cfg, self.tp, self.rank = model.cfg, model.tp.size, model.tp.rank
-        self.bits = source_bits(source, self.cfg.hidden_size)
         self.modules = dict(model.named_modules())
         self.report = LoadReport()
 

@@ -165,7 +165,7 @@ def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int |
     mapped = all(m for _, m in sources)
     cfg = model or info.model_config()
     src_bits = info.quant_bits if info.quant_bits is not None else \
-        (detect_quant_bits(states[0], cfg, info.tp) if cfg else int(any(k.endswith("_scale") for k in states[0])) * 8)
+        (detect_quant_bits(states[0], cfg) if cfg else int(any(k.endswith("_scale") for k in states[0])) * 8)
     if src_bits and cfg is None and info.metadata is None:
         raise CheckpointError(f"{src} is quantized but has no glm_tp.json: pass --model to tell INT8 from INT4")
     bits = src_bits if bits is None else bits
