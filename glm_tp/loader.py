@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, quant_bits_of, release_pages, shape_message
-from .partition import Copy, Layout, copy_plan, is_ignored, layout_of, short_name
+from .partition import Copy, Layout, copy_plan, is_ignored, layout_of, merged_shape, short_name
 from .quant import dequantize
 from .sources import Part, Source
 
@@ -53,11 +53,8 @@ def source_bits(source: Source, hidden_size: int) -> int:
 
 
 def full_shape(parts: list[Part], layout: Layout, cut: bool) -> tuple[int, ...]:
-    shape = list(parts[0].shape)
-    if cut and layout is not Layout.REPLICATED and shape:
-        dim = len(shape) - 1 if layout is Layout.ROW else 0
-        shape[dim] = sum(p.shape[dim] for p in parts)
-    return tuple(shape)
+    """The whole tensor's shape: the parts joined, when the source is cut into shards."""
+    return merged_shape([tuple(p.shape) for p in parts], layout) if cut else tuple(parts[0].shape)
 
 
 def _release(part: Part, mapped: bool) -> None:
@@ -121,11 +118,7 @@ class RankLoader:
         return layout, copy_plan(layout, found, len(parts) if self.source.cut else 1, self.tp, self.rank)
 
     def _expected_full(self, name: str, shard: tuple[int, ...]) -> tuple[int, ...]:
-        layout = layout_of(name, self.cfg.glu)
-        if layout is Layout.REPLICATED or not shard:
-            return shard
-        dim = len(shard) - 1 if layout is Layout.ROW else 0
-        return tuple(s * self.tp if i == dim else s for i, s in enumerate(shard))
+        return merged_shape([shard] * self.tp, layout_of(name, self.cfg.glu))
 
     def _load_plain(self, name: str, param: torch.nn.Parameter) -> None:
         parts = self.source.parts(name)

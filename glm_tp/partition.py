@@ -158,14 +158,16 @@ def merge(parts: list[torch.Tensor], layout: Layout) -> torch.Tensor:
     """Inverse of `split`. REPLICATED returns the first part (callers check equality)."""
     if len(parts) == 1 or layout is Layout.REPLICATED:
         return parts[0]
-    return merge_into(torch.empty(merged_shape(parts, layout), dtype=parts[0].dtype, device=parts[0].device),
+    return merge_into(torch.empty(merged_shape([p.shape for p in parts], layout), dtype=parts[0].dtype, device=parts[0].device),
                       parts, layout)
 
 
-def merged_shape(parts: list[torch.Tensor], layout: Layout) -> tuple[int, ...]:
-    shape = list(parts[0].shape)
-    if layout is not Layout.REPLICATED:
-        shape[_dim(layout, len(shape))] *= len(parts)
+def merged_shape(shapes: list[tuple[int, ...]], layout: Layout) -> tuple[int, ...]:
+    """The shape of the parts (given by their shapes) joined along the layout's split dim."""
+    shape = list(shapes[0])
+    if layout is not Layout.REPLICATED and shape:
+        dim = _dim(layout, len(shape))
+        shape[dim] = sum(s[dim] for s in shapes)
     return tuple(shape)
 
 
