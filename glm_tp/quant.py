@@ -178,6 +178,8 @@ def _with_cpu_kernels(p: PreparedWeight, kernels: str) -> PreparedWeight:
     p.small = cpu_kernels.small_kernel(p.q, p.scale, p.bits)
     if kernels == "q8":
         p.large = cpu_kernels.q8_kernel(p.q, p.scale, p.bits)
+        if p.large is not None:  # every batch now goes through small or large: torch's layout is not needed
+            p.packed = p.scales = None
     return p
 
 
