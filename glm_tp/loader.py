@@ -126,8 +126,12 @@ class RankLoader:
         if len(plan) == 1 and self.model.device.type == "cpu" and isinstance(parts[plan[0].src], torch.Tensor):
             c = plan[0]
             view = parts[c.src].narrow(c.dim, c.src_offset, c.length)
-            if view.dtype == param.dtype and view.is_contiguous() and view.shape == param.shape:
-                param.data = view  # CPU, same dtype, one contiguous piece: use the mapped file pages directly
+            # CPU, same dtype, one contiguous piece: no copy. It uses the mapped file's pages, or a whole tensor
+            # read into memory (a slice of one would keep all of it alive).
+            whole = view.numel() == parts[c.src].numel()
+            if view.dtype == param.dtype and view.is_contiguous() and view.shape == param.shape and \
+                    (self.source.mapped or whole):
+                param.data = view
                 return
         gather(param.data, parts, plan, self.source.mapped)
 
