@@ -44,8 +44,9 @@ def make_plan(cfg: DictConfig, model_cfg: ModelConfig, tp_size: int, device_type
     checkpoint = resolve_path(cfg.checkpoint)
     source = open_source(checkpoint) if checkpoint.exists() else None
     bits = parse_quant(cfg.quant)
-    if bits is None:  # as the checkpoint holds: its metadata says, or its first QKV weight shows
-        bits = source_bits(source, model_cfg.hidden_size) if source else 0
+    if bits is None:  # as the checkpoint holds: its metadata says (no weight file opened), or its first QKV shows
+        said = (source.metadata or {}).get("quant_bits") if source else None
+        bits = int(said) if said is not None else source_bits(source, model_cfg.hidden_size) if source else 0
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else (torch.float16 if device_type == "cuda" else torch.float32)
     return Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
                 int(cfg.max_len or model_cfg.max_seq_len))
