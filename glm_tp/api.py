@@ -81,14 +81,9 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
 
 def verify_files(source: Source, tp: TPContext, verify: bool, progress: bool) -> None:
     """Sizes always; with verify, each rank hashes its share of the files and every rank learns every
-    problem (one all-reduce), so all of them stop with the same line before computing anything."""
+    problem, so all of them stop with the same line before computing anything."""
     problems = check_files(source.root, source.metadata, verify, tp.rank, tp.size, progress and tp.is_first)
-    if not verify:
-        return
-    names = sorted(source.metadata["files"])
-    bad = torch.tensor([float(n in problems) for n in names], device=tp.device)
-    bad = tp.all_reduce(bad)
-    first = next((n for n, b in zip(names, bad.tolist()) if b), None)
-    if first is not None:
-        raise CheckpointError(problems.get(first) or f"{source.root / first} does not match its recorded SHA-256: "
-                                                     f"it is corrupt or from another checkpoint; re-copy it")
+    if verify:
+        found = {name: why for share in tp.all_gather_object(problems) for name, why in share.items()}
+        if found:
+            raise CheckpointError(found[min(found)])
