@@ -156,6 +156,8 @@ def test_bad_requests_get_openai_errors(client, server):
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
     huge = httpx.post(server.url + "/v1/completions", content=b" " * (5 << 20), timeout=30)
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+    chunked = httpx.post(server.url + "/v1/completions", content=iter([b" " * (1 << 20)] * 5), timeout=30)  # no length
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
     wrong_method = httpx.get(server.url + "/v1/completions", timeout=30)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"]
     assert client.models.list().data[0].id == "demo"

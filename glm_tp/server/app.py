@@ -109,13 +109,21 @@ class Routes:
                               code="queue_full")
 
     async def _body(self, request: Request) -> object:
+        """The JSON body; refused (413) once over the limit: a declared length before anything is read, a
+        chunked body as soon as what has arrived passes it."""
         declared = request.headers.get("content-length", "")
-        # a declared length over the limit is refused before the body is read
-        size = int(declared) if declared.isdigit() else len(await request.body())
+        size, chunks = int(declared) if declared.isdigit() else 0, []
+        if size <= self.settings.max_body_bytes:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.settings.max_body_bytes:
+                    break
+                chunks.append(chunk)
         if size > self.settings.max_body_bytes:
-            raise oa.OpenAIError(f"the body is {size} bytes, more than server.max_body_bytes="
+            raise oa.OpenAIError(f"the body is {size} bytes or more, over server.max_body_bytes="
                                  f"{self.settings.max_body_bytes}", status=413, code="body_too_large")
-        raw = await request.body()  # read once; Starlette keeps it
+        raw = b"".join(chunks)
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
