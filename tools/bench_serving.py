@@ -73,6 +73,9 @@ def medium_checkpoint(folder: Path) -> Path:
 
 
 def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank; nan for no values."""
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 

@@ -4,19 +4,18 @@ latency (p50/p99) at several concurrency levels, with streamed completions.
     python -m glm_tp.generate input=http server.port=8000 batch_size=32 &       # the bundled demo model
     python tools/loadgen.py --url http://127.0.0.1:8000 --concurrency 1 8 32 --requests 64
 
-    python tools/loadgen.py --write-medium /tmp/medium                          # a ~100M-parameter random model
+    python tools/loadgen.py --write-medium /tmp/medium                          # a ~97M-parameter random model
     python -m glm_tp.generate input=http checkpoint=/tmp/medium batch_size=32 &
 
 Each client sends its next request as soon as its last one ended. Prompts are the demo model's held-out
 prompts (their words are in its tokenizer); `--min-tokens` forces every answer to `--max-tokens` tokens so
-runs compare. Inter-token latency is the gap between streamed chunks divided by the tokens they carry.
+runs compare. Inter-token latency is the gap between streamed chunks that carry text.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_serving import medium_checkpoint, percentile  # noqa: E402  (tools/: the same medium model)
 from glm_tp.demo_corpus import held_out  # noqa: E402
 
 
@@ -65,13 +65,6 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Sample
     return sample
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 async def run_level(url: str, model: str, concurrency: int, total: int, max_tokens: int, min_tokens: int) -> dict:
     prompts = [e.prompt for kind in ("recall", "cycle", "repeat") for e in held_out(kind, 20)]
     counter = iter(range(total))
@@ -91,8 +84,8 @@ async def run_level(url: str, model: str, concurrency: int, total: int, max_toke
     itl = [g for s in samples for g in s.gaps]
     return {"concurrency": concurrency, "requests": len(samples), "seconds": elapsed,
             "requests_s": len(samples) / elapsed, "tokens_s": sum(s.tokens for s in samples) / elapsed,
-            "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
-            "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99)}
+            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+            "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99)}
 
 
 def table(rows: list[dict]) -> str:
@@ -103,24 +96,6 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['requests_s']:.2f} | {r['tokens_s']:.1f} | "
                      f"{ms(r['ttft_p50'])} | {ms(r['ttft_p99'])} | {ms(r['itl_p50'])} | {ms(r['itl_p99'])} |")
     return "\n".join(lines)
-
-
-def write_medium(dst: Path) -> None:
-    """A random ~100M-parameter GLM with the demo model's tokenizer and special ids (for load tests)."""
-    import torch
-
-    from glm_tp.checkpoint import inspect, make_metadata, write_latest, write_shard
-    from glm_tp.config import ModelConfig
-    from glm_tp.synthetic import random_shard
-
-    demo = ROOT / "data" / "demo"
-    special = inspect(demo).model_config().special
-    cfg = ModelConfig(num_layers=8, hidden_size=1024, num_heads=16, inner_hidden_size=2736, vocab_size=128,
-                      max_seq_len=256, special=special)
-    write_shard(dst, "1", 0, random_shard(cfg, 1, 0, 0, torch.float32))
-    shutil.copy(demo / "tokenizer.model", dst / "tokenizer.model")
-    write_latest(dst, "1", make_metadata(cfg, 1, torch.float32, seed=0, tokenizer="tokenizer.model", tokenizer_offset=0))
-    print(f"wrote {dst}: {cfg.num_layers} layers, hidden {cfg.hidden_size}")
 
 
 def main() -> None:
@@ -134,7 +109,8 @@ def main() -> None:
     parser.add_argument("--write-medium", type=Path, metavar="DST", help="write the medium random model and exit")
     args = parser.parse_args()
     if args.write_medium:
-        write_medium(args.write_medium)
+        medium_checkpoint(args.write_medium)
+        print(f"wrote {args.write_medium}: the medium random model of tools/bench_serving.py")
         return
     model = args.model or httpx.get(args.url + "/v1/models").json()["data"][0]["id"]
     rows = []
