@@ -113,5 +113,14 @@ def init_distributed(device: str | None = None, backend: str | None = None,
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group together: a rank that tears down its gloo connections while a peer still
+    uses them can make that peer abort at exit ("terminate called without an active exception"). A rank
+    that is gone already only delays this by a few seconds."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=5))
+        except RuntimeError:
+            pass  # a peer has gone: nothing left to wait for
+    dist.destroy_process_group()
