@@ -1,17 +1,21 @@
-"""Weight-only INT8/INT4 matmul kernels for CPU decode, compiled by numba (the optional `cpu` extra).
+"""Weight-only INT8/INT4 and bf16 matmul kernels for CPU decode, compiled by numba (the optional `cpu` extra).
 
 At batch 1 a decode step is a stream of GEMVs whose cost is reading the weights; torch's CPU weight-only
 kernels read well below the memory bandwidth on AVX2 machines. These kernels are plain loops that LLVM
-vectorizes (int8 -> float32, fused multiply-add), parallel over blocks of output rows, with the fp16 row
+vectorizes (weights -> float32, fused multiply-add), parallel over blocks of output rows, with the fp16 row
 scales applied exactly afterwards in fp32:
 - `int8_kernel`: weights int8 [out, in] (the checkpoint's own tensor); batch rows four at a time, so each
   weight is converted once per four rows;
 - `int4_kernel`: weights as `pack_int4_halves` lays them out: byte j of a row holds input column j in the
   low nibble and column j + in/2 in the high nibble, both stored as q + 8 (unsigned), so unpacking needs no
   sign handling and the two halves of x are read contiguously;
+- `bf16_kernel`: bf16 weights (the LM head, unquantized linears) read as pairs in uint32 words; a bf16 is
+  the top half of a float32, so widening is a mask or a shift;
 - `q8_kernel_`: the option for larger batches: activations quantized to int8 per block of `Q8_BLOCK` input
   columns (one fp32 scale per block, as llama.cpp's Q8_0), integer dot products per block.
-`small_kernel` / `q8_kernel` wrap them as callables on torch tensors (`Matmul`) for `quant.prepare`.
+The GEMV kernels take activations as float32 or as bf16 bits (uint16) and write their output in the same
+form (bf16 rounded to nearest even, as torch rounds), so a bf16 model needs no conversions around them.
+`small_kernel` / `bf16_weight_kernel` / `q8_kernel` wrap them as callables on torch tensors (`Matmul`).
 
 Compiled code is cached on disk (`cache=True`): the first load in a fresh environment compiles (tens of
 seconds on a busy 2-core machine), later ones load it.
@@ -23,7 +27,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 ROW_BLOCK = 16  # output rows per parallel task: small enough to balance 2-16 threads on 2k-row weights
 Q8_BLOCK = 32   # input columns per activation scale in the q8 option (llama.cpp's Q8_0 block)
@@ -32,8 +37,61 @@ Q8_BLOCK = 32   # input columns per activation scale in the q8 option (llama.cpp
 _jit = njit(parallel=True, fastmath=True, cache=True, nogil=True)
 
 
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_of_f32(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+    return types.uint32(types.float32), codegen
+
+
+def _float32_rows(x):
+    """x as float32 [m, k]: itself, or widened from bf16 bits."""
+
+
+@overload(_float32_rows)
+def _float32_rows_impl(x):
+    if x.dtype == types.float32:
+        return lambda x: x
+
+    def widen(x):
+        out = np.empty(x.shape, np.float32)
+        for m in range(x.shape[0]):
+            for k in range(x.shape[1]):
+                out[m, k] = _f32_from_bits(np.uint32(x[m, k]) << np.uint32(16))
+        return out
+    return widen
+
+
+def _put(out, m, n, value):
+    """out[m, n] = value, rounded to bf16 (nearest even, NaN kept) when out holds bf16 bits."""
+
+
+@overload(_put, inline="always")
+def _put_impl(out, m, n, value):
+    if out.dtype == types.float32:
+        def store(out, m, n, value):
+            out[m, n] = value
+        return store
+
+    def store_bf16(out, m, n, value):
+        u = _bits_of_f32(np.float32(value))
+        if value != value:
+            out[m, n] = np.uint16(0x7FC0)
+        else:
+            out[m, n] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return store_bf16
+
+
 @_jit
-def int8_kernel(x, w, s, out):
+def int8_kernel(x_in, w, s, out):
+    x = _float32_rows(x_in)
     m_rows, k_cols = x.shape
     n_rows = w.shape[0]
     for blk in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
@@ -49,20 +107,24 @@ def int8_kernel(x, w, s, out):
                     a1 += x1[k] * f
                     a2 += x2[k] * f
                     a3 += x3[k] * f
-                out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = a0 * s[n], a1 * s[n], a2 * s[n], a3 * s[n]
+                _put(out, m, n, a0 * s[n])
+                _put(out, m + 1, n, a1 * s[n])
+                _put(out, m + 2, n, a2 * s[n])
+                _put(out, m + 3, n, a3 * s[n])
                 m += 4
             for r in range(m, m_rows):
                 xr = x[r]
                 acc = np.float32(0)
                 for k in range(k_cols):
                     acc += xr[k] * np.float32(wr[k])
-                out[r, n] = acc * s[n]
+                _put(out, r, n, acc * s[n])
 
 
 @_jit
-def int4_kernel(x, w, s, out):
+def int4_kernel(x_in, w, s, out):
     # byte v = 16 * hi + lo (unsigned nibbles): x_lo*lo + x_hi*hi = x_lo*v + (x_hi - 16 x_lo)*hi, so
     # only hi = floor(v / 16) is unpacked; the +8 offset comes off as 8 * sum(x)
+    x = _float32_rows(x_in)
     m_rows, k_cols = x.shape
     n_rows, half = w.shape
     xl = np.empty((m_rows, half), np.float32)
@@ -84,7 +146,32 @@ def int4_kernel(x, w, s, out):
                 for k in range(half):
                     f = np.float32(wr[k])
                     acc += a[k] * f + d[k] * np.floor(f * np.float32(0.0625))
-                out[m, n] = (acc - offset[m]) * s[n]
+                _put(out, m, n, (acc - offset[m]) * s[n])
+
+
+@_jit
+def bf16_kernel(x_in, w, out):
+    # w: bf16 [out, in] as uint32 [out, in/2]; a word holds column 2j in its low half and 2j + 1 in its high
+    # half (little-endian), so x is split into its even and odd columns once
+    x = _float32_rows(x_in)
+    m_rows = x.shape[0]
+    n_rows, half = w.shape
+    xe = np.empty((m_rows, half), np.float32)
+    xo = np.empty((m_rows, half), np.float32)
+    for m in range(m_rows):
+        for k in range(half):
+            xe[m, k], xo[m, k] = x[m, 2 * k], x[m, 2 * k + 1]
+    for blk in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        for n in range(blk * ROW_BLOCK, min(n_rows, blk * ROW_BLOCK + ROW_BLOCK)):
+            wr = w[n]
+            for m in range(m_rows):
+                e, o = xe[m], xo[m]
+                acc = np.float32(0)
+                for k in range(half):
+                    u = wr[k]
+                    acc += (e[k] * _f32_from_bits(u << np.uint32(16))
+                            + o[k] * _f32_from_bits(u & np.uint32(0xFFFF0000)))
+                _put(out, m, n, acc)
 
 
 @njit(fastmath=True, inline="always")
@@ -132,19 +219,30 @@ def pack_int4_halves(q: torch.Tensor) -> torch.Tensor:
     return (u[:, :half] | (u[:, half:] << 4)).contiguous()
 
 
-class Matmul:
-    """x [..., in] @ (W * scale[:, None])^T through one of the kernels, W held in that kernel's layout."""
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's memory as a numpy array; bf16 as its bits (uint16), which numpy has no type for."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
-    def __init__(self, kernel, w: torch.Tensor, scale: torch.Tensor, q8: bool = False):
+
+class Matmul:
+    """x [..., in] @ (W * scale[:, None])^T through one of the kernels, W held in that kernel's layout
+    (scale None: a float weight). float32 and bf16 activations go in and come out as they are."""
+
+    def __init__(self, kernel, w: torch.Tensor, scale: torch.Tensor | None, q8: bool = False):
         self.kernel, self.w, self.q8 = kernel, w.contiguous(), q8
-        self.scale = scale.float().contiguous()
-        self.arrays = (self.w.numpy(), self.scale.numpy())  # views: the tensors keep the memory alive
+        self.scale = None if scale is None else scale.float().contiguous()
+        # views: the tensors keep the memory alive; a bf16 weight goes as pairs of columns per uint32
+        weight = _numpy(self.w).view(np.uint32) if self.w.dtype == torch.bfloat16 else self.w.numpy()
+        self.arrays = (weight,) + (() if self.scale is None else (self.scale.numpy(),))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-        out = torch.empty(flat.shape[0], self.w.shape[0], dtype=torch.float32)
-        inputs = [t.numpy() for t in quantize_q8(flat)] if self.q8 else [flat.numpy()]
-        self.kernel(*inputs, *self.arrays, out.numpy())
+        flat = x.reshape(-1, x.shape[-1])
+        if self.q8 or flat.dtype not in (torch.float32, torch.bfloat16):
+            flat = flat.to(torch.float32)
+        flat = flat.contiguous()
+        out = torch.empty(flat.shape[0], self.w.shape[0], dtype=flat.dtype)
+        inputs = [t.numpy() for t in quantize_q8(flat)] if self.q8 else [_numpy(flat)]
+        self.kernel(*inputs, *self.arrays, _numpy(out))
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
@@ -154,6 +252,13 @@ def small_kernel(q: torch.Tensor, scale: torch.Tensor, bits: int) -> Matmul:
         return Matmul(int8_kernel, q, scale)  # the checkpoint's own tensor: no copy
     from .quant import unpack_int4
     return Matmul(int4_kernel, pack_int4_halves(unpack_int4(q)), scale)
+
+
+def bf16_weight_kernel(w: torch.Tensor) -> Matmul | None:
+    """The GEMV kernel for a bf16 [out, in] weight (its own memory, no copy); None for an odd input dim."""
+    if w.shape[1] % 2:
+        return None
+    return Matmul(bf16_kernel, w, None)
 
 
 def q8_kernel(q: torch.Tensor, scale: torch.Tensor, bits: int) -> Matmul | None:

@@ -39,14 +39,18 @@ class VocabParallelEmbedding(nn.Module):
         self.rows = vocab_size // tp.size
         self.start = tp.rank * self.rows
         self.weight = _param(self.rows, hidden_size, dtype=dtype)
-        self.head: quant.PreparedWeight | None = None  # an INT8 copy for the LM head, when asked for
+        # the LM head's prepared weight: an INT8 copy when asked for, or the CPU kernel for a bf16 weight
+        self.head: quant.PreparedWeight | None = None
 
     def prepare_head_(self, lm_head: str, kernels: str = "fused") -> None:
         """lm_head "int8": the logits multiply by an INT8 copy of the embedding (per-row scales, as the
         linears; half the bytes of a bf16 head); "model": by the embedding itself, in the model's dtype."""
         if lm_head not in LM_HEADS:
             raise ValueError(f"unknown lm_head {lm_head!r}: use one of {', '.join(LM_HEADS)}")
-        self.head = quant.prepare(*quant.quantize_rows(self.weight, 8), 8, kernels) if lm_head == "int8" else None
+        if lm_head == "int8":
+            self.head = quant.prepare(*quant.quantize_rows(self.weight, 8), 8, kernels)
+        else:
+            self.head = quant.prepare_float(self.weight, kernels)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -79,8 +83,12 @@ class _ParallelLinear(nn.Module):
         self.prepared: quant.PreparedWeight | None = None
 
     def prepare_(self, kernels: str = "fused") -> None:
-        """Lay a quantized weight out for its kernel, once, after loading (kernels: see quant.KERNELS)."""
-        self.prepared = quant.prepare(self.weight, self.weight_scale, self.bits, kernels) if self.bits else None
+        """Lay a quantized weight out for its kernel, once, after loading (kernels: see quant.KERNELS); a
+        float weight gets the CPU decode kernel where there is one for it."""
+        if self.bits:
+            self.prepared = quant.prepare(self.weight, self.weight_scale, self.bits, kernels)
+        else:
+            self.prepared = quant.prepare_float(self.weight, kernels)
 
     def load_float_weight_(self, w: torch.Tensor) -> None:
         """Take a float weight shard; a quantized layer quantizes it on its own device first."""
@@ -93,9 +101,9 @@ class _ParallelLinear(nn.Module):
         self.prepared = None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.bits:
-            return F.linear(x, self.weight)
         if self.prepared is None:
+            if not self.bits:
+                return F.linear(x, self.weight)
             self.prepare_()
         return self.prepared.matmul(x)
 

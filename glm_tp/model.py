@@ -213,11 +213,11 @@ class GLMModel(nn.Module):
         self.register_buffer("rotary_sin", sin, persistent=False)
 
     def prepare_kernels(self, kernels: str = "fused", lm_head: str = "model") -> None:
-        """Lay quantized weights out for the device's kernels (once, after loading; kernels: see
-        quant.KERNELS, "dequant" keeps the reference's dequantize-then-matmul); lm_head "int8" multiplies the
-        logits by an INT8 copy of the LM head (the embedding, when the two are tied)."""
+        """Lay weights out for the device's kernels (once, after loading; kernels: see quant.KERNELS,
+        "dequant" keeps the reference's dequantize-then-matmul); lm_head "int8" multiplies the logits by an
+        INT8 copy of the LM head (the embedding, when the two are tied)."""
         for module in self.modules():
-            if getattr(module, "bits", 0):
+            if hasattr(module, "prepare_"):
                 module.prepare_(kernels)
         (self.lm_head or self.transformer.word_embeddings).prepare_head_(lm_head, kernels)
 

@@ -13,6 +13,8 @@ checked against plain dequantization on a small case before it is trusted:
   (`cpu_kernels`, fp32 activations) when numba is installed; larger batches (prefill, big decode batches)
   stay on torch's kernels above; kernels="q8" sends those through the integer kernel with Q8_0-quantized
   activations instead;
+- "float" (`prepare_float`): a bf16 weight on CPU (the LM head, unquantized linears): batches of up to
+  SMALL_ROWS rows go to the numba bf16 GEMV, larger ones to torch's matmul;
 - "compiled": CUDA, the dequantization fused into the matmul by torch.compile (Triton) for decode-sized
   batches, cuBLAS on the dequantized weight for prefill;
 - "dequant": dequantize to the activation dtype, then F.linear: the reference's computation (always
@@ -78,6 +80,10 @@ KERNELS = ("fused", "q8", "torch", "dequant")
 # stay on torch's kernels, so prefill and large-batch throughput are what they were
 SMALL_ROWS = 16
 
+# the bf16 CPU kernel serves weights from this size up: below, its thread wake-up costs more than it saves
+# (measured against torch's matmul at batch 1: 0.65x at 0.4 MiB, 1.2x at 2 MiB, 1.5x at 4-8 MiB)
+FLOAT_KERNEL_MIN_BYTES = 1 << 20
+
 # a fused kernel for small batches only: larger ones (prefill) are compute-bound, and there cuBLAS on the
 # dequantized weight is faster than a GEMV-style kernel
 COMPILED_MAX_ROWS = 16
@@ -105,9 +111,9 @@ class PreparedWeight:
     """A quantized weight in the layout of the kernel that multiplies by it."""
 
     kind: str
-    q: torch.Tensor
-    scale: torch.Tensor
-    bits: int
+    q: torch.Tensor                # the int8 (or packed INT4) weight; kind "float": the float weight
+    scale: torch.Tensor | None     # fp16 row scales; None for kind "float"
+    bits: int                      # 8, 4, or 0 for kind "float"
     packed: torch.Tensor | None = None
     scales: torch.Tensor | None = None     # the fused kernel's own scale argument (unit scales)
     row_scale: torch.Tensor | None = None  # the fp16 row scales as fp32, applied after the kernel
@@ -121,6 +127,8 @@ class PreparedWeight:
             return self.small(x)
         if self.large is not None:
             return self.large(x)
+        if self.kind == "float":
+            return F.linear(x, self.q)
         if self.kind == "compiled" and x[..., 0].numel() <= COMPILED_MAX_ROWS:
             return _compiled_dequant_linear()(x, self.q, self.scale, self.bits)
         if self.kind in ("dequant", "compiled"):
@@ -192,22 +200,25 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
 
 def _kernel_works(device: torch.device, bits: int, kind: str) -> bool:
     """Run a kernel once on small random cases (a decode-sized and a prefill-sized batch) and compare with
-    dequantization. kind: a fused kind, or "numba"/"q8" for the CPU kernels."""
+    dequantization. kind: a fused kind, or "numba"/"q8" for the CPU kernels; bits 16: the bf16 kernel."""
     key = (device.type, bits, kind)
     if key not in _KERNEL_OK:
         try:
             gen = torch.Generator().manual_seed(0)
             cpu = kind in ("numba", "q8")
             # torch's int4 kernel takes 64-row multiples; 72 rows also test the CPU kernels' partial row block
-            q, scale = quantize_rows(torch.randn(72 if cpu else 64, 128, generator=gen), bits)
-            if cpu:
-                p = _with_cpu_kernels(PreparedWeight("dequant", q, scale, bits), kind)
+            w = torch.randn(72 if cpu else 64, 128, generator=gen)
+            if bits == 16:
+                p, dense = _with_float_kernel(w.bfloat16()), w.bfloat16().float()
             else:
-                p = _make(kind, q.to(device), scale.to(device), bits)
+                q, scale = quantize_rows(w, bits)
+                dense = dequantize(q, scale, bits, torch.float32).to(device)
+                p = _with_cpu_kernels(PreparedWeight("dequant", q, scale, bits), kind) if cpu else \
+                    _make(kind, q.to(device), scale.to(device), bits)
             ok = True
             for rows, tol in ((3, 0.02), (SMALL_ROWS + 3, 0.05 if kind == "q8" else 0.02)):
-                x = torch.randn(rows, 128, generator=gen).to(device)
-                want = F.linear(x.float(), dequantize(q, scale, bits, torch.float32).to(device))
+                x = torch.randn(rows, 128, generator=gen).to(device, torch.bfloat16 if bits == 16 else None)
+                want = F.linear(x.float(), dense)
                 ok = ok and _close(p.matmul(x), want, tol)
             _KERNEL_OK[key] = ok
         except Exception:  # noqa: BLE001 - a kernel that fails to build or run is simply not used
@@ -237,6 +248,28 @@ def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, kernels: str = "fus
     if q.device.type == "cpu" and kernels in ("fused", "q8"):
         prepared = _attach_cpu(prepared, kernels)
     return prepared
+
+
+def prepare_float(w: torch.Tensor, kernels: str = "fused") -> PreparedWeight | None:
+    """A bf16 weight's CPU decode kernel (numba), or None where torch's matmul serves every batch: other
+    devices and dtypes, kernels "torch"/"dequant", no numba, an odd input dim, a weight under
+    FLOAT_KERNEL_MIN_BYTES, or a kernel failing its check."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
+    if (w.device.type != "cpu" or w.dtype != torch.bfloat16 or kernels not in ("fused", "q8") or w.shape[1] % 2
+            or w.numel() * w.element_size() < FLOAT_KERNEL_MIN_BYTES or importlib.util.find_spec("numba") is None):
+        return None
+    if not _kernel_works(w.device, 16, "numba"):
+        warnings.warn("the numba bf16 CPU kernel failed its check here: using torch's matmul")
+        return None
+    return _with_float_kernel(w)
+
+
+def _with_float_kernel(w: torch.Tensor) -> PreparedWeight:
+    from . import cpu_kernels
+
+    cpu_kernels.configure_threads()
+    return PreparedWeight("float", w, None, 0, small=cpu_kernels.bf16_weight_kernel(w))
 
 
 def _attach_cpu(prepared: PreparedWeight, kernels: str) -> PreparedWeight:

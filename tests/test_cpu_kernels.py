@@ -40,6 +40,64 @@ def test_small_batch_kernels_match_dequantization(bits, rows):
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()  # fp32 accumulation only
     assert (p.matmul(x.bfloat16()).double() - want).abs().max() <= 0.01 * want.abs().max()  # bf16 in and out
+    # bf16 activations are widened exactly and the output rounded to nearest even, as torch rounds
+    xb = x.bfloat16()
+    assert p.small(xb).dtype == torch.bfloat16 and torch.equal(p.small(xb), p.small(xb.float()).bfloat16())
+
+
+@pytest.mark.parametrize("rows", [1, 3, SMALL_ROWS])
+def test_bf16_weight_kernel_matches_torch(rows):
+    torch.manual_seed(rows)
+    w = torch.randn(520, 1024).bfloat16()  # 1.02 MiB: just over the size the kernel is used from
+    x = torch.randn(rows, 1024)
+    p = quant.prepare_float(w)
+    assert p is not None and p.kind == "float" and p.small is not None
+    exact = x.bfloat16().double() @ w.double().t()
+    got = p.matmul(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    # fp32 accumulation, then one bf16 rounding (at most half a bf16 step of the result, 2^-9 relative)
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-3).all()
+    assert (p.small(x).double() - x.double() @ w.double().t()).abs().max() <= 1e-5 * exact.abs().max()
+    big = torch.randn(SMALL_ROWS + 1, 1024).bfloat16()
+    assert torch.equal(p.matmul(big), torch.nn.functional.linear(big, w))  # larger batches: torch's matmul
+    nan = torch.zeros(1, 1024).bfloat16()
+    nan[0, 3] = float("nan")
+    assert p.matmul(nan)[0].isnan().all()
+
+
+def test_bf16_weight_kernel_is_used_only_where_it_pays():
+    w = torch.randn(520, 1024)
+    assert quant.prepare_float(w) is None  # fp32 weights: torch's matmul
+    assert quant.prepare_float(w[:100].bfloat16()) is None  # under FLOAT_KERNEL_MIN_BYTES
+    assert quant.prepare_float(torch.randn(1040, 513).bfloat16()) is None  # odd input dim: no column pairs
+    for kernels in ("torch", "dequant"):
+        assert quant.prepare_float(w.bfloat16(), kernels) is None
+    with pytest.raises(ValueError, match="unknown kernels 'fast'"):
+        quant.prepare_float(w.bfloat16(), "fast")
+
+
+def test_a_bf16_model_decodes_through_the_kernels(tiny_checkpoints, monkeypatch):
+    monkeypatch.setattr(quant, "FLOAT_KERNEL_MIN_BYTES", 0)  # the tiny model's weights are all small
+    fast = load_model(tiny_checkpoints[1], dtype="bf16", progress=False)
+    plain = load_model(tiny_checkpoints[1], dtype="bf16", progress=False, kernels="torch")
+    assert fast.transformer.word_embeddings.head.kind == "float"
+    assert all(m.prepared is not None for m in fast.modules() if hasattr(m, "prepare_"))
+    assert plain.transformer.word_embeddings.head is None
+    head = fast.transformer.word_embeddings.head
+    kernel, rows_seen = head.small, []
+    head.small = lambda x: rows_seen.append(x.shape[0]) or kernel(x)
+    with torch.inference_mode():
+        cache_a, cache_b = fast.new_cache(2, 16), plain.new_cache(2, 16)
+        every = torch.arange(12).expand(2, 12)  # prefill and its logits: 24 rows, over SMALL_ROWS: torch's matmul
+        a = fast(TOKENS, POSITIONS, LAYOUT, cache_a, logits_at=every)
+        b = plain(TOKENS, POSITIONS, LAYOUT, cache_b, logits_at=every)
+        assert torch.equal(a, b)
+        nxt = a[:, -1].argmax(-1, keepdim=True)
+        pos = POSITIONS[:, -1:] + 1
+        a = fast(nxt, pos, LAYOUT, cache_a, start=TOKENS.shape[1])  # a decode step: 2 rows, the kernels
+        b = plain(nxt, pos, LAYOUT, cache_b, start=TOKENS.shape[1])
+    assert rows_seen == [2]  # only the decode step's two rows went through the LM head's kernel
+    assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
 
 
 def test_int4_halves_layout_round_trips():
