@@ -4,9 +4,10 @@ Used by tools/repartition.py and tools/quantize.py. Every source shard is memory
 output shard is written in place (`ShardWriter`), and each parameter's pages are dropped once it is
 written, so host RAM holds about one parameter across all shards, never a shard or the model.
 
-Quantized input: column-parallel weights keep their per-row scales when cut or joined (exact); a
-row-parallel weight's scales belong to its input slice, so it is dequantized, resharded and
-quantized again, which is lossy (a warning says so). Asking for other bits re-quantizes everything.
+Quantized input: column-parallel weights keep their per-row scales when cut or joined (exact). A
+row-parallel weight's scales cover its whole input slice: cut into pieces, each piece keeps its source's
+scales (exact, as the loader does); joined from several sources, it is dequantized and quantized again,
+which is lossy (a warning says so). Asking for other bits re-quantizes everything.
 """
 from __future__ import annotations
 
@@ -103,9 +104,12 @@ def _plan_tensor(name: str, parts: list[torch.Tensor], scales: list[torch.Tensor
     if not _is_quantized_weight(name) or (not src_bits and not bits):
         return [{name: p} for p in reshard(parts, layout, tp)]
     scale_name = name + "_scale"
-    if src_bits and src_bits == bits and (layout is not Layout.ROW or len(parts) == tp):
+    if src_bits and src_bits == bits and layout is not Layout.ROW:
         # per-row scales travel with their rows: exact
         return [{name: q, scale_name: s} for q, s in zip(reshard(parts, layout, tp), reshard(scales, layout, tp))]
+    if src_bits and src_bits == bits and tp % len(parts) == 0:
+        # each target rank takes a slice of one source's inputs, whose row scales still hold for it: exact
+        return [{name: q, scale_name: scales[i * len(parts) // tp]} for i, q in enumerate(reshard(parts, layout, tp))]
     if src_bits:
         if layout is Layout.ROW or src_bits != bits:
             report.lossy.append(name)

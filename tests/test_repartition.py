@@ -57,20 +57,28 @@ def test_replicated_mismatch_is_named_and_dst_must_be_empty(tmp_path):
     assert res.returncode != 0 and "not empty" in res.stderr and "--force" in res.stderr
 
 
-def test_quantized_input_is_resharded_with_a_lossy_warning(tmp_path):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_input_is_cut_exactly_and_joined_with_a_lossy_warning(tmp_path, bits):
     src = write_random_checkpoint(tmp_path / "src", PRESETS["tiny"], 1, torch.float16)
     q1 = tmp_path / "q1"
-    rewrite(src, q1, 1, bits=8, progress=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    rewrite(src, q1, 1, bits=bits, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cutting keeps every scale: nothing lossy to warn about
         rewrite(q1, tmp_path / "q2", 2, progress=False)
-    assert any("lossy" in str(w.message) for w in caught)
     direct = tmp_path / "direct"
-    rewrite(src, direct, 2, bits=8, progress=False)
-    a, b = _shards(tmp_path / "q2"), _shards(direct)
+    rewrite(src, direct, 2, bits=bits, progress=False)
+    one, a, b = _shards(q1)[0], _shards(tmp_path / "q2"), _shards(direct)
     for name in a[0]:
         if "query_key_value.weight" in name or "dense_h_to_4h" in name:  # column-parallel: scales travel exactly
             assert all(torch.equal(x[name], y[name]) for x, y in zip(a, b)), name
+        if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):  # row-parallel: slices of q1
+            assert torch.equal(torch.cat([x[name] for x in a], dim=1), one[name]), name
+            assert all(torch.equal(x[name + "_scale"], one[name + "_scale"]) for x in a), name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rewrite(direct, tmp_path / "joined", 1, progress=False)  # two sets of row scales into one: re-quantized
+    assert any("lossy" in str(w.message) and "dense" in str(w.message) for w in caught)
+
 
 
 RSS_SCRIPT = r"""

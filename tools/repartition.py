@@ -6,8 +6,9 @@
 
 Any TP sizes whose ratio is an integer. Streams one parameter at a time: host RAM stays near one
 parameter across all shards. Float checkpoints reshard exactly (bit-identical round trips).
-Quantized input: column-parallel weights keep their scales (exact); row-parallel weights are
-dequantized, resharded and quantized again, with a warning that this is lossy; --bits 0 writes fp16.
+Quantized input: column-parallel weights keep their scales (exact); row-parallel weights cut into
+pieces keep their source's scales (exact), and joined from several shards are dequantized and quantized
+again, with a warning that this is lossy; --bits 0 writes fp16.
 No GPU needed.
 """
 from __future__ import annotations
