@@ -45,3 +45,16 @@ def test_fused_kernels_give_the_plain_path_tokens(tiny_checkpoints, tiny_tokeniz
                 m.prepare_("dequant")  # plain dequantize + matmul
         plain = engine.generate(prompts)
         assert [r.token_ids for r in fast] == [r.token_ids for r in plain]
+
+
+def test_alternated_timing_calls_each_in_turn():
+    import torch
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench
+
+    order: list[str] = []
+    ours = (lambda: order.append("ours"), lambda: order.append("rewind"))
+    theirs = (lambda: order.append("theirs"), None)
+    a, b = bench.alternated([ours, theirs], torch.device("cpu"), 2)
+    assert order == ["rewind", "ours", "theirs"] * 3  # one warm-up round, then two timed rounds
+    assert len(a) == len(b) == 2 and min(a + b) >= 0
