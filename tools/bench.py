@@ -275,10 +275,11 @@ def main(argv: list[str] | None = None) -> None:
                      args.steps, args.runs, args.context)
     result.update(label=label, device=str(tp.device), dtype=args.dtype, quant=args.quant, kernels=args.kernels,
                   lm_head=args.lm_head, shape=shape or args.preset,
-                  layers=cfg.num_layers, weight_bytes_per_rank=plan.weight_bytes, read_bandwidth_gbs=bandwidth / 1e9,
+                  layers=cfg.num_layers, weight_bytes_per_rank=plan.weight_bytes,
+                  read_bytes_per_step=decode_read_bytes(plan, args.lm_head), read_bandwidth_gbs=bandwidth / 1e9,
                   matmul_peak_tflops=peak / 1e12, threads=torch.get_num_threads(),
                   allreduce_ms_per_step=allreduce_ms(tp, cfg, dtype, args.runs))
-    add_ceilings(result, cfg, tp.size, dtype.itemsize, plan.weight_bytes, bandwidth, peak)
+    add_ceilings(result, cfg, tp.size, dtype.itemsize, result["read_bytes_per_step"], bandwidth, peak)
     if args.reference:
         ref = reference_times(cfg, list(result["prefill_ms"]), args.steps, args.runs, result["context"],
                               decode_call(model, 1, args.steps, result["context"]))
@@ -293,6 +294,17 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         if args.plot:
             plot(result, args.plot)
+
+
+def decode_read_bytes(plan: Plan, lm_head: str) -> int:
+    """The weight bytes a decode step reads: the rank's weights, less an untied embedding table (a step
+    reads one row of it), and with lm_head=int8 the head as int8 with fp16 row scales instead."""
+    c = plan.cfg
+    rows = c.vocab_size // plan.tp
+    read = plan.weight_bytes - (0 if c.tied_lm_head else rows * c.hidden_size * plan.dtype_bytes)
+    if lm_head == "int8":
+        read += rows * c.hidden_size + 2 * rows - rows * c.hidden_size * plan.dtype_bytes
+    return read
 
 
 def add_ceilings(r: dict, cfg: ModelConfig, tp: int, dtype_bytes: int, weight_bytes: int, bandwidth: float,
@@ -317,7 +329,8 @@ def add_ceilings(r: dict, cfg: ModelConfig, tp: int, dtype_bytes: int, weight_by
 def print_table(r: dict) -> None:
     print(f"glm-tp bench: {r['label']}; {r['layers']} layers, {r['dtype']}/{r['quant']} (kernels {r['kernels']}, "
           f"LM head {r['lm_head']}) on {r['device']} "
-          f"({r['threads']} threads); weights/rank {r['weight_bytes_per_rank'] / 1e6:.1f} MB; "
+          f"({r['threads']} threads); weights/rank {r['weight_bytes_per_rank'] / 1e6:.1f} MB "
+          f"({r['read_bytes_per_step'] / 1e6:.1f} MB read per decode step); "
           f"read bandwidth {r['read_bandwidth_gbs']:.1f} GB/s; matmul peak {r['matmul_peak_tflops']:.3f} TFLOP/s")
     for n, s in r["prefill_ms"].items():
         print(f"  prefill {n:>5} tokens: {s['median']:9.2f} ms (min {s['min']:.2f}, max {s['max']:.2f})"
@@ -327,7 +340,7 @@ def print_table(r: dict) -> None:
               f"max {s['max']:.2f})  {int(b) * 1e3 / s['median']:9.1f} tokens/s  ceiling "
               f"{r['decode_ceiling_ms'][b]:.2f} ms -> {r['decode_efficiency'][b]:.0%}")
     if "bandwidth_efficiency" in r:
-        print(f"  batch 1: weights read at {r['weight_bytes_per_rank'] / r['decode_ms_per_step'][1]['median'] / 1e6:.1f}"
+        print(f"  batch 1: weights read at {r['read_bytes_per_step'] / r['decode_ms_per_step'][1]['median'] / 1e6:.1f}"
               f" GB/s = {r['bandwidth_efficiency']:.0%} of the measured bandwidth "
               f"(limit {r['bandwidth_limit_ms']:.2f} ms/step)")
     ar = r["allreduce_ms_per_step"]
