@@ -144,6 +144,7 @@ def test_without_numba_the_torch_kernels_are_used(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a missing optional extra is not worth a warning per weight
         p = prepare(q, scale, 8)
+        assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None  # bf16 weights: torch's matmul
     assert p.kind == "int8pack" and p.small is None
     with pytest.raises(ValueError, match=r"kernels=q8 needs numba: pip install numba"):
         prepare(q, scale, 8, "q8")
@@ -155,6 +156,9 @@ def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="numba INT4 CPU kernels failed their check here: using torch's"):
         p = prepare(q, scale, 4)
     assert p.kind == "int4pack" and p.small is None
+    monkeypatch.setitem(quant._KERNEL_OK, ("cpu", 16, "numba"), False)
+    with pytest.warns(UserWarning, match="numba bf16 CPU kernel failed its check here: using torch's matmul"):
+        assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None
 
 
 def _logits(model) -> torch.Tensor:
