@@ -12,9 +12,7 @@ from .blanks import BlankInput, PromptError, check_length, complete_context, fil
     tokenize_prompt
 from .requests import BlankDone, Delta, Done, GenerationConfig, RequestHandle, Result, TokenLogprob
 from .sampling import BeamGroup
-from .tokenizer import GLMTokenizer
-
-REPLACEMENT = "\ufffd"  # what a token that ends inside a multi-byte character decodes to
+from .tokenizer import REPLACEMENT, GLMTokenizer, TextStream
 
 
 class Job:
@@ -67,6 +65,7 @@ class Job:
         inp = next_blank(self.ids, self.kind, self.tok.special, self.position_encoding)
         assert inp is not None
         self.fill, self.sent, self.cut = inp, "", None  # cut: where a stop string begins in the text
+        self.text = TextStream(self.tok)
         self.logprobs_from = len(self.logprobs or [])   # this fill's first entry in self.logprobs
         self.generated: list[list[int]] = [[] for _ in range(self.beams)]
         self.cap = min(self.config.max_new_tokens, self.max_len - len(inp.tokens))
@@ -98,7 +97,7 @@ class Job:
 
     def _stream(self, logprob: TokenLogprob | None) -> bool:
         """Send the text that can no longer change; True when a stop string appeared."""
-        text = self.tok.decode(self.generated[0])
+        text = self.text.update(self.generated[0])
         stops = [i for i in (text.find(s) for s in self.config.stop) if i >= 0]
         if stops:
             self.cut = min(stops)

@@ -8,7 +8,7 @@ import torch
 from glm_tp.blanks import PromptError, check_length, complete_context, fill_kind, next_blank, splice, tokenize_prompt
 from glm_tp.config import SpecialTokens
 from glm_tp.model import SeqLayout
-from glm_tp.tokenizer import TokenizerError, load_tokenizer
+from glm_tp.tokenizer import REPLACEMENT, TextStream, TokenizerError, load_tokenizer
 
 S = SpecialTokens(mask=1000, gmask=1001, smask=1002, sop=1004, eop=1005, eos=2, pad=0)
 
@@ -86,3 +86,30 @@ def test_too_long_and_missing_tokenizer(tmp_path):
     with pytest.raises(TokenizerError) as err:
         load_tokenizer(tmp_path)
     assert "ice_text.model" in str(err.value) and "tokenizer=" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_streamed_text_is_the_whole_decode_at_every_token(tmp_path):
+    """TextStream decodes a few ids per token; at every token it must read as the whole list decoded."""
+    import random
+
+    import sentencepiece as spm
+
+    lines = ["the quick brown fox jumps", "über naïve café déjà vu", "中文文本的测试 和 更多 字", "a  b   c\td"]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines * 40) + "\n")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "t"), vocab_size=320,
+                                   model_type="unigram", byte_fallback=True, hard_vocab_limit=False,
+                                   user_defined_symbols=["<n>"], minloglevel=2)
+    tok = load_tokenizer(tmp_path / "t.model", S)
+    rng = random.Random(0)
+    words = [w for line in lines for w in line.split()] + ["中", "漢字", "節", "é", "ß", "\n", "  "]  # 漢 節 ß: bytes only
+    answers = [tok.encode(" ".join(rng.choice(words) for _ in range(12))) for _ in range(30)]
+    answers += [[rng.choice([S.eop, S.mask, *a]) for _ in range(25)] for a in answers[:10]]  # control ids too
+    pieces = list(range(tok.text_vocab_size))
+    answers += [[rng.choice(pieces) for _ in range(25)] for _ in range(20)]  # any ids, bytes cut anywhere
+    byte_ids = [i for i in pieces if tok.sp.id_to_piece(i).startswith("<0x")]
+    assert byte_ids and any(set(a) & set(byte_ids) for a in answers[:30])  # multi-byte characters were split
+    for ids in answers:
+        stream = TextStream(tok)
+        for n in range(1, len(ids) + 1):
+            assert stream.update(ids[:n]) == tok.decode(ids[:n]), (ids, n)
+    assert REPLACEMENT in tok.decode([byte_ids[-1]])  # a lone byte of a character is not a character
