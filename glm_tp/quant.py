@@ -108,7 +108,8 @@ def _compiled_dequant_linear():
 
 @dataclass
 class PreparedWeight:
-    """A quantized weight in the layout of the kernel that multiplies by it."""
+    """A quantized weight in the layout of the kernel that multiplies by it (or, kind "float", a bf16
+    weight with its CPU decode kernel)."""
 
     kind: str
     q: torch.Tensor                # the int8 (or packed INT4) weight; kind "float": the float weight
