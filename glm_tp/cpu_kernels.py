@@ -12,7 +12,9 @@ scales applied exactly afterwards in fp32:
 - `bf16_kernel`: bf16 weights (the LM head, unquantized linears) read as pairs in uint32 words; a bf16 is
   the top half of a float32, so widening is a mask or a shift;
 - `q8_kernel_`: the option for larger batches: activations quantized to int8 per block of `Q8_BLOCK` input
-  columns (one fp32 scale per block, as llama.cpp's Q8_0), integer dot products per block.
+  columns (one fp32 scale per block, as llama.cpp's Q8_0), integer dot products per block;
+- `attention_kernel`: one query per row (a decode step) against the KV cache as it is, parallel over
+  (row, head): scores, softmax and the weighted sum of values in fp32, reading each key and value once.
 The GEMV kernels take activations as float32 or as bf16 bits (uint16) and write their output in the same
 form (bf16 rounded to nearest even, as torch rounds), so a bf16 model needs no conversions around them.
 `small_kernel` / `bf16_weight_kernel` / `q8_kernel` wrap them as callables on torch tensors (`Matmul`).
@@ -67,6 +69,17 @@ def _float32_rows_impl(x):
                 out[m, k] = _f32_from_bits(np.uint32(x[m, k]) << np.uint32(16))
         return out
     return widen
+
+
+def _as_f32(value):
+    """One element as float32: itself, or widened from bf16 bits."""
+
+
+@overload(_as_f32, inline="always")
+def _as_f32_impl(value):
+    if value == types.float32:
+        return lambda value: value
+    return lambda value: _f32_from_bits(np.uint32(value) << np.uint32(16))
 
 
 def _put(out, m, n, value):
@@ -197,6 +210,54 @@ def q8_kernel_(xq, dx, w, s, out):
                     o = b * Q8_BLOCK
                     acc += np.float32(_int_dot(wr[o:o + Q8_BLOCK], xr[o:o + Q8_BLOCK])) * dr[b]
                 out[m, n] = acc * s[n]
+
+
+@_jit
+def attention_kernel(q, k, v, hidden, scale, out):
+    # q, out: [rows * heads, d]; k, v: a layer's cache [rows, heads, slots, d]; hidden: [rows, window], True =
+    # masked. A query that sees no key gets 0 (as torch's fused attention gives it)
+    rows, heads, _, d = k.shape
+    window = hidden.shape[1]
+    for task in prange(rows * heads):
+        r, h = task // heads, task % heads
+        qf = np.empty(d, np.float32)
+        for e in range(d):
+            qf[e] = _as_f32(q[task, e]) * scale
+        scores = np.empty(window, np.float32)
+        top = -np.inf
+        for j in range(window):
+            if not hidden[r, j]:
+                kj = k[r, h, j]
+                acc = np.float32(0)
+                for e in range(d):
+                    acc += qf[e] * _as_f32(kj[e])
+                scores[j] = acc
+                top = max(top, acc)
+        acc_v = np.zeros(d, np.float32)
+        total = np.float32(0)
+        if top > -np.inf:
+            for j in range(window):
+                if not hidden[r, j]:
+                    p = np.exp(scores[j] - top)
+                    total += p
+                    vj = v[r, h, j]
+                    for e in range(d):
+                        acc_v[e] += p * _as_f32(vj[e])
+        inv = np.float32(1) / total if total > 0 else np.float32(0)
+        for e in range(d):
+            _put(out, task, e, acc_v[e] * inv)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v for one query per row: q [rows, heads, 1, d]; keys/values a layer's whole cache
+    [rows, heads, slots, d] (float32 or bf16, as q); hidden [rows, 1, 1, window] bool, True = masked: the
+    window is the first `window` slots."""
+    rows, heads, _, d = q.shape
+    out = torch.empty(rows * heads, d, dtype=q.dtype)
+    attention_kernel(_numpy(q.reshape(rows * heads, d).contiguous()), _numpy(keys), _numpy(values),
+                     hidden.reshape(rows, -1).contiguous().numpy(), np.float32(scale), _numpy(out))
+    return out.view(rows, heads, 1, d)
 
 
 def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

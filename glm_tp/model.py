@@ -10,10 +10,9 @@ The config picks the family's variants: MLP GeGLU (GLM-130B) or tanh-GeLU withou
 rotary over the whole head dim at 1D positions [b, s], or 2D (ChatGLM-6B): positions [b, s, 2] as
 (position, block position), each rotating its own half of the head dim.
 
-Attention: head-major fused QKV, NeoX-style rotary at caller-given
-position ids, q scaled by 1/(sqrt(d)*c) and softmax(scores*c) in fp32 with c = layer+1, masked
-scores filled with -10000 (on CPU, torch's fused attention computes the same in fp32). The mask is GLM's: every query sees the first `bidirectional` tokens
-of its sequence, and the rest causally. Sequences of different lengths are left-padded, and pad
+Attention: head-major fused QKV, NeoX-style rotary at caller-given position ids, softmax(q k^T / sqrt(d)) in
+fp32 (how each device computes it: attention.py). The mask is GLM's: every query sees the first
+`bidirectional` tokens of its sequence, and the rest causally. Sequences of different lengths are left-padded, and pad
 slots are never visible. Keys and values live in a preallocated `KVCache` written in place.
 """
 from __future__ import annotations
@@ -25,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attention
 from .config import ModelConfig
 from .dist import TPContext
 from .layers import ColumnParallelLinear, GLUColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-
-MASK_FILL = -10000.0
 
 
 @dataclass
@@ -128,6 +126,11 @@ class SelfAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp, dtype, bits)
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp, dtype, bits)
+        self.decode_kernel: attention.DecodeKernel | None = None  # set by prepare_
+
+    def prepare_(self, kernels: str = "fused") -> None:
+        """Choose how decode steps attend (see attention.decode_kernel); once, after loading."""
+        self.decode_kernel = attention.decode_kernel(kernels, self.dense.bias.dtype, self.dense.bias.device)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None, slots: torch.Tensor, window: int) -> torch.Tensor:
@@ -136,30 +139,15 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.split(self.head_dim, dim=-1)
         q, k = apply_rotary(q, cos, sin, self.rotary_groups), apply_rotary(k, cos, sin, self.rotary_groups)
         if cache is None:  # one-shot forward (training): nothing to keep
-            keys, values = k, v
+            ctx = attention.attend(q, k, v, mask, self.layer_id)
         else:  # write this call's keys/values at `slots` in place, attend over the first `window` slots
             cache.write(self.layer_id, k, v, slots)
-            keys, values = cache.k[self.layer_id, :, :, :window], cache.v[self.layer_id, :, :, :window]
-
-        if h.device.type == "cpu":
-            # torch's fused attention reads the cache as it is and computes in fp32 inside: the same
-            # softmax(q k^T / sqrt(d)); converting a long window to fp32 first cost 2.3x per step at 1k tokens
-            ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=~mask, scale=1 / math.sqrt(self.head_dim))
-        else:
-            ctx = self._scaled_softmax_attention(q, keys, values, mask)
+            keys, values = cache.k[self.layer_id], cache.v[self.layer_id]
+            if s == 1 and self.decode_kernel is not None:
+                ctx = self.decode_kernel(q, keys, values, mask, 1 / math.sqrt(self.head_dim))
+            else:
+                ctx = attention.attend(q, keys[:, :, :window], values[:, :, :window], mask, self.layer_id)
         return self.dense(ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
-
-    def _scaled_softmax_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                                  mask: torch.Tensor) -> torch.Tensor:
-        """The reference's attention in the model's dtype: q scaled down by c = layer + 1 so that half-precision
-        scores cannot overflow, masked scores set to MASK_FILL, softmax(scores * c) in fp32. The CPU path's
-        fused attention gives masked keys the same weight, exactly 0; a query that sees no key at all (a
-        left-pad slot, never read) gets 0 there instead of the mean of the values."""
-        c = float(self.layer_id + 1)
-        scores = torch.matmul(q / (math.sqrt(self.head_dim) * c), keys.transpose(-1, -2))
-        scores = scores.masked_fill(mask, MASK_FILL)
-        probs = torch.softmax(scores.float() * c, dim=-1).to(q.dtype)
-        return torch.matmul(probs, values)
 
 
 class MLP(nn.Module):

@@ -89,6 +89,11 @@ FLOAT_KERNEL_MIN_BYTES = 1 << 20
 COMPILED_MAX_ROWS = 16
 
 
+def check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
+
+
 def dequant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """x @ (q * scale)^T written as one expression, for torch.compile to fuse the dequantization into the
     matmul (for a few rows inductor turns it into a single reduction kernel that reads int8 weights)."""
@@ -229,8 +234,7 @@ def _kernel_works(device: torch.device, bits: int, kind: str) -> bool:
 
 def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, kernels: str = "fused") -> PreparedWeight:
     """The fastest kernel that works here; kernels: see KERNELS (dequant: the reference's computation)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
+    check_kernels(kernels)
     if kernels == "dequant" or not _candidates(q.device, bits):
         return PreparedWeight("dequant", q, scale, bits)
     reason = f"no fused INT{bits} kernel works on {q.device.type}"
@@ -255,8 +259,7 @@ def prepare_float(w: torch.Tensor, kernels: str = "fused") -> PreparedWeight | N
     """A bf16 weight's CPU decode kernel (numba), or None where torch's matmul serves every batch: other
     devices and dtypes, kernels "torch"/"dequant", no numba, an odd input dim, a weight under
     FLOAT_KERNEL_MIN_BYTES, or a kernel failing its check."""
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
+    check_kernels(kernels)
     if (w.device.type != "cpu" or w.dtype != torch.bfloat16 or kernels not in ("fused", "q8") or w.shape[1] % 2
             or w.numel() * w.element_size() < FLOAT_KERNEL_MIN_BYTES or importlib.util.find_spec("numba") is None):
         return None

@@ -3,6 +3,7 @@ to torch's kernels, the q8 and INT8 LM head options. No timings here: tools/benc
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from glm_tp import load_model, quant
+from glm_tp import attention, load_model, quant
+from glm_tp.decode import Decoder
 from glm_tp.quant import SMALL_ROWS, dequantize, prepare, quantize_rows
 
 from test_model import LAYOUT, POSITIONS, TOKENS
@@ -81,7 +83,7 @@ def test_a_bf16_model_decodes_through_the_kernels(tiny_checkpoints, monkeypatch)
     fast = load_model(tiny_checkpoints[1], dtype="bf16", progress=False)
     plain = load_model(tiny_checkpoints[1], dtype="bf16", progress=False, kernels="torch")
     assert fast.transformer.word_embeddings.head.kind == "float"
-    assert all(m.prepared is not None for m in fast.modules() if hasattr(m, "prepare_"))
+    assert all(m.prepared is not None for m in fast.modules() if hasattr(m, "prepared"))
     assert plain.transformer.word_embeddings.head is None
     head = fast.transformer.word_embeddings.head
     kernel, rows_seen = head.small, []
@@ -145,6 +147,7 @@ def test_without_numba_the_torch_kernels_are_used(monkeypatch):
         warnings.simplefilter("error")  # a missing optional extra is not worth a warning per weight
         p = prepare(q, scale, 8)
         assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None  # bf16 weights: torch's matmul
+        assert attention.decode_kernel("fused", torch.bfloat16, torch.device("cpu")) is None  # torch's attention
     assert p.kind == "int8pack" and p.small is None
     with pytest.raises(ValueError, match=r"kernels=q8 needs numba: pip install numba"):
         prepare(q, scale, 8, "q8")
@@ -159,6 +162,53 @@ def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch):
     monkeypatch.setitem(quant._KERNEL_OK, ("cpu", 16, "numba"), False)
     with pytest.warns(UserWarning, match="numba bf16 CPU kernel failed its check here: using torch's matmul"):
         assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_matches_torch_attention(dtype):
+    torch.manual_seed(0)
+    rows, heads, slots, d, window = 4, 3, 80, 32, 64
+    q = torch.randn(rows, heads, 1, d).to(dtype)
+    keys, values = (torch.randn(rows, heads, slots, d).to(dtype) for _ in range(2))
+    keys[:, :, window:] = values[:, :, window:] = float("nan")  # past the window: never read
+    at = torch.arange(window)
+    # a row near its start, a full window, one behind left padding and a prefix, one that sees nothing
+    hidden = torch.stack([at > 10, at > 63, (at < 7) | ((at > 20) & (at < 50)), at >= 0]).view(rows, 1, 1, window)
+    want = attention.attend(q.float(), keys[:, :, :window].float(), values[:, :, :window].float(), hidden, 0)
+    got = cpu_kernels.decode_attention(q, keys, values, hidden, 1 / math.sqrt(d))
+    assert got.dtype == dtype and got.shape == (rows, heads, 1, d)
+    # fp32 throughout; bf16 adds one rounding of the result (half a bf16 step, 2^-9 relative)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    assert ((got.float() - want).abs() <= tol * want.abs() + 1e-5).all()
+    assert torch.equal(got[3], torch.zeros_like(got[3]))  # no visible key: 0, as torch's attention gives
+
+
+def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
+    fast = load_model(tiny_checkpoints[1], progress=False)
+    plain = load_model(tiny_checkpoints[1], progress=False, kernels="torch")
+    assert all(block.attention.decode_kernel is None for block in plain.transformer.layers)
+    calls = []
+    for block in fast.transformer.layers:
+        assert block.attention.decode_kernel is cpu_kernels.decode_attention
+        block.attention.decode_kernel = lambda q, *rest: calls.append(q.shape) or cpu_kernels.decode_attention(q, *rest)
+    logits = []
+    with torch.inference_mode():
+        for model in (fast, plain):
+            decoder = Decoder(model, 2, 40)
+            first = decoder.prefill(TOKENS, POSITIONS, torch.tensor([6, 9]), torch.tensor([12, 12]), torch.ones(2))
+            steps = [decoder.step(first.argmax(-1))]
+            steps += [decoder.step(steps[-1].argmax(-1)) for _ in range(3)]
+            logits.append(torch.stack(steps))
+    cfg = fast.cfg
+    assert len(calls) == 4 * cfg.num_layers and set(calls) == {(2, cfg.num_heads, 1, cfg.head_dim)}  # steps only
+    assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[1].abs().max()
+    monkeypatch.setitem(attention._DECODE_OK, torch.float32, False)
+    with pytest.warns(UserWarning, match="decode-attention kernel failed its check here: using torch's attention"):
+        assert attention.decode_kernel("fused", torch.float32, torch.device("cpu")) is None
+    assert attention.decode_kernel("dequant", torch.bfloat16, torch.device("cpu")) is None
+    assert attention.decode_kernel("fused", torch.float16, torch.device("cpu")) is None  # fp16: torch's attention
+    with pytest.raises(ValueError, match="unknown kernels 'fast'"):
+        attention.decode_kernel("fast", torch.float32, torch.device("cpu"))
 
 
 def _logits(model) -> torch.Tensor:
