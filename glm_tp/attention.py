@@ -1,11 +1,14 @@
-"""How a layer's attention is computed on each device. The math is one: softmax(q k^T / sqrt(d)) v with the
-softmax in fp32, under GLM's mask (True = hidden); three ways to compute it:
+"""Rotary position encoding, and how a layer's attention is computed on each device. The math is one:
+softmax(q k^T / sqrt(d)) v with the softmax in fp32, under GLM's mask (True = hidden), on rotary-encoded
+queries and keys; three ways to compute it:
 - `reference_attention`: the reference's recipe in the model's dtype (CUDA, where decode steps are captured
   as CUDA graphs);
 - torch's fused attention on CPU (`attend`): fp32 inside, the cache read as it is;
-- on CPU, one query per row (a decode step) through the numba kernel `cpu_kernels.decode_attention`, which
-  reads each cached key and value once (torch's fused attention reads a 1k-slot window of one row at under
-  2 GB/s). `decode_kernel` chooses it at load, after checking it against the fused attention on a small case.
+- on CPU, a decode step (one query per row) through the numba kernel `cpu_kernels.decode_attention`: rotary,
+  the cache write and the attention in one call that reads each cached key and value once (torch's fused
+  attention reads a 1k-slot window of one row at under 2 GB/s, and the rotary and cache-write ops around it
+  cost more than the kernel). `decode_kernel` chooses it at load, after checking it against the torch ops on
+  a small case.
 """
 from __future__ import annotations
 
@@ -18,10 +21,44 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
+from .config import ModelConfig
 
 MASK_FILL = -10000.0
 
-DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (qkv, cos, sin, slots, the layer's cached keys, values, mask, rotary groups) -> the attention's output
+DecodeKernel = Callable[..., torch.Tensor]
+
+
+def rotary_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [max_seq_len, d] (d: the head dim, or half of it for 2D positions), as the reference
+    computes them whatever the model's dtype: inverse frequencies rounded to fp16, then angles, cos and sin in
+    fp16 (integer positions are exact in fp16 up to 2048). The GLM models were trained with these values, so
+    bf16/fp32 runs take them too."""
+    d = cfg.head_dim // rotary_groups(cfg)
+    inv_freq = (1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, device=device).float() / d))).half()
+    t = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float16)
+    emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotary_groups(cfg: ModelConfig) -> int:
+    """How many independent rotary blocks a head has: 1 (1D positions) or 2 (position, block position)."""
+    return 2 if cfg.position_encoding == "2d" else 1
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """x [b, heads, s, d]; cos/sin [b, 1, s, d]. The head dim is `groups` blocks; in each, the first half
+    pairs with the second (groups=1: dims [0, d/2) with [d/2, d))."""
+    x1, x2 = x.unflatten(-1, (groups, 2, -1)).unbind(-2)
+    return x * cos + torch.stack([-x2, x1], dim=-2).flatten(-3) * sin
+
+
+def rotary_at(cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [b, 1, s, d] at positions [b, s] (1D) or [b, s, 2] (2D: the two tables' halves side by side)."""
+    if positions.dim() == 3:
+        return tuple(torch.cat([t[positions[..., 0]], t[positions[..., 1]]], dim=-1).unsqueeze(1)
+                     for t in (cos_table, sin_table))
+    return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, layer_id: int) -> torch.Tensor:
@@ -67,17 +104,31 @@ def decode_kernel(kernels: str, dtype: torch.dtype, device: torch.device) -> Dec
 
 
 def _kernel_works(kernel: DecodeKernel, dtype: torch.dtype) -> bool:
-    """3 rows over a 40-slot cache, a 24-slot window: one row sees a prefix and its own slot, one a pad
-    run, one nothing (the kernel must give 0 there, as the fused attention does)."""
+    """Against the torch ops, for 1D and 2D rotary: 3 rows, a 40-slot cache, a 24-slot window; one row sees a
+    prefix and its own slot, one a pad run, one nothing (the kernel must give 0 there, as torch does)."""
     try:
         gen = torch.Generator().manual_seed(0)
-        q = torch.randn(3, 2, 1, 16, generator=gen).to(dtype)
-        keys, values = (torch.randn(3, 2, 40, 16, generator=gen).to(dtype) for _ in range(2))
+        heads, d = 2, 16
         slots = torch.arange(24)
         hidden = torch.stack([slots > 20, (slots < 5) | (slots > 17), torch.ones(24, dtype=torch.bool)])
         hidden = hidden.view(3, 1, 1, 24)
-        want = attend(q.float(), keys[:, :, :24].float(), values[:, :, :24].float(), hidden, 0)
-        got = kernel(q, keys, values, hidden, 1 / math.sqrt(16)).float()
-        return bool((got - want).abs().max() <= 0.02 * want.abs().max())
+        at = torch.tensor([[20], [17], [23]])
+        for groups in (1, 2):
+            qkv = torch.randn(3, 1, heads * 3 * d, generator=gen)
+            cos, sin = (torch.randn(3, 1, 1, d, generator=gen) for _ in range(2))
+            cache = [torch.randn(3, heads, 40, d, generator=gen).to(dtype) for _ in range(2)]
+            got_cache = [t.clone() for t in cache]
+            cache = [t.float() for t in cache]
+            q, k, v = qkv.view(3, 1, heads, 3 * d).transpose(1, 2).split(d, dim=-1)
+            q, k = apply_rotary(q, cos, sin, groups), apply_rotary(k, cos, sin, groups)
+            for t, new in zip(cache, (k, v)):
+                t[torch.arange(3), :, at[:, 0]] = new[:, :, 0]
+            want = attend(q, cache[0][:, :, :24], cache[1][:, :, :24], hidden, 0).transpose(1, 2).reshape(3, 1, -1)
+            got = kernel(qkv.to(dtype), cos.to(dtype), sin.to(dtype), at, *got_cache, hidden, groups).float()
+            written = all(torch.allclose(g[torch.arange(3), :, at[:, 0]].float(), w[torch.arange(3), :, at[:, 0]],
+                                         rtol=0.02, atol=0.05) for g, w in zip(got_cache, cache))
+            if not (written and (got - want).abs().max() <= 0.02 * want.abs().max() + 0.02):
+                return False
+        return True
     except Exception:  # noqa: BLE001 - a kernel that fails to build or run is simply not used
         return False

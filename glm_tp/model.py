@@ -17,7 +17,6 @@ slots are never visible. Keys and values live in a preallocated `KVCache` writte
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attention
+from .attention import apply_rotary, rotary_at, rotary_groups, rotary_tables
 from .config import ModelConfig
 from .dist import TPContext
 from .layers import ColumnParallelLinear, GLUColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -85,38 +85,6 @@ class KVCache:
         values.transpose(1, 2).index_put_((rows, slots[:, 0]), v[:, :, 0])
 
 
-def rotary_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [max_seq_len, d] (d: the head dim, or half of it for 2D positions), as the reference
-    computes them whatever the model's dtype: inverse frequencies rounded to fp16, then angles, cos and sin in
-    fp16 (integer positions are exact in fp16 up to 2048). The GLM models were trained with these values, so
-    bf16/fp32 runs take them too."""
-    d = cfg.head_dim // rotary_groups(cfg)
-    inv_freq = (1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, device=device).float() / d))).half()
-    t = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float16)
-    emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotary_groups(cfg: ModelConfig) -> int:
-    """How many independent rotary blocks a head has: 1 (1D positions) or 2 (position, block position)."""
-    return 2 if cfg.position_encoding == "2d" else 1
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """x [b, heads, s, d]; cos/sin [b, 1, s, d]. The head dim is `groups` blocks; in each, the first half
-    pairs with the second (groups=1: dims [0, d/2) with [d/2, d))."""
-    x1, x2 = x.unflatten(-1, (groups, 2, -1)).unbind(-2)
-    return x * cos + torch.stack([-x2, x1], dim=-2).flatten(-3) * sin
-
-
-def rotary_at(cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [b, 1, s, d] at positions [b, s] (1D) or [b, s, 2] (2D: the two tables' halves side by side)."""
-    if positions.dim() == 3:
-        return tuple(torch.cat([t[positions[..., 0]], t[positions[..., 1]]], dim=-1).unsqueeze(1)
-                     for t in (cos_table, sin_table))
-    return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPContext, dtype: torch.dtype, bits: int):
         super().__init__()
@@ -135,18 +103,18 @@ class SelfAttention(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None, slots: torch.Tensor, window: int) -> torch.Tensor:
         b, s, _ = h.shape
-        qkv = self.query_key_value(h).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split(self.head_dim, dim=-1)
+        qkv = self.query_key_value(h)
+        if s == 1 and cache is not None and self.decode_kernel is not None:  # a CPU decode step: one call
+            return self.dense(self.decode_kernel(qkv, cos, sin, slots, cache.k[self.layer_id],
+                                                 cache.v[self.layer_id], mask, self.rotary_groups))
+        q, k, v = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, dim=-1)
         q, k = apply_rotary(q, cos, sin, self.rotary_groups), apply_rotary(k, cos, sin, self.rotary_groups)
         if cache is None:  # one-shot forward (training): nothing to keep
             ctx = attention.attend(q, k, v, mask, self.layer_id)
         else:  # write this call's keys/values at `slots` in place, attend over the first `window` slots
             cache.write(self.layer_id, k, v, slots)
-            keys, values = cache.k[self.layer_id], cache.v[self.layer_id]
-            if s == 1 and self.decode_kernel is not None:
-                ctx = self.decode_kernel(q, keys, values, mask, 1 / math.sqrt(self.head_dim))
-            else:
-                ctx = attention.attend(q, keys[:, :, :window], values[:, :, :window], mask, self.layer_id)
+            keys, values = cache.k[self.layer_id, :, :, :window], cache.v[self.layer_id, :, :, :window]
+            ctx = attention.attend(q, keys, values, mask, self.layer_id)
         return self.dense(ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 

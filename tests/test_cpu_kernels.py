@@ -164,23 +164,48 @@ def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch):
         assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None
 
 
+def _torch_decode_attention(qkv, cos, sin, at, cache, hidden, groups):
+    """The model's torch ops for a decode step, in fp32: rotary, the cache write, the fused attention."""
+    rows, heads, _, d = cache[0].shape
+    window = hidden.shape[-1]
+    q, k, v = qkv.float().view(rows, 1, heads, 3 * d).transpose(1, 2).split(d, dim=-1)
+    q, k = (attention.apply_rotary(t, cos.float(), sin.float(), groups) for t in (q, k))
+    cache = [t.float().clone() for t in cache]
+    for t, new in zip(cache, (k, v)):
+        t[torch.arange(rows), :, at] = new[:, :, 0]
+    out = attention.attend(q, cache[0][:, :, :window], cache[1][:, :, :window], hidden, 0)
+    return out.transpose(1, 2).reshape(rows, 1, heads * d), cache
+
+
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_kernel_matches_torch_attention(dtype):
-    torch.manual_seed(0)
+def test_decode_attention_kernel_matches_the_torch_ops(dtype, groups):
+    torch.manual_seed(groups)
     rows, heads, slots, d, window = 4, 3, 80, 32, 64
-    q = torch.randn(rows, heads, 1, d).to(dtype)
-    keys, values = (torch.randn(rows, heads, slots, d).to(dtype) for _ in range(2))
-    keys[:, :, window:] = values[:, :, window:] = float("nan")  # past the window: never read
-    at = torch.arange(window)
+    qkv = torch.randn(rows, 1, heads * 3 * d).to(dtype)
+    angles = torch.rand(rows, 1, 1, d) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    cache = [torch.randn(rows, heads, slots, d).to(dtype) for _ in range(2)]
+    for t in cache:
+        t[:, :, window:] = float("nan")  # past the window: never read
+    at = torch.tensor([10, 63, 30, 5])  # each row's slot
+    span = torch.arange(window)
     # a row near its start, a full window, one behind left padding and a prefix, one that sees nothing
-    hidden = torch.stack([at > 10, at > 63, (at < 7) | ((at > 20) & (at < 50)), at >= 0]).view(rows, 1, 1, window)
-    want = attention.attend(q.float(), keys[:, :, :window].float(), values[:, :, :window].float(), hidden, 0)
-    got = cpu_kernels.decode_attention(q, keys, values, hidden, 1 / math.sqrt(d))
-    assert got.dtype == dtype and got.shape == (rows, heads, 1, d)
-    # fp32 throughout; bf16 adds one rounding of the result (half a bf16 step, 2^-9 relative)
-    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
-    assert ((got.float() - want).abs() <= tol * want.abs() + 1e-5).all()
+    hidden = torch.stack([span > 10, span > 63, (span < 7) | ((span > 20) & (span < 30)), span >= 0])
+    hidden = hidden.view(rows, 1, 1, window)
+    want, want_cache = _torch_decode_attention(qkv, cos, sin, at, cache, hidden, groups)
+    got = cpu_kernels.decode_attention(qkv, cos, sin, at.view(rows, 1), *cache, hidden, groups)
+    assert got.dtype == dtype and got.shape == (rows, 1, heads * d)
+    # fp32 throughout; bf16 rounds the rotated key once (the torch ops three times) and the result once
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+    assert ((got.float() - want).abs() <= tol * want.abs().max()).all()
     assert torch.equal(got[3], torch.zeros_like(got[3]))  # no visible key: 0, as torch's attention gives
+    for t, w in zip(cache, want_cache):  # this step's keys and values went in at each row's slot, nothing else
+        written = t[torch.arange(rows), :, at].float()
+        assert ((written - w[torch.arange(rows), :, at]).abs() <= tol * w.nan_to_num().abs().max()).all()
+        kept = torch.ones(rows, slots, dtype=torch.bool)
+        kept[torch.arange(rows), at] = False
+        assert torch.equal(t.transpose(1, 2)[kept].float().nan_to_num(), w.transpose(1, 2)[kept].nan_to_num())
 
 
 def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
@@ -190,7 +215,7 @@ def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
     calls = []
     for block in fast.transformer.layers:
         assert block.attention.decode_kernel is cpu_kernels.decode_attention
-        block.attention.decode_kernel = lambda q, *rest: calls.append(q.shape) or cpu_kernels.decode_attention(q, *rest)
+        block.attention.decode_kernel = lambda qkv, *rest: calls.append(qkv.shape) or cpu_kernels.decode_attention(qkv, *rest)
     logits = []
     with torch.inference_mode():
         for model in (fast, plain):
@@ -200,7 +225,7 @@ def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
             steps += [decoder.step(steps[-1].argmax(-1)) for _ in range(3)]
             logits.append(torch.stack(steps))
     cfg = fast.cfg
-    assert len(calls) == 4 * cfg.num_layers and set(calls) == {(2, cfg.num_heads, 1, cfg.head_dim)}  # steps only
+    assert len(calls) == 4 * cfg.num_layers and set(calls) == {(2, 1, 3 * cfg.hidden_size)}  # the steps only
     assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[1].abs().max()
     monkeypatch.setitem(attention._DECODE_OK, torch.float32, False)
     with pytest.warns(UserWarning, match="decode-attention kernel failed its check here: using torch's attention"):
