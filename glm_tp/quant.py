@@ -129,7 +129,7 @@ class PreparedWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ W^T -> [..., out] in x's dtype."""
-        if self.small is not None and x[..., 0].numel() <= SMALL_ROWS:
+        if self.small is not None and x.numel() <= SMALL_ROWS * x.shape[-1]:
             return self.small(x)
         if self.large is not None:
             return self.large(x)
