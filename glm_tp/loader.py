@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, quant_bits_of, release_pages, shape_message
-from .partition import Copy, Layout, copy_plan, is_ignored, layout_of, merged_shape, short_name
+from .partition import Copy, Layout, copy_plan, is_ignored, layout_of, merged_shape, short_name, single_source
 from .quant import dequantize
 from .sources import Part, Source
 
@@ -151,9 +151,9 @@ class RankLoader:
             gather(owner.weight.data, parts, plan, self.source.mapped)
             scale_plan = copy_plan(layout, full_shape(scales, layout, self.source.cut), len(scales), self.tp, self.rank)
             gather(owner.weight_scale.data, scales, scale_plan, self.source.mapped)
-        elif len({c.src for c in plan}) == 1:  # a slice of one source shard keeps that shard's row scales: exact
+        elif (src := single_source(plan)) is not None:  # keeps that source's row scales: exact
             gather(owner.weight.data, parts, plan, self.source.mapped)
-            owner.weight_scale.data.copy_(scales[plan[0].src].narrow(0, 0, owner.out_features))
+            owner.weight_scale.data.copy_(scales[src].narrow(0, 0, owner.out_features))
         else:
             self._requantize(name, owner, parts, scales, plan)
         owner.prepared = None

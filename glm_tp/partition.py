@@ -138,6 +138,14 @@ def copy_plan(layout: Layout, full_shape: tuple[int, ...], sources: int, tp: int
     return out
 
 
+def single_source(plan: list[Copy]) -> int | None:
+    """The source shard a rank's whole slice comes from, or None when it joins several. The rule for
+    quantized row-parallel weights: a slice of one source keeps that source's row scales (exact); a slice
+    joining several sources, quantized with different scales, must be quantized again (lossy)."""
+    sources = {c.src for c in plan}
+    return sources.pop() if len(sources) == 1 else None
+
+
 def shard_views(t: torch.Tensor, layout: Layout, tp: int, rank: int) -> list[torch.Tensor]:
     """The views of `t` that, joined along the layout's dim, make rank `rank`'s shard."""
     if layout is Layout.REPLICATED:

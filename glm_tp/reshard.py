@@ -25,7 +25,8 @@ from tqdm import tqdm
 from .checkpoint import (LAYOUT_VERSION, CheckpointError, CheckpointInfo, detect_quant_bits, inspect, open_shard,
                          release_pages, shard_name, write_latest)
 from .config import ModelConfig
-from .partition import Layout, is_ignored, layout_of, merge_into, reshard, split_into
+from .partition import (Layout, copy_plan, is_ignored, layout_of, merge_into, merged_shape, reshard, single_source,
+                        split_into)
 from .quant import dequantize, quantize_rows
 
 QUANTIZED_SUFFIXES = ("attention.query_key_value.weight", "attention.dense.weight", "mlp.dense_h_to_4h.weight",
@@ -107,9 +108,11 @@ def _plan_tensor(name: str, parts: list[torch.Tensor], scales: list[torch.Tensor
     if src_bits and src_bits == bits and layout is not Layout.ROW:
         # per-row scales travel with their rows: exact
         return [{name: q, scale_name: s} for q, s in zip(reshard(parts, layout, tp), reshard(scales, layout, tp))]
-    if src_bits and src_bits == bits and tp % len(parts) == 0:
-        # each target rank takes a slice of one source's inputs, whose row scales still hold for it: exact
-        return [{name: q, scale_name: scales[i * len(parts) // tp]} for i, q in enumerate(reshard(parts, layout, tp))]
+    if src_bits and src_bits == bits:  # row-parallel: exact where every rank's slice lies in one source
+        full = merged_shape([tuple(p.shape) for p in parts], layout)
+        sources = [single_source(copy_plan(layout, full, len(parts), tp, rank)) for rank in range(tp)]
+        if None not in sources:
+            return [{name: q, scale_name: scales[src]} for q, src in zip(reshard(parts, layout, tp), sources)]
     if src_bits:
         if layout is Layout.ROW or src_bits != bits:
             report.lossy.append(name)
