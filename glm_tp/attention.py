@@ -103,9 +103,25 @@ def decode_kernel(kernels: str, dtype: torch.dtype, device: torch.device) -> Dec
     return cpu_kernels.decode_attention
 
 
+def decode_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                               keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor, groups: int) -> torch.Tensor:
+    """What a decode kernel must compute, as torch ops (the arguments and result of
+    `cpu_kernels.decode_attention`): rotary, the step's key and value written into the cache at each row's
+    slot, then `attend` over the window."""
+    rows, heads, _, d = keys.shape
+    q, k, v = qkv.view(rows, 1, heads, 3 * d).transpose(1, 2).split(d, dim=-1)
+    q, k = apply_rotary(q, cos, sin, groups), apply_rotary(k, cos, sin, groups)
+    at = slots.reshape(-1).expand(rows)
+    for cache, new in zip((keys, values), (k, v)):
+        cache[torch.arange(rows), :, at] = new[:, :, 0].to(cache.dtype)
+    window = hidden.shape[-1]
+    out = attend(q, keys[:, :, :window], values[:, :, :window], hidden, 0)
+    return out.transpose(1, 2).reshape(rows, 1, heads * d)
+
+
 def _kernel_works(kernel: DecodeKernel, dtype: torch.dtype) -> bool:
-    """Against the torch ops, for 1D and 2D rotary: 3 rows, a 40-slot cache, a 24-slot window; one row sees a
-    prefix and its own slot, one a pad run, one nothing (the kernel must give 0 there, as torch does)."""
+    """Against the torch ops in fp32, for 1D and 2D rotary: 3 rows, a 40-slot cache, a 24-slot window; one row
+    sees a prefix and its own slot, one a pad run, one nothing (the kernel must give 0 there, as torch does)."""
     try:
         gen = torch.Generator().manual_seed(0)
         heads, d = 2, 16
@@ -114,19 +130,14 @@ def _kernel_works(kernel: DecodeKernel, dtype: torch.dtype) -> bool:
         hidden = hidden.view(3, 1, 1, 24)
         at = torch.tensor([[20], [17], [23]])
         for groups in (1, 2):
-            qkv = torch.randn(3, 1, heads * 3 * d, generator=gen)
-            cos, sin = (torch.randn(3, 1, 1, d, generator=gen) for _ in range(2))
+            qkv = torch.randn(3, 1, heads * 3 * d, generator=gen).to(dtype)
+            cos, sin = (torch.randn(3, 1, 1, d, generator=gen).to(dtype) for _ in range(2))
             cache = [torch.randn(3, heads, 40, d, generator=gen).to(dtype) for _ in range(2)]
-            got_cache = [t.clone() for t in cache]
-            cache = [t.float() for t in cache]
-            q, k, v = qkv.view(3, 1, heads, 3 * d).transpose(1, 2).split(d, dim=-1)
-            q, k = apply_rotary(q, cos, sin, groups), apply_rotary(k, cos, sin, groups)
-            for t, new in zip(cache, (k, v)):
-                t[torch.arange(3), :, at[:, 0]] = new[:, :, 0]
-            want = attend(q, cache[0][:, :, :24], cache[1][:, :, :24], hidden, 0).transpose(1, 2).reshape(3, 1, -1)
-            got = kernel(qkv.to(dtype), cos.to(dtype), sin.to(dtype), at, *got_cache, hidden, groups).float()
+            want_cache = [t.float().clone() for t in cache]  # a copy even when dtype is fp32
+            want = decode_attention_reference(qkv.float(), cos.float(), sin.float(), at, *want_cache, hidden, groups)
+            got = kernel(qkv, cos, sin, at, *cache, hidden, groups).float()
             written = all(torch.allclose(g[torch.arange(3), :, at[:, 0]].float(), w[torch.arange(3), :, at[:, 0]],
-                                         rtol=0.02, atol=0.05) for g, w in zip(got_cache, cache))
+                                         rtol=0.02, atol=0.05) for g, w in zip(cache, want_cache))
             if not (written and (got - want).abs().max() <= 0.02 * want.abs().max() + 0.02):
                 return False
         return True

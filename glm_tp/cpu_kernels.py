@@ -54,6 +54,17 @@ def _bits_of_f32(typingctx, value):
     return types.uint32(types.float32), codegen
 
 
+def _as_f32(value):
+    """One element as float32: itself, or widened from bf16 bits."""
+
+
+@overload(_as_f32, inline="always")
+def _as_f32_impl(value):
+    if value == types.float32:
+        return lambda value: value
+    return lambda value: _f32_from_bits(np.uint32(value) << np.uint32(16))
+
+
 def _float32_rows(x):
     """x as float32 [m, k]: itself, or widened from bf16 bits."""
 
@@ -67,20 +78,9 @@ def _float32_rows_impl(x):
         out = np.empty(x.shape, np.float32)
         for m in range(x.shape[0]):
             for k in range(x.shape[1]):
-                out[m, k] = _f32_from_bits(np.uint32(x[m, k]) << np.uint32(16))
+                out[m, k] = _as_f32(x[m, k])
         return out
     return widen
-
-
-def _as_f32(value):
-    """One element as float32: itself, or widened from bf16 bits."""
-
-
-@overload(_as_f32, inline="always")
-def _as_f32_impl(value):
-    if value == types.float32:
-        return lambda value: value
-    return lambda value: _f32_from_bits(np.uint32(value) << np.uint32(16))
 
 
 def _put(out, m, n, value):

@@ -129,13 +129,14 @@ class PreparedWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ W^T -> [..., out] in x's dtype."""
-        if self.small is not None and x.numel() <= SMALL_ROWS * x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        if self.small is not None and rows <= SMALL_ROWS:
             return self.small(x)
         if self.large is not None:
             return self.large(x)
         if self.kind == "float":
             return F.linear(x, self.q)
-        if self.kind == "compiled" and x[..., 0].numel() <= COMPILED_MAX_ROWS:
+        if self.kind == "compiled" and rows <= COMPILED_MAX_ROWS:
             return _compiled_dequant_linear()(x, self.q, self.scale, self.bits)
         if self.kind in ("dequant", "compiled"):
             return F.linear(x, dequantize(self.q, self.scale, self.bits, x.dtype))

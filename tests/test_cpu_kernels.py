@@ -3,7 +3,6 @@ to torch's kernels, the q8 and INT8 LM head options. No timings here: tools/benc
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import subprocess
 import sys
@@ -164,19 +163,6 @@ def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch):
         assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None
 
 
-def _torch_decode_attention(qkv, cos, sin, at, cache, hidden, groups):
-    """The model's torch ops for a decode step, in fp32: rotary, the cache write, the fused attention."""
-    rows, heads, _, d = cache[0].shape
-    window = hidden.shape[-1]
-    q, k, v = qkv.float().view(rows, 1, heads, 3 * d).transpose(1, 2).split(d, dim=-1)
-    q, k = (attention.apply_rotary(t, cos.float(), sin.float(), groups) for t in (q, k))
-    cache = [t.float().clone() for t in cache]
-    for t, new in zip(cache, (k, v)):
-        t[torch.arange(rows), :, at] = new[:, :, 0]
-    out = attention.attend(q, cache[0][:, :, :window], cache[1][:, :, :window], hidden, 0)
-    return out.transpose(1, 2).reshape(rows, 1, heads * d), cache
-
-
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_kernel_matches_the_torch_ops(dtype, groups):
@@ -193,7 +179,8 @@ def test_decode_attention_kernel_matches_the_torch_ops(dtype, groups):
     # a row near its start, a full window, one behind left padding and a prefix, one that sees nothing
     hidden = torch.stack([span > 10, span > 63, (span < 7) | ((span > 20) & (span < 30)), span >= 0])
     hidden = hidden.view(rows, 1, 1, window)
-    want, want_cache = _torch_decode_attention(qkv, cos, sin, at, cache, hidden, groups)
+    want_cache = [t.float().clone() for t in cache]  # the torch ops, in fp32 on copies
+    want = attention.decode_attention_reference(qkv.float(), cos.float(), sin.float(), at, *want_cache, hidden, groups)
     got = cpu_kernels.decode_attention(qkv, cos, sin, at.view(rows, 1), *cache, hidden, groups)
     assert got.dtype == dtype and got.shape == (rows, 1, heads * d)
     # fp32 throughout; bf16 rounds the rotated key once (the torch ops three times) and the result once
