@@ -16,7 +16,7 @@ setup(
     install_requires=["torch>=2.3", "numpy", "tqdm", "hydra-core>=1.3", "sentencepiece", "safetensors"],
     extras_require={
         "server": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
-        # the CPU decode kernels (glm_tp/cpu_kernels.py); without numba torch's kernels are used
+        # the CPU decode kernels (glm_tp/kernels/cpu.py); without numba torch's kernels are used
         "cpu": ["numba>=0.59"],
         # the server's tests drive it with the official client and a real browser (selenium + system chromium)
         "test": ["pytest>=7", "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "openai>=1.40",
@@ -24,5 +24,5 @@ setup(
         "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb", "einops", "transformers"],
         "plot": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["glm-tp-generate = glm_tp.generate:main"]},
+    entry_points={"console_scripts": ["glm-tp-generate = glm_tp.cli.generate:main"]},
 )

@@ -7,10 +7,10 @@ import os
 # torch is imported (import glm_tp first, or export OMP_WAIT_POLICY yourself; an explicit value wins).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .api import load_model  # noqa: E402
-from .checkpoint import CheckpointError
-from .config import PRESETS, ModelConfig
-from .model import GLMModel, KVCache, SeqLayout
+from glm_tp.checkpoints.load import load_model  # noqa: E402
+from glm_tp.checkpoints.release import CheckpointError
+from glm_tp.config import PRESETS, ModelConfig
+from glm_tp.model.glm import GLMModel, KVCache, SeqLayout
 
 __all__ = ["load_model", "CheckpointError", "PRESETS", "ModelConfig", "GLMModel", "KVCache", "SeqLayout"]
 __version__ = "0.1.0"

@@ -39,7 +39,7 @@ def workload(count: int, seed: int = 0) -> list[str]:
     [gMASK], two blanks; answers of 1 to ~8 tokens) and one quarter open-ended continuations ([gMASK] after
     a few months, days or digits), which the demo model runs on for 8 to 48 tokens; shuffled."""
     sys.path.insert(0, str(ROOT))
-    from glm_tp.demo_corpus import DAYS, DIGITS, MONTHS, TASKS, held_out
+    from glm_tp.dev.demo_corpus import DAYS, DIGITS, MONTHS, TASKS, held_out
 
     rng = random.Random(seed)
     open_ended = count // 4
@@ -59,8 +59,8 @@ def medium_checkpoint(folder: Path) -> Path:
 
     import torch
 
-    from glm_tp.checkpoint import inspect, make_metadata, write_latest, write_shard
-    from glm_tp.synthetic import random_shard
+    from glm_tp.checkpoints.release import inspect, make_metadata, write_latest, write_shard
+    from glm_tp.checkpoints.synthetic import random_shard
 
     if (folder / "latest").exists():
         return folder
@@ -91,10 +91,10 @@ def run_one(ckpt: str, prompts: list[str], max_batch: int, max_new_tokens: int, 
     import torch
 
     from glm_tp import load_model
-    from glm_tp.tokenizer import load_tokenizer
+    from glm_tp.text.tokenizer import load_tokenizer
     try:
-        from glm_tp.engine import Engine
-        from glm_tp.requests import Done, Delta, GenerationConfig, Request
+        from glm_tp.engine.core import Engine
+        from glm_tp.engine.types import Done, Delta, GenerationConfig, Request
         continuous = True
     except ImportError:
         from glm_tp.generation import Engine, GenerationConfig, Request
@@ -109,7 +109,7 @@ def run_one(ckpt: str, prompts: list[str], max_batch: int, max_new_tokens: int, 
     start = time.perf_counter()
     finished, first_token = {}, {}
     if continuous:
-        from glm_tp.serve import Coordinator
+        from glm_tp.engine.coordinator import Coordinator
 
         coordinator = Coordinator(engine.tp, engine, max_waiting=len(requests))
 

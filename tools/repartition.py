@@ -19,9 +19,9 @@ import time
 
 from _common import prepare_output
 
-from glm_tp.checkpoint import CheckpointError
+from glm_tp.checkpoints.release import CheckpointError
 from glm_tp.config import get_preset
-from glm_tp.reshard import rewrite
+from glm_tp.checkpoints.reshard import rewrite
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,9 +17,9 @@ import sys
 import _common  # noqa: F401 - makes glm_tp importable from a source checkout
 from tqdm import tqdm
 
-from glm_tp.checkpoint import METADATA_FILE, CheckpointError, check_files
-from glm_tp.integrity import file_records
-from glm_tp.sources import HF_INDEXES, open_source
+from glm_tp.checkpoints.release import METADATA_FILE, CheckpointError, check_files
+from glm_tp.checkpoints.integrity import file_records
+from glm_tp.checkpoints.sources import HF_INDEXES, open_source
 
 
 def read_every_tensor(source) -> list[str]:

@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from ..blanks import MASK_PATTERN
-from ..chat import ChatFormat
-from ..requests import MAX_LOGPROBS, MAX_STOPS, GenerationConfig, Request, Result, TokenLogprob
+from glm_tp.text.blanks import MASK_PATTERN
+from glm_tp.text.chat import ChatFormat
+from glm_tp.engine.types import MAX_LOGPROBS, MAX_STOPS, GenerationConfig, Request, Result, TokenLogprob
 
 if TYPE_CHECKING:
-    from .batch import Item
+    from glm_tp.frontends.batch import Item
 
 URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 MAX_N = 16

@@ -15,9 +15,9 @@ from typing import Callable, Protocol
 
 import uvicorn
 
-from ..requests import GenerationConfig
-from .app import ServerSettings, ServerState, build_app
-from .submission import Backend
+from glm_tp.engine.types import GenerationConfig
+from glm_tp.server.app import ServerSettings, ServerState, build_app
+from glm_tp.server.submission import Backend
 
 FAILED_HEALTH_S = 2.0  # how long a failed /health stays up before the process exits
 

@@ -1,0 +1,89 @@
+"""`load_model`: one call from a checkpoint folder to a ready model, single-process or under torchrun."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from glm_tp.checkpoints.release import CheckpointError, check_files
+from glm_tp.checkpoints.loader import RankLoader, source_bits
+from glm_tp.checkpoints.sources import Source, open_source
+from glm_tp.config import ModelConfig, get_preset, parse_dtype
+from glm_tp.parallel.dist import TPContext, init_distributed
+from glm_tp.parallel.layers import LM_HEADS
+from glm_tp.model.glm import GLMModel
+from glm_tp.kernels.quant import KERNELS
+
+QUANT_CHOICES = {None: None, "auto": None, "none": 0, "fp": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4, 8: 8, 4: 4, 0: 0}
+
+
+def parse_quant(quant: str | int | None) -> int | None:
+    """None = whatever the checkpoint holds; 0 = float; 8/4 = INT8/INT4 weight-only."""
+    key = quant.lower() if isinstance(quant, str) else quant
+    if key not in QUANT_CHOICES:
+        raise ValueError(f"unknown quantization {quant!r}: use none, int8 or int4")
+    return QUANT_CHOICES[key]
+
+
+def resolve_config(info_cfg: ModelConfig | None, model: str | ModelConfig | None, layers: int | None) -> ModelConfig:
+    if isinstance(model, ModelConfig):
+        cfg = model
+    elif model:
+        cfg = get_preset(model)
+    elif info_cfg is not None:
+        cfg = info_cfg
+    else:
+        raise CheckpointError("the checkpoint has no glm_tp.json metadata, so its shape is unknown: "
+                              "pass model=glm-130b (or the preset it was made with)")
+    return cfg.with_layers(layers) if layers else cfg
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None = None, layers: int | None = None,
+               dtype: str | torch.dtype | None = None, quant: str | int | None = None, device: str | None = None,
+               tp: TPContext | None = None, progress: bool = True, kernels: str = "fused",
+               lm_head: str = "model", verify: bool = False) -> GLMModel:
+    """Load this rank's share of a checkpoint: the GLM-130B release layout with any number of shards, one
+    unsharded file, or a Hugging Face ChatGLM-6B folder, at any TP size that divides the model.
+
+    Single process: `load_model("ckpt")`. Under `torchrun --nproc_per_node N` every rank calls the
+    same line and gets its own slice (the process group is set up on first use). kernels: "fused" (the
+    fastest quantized matmul the device has), "q8" (CPU: integer kernels with Q8_0 activations for batches
+    over quant.SMALL_ROWS), "torch" (torch's fused kernels only) or "dequant" (the reference's
+    dequantize-then-matmul). lm_head: "model" (the embedding in the model's dtype) or "int8".
+    verify: check every file's SHA-256 against glm_tp.json first (the ranks share the work); file sizes
+    are always checked.
+    """
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"unknown lm_head {lm_head!r}: use one of {', '.join(LM_HEADS)}")
+    tp = tp or init_distributed(device)
+    source = open_source(checkpoint)
+    verify_files(source, tp, verify, progress)
+    cfg = resolve_config(source.model_config(), model, layers)
+    cfg.check_tp(tp.size)
+    bits = source_bits(source, cfg.hidden_size)
+    wanted = parse_quant(quant)
+    torch_dtype = parse_dtype(dtype) if dtype else default_dtype(tp.device)
+    net = GLMModel(cfg, tp, torch_dtype, tp.device, quant_bits=bits if wanted is None else wanted)
+    report = RankLoader(net, source, bits).load(progress=progress and tp.is_first)
+    if report.unexpected and tp.is_first:
+        warnings.warn(f"{source.root} has {len(report.unexpected)} tensor(s) this model does not use, e.g. "
+                      f"{report.unexpected[0]}: ignored")
+    net.prepare_kernels(kernels, lm_head)
+    return net.eval()
+
+
+def verify_files(source: Source, tp: TPContext, verify: bool, progress: bool) -> None:
+    """Sizes always; with verify, each rank hashes its share of the files and every rank learns every
+    problem, so all of them stop with the same line before computing anything."""
+    problems = check_files(source.root, source.metadata, verify, tp.rank, tp.size, progress and tp.is_first)
+    if verify:
+        found = {name: why for share in tp.all_gather_object(problems) for name, why in share.items()}
+        if found:
+            raise CheckpointError(found[min(found)])

@@ -1,0 +1,159 @@
+"""Where weights come from: named tensors, memory-mapped, from any checkpoint layout glm-tp reads.
+
+- the GLM-130B release layout (`latest`, `<iter>/mp_rank_XX_model_states.pt`), any number of shards:
+  every split tensor is cut across the shards by partition.py's rule (`Source.cut`);
+- one unsharded file (`.pt`, `.bin` or `.safetensors`): every tensor whole;
+- the Hugging Face layout of ChatGLM-6B: `config.json` and `pytorch_model-0000X-of-0000N.bin` with
+  `pytorch_model.bin.index.json`, or `.safetensors` shards with `model.safetensors.index.json`, or one
+  `pytorch_model.bin` / `model.safetensors`: every tensor whole, in the file the index names.
+
+Nothing is read until a rank asks for a slice (`Part.narrow`); then only the pages of that slice are
+touched. Nothing is ever downloaded: a missing file is a one-line `CheckpointError` naming it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from glm_tp.checkpoints.release import CheckpointError, inspect, open_shard, read_metadata
+from glm_tp.config import ModelConfig
+from glm_tp.checkpoints.hf import config_metadata
+
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8,
+                      "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64}
+HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_SUFFIXES = (".pt", ".bin", ".safetensors", ".pth")
+
+
+class SafetensorsPart:
+    """A tensor of a .safetensors file: shape and dtype known, bytes read only for the slice asked."""
+
+    def __init__(self, handle: Any, name: str):
+        self._slice = handle.get_slice(name)
+        self.shape = tuple(self._slice.get_shape())
+        self.dtype = SAFETENSORS_DTYPES[self._slice.get_dtype()]
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        if self.shape:
+            index[dim] = slice(start, start + length)
+        return self._slice[tuple(index)]
+
+
+Part = Union[torch.Tensor, SafetensorsPart]
+
+
+@dataclass
+class Source:
+    """A checkpoint as named tensors. `cut`: each tensor is split across `files` (release layout, part i
+    in file i); otherwise each tensor is whole in one file."""
+
+    root: Path
+    files: list[Path]
+    cut: bool
+    metadata: dict[str, Any] | None
+    layout_name: str
+    _parts: dict[str, list[Part]] = field(default_factory=dict)
+    _files: dict[str, Path] = field(default_factory=dict)
+    mapped: bool = True
+
+    def model_config(self) -> ModelConfig | None:
+        if self.metadata and "model" in self.metadata:
+            return ModelConfig.from_dict(self.metadata["model"])
+        return None
+
+    def names(self) -> list[str]:
+        self._open()
+        return list(self._parts)
+
+    def parts(self, name: str) -> list[Part]:
+        self._open()
+        return self._parts[name]
+
+    def file_of(self, name: str) -> Path:
+        self._open()
+        return self._files.get(name, self.root)
+
+    def has(self, name: str) -> bool:
+        self._open()
+        return name in self._parts
+
+    def _open(self) -> None:
+        if self._parts:
+            return
+        for index, path in enumerate(self.files):
+            for name, part in open_tensors(path, self).items():
+                self._files.setdefault(name, path)
+                if self.cut:
+                    self._parts.setdefault(name, [None] * len(self.files))[index] = part
+                else:
+                    self._parts[name] = [part]
+        if self.cut:
+            holes = [(n, i) for n, ps in self._parts.items() for i, p in enumerate(ps) if p is None]
+            if holes:
+                raise CheckpointError(f"{self.files[holes[0][1]]} lacks {holes[0][0]}, which the other shards hold: "
+                                      f"the shards do not belong together (re-copy or re-create it)")
+
+
+def open_tensors(path: Path, source: Source) -> dict[str, Part]:
+    """One file's tensors, memory-mapped (torch zip files, .safetensors)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            handle = safe_open(str(path), framework="pt")
+            return {name: SafetensorsPart(handle, name) for name in handle.keys()}
+        except Exception as e:  # noqa: BLE001 - any failure to parse means a bad file
+            raise CheckpointError(f"{path} cannot be read ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): "
+                                  f"it is truncated or corrupt; re-copy it") from None
+    state, mapped = open_shard(path)
+    source.mapped = source.mapped and mapped
+    return state
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    """Recognise the layout at `path` and check that every file it needs is there."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        return Source(root.parent, [root], False, read_metadata(root.parent), "single file")
+    if (root / "latest").exists() or not root.is_dir():
+        info = inspect(root)
+        return Source(root, info.shards, True, info.metadata, f"release, {info.tp} shard(s)")
+    if (root / "config.json").is_file():
+        return _hf_source(root)
+    weights = sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if len(weights) == 1:
+        return Source(root, weights, False, read_metadata(root), "single file")
+    raise CheckpointError(f"{root} is not a checkpoint glm-tp knows: expected 'latest' (GLM-130B release layout), "
+                          f"config.json (Hugging Face layout) or a single weights file")
+
+
+def _hf_source(root: Path) -> Source:
+    meta = config_metadata(root)
+    for index_name in HF_INDEXES:
+        index = root / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid weight index ({e}): re-copy it") from None
+            files = [root / f for f in dict.fromkeys(weight_map.values())]
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{missing[0]} is missing ({index_name} names it): copy it into {root} "
+                                      f"(glm-tp never downloads)")
+            break
+    else:
+        single = next((root / f for f in HF_SINGLE if (root / f).is_file()), None)
+        if single is None:
+            raise CheckpointError(f"{root} has config.json but no weights: expected {' or '.join(HF_INDEXES + HF_SINGLE)} "
+                                  f"(glm-tp never downloads; copy the weight files there)")
+        files = [single]
+    own = read_metadata(root) or {}
+    meta.update({k: v for k, v in own.items() if k == "files"})
+    return Source(root, files, False, meta, f"Hugging Face, {len(files)} file(s)")

@@ -1,0 +1,216 @@
+"""The entry point: `torchrun --nproc_per_node N -m glm_tp.generate [key=value ...]` (or python -m for one rank).
+
+Every rank loads its shard; rank 0 runs the front end (TTY, a JSONL batch job or the HTTP server) and the other ranks
+follow its commands. Configuration is hydra's, from configs/ (see configs/generate.yaml for the keys).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from glm_tp.checkpoints.load import load_model, parse_quant, resolve_config
+from glm_tp.checkpoints.release import CheckpointError
+from glm_tp.config import ModelConfig, parse_dtype
+from glm_tp.parallel.dist import TPContext, init_distributed, shutdown
+from glm_tp.checkpoints.loader import source_bits
+from glm_tp.checkpoints.sources import open_source
+from glm_tp.engine.core import Engine
+from glm_tp.cli.planner import GiB, Plan, refusal
+from glm_tp.engine.types import GenerationConfig
+from glm_tp.engine.coordinator import Coordinator, worker_loop
+from glm_tp.cli.settings import ROOT, UsageError, check_config, check_device, check_max_len, resolve_path
+from glm_tp.text.tokenizer import TokenizerError, load_tokenizer
+
+CONFIG_DIR = str(ROOT / "configs")
+
+
+def model_config(cfg: DictConfig) -> ModelConfig:
+    """The model's shape from the preset or the checkpoint's glm_tp.json: no weights are read."""
+    checkpoint = resolve_path(cfg.checkpoint)
+    source = open_source(checkpoint) if cfg.model is None or checkpoint.exists() else None
+    return resolve_config(source.model_config() if source else None, cfg.model, None)
+
+
+def make_plan(cfg: DictConfig, model_cfg: ModelConfig, tp_size: int, device_type: str) -> Plan:
+    """The memory plan for this run; with a model preset it needs no checkpoint on disk."""
+    checkpoint = resolve_path(cfg.checkpoint)
+    source = open_source(checkpoint) if checkpoint.exists() else None
+    bits = parse_quant(cfg.quant)
+    if bits is None:  # as the checkpoint holds: its metadata says (no weight file opened), or its first QKV shows
+        said = (source.metadata or {}).get("quant_bits") if source else None
+        bits = int(said) if said is not None else source_bits(source, model_cfg.hidden_size) if source else 0
+    dtype = parse_dtype(cfg.dtype) if cfg.dtype else (torch.float16 if device_type == "cuda" else torch.float32)
+    return Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
+                int(cfg.max_len or model_cfg.max_seq_len))
+
+
+def device_bytes(cfg: DictConfig, device: torch.device) -> float | None:
+    if cfg.device_memory_gib:
+        return float(cfg.device_memory_gib) * GiB
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return None
+
+
+def load_tokenizer_for(cfg: DictConfig, checkpoint: Path, special):
+    source = open_source(checkpoint)
+    meta = source.metadata or {}
+    options = dict(text_offset=meta.get("tokenizer_offset"), whitespace=bool(meta.get("tokenizer_whitespace")))
+    if cfg.tokenizer:
+        return load_tokenizer(resolve_path(cfg.tokenizer), special, **options)
+    return load_tokenizer(source.root / meta.get("tokenizer", ""), special, **options)
+
+
+def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig) -> Engine:
+    """Every rank loads its shard, then the ranks compare notes: a rank that could not load (a truncated
+    shard, a missing file) stops every rank with its message, before any of them says it is ready."""
+    engine, error = None, None
+    try:
+        checkpoint = resolve_path(cfg.checkpoint)
+        model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels,
+                           lm_head=cfg.lm_head, verify=bool(cfg.verify))
+        tokenizer = load_tokenizer_for(cfg, checkpoint, model.cfg.special)
+        engine = Engine(model, tokenizer, gen, max_batch=int(cfg.batch_size),
+                        max_len=int(cfg.max_len) if cfg.max_len else None)
+    except (CheckpointError, TokenizerError, ValueError) as e:
+        error = str(e)
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        first = str(e).strip().split(". ")[0] or type(e).__name__
+        error = (f"out of memory while loading ({first}): try quant=int8 or quant=int4, more ranks, "
+                 f"or a smaller batch_size")
+    failed = [(rank, message) for rank, message in enumerate(tp.all_gather_object(error)) if message]
+    if failed:
+        rank, message = failed[0]
+        alike = len(failed) == tp.size and all(m == message for _, m in failed)
+        raise UsageError(message if alike else f"rank {rank}: {message}")
+    assert engine is not None
+    return engine
+
+
+def follow(tp: TPContext, engine: Engine) -> None:
+    """Ranks > 0. torchrun passes a SIGTERM or SIGHUP to every rank; the workers ignore it and keep following
+    rank 0, which finishes its work and then sends the shutdown. A SIGINT (Ctrl-C at torchrun) ends every
+    rank at once: rank 0 says so, the workers leave without a word as soon as their collective returns."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    worker_loop(tp, engine)
+
+
+def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None] | None:
+    """Checks, then loading on every rank; returns the batch output path too, None in plan mode. Whatever
+    fails here fails alike on every rank (load_engine shares loading failures): one UsageError."""
+    try:
+        gen = check_config(cfg)
+        model_cfg = model_config(cfg)
+        check_max_len(cfg.max_len, model_cfg)
+        if cfg.plan:
+            ranks = int(cfg.ranks or os.environ.get("WORLD_SIZE", "1"))
+            plan = make_plan(cfg, model_cfg, ranks, "cuda" if cfg.device == "cuda" else "cpu")
+            memory = float(cfg.device_memory_gib) * GiB if cfg.device_memory_gib else None
+            print(plan.table(memory))
+            if memory is not None and not plan.fits(memory):
+                print(refusal(plan, memory))
+            return None
+        check_device(cfg.device)
+        output = None
+        if cfg.input not in ("interactive", "http"):  # before loading: a bad output path must not cost a model load
+            from glm_tp.frontends.batch import check_output
+            output = check_output(resolve_path(cfg.input), Path(cfg.output) if cfg.output else None)
+        tp = init_distributed(cfg.device, timeout_s=float(cfg.timeout_s))
+        if cfg.ranks and int(cfg.ranks) != tp.size:
+            raise UsageError(f"this hardware preset runs {cfg.ranks} ranks but {tp.size} were started: "
+                             f"use torchrun --nproc_per_node {cfg.ranks}, or set ranks=null")
+        memory = device_bytes(cfg, tp.device)
+        if memory is not None:
+            plan = make_plan(cfg, model_cfg, tp.size, tp.device.type)
+            if not plan.fits(memory):
+                raise UsageError(refusal(plan, memory))
+        return tp, load_engine(cfg, tp, gen), output
+    except (CheckpointError, TokenizerError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def run(cfg: DictConfig) -> int:
+    ready = setup(cfg)
+    if ready is None:
+        return 0
+    tp, engine, output = ready
+    if not tp.is_first:
+        follow(tp, engine)
+        return 0
+    coordinator = Coordinator(tp, engine)
+    try:
+        if cfg.input == "interactive":
+            from glm_tp.frontends.tty import run_tty
+            run_tty(coordinator, color=str(cfg.color))
+        elif cfg.input == "http":
+            from glm_tp.server.run import ServerSettings, run_server
+            settings = ServerSettings(**cfg.server)
+            settings.model_name = settings.model_name or resolve_path(cfg.checkpoint).name
+            coordinator.max_waiting = settings.max_waiting  # one bound: the coordinator's QueueFull is a 503
+            run_server(coordinator, engine.default, settings)
+        else:
+            from glm_tp.frontends.batch import run_batch
+            run_batch(coordinator, resolve_path(cfg.input), output)
+    except (RuntimeError, ConnectionError, KeyboardInterrupt):
+        raise  # a failed collective, or a SIGINT that every rank got: no shutdown to send
+    except BaseException:
+        coordinator.shutdown()
+        raise
+    coordinator.shutdown()
+    return 0
+
+
+def report(message: str) -> None:
+    """One line on stderr; under torchrun also the rank's error file, which torchrun prints as the root
+    cause at the bottom of its failure report."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        stamp = str(int(time.time()))
+        Path(path).write_text(json.dumps({"message": {"message": message, "extraInfo": {
+            "py_callstack": message, "timestamp": stamp}}}))
+    print(message, file=sys.stderr, flush=True)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="generate", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    where = f" on rank {rank}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    code = 0
+    try:
+        code = run(cfg)
+    except UsageError as e:  # the same on every rank: rank 0 reports it and fails the job, the others leave
+        if rank == 0:
+            report(f"error: {e}")
+            code = 2
+    except (CheckpointError, TokenizerError, ValueError) as e:
+        report(f"error{where}: {e}")
+        code = 2
+    except (RuntimeError, ConnectionError) as e:  # a lost rank surfaces as a failed collective
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        report(f"error on rank {rank}: lost contact with the other ranks ({first}); shutting down")
+        code = 1
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("glm-tp: interrupted", file=sys.stderr, flush=True)
+        code = 130
+    shutdown()
+    if code:
+        sys.exit(code)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

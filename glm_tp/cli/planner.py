@@ -1,0 +1,102 @@
+"""Per-rank memory before loading anything: weights at the chosen precision, the KV cache, workspace.
+
+The same arithmetic answers "does it fit?" and "what would?": more ranks, INT8/INT4, a smaller batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from glm_tp.config import ModelConfig
+
+GiB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: ModelConfig
+    tp: int
+    dtype_bytes: int
+    quant_bits: int
+    batch: int
+    max_len: int
+
+    @property
+    def weight_bytes(self) -> int:
+        """One rank's weights: quantized linears hold bits/8 bytes per value plus an fp16 scale per row."""
+        c, tp, e = self.cfg, self.tp, self.dtype_bytes
+        h, f = c.hidden_size, c.inner_hidden_size
+        up = 2 * f if c.glu else f  # h->4h rows: GeGLU's value and gate, or GeLU's one
+        linear_values = (3 * h * h + h * h + up * h + f * h) // tp
+        linear_rows = (3 * h + up) // tp + 2 * h  # output rows: column layers split, row layers whole
+        if self.quant_bits:
+            linear = linear_values * self.quant_bits // 8 + 2 * linear_rows
+        else:
+            linear = linear_values * e
+        biases_norms = (linear_rows + 4 * h) * e
+        heads = 1 if c.tied_lm_head else 2  # an untied LM head is a second vocab-parallel matrix
+        return c.num_layers * (linear + biases_norms) + (heads * c.vocab_size // tp * h + 2 * h) * e
+
+    @property
+    def kv_bytes(self) -> int:
+        c = self.cfg
+        return 2 * c.num_layers * self.batch * self.max_len * (c.hidden_size // self.tp) * self.dtype_bytes
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Activations of the widest step (a full-length prefill of the batch), full-vocab logits of the
+        batch on rank 0, and the runtime's own overhead (CUDA context, allocator slack: ~1 GiB)."""
+        c = self.cfg
+        tokens = self.batch * self.max_len
+        activations = tokens * (3 * c.hidden_size + (2 if c.glu else 1) * c.inner_hidden_size) // self.tp * self.dtype_bytes
+        scores = self.batch * (c.num_heads // self.tp) * self.max_len * self.max_len * 4
+        logits = self.batch * c.vocab_size * 4
+        return activations + scores + logits + GiB
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.workspace_bytes
+
+    def fits(self, device_bytes: float) -> bool:
+        return self.total_bytes <= device_bytes
+
+    def table(self, device_bytes: float | None = None) -> str:
+        precision = f"int{self.quant_bits}" if self.quant_bits else f"{8 * self.dtype_bytes}-bit float"
+        rows = [("weights", self.weight_bytes), ("KV cache", self.kv_bytes), ("workspace", self.workspace_bytes),
+                ("total", self.total_bytes)]
+        lines = [f"per-rank memory plan: {self.cfg.num_layers} layers x {self.cfg.hidden_size}, TP={self.tp}, "
+                 f"{precision}, batch {self.batch} x {self.max_len} tokens"]
+        lines += [f"  {name:<10} {size / GiB:9.2f} GiB" for name, size in rows]
+        if device_bytes:
+            verdict = "fits" if self.fits(device_bytes) else "does NOT fit"
+            lines.append(f"  {'device':<10} {device_bytes / GiB:9.2f} GiB  -> {verdict} "
+                         f"({(device_bytes - self.total_bytes) / GiB:+.2f} GiB headroom)")
+        return "\n".join(lines)
+
+
+def alternatives(plan: Plan, device_bytes: float, max_ranks: int = 8, limit: int = 3) -> list[str]:
+    """Settings that would fit, fewest changes first: more ranks, INT8/INT4, a smaller batch, or a mix."""
+    ranks = [t for t in plan.cfg.valid_tp_sizes(max_ranks) if t >= plan.tp]
+    bits = [plan.quant_bits] + [b for b in (8, 4) if not plan.quant_bits or b < plan.quant_bits]
+    batches = [plan.batch] + [b for b in (plan.batch // 2, plan.batch // 4, 1) if 1 <= b < plan.batch]
+    found: list[tuple[int, str]] = []
+    for tp in ranks:
+        for q in bits:
+            for batch in dict.fromkeys(batches):
+                if (tp, q, batch) == (plan.tp, plan.quant_bits, plan.batch):
+                    continue
+                if Plan(plan.cfg, tp, plan.dtype_bytes, q, batch, plan.max_len).fits(device_bytes):
+                    changes = [f"{tp} ranks"] * (tp != plan.tp) + [f"quant=int{q}"] * (q != plan.quant_bits) \
+                        + [f"batch_size={batch}"] * (batch != plan.batch)
+                    found.append((len(changes), " with ".join(changes)))
+                    break  # the largest batch that fits for this (ranks, quant)
+    found.sort(key=lambda f: f[0])
+    return [text for _, text in found[:limit]]
+
+
+def refusal(plan: Plan, device_bytes: float) -> str:
+    """The one line printed when a plan does not fit."""
+    short = (plan.total_bytes - device_bytes) / GiB
+    options = alternatives(plan, device_bytes)
+    fix = f"try {' or '.join(options)}" if options else "use more or larger devices"
+    return (f"the model needs {plan.total_bytes / GiB:.1f} GiB per rank but the device has "
+            f"{device_bytes / GiB:.1f} GiB ({short:.1f} GiB short): {fix}")

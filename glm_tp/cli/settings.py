@@ -1,0 +1,110 @@
+"""Checks of a run's settings (the keys of configs/generate.yaml) before anything loads.
+
+Every bad value is one `UsageError` line that names the key and what it may be, so a typo costs a
+second instead of a model load or a traceback from deep inside torch.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from glm_tp.checkpoints.load import parse_quant
+from glm_tp.config import ModelConfig, parse_dtype
+from glm_tp.parallel.layers import LM_HEADS
+from glm_tp.kernels.quant import KERNELS
+from glm_tp.engine.types import GenerationConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CHOICES: dict[str, tuple[str, ...]] = {
+    "device": ("auto", "cpu", "cuda"),
+    "color": ("auto", "always", "never"),
+    "kernels": KERNELS,
+    "lm_head": LM_HEADS,
+}
+
+
+class UsageError(ValueError):
+    """A bad setting, reported as one line."""
+
+
+def resolve_path(value: str) -> Path:
+    """Relative paths are taken from the working directory, else from the glm-tp source tree (bundled data)."""
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists() or not (ROOT / p).exists():
+        return p
+    return ROOT / p
+
+
+def _whole(key: str, value: Any, minimum: int, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < minimum:
+        unset = " (or null)" if optional else ""
+        raise UsageError(f"{key}={value!r}: must be a whole number >= {minimum}{unset}")
+    return int(value)
+
+
+def _positive(key: str, value: Any, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise UsageError(f"{key}={value!r}: must be a finite number > 0" + (" (or null)" if optional else ""))
+    return float(value)
+
+
+def check_config(cfg: DictConfig) -> GenerationConfig:
+    """Check every run setting that needs no model; returns the default generation settings."""
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise UsageError(f"{key}={cfg[key]!r}: use one of {', '.join(allowed)}")
+    _whole("batch_size", cfg.batch_size, 1)
+    _whole("max_len", cfg.max_len, 2, optional=True)  # at least a token and its answer
+    _whole("ranks", cfg.ranks, 1, optional=True)
+    _positive("timeout_s", cfg.timeout_s)
+    _positive("device_memory_gib", cfg.device_memory_gib, optional=True)
+    for key in ("plan", "verify"):
+        if not isinstance(cfg[key], bool):
+            raise UsageError(f"{key}={cfg[key]!r}: use true or false")
+    for key, parse in (("quant", parse_quant), ("dtype", parse_dtype)):
+        try:
+            if cfg[key] is not None:
+                parse(cfg[key])
+        except ValueError as e:
+            raise UsageError(f"{key}={cfg[key]!r}: {str(e).split(': ', 1)[-1]}") from None
+    if cfg.input == "http":
+        check_server(cfg.server)
+    try:
+        return GenerationConfig().updated(**OmegaConf.to_container(cfg.generation))
+    except ValueError as e:
+        raise UsageError(str(e).replace("generation setting '", "generation.").replace("':", ":", 1)) from None
+
+
+def check_server(server: DictConfig) -> None:
+    """input=http: the server's keys (server.*)."""
+    if _whole("server.port", server.port, 0) > 65535:
+        raise UsageError(f"server.port={server.port!r}: must be a port number 0..65535 (0: any free port)")
+    for key in ("host", "api_key", "model_name"):
+        value = server[key]
+        if not (value is None and key != "host") and not (isinstance(value, str) and value):
+            raise UsageError(f"server.{key}={value!r}: must be a non-empty string (quote a number: "
+                             f"server.{key}='\"123\"')")
+    _whole("server.max_waiting", server.max_waiting, 1)
+    _positive("server.request_timeout_s", server.request_timeout_s)
+    _whole("server.retry_after_s", server.retry_after_s, 0)
+    _whole("server.max_body_bytes", server.max_body_bytes, 1)
+
+
+def check_max_len(max_len: int | None, model: ModelConfig) -> None:
+    if max_len is not None and max_len > model.max_seq_len:
+        raise UsageError(f"max_len={max_len} is over the model's maximum of {model.max_seq_len} tokens: "
+                         f"use max_len <= {model.max_seq_len}, or leave it unset for the maximum")
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("no CUDA device: use hardware=cpu (or device=cpu)")

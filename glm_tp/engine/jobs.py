@@ -1,0 +1,203 @@
+"""One request on rank 0, on its way through its blanks.
+
+A `Job` knows the fill it needs next (GLM fills blanks left to right, each as a fresh prefill with the
+earlier answers spliced in), takes the tokens the scheduler chooses for its rows, ends a fill on an end
+token, its token cap or a stop string, streams what it generated as events, and builds its `Result`.
+"""
+from __future__ import annotations
+
+import torch
+
+from glm_tp.text.blanks import BlankInput, PromptError, check_length, complete_context, fill_kind, next_blank, splice, \
+    tokenize_prompt
+from glm_tp.engine.types import BlankDone, Delta, Done, GenerationConfig, RequestHandle, Result, TokenLogprob
+from glm_tp.engine.sampling import BeamGroup
+from glm_tp.text.tokenizer import REPLACEMENT, GLMTokenizer, TextStream
+
+
+class Job:
+    def __init__(self, handle: RequestHandle, default: GenerationConfig, tok: GLMTokenizer, vocab_size: int,
+                 max_len: int, position_encoding: str = "1d"):
+        """Tokenizes and checks the request; raises PromptError/ValueError for one that can never run.
+        position_encoding: the model's ("2d": ChatGLM-6B's position and block position)."""
+        self.position_encoding = position_encoding
+        self.handle, self.tok, self.max_len = handle, tok, max_len
+        request = handle.request
+        self.config = request.config or default
+        self.config.validate()
+        if request.token_ids is not None:
+            bad = [t for t in request.token_ids if not 0 <= int(t) < vocab_size]
+            if bad:
+                raise PromptError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+            self.ids = complete_context([int(t) for t in request.token_ids], tok.special)
+        elif request.text is not None:
+            self.ids = tokenize_prompt(request.text, tok)
+        else:
+            raise PromptError("request has neither text nor token_ids")
+        check_length(self.ids, max_len)
+        if len(self.ids) + 1 + self.config.max_new_tokens > max_len:
+            raise PromptError(f"prompt is {len(self.ids) + 1} tokens with sop and asks for up to "
+                              f"{self.config.max_new_tokens} new tokens: more than max_len {max_len}; shorten the "
+                              f"prompt or lower max_new_tokens")
+        self.origin = [0] * len(self.ids)  # 0 = prompt token, k = token of blank k
+        self.kind = fill_kind(self.ids, tok.special)
+        self.prompt_tokens = len(self.ids)
+        self.end_tokens = [tok.special.eop, tok.special.eos]
+        self.blank_ids: list[list[int]] = []
+        self.blank_texts: list[str] = []
+        self.beam_texts: list[str] | None = None
+        self.finish, self.error = "", None
+        self.cut_by_max_len = False
+        self.completion_tokens = 0
+        self.logprobs: list[TokenLogprob] | None = [] if self.config.logprobs is not None else None
+        self.generator = torch.Generator().manual_seed(self.config.seed)  # carried from blank to blank
+        self.rows: list[int] = []  # cache rows of the current fill, one per beam
+        self.cancel_reason = "cancelled"
+        self.queued_at = 0  # the scheduler step at which it began waiting
+        self.fill: BlankInput | None = None
+
+    # -- the current fill ---------------------------------------------------------------------------
+    @property
+    def beams(self) -> int:
+        return self.config.num_beams if self.config.strategy == "beam" else 1
+
+    def start_fill(self) -> BlankInput:
+        inp = next_blank(self.ids, self.kind, self.tok.special, self.position_encoding)
+        assert inp is not None
+        self.fill, self.sent, self.cut = inp, "", None  # cut: where a stop string begins in the text
+        self.text = TextStream(self.tok)
+        self.logprobs_from = len(self.logprobs or [])   # this fill's first entry in self.logprobs
+        self.generated: list[list[int]] = [[] for _ in range(self.beams)]
+        self.cap = min(self.config.max_new_tokens, self.max_len - len(inp.tokens))
+        self.beam = BeamGroup(self.beams, self.config.length_penalty, prefix=len(inp.tokens)) \
+            if self.config.strategy == "beam" else None
+        return inp
+
+    def take(self, token: int, logprob: TokenLogprob | None) -> str:
+        """A chosen token for a single-row fill; returns why the fill ended ('' while it goes on)."""
+        gen = self.generated[0]
+        if token in self.end_tokens:
+            return "stop"
+        gen.append(token)
+        self.completion_tokens += 1
+        if logprob is not None and self.logprobs is not None:
+            self.logprobs.append(logprob)
+        if self._stream(logprob):
+            return "stop"
+        return "length" if len(gen) >= self.cap else ""
+
+    def take_beams(self, logprobs: torch.Tensor) -> tuple[list[tuple[int, int]], str]:
+        """One beam-search step over this fill's rows; returns (parent beam, token) per beam and why the
+        fill ended ('' while it goes on)."""
+        picks = self.beam.step(logprobs, self.end_tokens)
+        self.generated = [list(t) for t in self.beam.live]
+        if self.beam.done:
+            return picks, "stop"
+        return picks, "length" if len(self.beam.live[0]) >= self.cap else ""
+
+    def _stream(self, logprob: TokenLogprob | None) -> bool:
+        """Send the text that can no longer change; True when a stop string appeared."""
+        text = self.text.update(self.generated[0])
+        stops = [i for i in (text.find(s) for s in self.config.stop) if i >= 0]
+        if stops:
+            self.cut = min(stops)
+            self._delta(text[:self.cut], logprob)
+            return True
+        hold = max([_prefix_overlap(text, s) for s in self.config.stop] + [0])
+        if text.endswith(REPLACEMENT):
+            hold = max(hold, 1)
+        self._delta(text[:len(text) - hold], logprob)
+        return False
+
+    def _delta(self, upto: str, logprob: TokenLogprob | None) -> None:
+        new = upto[len(self.sent):] if len(upto) > len(self.sent) else ""
+        self.sent = max(upto, self.sent, key=len)
+        self.handle.emit(Delta(self.handle.id, len(self.blank_ids), [self.generated[0][-1]], new,
+                               [logprob] if logprob is not None else None))
+
+    # -- ending a fill ------------------------------------------------------------------------------
+    def end_fill(self, reason: str) -> bool:
+        """Splice the answer in; True when another blank follows (the job waits for its next fill)."""
+        answer, text = self._answer(reason)
+        inp = self.fill
+        number = len(self.blank_ids) + 1
+        self.ids = splice(self.ids, inp.mask_index, answer)
+        self.origin = self.origin[:inp.mask_index] + [number] * len(answer) + self.origin[inp.mask_index + 1:]
+        self.blank_ids.append(answer)
+        self.blank_texts.append(text)
+        self.handle.emit(BlankDone(self.handle.id, number - 1, text, list(answer)))
+        if reason == "length" and self.cap < self.config.max_new_tokens:
+            self.cut_by_max_len = True
+        self.finish, self.fill, self.rows = reason, None, []
+        if self.kind not in self.ids:
+            return False
+        if len(self.ids) + 1 + 1 > self.max_len:
+            self.finish, self.cut_by_max_len = "length", True  # no room for the next blank's sop and a token
+            self.error = f"prompt grew to {len(self.ids)} tokens after filling a blank: no room for the next one"
+            return False
+        return True
+
+    def _answer(self, reason: str) -> tuple[list[int], str]:
+        if self.beam is None:
+            gen = self.generated[0]
+            if self.cut is not None:
+                text = self.tok.decode(gen)[:self.cut]
+                keep = len(gen)
+                while keep and not text.startswith(self.tok.decode(gen[:keep])):
+                    keep -= 1  # the tokens whose text lies before the stop string
+                if self.logprobs is not None:
+                    del self.logprobs[self.logprobs_from + keep:]
+                return gen[:keep], text
+            return gen, self.tok.decode(gen)
+        hyps = self.beam.finish()
+        answers = [h.tokens[:-1] if h.tokens and h.tokens[-1] in self.end_tokens else h.tokens for h in hyps]
+        self.completion_tokens += len(answers[0]) if answers else 0
+        if self.config.return_all_beams:  # each beam as the whole text, as the reference prints them
+            eos = self.tok.special.eos
+            full = [splice(self.ids, self.fill.mask_index, a) for a in answers]
+            self.beam_texts = [self.tok.decode(f[:-1] if f and f[-1] == eos else f) for f in full]
+        best = answers[0] if answers else []
+        text = self.tok.decode(best)
+        cut = min([i for i in (text.find(s) for s in self.config.stop) if i >= 0] + [len(text)])
+        return best, text[:cut]
+
+    def stop(self, reason: str) -> None:
+        """End now (cancelled, interrupted): the current fill's tokens so far are kept as its answer."""
+        if self.fill is not None and self.beam is None and self.generated[0]:
+            self.end_fill(reason)
+        self.finish = reason
+
+    def done(self) -> None:
+        self.handle.emit(Done(self.result()))
+
+    # -- the result ---------------------------------------------------------------------------------
+    def result(self) -> Result:
+        if self.error is not None and not self.blank_ids:
+            return Result(id=self.handle.id, finish_reason="error", error=self.error)
+        ids, origin = list(self.ids), list(self.origin)
+        if ids and ids[-1] == self.tok.special.eos:
+            ids, origin = ids[:-1], origin[:-1]
+        pieces: list[tuple[str, bool]] = []
+        start, shown = 0, ""
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or origin[i] != origin[start]:
+                text = self.tok.decode(ids[:i])  # decoding prefixes keeps the spaces between pieces
+                pieces.append((text[len(shown):], origin[start] > 0))
+                start, shown = i, text
+        return Result(id=self.handle.id, text=self.tok.decode(ids), blanks=list(self.blank_texts),
+                      blanks_token_ids=[list(b) for b in self.blank_ids], token_ids=ids,
+                      finish_reason=self.finish or "stop", prompt_tokens=self.prompt_tokens,
+                      completion_tokens=self.completion_tokens, beams=self.beam_texts, error=self.error,
+                      pieces=pieces, logprobs=self.logprobs, cut_by_max_len=self.cut_by_max_len)
+
+
+def error_result(request_id: str, message: str) -> Result:
+    return Result(id=request_id, finish_reason="error", error=message)
+
+
+def _prefix_overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that begins `stop` (that text may still become the stop string)."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

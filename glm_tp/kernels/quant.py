@@ -1,0 +1,290 @@
+"""Weight-only INT8/INT4 quantization, bit-compatible with the GLM-130B release tools.
+
+Scheme: symmetric, one fp16 scale per output row of the rank's shard, scale = absmax/127 (INT8)
+or absmax/7 (INT4), and q = round(w / scale) computed in fp16 as the reference does. INT4 values
+are packed two per int8 byte along the input dim, the even column in the high nibble.
+
+Matmul: `prepare` turns a quantized weight once (at load) into the fastest form the device has,
+checked against plain dequantization on a small case before it is trusted:
+- "int8pack": torch's fused int8 weight-only matmul (bf16 activations), CPU;
+- "int4pack": torch's fused int4 kernel (bf16 activations; its grouped format with unit scales and zero
+  point 0), CPU and CUDA sm_80+;
+- on CPU, batches of up to SMALL_ROWS rows (decode) go to numba-compiled GEMV kernels
+  (`cpu_kernels`, fp32 activations) when numba is installed; larger batches (prefill, big decode batches)
+  stay on torch's kernels above; kernels="q8" sends those through the integer kernel with Q8_0-quantized
+  activations instead;
+- "float" (`prepare_float`): a bf16 weight on CPU (the LM head, unquantized linears): batches of up to
+  SMALL_ROWS rows go to the numba bf16 GEMV, larger ones to torch's matmul;
+- "compiled": CUDA, the dequantization fused into the matmul by torch.compile (Triton) for decode-sized
+  batches, cuBLAS on the dequantized weight for prefill;
+- "dequant": dequantize to the activation dtype, then F.linear: the reference's computation (always
+  available, and chosen with kernels="dequant").
+kernels="torch" keeps torch's fused kernels only. The bf16 kernels round activations to bf16, so their
+logits differ from the reference's fp16 ones by bf16 rounding; the fp16 row scales are applied exactly.
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# the fused int4 kernels take grouped scales; ours are unit scales (the row scales come after the kernel),
+# so the largest group the kernels accept is best: fewer scales to apply (3-10 % faster on CPU than 32)
+INT4_GROUPS = (256, 128, 64, 32)
+
+
+def qmax(bits: int) -> int:
+    if bits not in (4, 8):
+        raise ValueError(f"quantization bits must be 8 or 4, not {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float -> (int8 [out, in] or packed [out, in/2], fp16 scale [out])."""
+    w16 = w.to(torch.float16)
+    scale = (w16.abs().amax(dim=-1) / qmax(bits)).to(torch.float16)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row stays zero
+    q = torch.round(w16 / safe[:, None]).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], [out, in] -> [out, in/2]; column 2j high nibble, 2j+1 low nibble."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"INT4 packing needs an even input dim, got {q.shape[-1]}")
+    hi, lo = q[..., 0::2], q[..., 1::2]
+    return ((hi << 4) | (lo & 0xF)).to(torch.int8)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`, sign-extending each nibble with arithmetic shifts."""
+    hi = p >> 4
+    lo = (p << 4) >> 4
+    return torch.stack([hi, lo], dim=-1).flatten(-2)
+
+
+def int_values(q: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_int4(q) if bits == 4 else q
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    return int_values(q, bits).to(dtype) * scale.to(dtype)[:, None]
+
+
+KERNELS = ("fused", "q8", "torch", "dequant")
+# the CPU GEMV kernels take batches up to this many rows (decode); above, batches are compute-bound and
+# stay on torch's kernels, so prefill and large-batch throughput are what they were
+SMALL_ROWS = 16
+
+# the bf16 CPU kernel serves weights from this size up: below, its thread wake-up costs more than it saves
+# (measured against torch's matmul at batch 1: 0.65x at 0.4 MiB, 1.2x at 2 MiB, 1.5x at 4-8 MiB)
+FLOAT_KERNEL_MIN_BYTES = 1 << 20
+
+# a fused kernel for small batches only: larger ones (prefill) are compute-bound, and there cuBLAS on the
+# dequantized weight is faster than a GEMV-style kernel
+COMPILED_MAX_ROWS = 16
+
+
+def check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
+
+
+def dequant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """x @ (q * scale)^T written as one expression, for torch.compile to fuse the dequantization into the
+    matmul (for a few rows inductor turns it into a single reduction kernel that reads int8 weights)."""
+    return F.linear(x, int_values(q, bits).to(x.dtype)) * scale.to(x.dtype)
+
+
+_COMPILED: list = []
+
+
+def _compiled_dequant_linear():
+    if not _COMPILED:
+        # one specialisation per (rows, weight shape): a TP rank has 4 weight shapes and up to 16 row counts
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+        _COMPILED.append(torch.compile(dequant_linear, dynamic=False, fullgraph=True))
+    return _COMPILED[0]
+
+
+@dataclass
+class PreparedWeight:
+    """A quantized weight in the layout of the kernel that multiplies by it (or, kind "float", a bf16
+    weight with its CPU decode kernel)."""
+
+    kind: str
+    q: torch.Tensor                # the int8 (or packed INT4) weight; kind "float": the float weight
+    scale: torch.Tensor | None     # fp16 row scales; None for kind "float"
+    bits: int                      # 8, 4, or 0 for kind "float"
+    packed: torch.Tensor | None = None
+    scales: torch.Tensor | None = None     # the fused kernel's own scale argument (unit scales)
+    row_scale: torch.Tensor | None = None  # the fp16 row scales as fp32, applied after the kernel
+    group: int = 0                         # int4 kernels: input columns per (unit) scale
+    small: Callable | None = None          # CPU: the kernel for batches of up to SMALL_ROWS rows
+    large: Callable | None = None          # CPU, kernels="q8": the kernel for larger batches
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] @ W^T -> [..., out] in x's dtype."""
+        rows = x.numel() // x.shape[-1]
+        if self.small is not None and rows <= SMALL_ROWS:
+            return self.small(x)
+        if self.large is not None:
+            return self.large(x)
+        if self.kind == "float":
+            return F.linear(x, self.q)
+        if self.kind == "compiled" and rows <= COMPILED_MAX_ROWS:
+            return _compiled_dequant_linear()(x, self.q, self.scale, self.bits)
+        if self.kind in ("dequant", "compiled"):
+            return F.linear(x, dequantize(self.q, self.scale, self.bits, x.dtype))
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if self.kind == "int8pack":
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scales)
+        elif x.device.type == "cpu":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group, self.scales)
+        # the kernels ran with unit scales; the fp16 row scales are applied exactly, in fp32
+        return (out.float() * self.row_scale).to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def _candidates(device: torch.device, bits: int) -> list[str]:
+    """The fused kernels for a device, fastest first. torch's int8 weight-only kernel has no CUDA version,
+    so CUDA INT8 (and INT4 where torch's int4 kernel needs a newer GPU than sm_80) is compiled with Triton
+    by torch.compile, for the GPU at hand: no prebuilt binaries."""
+    if device.type == "cpu":
+        return ["int8pack" if bits == 8 else "int4pack"]
+    if device.type == "cuda":
+        return (["int4pack"] if bits == 4 else []) + ["compiled"]
+    return []
+
+
+def _make(kind: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> PreparedWeight:
+    if kind == "compiled":
+        return PreparedWeight(kind, q, scale, bits)
+    # bf16 cannot hold the fp16 scales exactly (it would shift whole rows by up to 0.4 %): the kernels get
+    # unit scales and the real ones are applied to their output
+    ones = torch.ones_like(scale, dtype=torch.bfloat16)
+    if kind == "int8pack":
+        return PreparedWeight(kind, q, scale, bits, scales=ones, row_scale=scale.float())
+    k = q.shape[1] * 2
+    group = next((g for g in INT4_GROUPS if k % g == 0), None)
+    if group is None:
+        raise ValueError(f"an INT4 weight's input dim {k} is not a multiple of {INT4_GROUPS[-1]} (the fused "
+                         f"kernels' smallest group)")
+    unsigned = (unpack_int4(q).to(torch.int32) + 8)  # the kernels store q + 8 and subtract it again
+    if q.device.type == "cpu":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack(((unsigned[:, ::2] << 4) | unsigned[:, 1::2]).to(torch.uint8), 8)
+    groups = ones.repeat(k // group, 1)
+    scales = torch.stack([groups, torch.zeros_like(groups)], dim=-1).contiguous()  # [k/group, n, (scale, zero)]
+    return PreparedWeight(kind, q, scale, bits, packed=packed, scales=scales, row_scale=scale.float(), group=group)
+
+
+def _with_cpu_kernels(p: PreparedWeight, kernels: str) -> PreparedWeight:
+    """Attach the numba kernels (imported only here: glm_tp runs without numba)."""
+    from glm_tp.kernels import cpu as cpu_kernels
+
+    cpu_kernels.configure_threads()
+    p.small = cpu_kernels.small_kernel(p.q, p.scale, p.bits)
+    if kernels == "q8":
+        p.large = cpu_kernels.q8_kernel(p.q, p.scale, p.bits)
+        if p.large is not None:  # every batch now goes through small or large: torch's layout is not needed
+            p.packed = p.scales = None
+    return p
+
+
+_KERNEL_OK: dict[tuple[str, int, str], bool] = {}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    return bool((got.float() - want).abs().max() <= tol * want.abs().max() + 1e-3)
+
+
+def _kernel_works(device: torch.device, bits: int, kind: str) -> bool:
+    """Run a kernel once on small random cases (a decode-sized and a prefill-sized batch) and compare with
+    dequantization. kind: a fused kind, or "numba"/"q8" for the CPU kernels; bits 16: the bf16 kernel."""
+    key = (device.type, bits, kind)
+    if key not in _KERNEL_OK:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            cpu = kind in ("numba", "q8")
+            # torch's int4 kernel takes 64-row multiples; 72 rows also test the CPU kernels' partial row block
+            w = torch.randn(72 if cpu else 64, 128, generator=gen)
+            if bits == 16:
+                p, dense = _with_float_kernel(w.bfloat16()), w.bfloat16().float()
+            else:
+                q, scale = quantize_rows(w, bits)
+                dense = dequantize(q, scale, bits, torch.float32).to(device)
+                p = _with_cpu_kernels(PreparedWeight("dequant", q, scale, bits), kind) if cpu else \
+                    _make(kind, q.to(device), scale.to(device), bits)
+            ok = True
+            for rows, tol in ((3, 0.02), (SMALL_ROWS + 3, 0.05 if kind == "q8" else 0.02)):
+                x = torch.randn(rows, 128, generator=gen).to(device, torch.bfloat16 if bits == 16 else None)
+                want = F.linear(x.float(), dense)
+                ok = ok and _close(p.matmul(x), want, tol)
+            _KERNEL_OK[key] = ok
+        except Exception:  # noqa: BLE001 - a kernel that fails to build or run is simply not used
+            _KERNEL_OK[key] = False
+    return _KERNEL_OK[key]
+
+
+def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, kernels: str = "fused") -> PreparedWeight:
+    """The fastest kernel that works here; kernels: see KERNELS (dequant: the reference's computation)."""
+    check_kernels(kernels)
+    if kernels == "dequant" or not _candidates(q.device, bits):
+        return PreparedWeight("dequant", q, scale, bits)
+    reason = f"no fused INT{bits} kernel works on {q.device.type}"
+    prepared = None
+    for kind in _candidates(q.device, bits):
+        if _kernel_works(q.device, bits, kind):
+            try:
+                prepared = _make(kind, q, scale, bits)
+                break
+            except (ValueError, RuntimeError) as e:  # this weight's shape does not suit the kernel
+                reason = str(e)
+    if prepared is None:
+        # shown once per message (Python's default warning filter), not once per weight
+        warnings.warn(f"{reason}: using dequantize + matmul for it (slower)")
+        prepared = PreparedWeight("dequant", q, scale, bits)
+    if q.device.type == "cpu" and kernels in ("fused", "q8"):
+        prepared = _attach_cpu(prepared, kernels)
+    return prepared
+
+
+def prepare_float(w: torch.Tensor, kernels: str = "fused") -> PreparedWeight | None:
+    """A bf16 weight's CPU decode kernel (numba), or None where torch's matmul serves every batch: other
+    devices and dtypes, kernels "torch"/"dequant", no numba, an odd input dim, a weight under
+    FLOAT_KERNEL_MIN_BYTES, or a kernel failing its check."""
+    check_kernels(kernels)
+    if (w.device.type != "cpu" or w.dtype != torch.bfloat16 or kernels not in ("fused", "q8") or w.shape[1] % 2
+            or w.numel() * w.element_size() < FLOAT_KERNEL_MIN_BYTES or importlib.util.find_spec("numba") is None):
+        return None
+    if not _kernel_works(w.device, 16, "numba"):
+        warnings.warn("the numba bf16 CPU kernel failed its check here: using torch's matmul")
+        return None
+    return _with_float_kernel(w)
+
+
+def _with_float_kernel(w: torch.Tensor) -> PreparedWeight:
+    from glm_tp.kernels import cpu as cpu_kernels
+
+    cpu_kernels.configure_threads()
+    return PreparedWeight("float", w, None, 0, small=cpu_kernels.bf16_weight_kernel(w))
+
+
+def _attach_cpu(prepared: PreparedWeight, kernels: str) -> PreparedWeight:
+    if importlib.util.find_spec("numba") is None:
+        if kernels == "q8":
+            raise ValueError("kernels=q8 needs numba: pip install numba (or the [cpu] extra)")
+        return prepared  # torch's kernels only; the docs say how to get the faster ones
+    if not _kernel_works(prepared.q.device, prepared.bits, "numba"):
+        warnings.warn(f"the numba INT{prepared.bits} CPU kernels failed their check here: using torch's")
+        return prepared
+    if kernels == "q8" and not _kernel_works(prepared.q.device, prepared.bits, "q8"):
+        raise ValueError(f"the q8 INT{prepared.bits} kernel failed its check here: use kernels=fused")
+    return _with_cpu_kernels(prepared, kernels)

@@ -1,0 +1,145 @@
+"""Rotary position encoding, and how a layer's attention is computed on each device. The math is one:
+softmax(q k^T / sqrt(d)) v with the softmax in fp32, under GLM's mask (True = hidden), on rotary-encoded
+queries and keys; three ways to compute it:
+- `reference_attention`: the reference's recipe in the model's dtype (CUDA, where decode steps are captured
+  as CUDA graphs);
+- torch's fused attention on CPU (`attend`): fp32 inside, the cache read as it is;
+- on CPU, a decode step (one query per row) through the numba kernel `cpu_kernels.decode_attention`: rotary,
+  the cache write and the attention in one call that reads each cached key and value once (torch's fused
+  attention reads a 1k-slot window of one row at under 2 GB/s, and the rotary and cache-write ops around it
+  cost more than the kernel). `decode_kernel` chooses it at load, after checking it against the torch ops on
+  a small case.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from glm_tp.kernels import quant
+from glm_tp.config import ModelConfig
+
+MASK_FILL = -10000.0
+
+# (qkv, cos, sin, slots, the layer's cached keys, values, mask, rotary groups) -> the attention's output
+DecodeKernel = Callable[..., torch.Tensor]
+
+
+def rotary_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [max_seq_len, d] (d: the head dim, or half of it for 2D positions), as the reference
+    computes them whatever the model's dtype: inverse frequencies rounded to fp16, then angles, cos and sin in
+    fp16 (integer positions are exact in fp16 up to 2048). The GLM models were trained with these values, so
+    bf16/fp32 runs take them too."""
+    d = cfg.head_dim // rotary_groups(cfg)
+    inv_freq = (1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, device=device).float() / d))).half()
+    t = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float16)
+    emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotary_groups(cfg: ModelConfig) -> int:
+    """How many independent rotary blocks a head has: 1 (1D positions) or 2 (position, block position)."""
+    return 2 if cfg.position_encoding == "2d" else 1
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """x [b, heads, s, d]; cos/sin [b, 1, s, d]. The head dim is `groups` blocks; in each, the first half
+    pairs with the second (groups=1: dims [0, d/2) with [d/2, d))."""
+    x1, x2 = x.unflatten(-1, (groups, 2, -1)).unbind(-2)
+    return x * cos + torch.stack([-x2, x1], dim=-2).flatten(-3) * sin
+
+
+def rotary_at(cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [b, 1, s, d] at positions [b, s] (1D) or [b, s, 2] (2D: the two tables' halves side by side)."""
+    if positions.dim() == 3:
+        return tuple(torch.cat([t[positions[..., 0]], t[positions[..., 1]]], dim=-1).unsqueeze(1)
+                     for t in (cos_table, sin_table))
+    return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, layer_id: int) -> torch.Tensor:
+    """q [b, heads, s, d], keys/values [b, heads, window, d], mask [b, 1, s, window] -> [b, heads, s, d]."""
+    if q.device.type == "cpu":
+        # converting a long window to fp32 for two batched matmuls cost 2.3x per step at 1k tokens
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=~mask, scale=1 / math.sqrt(q.shape[-1]))
+    return reference_attention(q, keys, values, mask, layer_id)
+
+
+def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                        layer_id: int) -> torch.Tensor:
+    """The reference's attention in the model's dtype: q scaled down by c = layer + 1 so that half-precision
+    scores cannot overflow, masked scores set to MASK_FILL, softmax(scores * c) in fp32. The CPU paths give
+    masked keys the same weight, exactly 0; a query that sees no key at all (a left-pad slot, never read)
+    gets 0 there instead of the mean of the values."""
+    c = float(layer_id + 1)
+    scores = torch.matmul(q / (math.sqrt(q.shape[-1]) * c), keys.transpose(-1, -2))
+    scores = scores.masked_fill(mask, MASK_FILL)
+    probs = torch.softmax(scores.float() * c, dim=-1).to(q.dtype)
+    return torch.matmul(probs, values)
+
+
+_DECODE_OK: dict[torch.dtype, bool] = {}
+
+
+def decode_kernel(kernels: str, dtype: torch.dtype, device: torch.device) -> DecodeKernel | None:
+    """The CPU decode-attention kernel, or None where `attend` serves every call: other devices and dtypes,
+    kernels "torch"/"dequant", no numba, or a kernel failing its check (with a warning)."""
+    quant.check_kernels(kernels)
+    if (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or kernels not in ("fused", "q8")
+            or importlib.util.find_spec("numba") is None):
+        return None
+    from glm_tp.kernels import cpu as cpu_kernels
+
+    if dtype not in _DECODE_OK:
+        _DECODE_OK[dtype] = _kernel_works(cpu_kernels.decode_attention, dtype)
+    if not _DECODE_OK[dtype]:
+        # shown once per message (Python's default warning filter), not once per layer
+        warnings.warn("the numba decode-attention kernel failed its check here: using torch's attention")
+        return None
+    return cpu_kernels.decode_attention
+
+
+def decode_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                               keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor, groups: int) -> torch.Tensor:
+    """What a decode kernel must compute, as torch ops (the arguments and result of
+    `cpu_kernels.decode_attention`): rotary, the step's key and value written into the cache at each row's
+    slot, then `attend` over the window."""
+    rows, heads, _, d = keys.shape
+    q, k, v = qkv.view(rows, 1, heads, 3 * d).transpose(1, 2).split(d, dim=-1)
+    q, k = apply_rotary(q, cos, sin, groups), apply_rotary(k, cos, sin, groups)
+    at = slots.reshape(-1).expand(rows)
+    for cache, new in zip((keys, values), (k, v)):
+        cache[torch.arange(rows), :, at] = new[:, :, 0].to(cache.dtype)
+    window = hidden.shape[-1]
+    out = attend(q, keys[:, :, :window], values[:, :, :window], hidden, 0)
+    return out.transpose(1, 2).reshape(rows, 1, heads * d)
+
+
+def _kernel_works(kernel: DecodeKernel, dtype: torch.dtype) -> bool:
+    """Against the torch ops in fp32, for 1D and 2D rotary: 3 rows, a 40-slot cache, a 24-slot window; one row
+    sees a prefix and its own slot, one a pad run, one nothing (the kernel must give 0 there, as torch does)."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        heads, d = 2, 16
+        slots = torch.arange(24)
+        hidden = torch.stack([slots > 20, (slots < 5) | (slots > 17), torch.ones(24, dtype=torch.bool)])
+        hidden = hidden.view(3, 1, 1, 24)
+        at = torch.tensor([[20], [17], [23]])
+        for groups in (1, 2):
+            qkv = torch.randn(3, 1, heads * 3 * d, generator=gen).to(dtype)
+            cos, sin = (torch.randn(3, 1, 1, d, generator=gen).to(dtype) for _ in range(2))
+            cache = [torch.randn(3, heads, 40, d, generator=gen).to(dtype) for _ in range(2)]
+            want_cache = [t.float().clone() for t in cache]  # a copy even when dtype is fp32
+            want = decode_attention_reference(qkv.float(), cos.float(), sin.float(), at, *want_cache, hidden, groups)
+            got = kernel(qkv, cos, sin, at, *cache, hidden, groups).float()
+            written = all(torch.allclose(g[torch.arange(3), :, at[:, 0]].float(), w[torch.arange(3), :, at[:, 0]],
+                                         rtol=0.02, atol=0.05) for g, w in zip(cache, want_cache))
+            if not (written and (got - want).abs().max() <= 0.02 * want.abs().max() + 0.02):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - a kernel that fails to build or run is simply not used
+        return False

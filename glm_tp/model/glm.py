@@ -1,0 +1,228 @@
+"""The GLM transformer (GLM-130B, ChatGLM-6B), one tensor-parallel rank of it.
+
+Per layer (DeepNorm, post-LN, alpha = sqrt(2 * num_layers)):
+    h = LN_in(x);   x' = alpha*h + Attention(h)
+    m = LN_post(x'); y = alpha*m + MLP(m)
+and after the last layer: logits = LN_final(y) @ E^T with the tied, vocab-parallel embedding E
+(or a separate vocab-parallel `lm_head` when `tied_lm_head` is off).
+
+The config picks the family's variants: MLP GeGLU (GLM-130B) or tanh-GeLU without gate (ChatGLM-6B);
+rotary over the whole head dim at 1D positions [b, s], or 2D (ChatGLM-6B): positions [b, s, 2] as
+(position, block position), each rotating its own half of the head dim.
+
+Attention: head-major fused QKV, NeoX-style rotary at caller-given position ids, softmax(q k^T / sqrt(d)) in
+fp32 (how each device computes it: attention.py). The mask is GLM's: every query sees the first
+`bidirectional` tokens of its sequence, and the rest causally. Sequences of different lengths are left-padded, and pad
+slots are never visible. Keys and values live in a preallocated `KVCache` written in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm_tp.model import attention
+from glm_tp.model.attention import apply_rotary, rotary_at, rotary_groups, rotary_tables
+from glm_tp.config import ModelConfig
+from glm_tp.parallel.dist import TPContext
+from glm_tp.parallel.layers import ColumnParallelLinear, GLUColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+
+@dataclass
+class SeqLayout:
+    """Where each sequence's tokens sit in the cache: `pad` left-padding slots, then a context
+    whose first `bidirectional` tokens every later query may see."""
+
+    pad: torch.Tensor            # [b] long
+    bidirectional: torch.Tensor  # [b] long
+
+    def mask(self, start: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+        """[b, 1, q_len, k_len] bool, True = masked (the reference's convention)."""
+        keys = torch.arange(k_len, device=device).view(1, 1, k_len)
+        queries = torch.arange(start, start + q_len, device=device).view(1, q_len, 1)
+        pad = self.pad.to(device).view(-1, 1, 1)
+        visible = (keys < pad + self.bidirectional.to(device).view(-1, 1, 1)) | (keys <= queries)
+        return ~(visible & (keys >= pad)).unsqueeze(1)
+
+
+class KVCache:
+    """Keys (after rotary) and values for every layer: [layers, batch, heads, max_len, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, tp_size: int, batch: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (cfg.num_layers, batch, cfg.num_heads // tp_size, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def select(self, row: int, n: int) -> "KVCache":
+        """Rows [row, row + n), sharing this cache's memory (a prefill writes only its own rows)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, row:row + n], self.v[:, row:row + n]
+        return view
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, upto: int) -> None:
+        """Rows dst become copies of rows src over slots [0, upto) (beam parents, packing rows)."""
+        for t in (self.k, self.v):
+            part = t[:, :, :, :upto]
+            part.index_copy_(1, dst.to(t.device), part.index_select(1, src.to(t.device)))
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store a call's keys/values [b, heads, s, d] in place: at slots [s] shared by every row (a
+        prompt), or at each row's own slot [b, 1] (a decode step over rows of different lengths)."""
+        keys, values = self.k[layer], self.v[layer]
+        if slots.dim() == 1:
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+            return
+        rows = torch.arange(k.shape[0], device=k.device)
+        keys.transpose(1, 2).index_put_((rows, slots[:, 0]), k[:, :, 0])
+        values.transpose(1, 2).index_put_((rows, slots[:, 0]), v[:, :, 0])
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPContext, dtype: torch.dtype, bits: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.rotary_groups = rotary_groups(cfg)
+        self.heads = cfg.num_heads // tp.size
+        self.head_dim = cfg.head_dim
+        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp, dtype, bits)
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp, dtype, bits)
+        self.decode_kernel: attention.DecodeKernel | None = None  # set by prepare_
+
+    def prepare_(self, kernels: str = "fused") -> None:
+        """Choose how decode steps attend (see attention.decode_kernel); once, after loading."""
+        self.decode_kernel = attention.decode_kernel(kernels, self.dense.bias.dtype, self.dense.bias.device)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None, slots: torch.Tensor, window: int) -> torch.Tensor:
+        b, s, _ = h.shape
+        qkv = self.query_key_value(h)
+        if s == 1 and cache is not None and self.decode_kernel is not None:  # a CPU decode step: one call
+            return self.dense(self.decode_kernel(qkv, cos, sin, slots, cache.k[self.layer_id],
+                                                 cache.v[self.layer_id], mask, self.rotary_groups))
+        q, k, v = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, dim=-1)
+        q, k = apply_rotary(q, cos, sin, self.rotary_groups), apply_rotary(k, cos, sin, self.rotary_groups)
+        if cache is None:  # one-shot forward (training): nothing to keep
+            ctx = attention.attend(q, k, v, mask, self.layer_id)
+        else:  # write this call's keys/values at `slots` in place, attend over the first `window` slots
+            cache.write(self.layer_id, k, v, slots)
+            keys, values = cache.k[self.layer_id, :, :, :window], cache.v[self.layer_id, :, :, :window]
+            ctx = attention.attend(q, keys, values, mask, self.layer_id)
+        return self.dense(ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """GeGLU (value * gelu(gate), exact GeLU) or, without a gate, the tanh-approximated GeLU of ChatGLM-6B."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype, bits: int):
+        super().__init__()
+        self.glu = cfg.glu
+        h, f = cfg.hidden_size, cfg.inner_hidden_size
+        self.dense_h_to_4h = (GLUColumnParallelLinear(h, 2 * f, tp, dtype, bits) if self.glu
+                              else ColumnParallelLinear(h, f, tp, dtype, bits))
+        self.dense_4h_to_h = RowParallelLinear(f, h, tp, dtype, bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.glu:
+            return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        value, gate = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(value * F.gelu(gate))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPContext, dtype: torch.dtype, bits: int):
+        super().__init__()
+        self.alpha = cfg.deepnorm_alpha
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
+        self.attention = SelfAttention(cfg, layer_id, tp, dtype, bits)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, tp, dtype, bits)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None, slots: torch.Tensor, window: int) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        x = self.alpha * h + self.attention(h, cos, sin, mask, cache, slots, window)
+        m = self.post_attention_layernorm(x)
+        return self.alpha * m + self.mlp(m)
+
+
+class Transformer(nn.Module):
+    """Holds the parameters under the release checkpoint's names (`transformer.*`)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype, bits: int):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype)
+        self.layers = nn.ModuleList(GLMBlock(cfg, i, tp, dtype, bits) for i in range(cfg.num_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
+
+
+class GLMModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype = torch.float16,
+                 device: torch.device | str | None = None, quant_bits: int = 0):
+        super().__init__()
+        cfg.check_tp(tp.size)
+        self.cfg, self.tp, self.dtype, self.quant_bits = cfg, tp, dtype, quant_bits
+        self.device = torch.device(device) if device is not None else tp.device
+        with self.device:  # parameters are allocated, never written: the loader fills them
+            self.transformer = Transformer(cfg, tp, dtype, quant_bits)
+            # the LM head: the embedding itself (tied) or its own vocab-parallel weight (ChatGLM-6B)
+            self.lm_head = None if cfg.tied_lm_head else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype)
+        self.requires_grad_(False)
+        cos, sin = rotary_tables(cfg, dtype, self.device)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
+
+    def prepare_kernels(self, kernels: str = "fused", lm_head: str = "model") -> None:
+        """Lay weights out for the device's kernels (once, after loading; kernels: see quant.KERNELS,
+        "dequant" keeps the reference's dequantize-then-matmul); lm_head "int8" multiplies the logits by an
+        INT8 copy of the LM head (the embedding, when the two are tied)."""
+        for module in self.modules():
+            if hasattr(module, "prepare_"):
+                module.prepare_(kernels)
+        (self.lm_head or self.transformer.word_embeddings).prepare_head_(lm_head, kernels)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.cfg, self.tp.size, batch, max_len or self.cfg.max_seq_len, self.dtype, self.device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, layout: SeqLayout, cache: KVCache | None,
+                start: int = 0, logits_at: torch.Tensor | None = None, gather: bool = True) -> torch.Tensor | None:
+        """Run `tokens` [b, s] (cache slots start..start+s) and return logits at `logits_at`.
+
+        logits_at: [b] or [b, n] indexes into this call's s tokens (default: the last one).
+        Returns the full-vocab logits [b, (n,) V] on rank 0 and None elsewhere; with
+        gather=False each rank returns its own vocab slice. Callers wrap inference in
+        torch.inference_mode(); training (tools/train_demo.py) runs the same code with autograd.
+        """
+        s = tokens.shape[1]
+        if cache is not None and start + s > cache.max_len:
+            raise ValueError(f"sequence of {start + s} tokens exceeds the cache's {cache.max_len}")
+        slots = torch.arange(start, start + s, device=self.device)
+        mask = layout.mask(start, s, start + s, self.device)
+        return self.run(tokens, positions, mask, cache, slots, start + s, logits_at, gather)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache | None,
+            slots: torch.Tensor, window: int, logits_at: torch.Tensor | None = None,
+            gather: bool = True) -> torch.Tensor | None:
+        """`forward` on inputs already on the device: tokens [b, s], positions [b, s] or [b, s, 2] (2D), the mask
+        [b, 1, s, window] (True = hidden), the cache slots this call writes ([s], or [b, 1]: each row's own slot).
+        It does no host work, so a decode step made
+        of it can be captured in a CUDA graph (see decode.py)."""
+        cos, sin = rotary_at(self.rotary_cos, self.rotary_sin, positions)
+        x = self.transformer.word_embeddings(tokens)
+        for layer in self.transformer.layers:
+            x = layer(x, cos, sin, mask, cache, slots, window)
+        if logits_at is None:
+            picked = x[:, -1]
+        else:
+            b = x.shape[0]
+            picked = x[torch.arange(b, device=self.device).view(-1, *([1] * (logits_at.dim() - 1))), logits_at]
+        head = self.lm_head or self.transformer.word_embeddings
+        local = head.logits(self.transformer.final_layernorm(picked))
+        return self.tp.gather_last_dim_to_first(local) if gather else local

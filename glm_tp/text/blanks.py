@@ -1,0 +1,114 @@
+"""GLM's blank infilling: from prompt text to the tokens, positions and attention of each fill.
+
+The rules are the reference's (GLM-130B generate.py):
+- the blank kind filled is [MASK] if the prompt has one, else [sMASK], else [gMASK]; masks of other
+  kinds stay in the context as plain tokens;
+- a prompt without any mask gets [gMASK] appended; a prompt that does not end with a mask gets eos;
+- every blank is filled in its own pass, left to right: context = the prompt so far (earlier blanks
+  already filled in), then sop; the context without sop is bidirectional, sop and the generated
+  tokens causal;
+- positions count 0..n-1 over the context; from sop on they stay pinned at the mask's index for
+  [MASK]/[sMASK] and keep counting for [gMASK].
+- 2D positions (ChatGLM-6B, `position_encoding="2d"`): each position is a pair (position, block position).
+  The context is (0, 0) .. (n-1, 0); from sop on the position stays at the mask's index for every mask kind
+  and the block position counts 1, 2, ...
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+from glm_tp.config import SpecialTokens
+from glm_tp.text.tokenizer import GLMTokenizer
+
+MASK_PATTERN = re.compile(r"\[(MASK|sMASK|gMASK)\]")
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be run, with what to change."""
+
+
+def mask_ids(special: SpecialTokens) -> dict[str, int]:
+    return {"MASK": special.mask, "sMASK": special.smask, "gMASK": special.gmask}
+
+
+def tokenize_prompt(text: str, tok: GLMTokenizer) -> list[int]:
+    """Prompt text to context ids: mask markers become their ids, then `complete_context`."""
+    ids: list[int] = []
+    marks = mask_ids(tok.special)
+    pos = 0
+    for m in MASK_PATTERN.finditer(text):
+        ids.extend(tok.encode(text[pos:m.start()]))
+        ids.append(marks[m.group(1)])
+        pos = m.end()
+    ids.extend(tok.encode(text[pos:]))
+    return complete_context(ids, tok.special)
+
+
+def complete_context(ids: list[int], special: SpecialTokens) -> list[int]:
+    """Add [gMASK] when there is no mask and eos when the context does not end with a mask."""
+    masks = set(mask_ids(special).values())
+    ids = list(ids)
+    if not masks.intersection(ids):
+        ids.append(special.gmask)
+    if ids[-1] not in masks:
+        ids.append(special.eos)
+    return ids
+
+
+def fill_kind(ids: list[int], special: SpecialTokens) -> int:
+    """The mask id this prompt's blanks are filled for."""
+    for kind in (special.mask, special.smask):
+        if kind in ids:
+            return kind
+    return special.gmask
+
+
+Position = Union[int, tuple[int, int]]
+
+
+@dataclass
+class BlankInput:
+    """One fill pass: the model input up to and including sop, and how generation continues.
+
+    Positions are ints (1D) or (position, block position) pairs (2D). Generated token g (0-based) sits at
+    `next_position + counting * g`, per dimension: `counting` is 1 where positions count on, 0 where pinned."""
+
+    tokens: list[int]          # context + [sop]
+    positions: list[Position]  # same length as tokens
+    bidirectional: int         # context tokens every query sees (all but sop)
+    mask_index: int            # where the blank is in the context
+    next_position: Position    # position of the first generated token
+    counting: Position         # 1D: 0 pinned ([MASK]/[sMASK]) or 1 ([gMASK]); 2D: (0, 1)
+
+    def position_after(self, generated: int) -> Position:
+        """Position of generated token number `generated` (0-based)."""
+        if isinstance(self.next_position, tuple):
+            return tuple(p + c * generated for p, c in zip(self.next_position, self.counting))
+        return self.next_position + self.counting * generated
+
+
+def next_blank(ids: list[int], kind: int, special: SpecialTokens, position_encoding: str = "1d") -> BlankInput | None:
+    if kind not in ids:
+        return None
+    m = ids.index(kind)
+    n = len(ids)
+    if position_encoding == "2d":  # position pinned at the mask for every kind, block position counts from 1
+        return BlankInput(tokens=ids + [special.sop], positions=[(i, 0) for i in range(n)] + [(m, 1)],
+                          bidirectional=n, mask_index=m, next_position=(m, 2), counting=(0, 1))
+    pinned = kind != special.gmask
+    sop_position = m if pinned else n
+    return BlankInput(tokens=ids + [special.sop], positions=list(range(n)) + [sop_position], bidirectional=n,
+                      mask_index=m, next_position=m if pinned else n + 1, counting=0 if pinned else 1)
+
+
+def splice(ids: list[int], mask_index: int, generated: list[int]) -> list[int]:
+    """Put a blank's answer where its mask was."""
+    return ids[:mask_index] + list(generated) + ids[mask_index + 1:]
+
+
+def check_length(ids: list[int], max_len: int) -> None:
+    if len(ids) + 1 > max_len:
+        raise PromptError(f"prompt is {len(ids) + 1} tokens with sop, more than the model's max length {max_len}: "
+                          f"shorten it")

@@ -1,0 +1,148 @@
+"""The GLM-130B tokenizer, read with sentencepiece alone (no icetk, which drags in a CUDA torch).
+
+icetk's text ids are the ids of its sentencepiece model `ice_text.model` plus 20000 (the image
+tokens come first); GLM's control tokens sit above the text vocabulary (`SpecialTokens`). Small
+models use any sentencepiece model, usually with offset 0, and declare their special ids in the
+checkpoint metadata. Newlines are kept: they map to the `<n>` piece when the model has one.
+ChatGLM-6B's tokenizer (`whitespace=True`) also writes a tab as `<|tab|>` and a run of 2-80 spaces as
+`<|blank_N|>`, and reads them back.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import sentencepiece as spm
+
+from glm_tp.config import SpecialTokens
+
+ICETK_TEXT_OFFSET = 20000
+NEWLINE_PIECE = "<n>"
+REPLACEMENT = "\ufffd"  # what ids that end inside a multi-byte character decode to
+MODEL_FILES = ("ice_text.model", "tokenizer.model")
+SPACE_RUN = re.compile(r" {2,80}")
+
+
+class TokenizerError(FileNotFoundError):
+    """A missing or unreadable tokenizer model, with where it looked and how to point at one."""
+
+
+class GLMTokenizer:
+    def __init__(self, model_file: str | os.PathLike, special: SpecialTokens | None = None,
+                 text_offset: int = ICETK_TEXT_OFFSET, whitespace: bool = False):
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.whitespace = whitespace
+        # pieces that stand for whitespace (ChatGLM-6B): sentencepiece id -> text
+        self.spaces = {i: ("\t" if p == "<|tab|>" else " " * int(p[8:-2])) for i in range(self.sp.get_piece_size())
+                       if (p := self.sp.id_to_piece(i)) == "<|tab|>" or re.fullmatch(r"<\|blank_\d+\|>", p)} \
+            if whitespace else {}
+        self.special = special or SpecialTokens()
+        self.offset = text_offset
+        newline = self.sp.piece_to_id(NEWLINE_PIECE)
+        self.newline_id = newline if newline != self.sp.unk_id() else None
+        self.names = {self.special.mask: "[MASK]", self.special.gmask: "[gMASK]", self.special.smask: "[sMASK]",
+                      self.special.sop: "<sop>", self.special.eop: "<eop>", self.special.eos: "</s>"}
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; mask markers are NOT parsed here (see blanks.tokenize_prompt).
+
+        Newlines become the `<n>` piece, as icetk's line-break mode does (the text is encoded in one
+        piece with `<n>` in place of each newline); a model without `<n>` reads them as spaces."""
+        if not text:
+            return []
+        text = text.replace("\n", NEWLINE_PIECE if self.newline_id is not None else " ")
+        if self.whitespace:
+            text = SPACE_RUN.sub(lambda m: f"<|blank_{len(m.group())}|>", text.replace("\t", "<|tab|>"))
+        return [t + self.offset for t in self.sp.encode(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        """Text ids back to text; control tokens render as their names, padded rows as nothing."""
+        out: list[str] = []
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                # sentencepiece drops a run's leading word boundary; keep it after earlier text
+                space = " " if out and out[-1] != "\n" and self.sp.id_to_piece(run[0]).startswith("\u2581") else ""
+                out.append(space + self.sp.decode(run))
+                run.clear()
+
+        for i in ids:
+            if i in self.names:
+                flush()
+                out.append(self.names[i])
+            elif self.newline_id is not None and i - self.offset == self.newline_id:
+                flush()
+                out.append("\n")
+            elif i - self.offset in self.spaces:
+                flush()
+                out.append(self.spaces[i - self.offset])
+            elif 0 <= i - self.offset < self.text_vocab_size:
+                run.append(i - self.offset)
+        flush()
+        return "".join(out)
+
+
+class TextStream:
+    """The text of a growing list of ids, decoded a few ids at a time (streaming decoded the whole list
+    at every token: 2 ms per token at 2048 tokens with the demo tokenizer, quadratic in the answer).
+
+    The text is committed at points where it does not end inside a multi-byte character. An update
+    decodes the ids from an earlier point (the window) and appends what they add beyond the ids up to
+    the last point (the head). That is the whole decode's text when the head reads on its own as it does
+    in context: a run's first word boundary or a lone space piece can read differently at the start of a
+    decode, and then the point before is tried, and after a few the whole list is decoded."""
+
+    TRIES = 4
+
+    def __init__(self, tok: GLMTokenizer):
+        self.tok, self.text = tok, ""
+        self.points = [(0, 0)]  # committed points: (ids, characters of the text there); the last is now
+
+    def update(self, ids: list[int]) -> str:
+        """The text of `ids`, which extend the ids of the previous call."""
+        read = self.points[-1][0]
+        text = None
+        for start, chars in reversed(self.points[-1 - self.TRIES:-1]):
+            head = self.tok.decode(ids[start:read])
+            if head == self.text[chars:]:
+                window = self.tok.decode(ids[start:])
+                if window.startswith(head):
+                    text = self.text + window[len(head):]
+                    break
+        if text is None:
+            text = self.tok.decode(ids)
+        if not text.endswith(REPLACEMENT):
+            self.text = text
+            self.points = self.points[-self.TRIES:] + [(len(ids), len(text))]
+        return text
+
+
+def find_model_file(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    candidates = [p / name for name in MODEL_FILES] if p.is_dir() or not p.suffix else [p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    looked = ", ".join(str(c) for c in candidates)
+    raise TokenizerError(f"no tokenizer model found (looked for {looked}): put icetk's ice_text.model there or "
+                         f"point tokenizer= at the folder or .model file that holds it")
+
+
+def load_tokenizer(path: str | os.PathLike, special: SpecialTokens | None = None,
+                   text_offset: int | None = None, whitespace: bool = False) -> GLMTokenizer:
+    """A folder holding ice_text.model (icetk layout, offset 20000; ChatGLM-6B's: offset 0, whitespace pieces)
+    or tokenizer.model, or a .model file."""
+    model_file = find_model_file(path)
+    if text_offset is None:
+        text_offset = ICETK_TEXT_OFFSET if model_file.name == "ice_text.model" else 0
+    try:
+        return GLMTokenizer(model_file, special, text_offset, whitespace)
+    except (RuntimeError, OSError) as e:
+        raise TokenizerError(f"{model_file} is not a readable sentencepiece model ({e}): "
+                             f"point tokenizer= at a valid ice_text.model") from None

@@ -1,0 +1,137 @@
+"""Any checkpoint at any TP size: the copy plan, 8 -> 4 -> 1 -> 2 ranks without repartitioning, quantized
+sources, and the host memory of a rank that builds its slices from several shards."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from tests.support import ROOT
+from tests.support.checkpoints import write_random_checkpoint
+from tests.support.ranks import greedy_blank, run_ranks
+from glm_tp import load_model
+from glm_tp.text.blanks import next_blank
+from glm_tp.config import PRESETS, ModelConfig
+from glm_tp.parallel.partition import Layout, copy_plan, split
+from glm_tp.checkpoints.reshard import rewrite
+
+PROMPTS = ([5, 6, 7, 1000, 8, 9, 2], [11, 12, 13, 14, 15, 1001])  # a [MASK] and a [gMASK] context
+STEPS = 6
+
+
+@pytest.mark.parametrize("layout", [Layout.COLUMN, Layout.GLU, Layout.ROW])
+def test_copy_plan_builds_every_cut_from_every_other(layout):
+    full = torch.arange(48 * 24, dtype=torch.float32).view(48, 24)
+    for sources in (1, 2, 3, 4, 6, 8):
+        parts = split(full, layout, sources)
+        for tp in (1, 2, 3, 4, 6, 12):
+            if layout is Layout.ROW and 24 % tp or layout is Layout.GLU and 24 % tp:
+                continue
+            for rank, want in enumerate(split(full, layout, tp)):
+                out = torch.empty_like(want)
+                for c in copy_plan(layout, tuple(full.shape), sources, tp, rank):
+                    out.narrow(c.dim, c.dst_offset, c.length).copy_(parts[c.src].narrow(c.dim, c.src_offset, c.length))
+                assert torch.equal(out, want), (layout, sources, tp, rank)
+
+
+def _greedy(tp, ckpt, kernels="fused"):
+    """Greedy answers to PROMPTS (rank 0 picks, every rank follows), and the first step's logits."""
+    model = load_model(ckpt, tp=tp, dtype="fp32", kernels=kernels, progress=False)
+    special = model.cfg.special
+    out = []
+    with torch.inference_mode():
+        for ids in PROMPTS:
+            blank = next_blank(ids, special.mask if special.mask in ids else special.gmask, special)
+            answer, seen, _ = greedy_blank(model, blank, STEPS)
+            out.append((answer, seen[0] if seen else None, len(blank.tokens)))
+    return out if model.tp.is_first else None
+
+
+def test_eight_shards_load_on_four_one_and_two_ranks_as_repartitioned_checkpoints(tmp_path):
+    cfg = PRESETS["tiny"]
+    eight = write_random_checkpoint(tmp_path / "tp8", cfg, 8, torch.float32)
+    repartitioned, current = {}, eight
+    for tp in (4, 1, 2):  # 8 -> 4 -> 1 -> 2 with tools/repartition's rewrite
+        rewrite(current, tmp_path / f"re{tp}", tp, progress=False)
+        repartitioned[tp] = current = tmp_path / f"re{tp}"
+    for tp in (4, 1, 2):
+        direct = run_ranks(tp, _greedy, eight)[0]
+        via = run_ranks(tp, _greedy, repartitioned[tp])[0]
+        for (a, la, _), (b, lb, _) in zip(direct, via):
+            print(f"TP={tp}: from 8 shards {a}, repartitioned {b}")
+            assert a == b and torch.equal(la, lb)
+
+
+def test_quantized_sources_at_other_tp_sizes(tmp_path):
+    src = write_random_checkpoint(tmp_path / "fp", PRESETS["tiny"], 1, torch.float16)
+    for bits in (8, 4):
+        one = tmp_path / f"q{bits}-1"
+        rewrite(src, one, 1, bits=bits, progress=False)
+        # one shard split over two ranks: every slice keeps its source's row scales, so the weights are exact
+        # (the fp32 dequantize path, so that only the sums' order differs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            at1, at2 = run_ranks(1, _greedy, one, "dequant")[0], run_ranks(2, _greedy, one, "dequant")[0]
+        for (a, la, _), (b, lb, _) in zip(at1, at2):
+            assert a == b and (la - lb).abs().max() < 1e-4
+        # two shards joined on one rank: row-parallel weights had per-shard scales, requantized with a warning
+        two = tmp_path / f"q{bits}-2"
+        rewrite(src, two, 2, bits=bits, progress=False)
+        with pytest.warns(UserWarning, match="dequantized and quantized again"):
+            model = load_model(two, progress=False)
+        assert model.quant_bits == bits
+        reference = load_model(src, quant=f"int{bits}", progress=False)  # quantized straight from fp16 at TP=1
+        for name, p in reference.named_parameters():
+            if "query_key_value.weight" in name:  # column-parallel: the same rows, scales travel exactly
+                assert torch.equal(dict(model.named_parameters())[name], p), name
+
+
+RSS_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from glm_tp import load_model
+from glm_tp.parallel.dist import simulated_rank
+
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+
+size, rank = int(sys.argv[3]), int(sys.argv[4])
+tp = simulated_rank(size, rank)
+before = status("VmRSS")
+model = load_model(sys.argv[2], dtype="fp16", tp=tp, progress=False)
+kept = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"before": before, "peak": status("VmHWM"), "kept": kept}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_rank_holds_its_share_plus_about_one_tensor(tmp_path):
+    # ~200 MB of fp16 weights in 4 shards; a rank of 1 joins all four, a rank of 8 takes half of one shard
+    cfg = ModelConfig(num_layers=6, hidden_size=1024, num_heads=8, inner_hidden_size=2560, vocab_size=4096,
+                      max_seq_len=256)
+    ckpt = write_random_checkpoint(tmp_path / "big", cfg, 4, torch.float16)
+    largest = cfg.vocab_size * cfg.hidden_size * 2
+    for size, rank in ((1, 0), (2, 1), (8, 5)):
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(ROOT), str(ckpt), str(size), str(rank)],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout)
+        grown = r["peak"] - r["before"]
+        print(f"4 shards -> rank {rank} of {size}: kept {r['kept'] / 1e6:.0f} MB, RSS grew {grown / 1e6:.0f} MB "
+              f"({grown / r['kept']:.2f}x kept; largest tensor {largest / 1e6:.0f} MB)")
+        assert grown < 1.1 * r["kept"] + largest
+
+
+def _params(tp, ckpt, model):
+    return {n: p.clone() for n, p in load_model(ckpt, tp=tp, model=model, progress=False).named_parameters()}
+
+
+def test_a_single_unsharded_file_loads_on_two_ranks(tiny_checkpoints, tmp_path):
+    from glm_tp.checkpoints.synthetic import random_shard
+    torch.save(random_shard(PRESETS["tiny"], 1, 0, 0, torch.float32), tmp_path / "model.pt")  # the full tensors
+    got = run_ranks(2, _params, tmp_path / "model.pt", "tiny")
+    want = run_ranks(2, _params, tiny_checkpoints[2], None)
+    assert all(torch.equal(g[n], w[n]) for g, w in zip(got, want) for n in w)

@@ -1,0 +1,65 @@
+"""The memory planner: GLM-130B's per-rank figures, fits and refusals, and the plan=true dry run."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.support import ROOT
+from glm_tp.config import PRESETS
+from glm_tp.cli.planner import GiB, Plan, refusal
+
+GLM = PRESETS["glm-130b"]
+
+
+def test_weight_bytes_per_rank_match_the_release_arithmetic():
+    # fp16 TP=8 ~ 32.2 GB, INT8 TP=8 ~ 16.4 GB, INT4 TP=4 ~ 16.8 GB, INT4 TP=8 ~ 8.4 GB
+    for tp, bits, want in ((8, 0, 32.2e9), (8, 8, 16.4e9), (4, 4, 16.8e9), (8, 4, 8.4e9)):
+        got = Plan(GLM, tp, 2, bits, 1, 2048).weight_bytes
+        assert abs(got - want) / want < 0.01, (tp, bits, got)
+    # every rank of a random checkpoint holds exactly what the plan says (tiny preset, fp32)
+    from glm_tp.checkpoints.synthetic import random_shard
+    import torch
+    cfg = PRESETS["tiny"]
+    shard = random_shard(cfg, 2, 1, 0, torch.float32)
+    assert sum(t.numel() * 4 for t in shard.values()) == Plan(cfg, 2, 4, 0, 1, 1).weight_bytes
+
+
+def test_glm130b_fits_8x40g_tight_and_4x24g_fp16_is_refused_with_int4():
+    tight = Plan(GLM, 8, 2, 0, 1, 2048)
+    assert tight.fits(40 * GiB) and tight.total_bytes > 0.8 * 40 * GiB
+    too_big = Plan(GLM, 4, 2, 0, 1, 2048)
+    assert not too_big.fits(24 * GiB)
+    line = refusal(too_big, 24 * GiB)
+    assert "\n" not in line and "GiB short" in line and "quant=int4" in line.split(" or ")[0]
+
+
+def test_plan_mode_prints_a_table_without_loading():
+    res = subprocess.run([sys.executable, "-m", "glm_tp.generate", "plan=true", "preset=glm-130b",
+                          "hardware=4xRTX3090-int4", "batch_size=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "TP=4, int4" in res.stdout and "-> fits" in res.stdout
+
+
+def _plan(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "glm_tp.generate", "plan=true", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_every_shipped_hardware_preset_fits_glm130b_at_its_defaults():
+    for hardware in ("8xA100-40G-fp16", "8xA100-80G", "8xRTX3090-int8", "4xRTX3090-int4"):
+        res = _plan("preset=glm-130b", f"hardware={hardware}")
+        assert res.returncode == 0 and "-> fits" in res.stdout, (hardware, res.stdout, res.stderr)
+
+
+def test_plan_knows_the_chatglm_presets_and_the_demo():
+    res = _plan("preset=chatglm-6b-int4", "ranks=1", "device_memory_gib=8", "batch_size=1", "dtype=fp16")
+    assert res.returncode == 0 and "28 layers x 4096, TP=1, int4" in res.stdout and "-> fits" in res.stdout
+    res = _plan("preset=chatglm-6b", "ranks=1", "device_memory_gib=8", "dtype=fp16", "batch_size=1")
+    assert "does NOT fit" in res.stdout and "try quant=int4" in res.stdout  # fp16 needs 15 GiB: the fix is named
+    assert "4 layers x 192" in _plan("model=demo").stdout
+
+
+def test_model_demo_loads_the_bundled_model():
+    from glm_tp import load_model
+    assert load_model(ROOT / "data" / "demo", model="demo", progress=False).cfg == PRESETS["demo"]

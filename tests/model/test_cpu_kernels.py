@@ -1,0 +1,265 @@
+"""The numba CPU kernels (the `cpu` extra): results against dequantization, the choice at load, the fallback
+to torch's kernels, the q8 and INT8 LM head options. No timings here: tools/bench.py measures speed."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from tests.support import ROOT
+from glm_tp import load_model
+from glm_tp.model import attention
+from glm_tp.kernels import quant
+from glm_tp.engine.decoder import Decoder
+from glm_tp.kernels.quant import SMALL_ROWS, dequantize, prepare, quantize_rows
+
+from test_model import LAYOUT, POSITIONS, TOKENS
+
+pytest.importorskip("numba", reason="the CPU kernels need numba: pip install -e '.[cpu]' (the [test] extra has it)")
+from glm_tp.kernels import cpu as cpu_kernels  # noqa: E402
+
+
+def _exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    return x.double() @ dequantize(q, scale, bits, torch.float64).t()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, SMALL_ROWS])
+def test_small_batch_kernels_match_dequantization(bits, rows):
+    # INT8: 100 output rows, a partial parallel block (torch's INT4 kernel needs multiples of 16, and the
+    # load-time check covers the partial block for INT4); 4-row batch tiles plus a remainder
+    torch.manual_seed(rows)
+    n = 100 if bits == 8 else 112
+    w, x = torch.randn(n, 96) * torch.linspace(0.2, 3, n)[:, None], torch.randn(rows, 96)
+    q, scale = quantize_rows(w, bits)
+    p = prepare(q, scale, bits)
+    assert p.small is not None and p.large is None  # fused on CPU: the numba kernels take small batches
+    got, want = p.small(x), _exact(x, q, scale, bits)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()  # fp32 accumulation only
+    assert (p.matmul(x.bfloat16()).double() - want).abs().max() <= 0.01 * want.abs().max()  # bf16 in and out
+    # bf16 activations are widened exactly and the output rounded to nearest even, as torch rounds
+    xb = x.bfloat16()
+    assert p.small(xb).dtype == torch.bfloat16 and torch.equal(p.small(xb), p.small(xb.float()).bfloat16())
+
+
+@pytest.mark.parametrize("rows", [1, 3, SMALL_ROWS])
+def test_bf16_weight_kernel_matches_torch(rows):
+    torch.manual_seed(rows)
+    w = torch.randn(520, 1024).bfloat16()  # 1.02 MiB: just over the size the kernel is used from
+    x = torch.randn(rows, 1024)
+    p = quant.prepare_float(w)
+    assert p is not None and p.kind == "float" and p.small is not None
+    exact = x.bfloat16().double() @ w.double().t()
+    got = p.matmul(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    # fp32 accumulation, then one bf16 rounding (at most half a bf16 step of the result, 2^-9 relative)
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-3).all()
+    assert (p.small(x).double() - x.double() @ w.double().t()).abs().max() <= 1e-5 * exact.abs().max()
+    big = torch.randn(SMALL_ROWS + 1, 1024).bfloat16()
+    assert torch.equal(p.matmul(big), torch.nn.functional.linear(big, w))  # larger batches: torch's matmul
+    nan = torch.zeros(1, 1024).bfloat16()
+    nan[0, 3] = float("nan")
+    assert p.matmul(nan)[0].isnan().all()
+
+
+def test_bf16_weight_kernel_is_used_only_where_it_pays():
+    w = torch.randn(520, 1024)
+    assert quant.prepare_float(w) is None  # fp32 weights: torch's matmul
+    assert quant.prepare_float(w[:100].bfloat16()) is None  # under FLOAT_KERNEL_MIN_BYTES
+    assert quant.prepare_float(torch.randn(1040, 513).bfloat16()) is None  # odd input dim: no column pairs
+    for kernels in ("torch", "dequant"):
+        assert quant.prepare_float(w.bfloat16(), kernels) is None
+    with pytest.raises(ValueError, match="unknown kernels 'fast'"):
+        quant.prepare_float(w.bfloat16(), "fast")
+
+
+def test_a_bf16_model_decodes_through_the_kernels(tiny_checkpoints, monkeypatch):
+    monkeypatch.setattr(quant, "FLOAT_KERNEL_MIN_BYTES", 0)  # the tiny model's weights are all small
+    fast = load_model(tiny_checkpoints[1], dtype="bf16", progress=False)
+    plain = load_model(tiny_checkpoints[1], dtype="bf16", progress=False, kernels="torch")
+    assert fast.transformer.word_embeddings.head.kind == "float"
+    assert all(m.prepared is not None for m in fast.modules() if hasattr(m, "prepared"))
+    assert plain.transformer.word_embeddings.head is None
+    head = fast.transformer.word_embeddings.head
+    kernel, rows_seen = head.small, []
+    head.small = lambda x: rows_seen.append(x.shape[0]) or kernel(x)
+    with torch.inference_mode():
+        cache_a, cache_b = fast.new_cache(2, 16), plain.new_cache(2, 16)
+        every = torch.arange(12).expand(2, 12)  # prefill and its logits: 24 rows, over SMALL_ROWS: torch's matmul
+        a = fast(TOKENS, POSITIONS, LAYOUT, cache_a, logits_at=every)
+        b = plain(TOKENS, POSITIONS, LAYOUT, cache_b, logits_at=every)
+        assert torch.equal(a, b)
+        nxt = a[:, -1].argmax(-1, keepdim=True)
+        pos = POSITIONS[:, -1:] + 1
+        a = fast(nxt, pos, LAYOUT, cache_a, start=TOKENS.shape[1])  # a decode step: 2 rows, the kernels
+        b = plain(nxt, pos, LAYOUT, cache_b, start=TOKENS.shape[1])
+    assert rows_seen == [2]  # only the decode step's two rows went through the LM head's kernel
+    assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
+
+
+def test_int4_halves_layout_round_trips():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 4)
+    packed = cpu_kernels.pack_int4_halves(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 32)
+    half = q.shape[1] // 2
+    assert torch.equal((packed & 15).to(torch.int8) - 8, q[:, :half])
+    assert torch.equal((packed >> 4).to(torch.int8) - 8, q[:, half:])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_larger_batches_stay_on_torch_kernels_and_q8_is_an_option(bits):
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(SMALL_ROWS + 5, 128)
+    q, scale = quantize_rows(w, bits)
+    want = _exact(x, q, scale, bits)
+    assert prepare(q, scale, bits, "fused").large is None
+    q8 = prepare(q, scale, bits, "q8")
+    got = q8.matmul(x).double()
+    # Q8_0 activations: each block of 32 rounded to 1/254 of its absmax, so errors of ~0.5 % of a product
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    assert (got - want).abs().max() > 0  # it really ran the quantized-activation kernel
+    assert torch.equal(q8.matmul(x[:1]), q8.small(x[:1]))  # small batches are unchanged by the option
+    for kernels in ("torch", "dequant"):
+        p = prepare(q, scale, bits, kernels)
+        assert p.small is None and p.large is None
+    with pytest.raises(ValueError, match="unknown kernels 'fast'"):
+        prepare(q, scale, bits, "fast")
+
+
+def test_q8_needs_whole_blocks():
+    q, scale = quantize_rows(torch.randn(32, 48), 8)  # 48 input columns: not a multiple of 32
+    assert cpu_kernels.q8_kernel(q, scale, 8) is None
+    x = torch.randn(SMALL_ROWS + 1, 48)
+    p = prepare(q, scale, 8, "q8")
+    assert (p.matmul(x).double() - _exact(x, q, scale, 8)).abs().max() <= 0.02 * _exact(x, q, scale, 8).abs().max()
+
+
+def test_without_numba_the_torch_kernels_are_used(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real(name, *a))
+    q, scale = quantize_rows(torch.randn(64, 128), 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing optional extra is not worth a warning per weight
+        p = prepare(q, scale, 8)
+        assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None  # bf16 weights: torch's matmul
+        assert attention.decode_kernel("fused", torch.bfloat16, torch.device("cpu")) is None  # torch's attention
+    assert p.kind == "int8pack" and p.small is None
+    with pytest.raises(ValueError, match=r"kernels=q8 needs numba: pip install numba"):
+        prepare(q, scale, 8, "q8")
+
+
+def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setitem(quant._KERNEL_OK, ("cpu", 4, "numba"), False)
+    q, scale = quantize_rows(torch.randn(64, 128), 4)
+    with pytest.warns(UserWarning, match="numba INT4 CPU kernels failed their check here: using torch's"):
+        p = prepare(q, scale, 4)
+    assert p.kind == "int4pack" and p.small is None
+    monkeypatch.setitem(quant._KERNEL_OK, ("cpu", 16, "numba"), False)
+    with pytest.warns(UserWarning, match="numba bf16 CPU kernel failed its check here: using torch's matmul"):
+        assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_matches_the_torch_ops(dtype, groups):
+    torch.manual_seed(groups)
+    rows, heads, slots, d, window = 4, 3, 80, 32, 64
+    qkv = torch.randn(rows, 1, heads * 3 * d).to(dtype)
+    angles = torch.rand(rows, 1, 1, d) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    cache = [torch.randn(rows, heads, slots, d).to(dtype) for _ in range(2)]
+    for t in cache:
+        t[:, :, window:] = float("nan")  # past the window: never read
+    at = torch.tensor([10, 63, 30, 5])  # each row's slot
+    span = torch.arange(window)
+    # a row near its start, a full window, one behind left padding and a prefix, one that sees nothing
+    hidden = torch.stack([span > 10, span > 63, (span < 7) | ((span > 20) & (span < 30)), span >= 0])
+    hidden = hidden.view(rows, 1, 1, window)
+    want_cache = [t.float().clone() for t in cache]  # the torch ops, in fp32 on copies
+    want = attention.decode_attention_reference(qkv.float(), cos.float(), sin.float(), at, *want_cache, hidden, groups)
+    got = cpu_kernels.decode_attention(qkv, cos, sin, at.view(rows, 1), *cache, hidden, groups)
+    assert got.dtype == dtype and got.shape == (rows, 1, heads * d)
+    # fp32 throughout; bf16 rounds the rotated key once (the torch ops three times) and the result once
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+    assert ((got.float() - want).abs() <= tol * want.abs().max()).all()
+    assert torch.equal(got[3], torch.zeros_like(got[3]))  # no visible key: 0, as torch's attention gives
+    for t, w in zip(cache, want_cache):  # this step's keys and values went in at each row's slot, nothing else
+        written = t[torch.arange(rows), :, at].float()
+        assert ((written - w[torch.arange(rows), :, at]).abs() <= tol * w.nan_to_num().abs().max()).all()
+        kept = torch.ones(rows, slots, dtype=torch.bool)
+        kept[torch.arange(rows), at] = False
+        assert torch.equal(t.transpose(1, 2)[kept].float().nan_to_num(), w.transpose(1, 2)[kept].nan_to_num())
+
+
+def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
+    fast = load_model(tiny_checkpoints[1], progress=False)
+    plain = load_model(tiny_checkpoints[1], progress=False, kernels="torch")
+    assert all(block.attention.decode_kernel is None for block in plain.transformer.layers)
+    calls = []
+    for block in fast.transformer.layers:
+        assert block.attention.decode_kernel is cpu_kernels.decode_attention
+        block.attention.decode_kernel = lambda qkv, *rest: calls.append(qkv.shape) or cpu_kernels.decode_attention(qkv, *rest)
+    logits = []
+    with torch.inference_mode():
+        for model in (fast, plain):
+            decoder = Decoder(model, 2, 40)
+            first = decoder.prefill(TOKENS, POSITIONS, torch.tensor([6, 9]), torch.tensor([12, 12]), torch.ones(2))
+            steps = [decoder.step(first.argmax(-1))]
+            steps += [decoder.step(steps[-1].argmax(-1)) for _ in range(3)]
+            logits.append(torch.stack(steps))
+    cfg = fast.cfg
+    assert len(calls) == 4 * cfg.num_layers and set(calls) == {(2, 1, 3 * cfg.hidden_size)}  # the steps only
+    assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[1].abs().max()
+    monkeypatch.setitem(attention._DECODE_OK, torch.float32, False)
+    with pytest.warns(UserWarning, match="decode-attention kernel failed its check here: using torch's attention"):
+        assert attention.decode_kernel("fused", torch.float32, torch.device("cpu")) is None
+    assert attention.decode_kernel("dequant", torch.bfloat16, torch.device("cpu")) is None
+    assert attention.decode_kernel("fused", torch.float16, torch.device("cpu")) is None  # fp16: torch's attention
+    with pytest.raises(ValueError, match="unknown kernels 'fast'"):
+        attention.decode_kernel("fast", torch.float32, torch.device("cpu"))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(TOKENS, POSITIONS, LAYOUT, model.new_cache(2, 16), logits_at=torch.arange(12).expand(2, 12))
+
+
+def test_int8_lm_head_stays_near_the_model_dtype_head(tiny_checkpoints):
+    plain = load_model(tiny_checkpoints[1], quant="int8", progress=False)
+    head = load_model(tiny_checkpoints[1], quant="int8", progress=False, lm_head="int8")
+    assert head.transformer.word_embeddings.head is not None and plain.transformer.word_embeddings.head is None
+    a, b = _logits(plain), _logits(head)
+    err = (a - b).abs().max() / a.abs().max()
+    print(f"INT8 LM head: max |logit diff| = {err:.3%} of the largest logit")
+    assert 0 < err < 0.01
+    with pytest.raises(ValueError, match="unknown lm_head 'int4': use one of model, int8"):
+        load_model(tiny_checkpoints[1], progress=False, lm_head="int4")
+
+
+def test_an_untied_lm_head_is_the_one_made_int8(tmp_path):
+    from tests.support.checkpoints import write_random_checkpoint
+    from glm_tp.config import PRESETS
+
+    ckpt = write_random_checkpoint(tmp_path / "chatglm", PRESETS["tiny-chatglm"], 1, torch.float32)
+    plain = load_model(ckpt, progress=False)
+    head = load_model(ckpt, progress=False, lm_head="int8")
+    assert head.lm_head.head is not None and head.transformer.word_embeddings.head is None
+    positions = torch.stack([POSITIONS, torch.zeros_like(POSITIONS)], dim=-1)  # ChatGLM's 2D positions
+    with torch.inference_mode():
+        a, b = (m(TOKENS, positions, LAYOUT, None, logits_at=torch.arange(12).expand(2, 12)) for m in (plain, head))
+    assert 0 < (a - b).abs().max() / a.abs().max() < 0.05  # the logits go through the INT8 head (~1 % here)
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
+    code = "import glm_tp, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env=env if given is None else {**env, "OMP_WAIT_POLICY": given})
+        assert res.returncode == 0 and res.stdout.strip() == want, res.stderr[-500:]

@@ -1,0 +1,81 @@
+"""An HTTP server on the demo model inside the test process: uvicorn on one thread, the engine loop
+(`Coordinator.serve`) on another, as `input=http` runs them (there the engine loop has the main thread)."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+
+from tests.support import ROOT
+from glm_tp import load_model
+from glm_tp.engine.core import Engine
+from glm_tp.engine.types import GenerationConfig
+from glm_tp.engine.coordinator import Coordinator
+from glm_tp.server.app import ServerSettings, build_app
+from glm_tp.text.tokenizer import load_tokenizer
+
+DEMO = ROOT / "data" / "demo"
+
+
+def demo_engine(max_batch: int = 8, **defaults: object) -> Engine:
+    model = load_model(DEMO, progress=False)
+    return Engine(model, load_tokenizer(DEMO / "tokenizer.model", model.cfg.special),
+                  GenerationConfig(max_new_tokens=16).updated(**defaults), max_batch=max_batch)
+
+
+def slowed(engine: Engine, step_s: float) -> Engine:
+    """Every decode step takes at least `step_s`: a request of N tokens then outlasts N * step_s on any
+    machine, so tests of time limits and hang-ups do not depend on how fast the machine is."""
+    step = engine.decoder.step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(step_s)
+        return step(*args, **kwargs)
+
+    engine.decoder.step = slow_step
+    return engine
+
+
+def watch_handles(coordinator: Coordinator) -> list:
+    """The handles of every request submitted to `coordinator` from now on, in order."""
+    handles, submit = [], coordinator.submit
+
+    def recorded(*args, **kwargs):
+        handles.append(submit(*args, **kwargs))
+        return handles[-1]
+
+    coordinator.submit = recorded
+    return handles
+
+
+@dataclass
+class LiveServer:
+    url: str
+    coordinator: Coordinator
+    stop: threading.Event
+    uvicorn: uvicorn.Server
+    threads: list[threading.Thread]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.uvicorn.should_exit = True
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def start(engine: Engine, settings: ServerSettings | None = None) -> LiveServer:
+    settings = settings or ServerSettings(port=0, model_name="demo")
+    coordinator = Coordinator(engine.tp, engine, max_waiting=settings.max_waiting)
+    stop = threading.Event()
+    app = build_app(coordinator, engine.default, settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    threads = [threading.Thread(target=server.run, daemon=True),
+               threading.Thread(target=coordinator.serve, args=(stop,), daemon=True)]
+    for t in threads:
+        t.start()
+    while not server.started:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return LiveServer(f"http://127.0.0.1:{port}", coordinator, stop, server, threads)
