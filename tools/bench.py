@@ -21,16 +21,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from glm_tp.kernels import quant  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
-from glm_tp.dev import reference  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
 import torch  # noqa: E402
+
+from glm_tp.cli.planner import Plan  # noqa: E402
 from glm_tp.config import ModelConfig, get_preset, parse_dtype  # noqa: E402
+from glm_tp.dev import reference  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
 from glm_tp.engine.decoder import Decoder  # noqa: E402
+from glm_tp.kernels import quant  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
+from glm_tp.model.glm import GLMModel, SeqLayout  # noqa: E402
 from glm_tp.parallel.dist import init_distributed, simulated_rank  # noqa: E402
 from glm_tp.parallel.layers import LM_HEADS  # noqa: E402
-from glm_tp.model.glm import GLMModel, SeqLayout  # noqa: E402
-from glm_tp.cli.planner import Plan  # noqa: E402
-
 
 _START = time.perf_counter()
 

@@ -59,7 +59,12 @@ def medium_checkpoint(folder: Path) -> Path:
 
     import torch
 
-    from glm_tp.checkpoints.release import inspect, make_metadata, write_latest, write_shard
+    from glm_tp.checkpoints.release import (
+        inspect,
+        make_metadata,
+        write_latest,
+        write_shard,
+    )
     from glm_tp.checkpoints.synthetic import random_shard
 
     if (folder / "latest").exists():
@@ -94,7 +99,7 @@ def run_one(ckpt: str, prompts: list[str], max_batch: int, max_new_tokens: int, 
     from glm_tp.text.tokenizer import load_tokenizer
     try:
         from glm_tp.engine.core import Engine
-        from glm_tp.engine.types import Done, Delta, GenerationConfig, Request
+        from glm_tp.engine.types import Delta, Done, GenerationConfig, Request
         continuous = True
     except ImportError:
         from glm_tp.generation import Engine, GenerationConfig, Request

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_serving import medium_checkpoint, percentile  # noqa: E402  (tools/: the same medium model)
+
 from glm_tp.dev.demo_corpus import held_out  # noqa: E402
 
 

@@ -18,10 +18,10 @@ from _common import prepare_output
 from tqdm import tqdm
 
 from glm_tp.checkpoints.release import make_metadata, shard_name, write_latest
-from glm_tp.config import ModelConfig, get_preset, parse_dtype
-from glm_tp.parallel.partition import full_shapes, layout_of, split
 from glm_tp.checkpoints.reshard import ShardWriter
 from glm_tp.checkpoints.synthetic import random_tensor
+from glm_tp.config import ModelConfig, get_preset, parse_dtype
+from glm_tp.parallel.partition import full_shapes, layout_of, split
 
 
 def write_random(dst: Path, cfg: ModelConfig, tp: int, dtype: torch.dtype, seed: int, iteration: str) -> None:

@@ -16,9 +16,9 @@ import sys
 from _common import prepare_output
 
 from glm_tp.checkpoints.release import CheckpointError, inspect
-from glm_tp.config import get_preset
-from glm_tp.cli.planner import Plan
 from glm_tp.checkpoints.reshard import rewrite
+from glm_tp.cli.planner import Plan
+from glm_tp.config import get_preset
 
 
 def memory_report(preset: str) -> str:

@@ -20,8 +20,8 @@ import time
 from _common import prepare_output
 
 from glm_tp.checkpoints.release import CheckpointError
-from glm_tp.config import get_preset
 from glm_tp.checkpoints.reshard import rewrite
+from glm_tp.config import get_preset
 
 
 def main(argv: list[str] | None = None) -> None:

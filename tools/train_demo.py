@@ -23,15 +23,24 @@ import torch.nn.functional as F
 from _common import prepare_output
 from tqdm import tqdm
 
-from glm_tp.text.blanks import fill_kind, next_blank, splice, tokenize_prompt
 from glm_tp.checkpoints.release import make_metadata, write_latest, write_shard
+from glm_tp.checkpoints.synthetic import random_shard
 from glm_tp.config import ModelConfig, SpecialTokens
-from glm_tp.dev.demo_corpus import DAYS, DIGITS, MONTHS, TASKS, TRAIN_SEED, WORDS, held_out, tokenizer_corpus
-from glm_tp.parallel.dist import single_process
+from glm_tp.dev.demo_corpus import (
+    DAYS,
+    DIGITS,
+    MONTHS,
+    TASKS,
+    TRAIN_SEED,
+    WORDS,
+    held_out,
+    tokenizer_corpus,
+)
 from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig, Request
 from glm_tp.model.glm import GLMModel, SeqLayout
-from glm_tp.checkpoints.synthetic import random_shard
+from glm_tp.parallel.dist import single_process
+from glm_tp.text.blanks import fill_kind, next_blank, splice, tokenize_prompt
 from glm_tp.text.tokenizer import GLMTokenizer
 
 TASK_WEIGHTS = {"recall": 3, "cycle": 1, "repeat": 2, "two": 2}

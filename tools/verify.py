@@ -17,8 +17,8 @@ import sys
 import _common  # noqa: F401 - makes glm_tp importable from a source checkout
 from tqdm import tqdm
 
-from glm_tp.checkpoints.release import METADATA_FILE, CheckpointError, check_files
 from glm_tp.checkpoints.integrity import file_records
+from glm_tp.checkpoints.release import METADATA_FILE, CheckpointError, check_files
 from glm_tp.checkpoints.sources import HF_INDEXES, open_source
 
 

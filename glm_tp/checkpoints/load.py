@@ -6,14 +6,14 @@ import warnings
 
 import torch
 
-from glm_tp.checkpoints.release import CheckpointError, check_files
 from glm_tp.checkpoints.loader import RankLoader, source_bits
+from glm_tp.checkpoints.release import CheckpointError, check_files
 from glm_tp.checkpoints.sources import Source, open_source
 from glm_tp.config import ModelConfig, get_preset, parse_dtype
+from glm_tp.kernels.quant import KERNELS
+from glm_tp.model.glm import GLMModel
 from glm_tp.parallel.dist import TPContext, init_distributed
 from glm_tp.parallel.layers import LM_HEADS
-from glm_tp.model.glm import GLMModel
-from glm_tp.kernels.quant import KERNELS
 
 QUANT_CHOICES = {None: None, "auto": None, "none": 0, "fp": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4, 8: 8, 4: 4, 0: 0}
 

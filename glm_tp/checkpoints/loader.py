@@ -19,10 +19,24 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from glm_tp.checkpoints.release import CheckpointError, quant_bits_of, release_pages, shape_message
-from glm_tp.parallel.partition import Copy, Layout, copy_plan, is_ignored, layout_of, merged_shape, short_name, single_source
-from glm_tp.kernels.quant import dequantize
+from glm_tp.checkpoints.release import (
+    CheckpointError,
+    quant_bits_of,
+    release_pages,
+    shape_message,
+)
 from glm_tp.checkpoints.sources import Part, Source
+from glm_tp.kernels.quant import dequantize
+from glm_tp.parallel.partition import (
+    Copy,
+    Layout,
+    copy_plan,
+    is_ignored,
+    layout_of,
+    merged_shape,
+    short_name,
+    single_source,
+)
 
 QKV = "transformer.layers.0.attention.query_key_value.weight"
 _DTYPE_NAMES = {"fp16": ("float16",), "bf16": ("bfloat16",), "fp32": ("float32",)}

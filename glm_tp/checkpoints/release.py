@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from glm_tp.config import ModelConfig, dtype_name
+
 from glm_tp.checkpoints.integrity import file_records, hash_problems, size_problem
+from glm_tp.config import ModelConfig, dtype_name
 from glm_tp.parallel.partition import QUANTIZED_LINEARS, Layout, layout_of, short_name
 
 METADATA_FILE = "glm_tp.json"

@@ -22,12 +22,30 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from glm_tp.checkpoints.release import (LAYOUT_VERSION, CheckpointError, CheckpointInfo, detect_quant_bits, inspect, open_shard,
-                         release_pages, shard_name, write_latest)
+from glm_tp.checkpoints.release import (
+    LAYOUT_VERSION,
+    CheckpointError,
+    CheckpointInfo,
+    detect_quant_bits,
+    inspect,
+    open_shard,
+    release_pages,
+    shard_name,
+    write_latest,
+)
 from glm_tp.config import ModelConfig
-from glm_tp.parallel.partition import (Layout, copy_plan, is_ignored, layout_of, merge_into, merged_shape, reshard, single_source,
-                        split_into)
 from glm_tp.kernels.quant import dequantize, quantize_rows
+from glm_tp.parallel.partition import (
+    Layout,
+    copy_plan,
+    is_ignored,
+    layout_of,
+    merge_into,
+    merged_shape,
+    reshard,
+    single_source,
+    split_into,
+)
 
 QUANTIZED_SUFFIXES = ("attention.query_key_value.weight", "attention.dense.weight", "mlp.dense_h_to_4h.weight",
                       "mlp.dense_4h_to_h.weight")

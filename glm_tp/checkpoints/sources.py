@@ -20,9 +20,14 @@ from typing import Any, Union
 
 import torch
 
-from glm_tp.checkpoints.release import CheckpointError, inspect, open_shard, read_metadata
-from glm_tp.config import ModelConfig
 from glm_tp.checkpoints.hf import config_metadata
+from glm_tp.checkpoints.release import (
+    CheckpointError,
+    inspect,
+    open_shard,
+    read_metadata,
+)
+from glm_tp.config import ModelConfig
 
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8,
                       "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64}

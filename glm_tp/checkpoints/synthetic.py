@@ -13,7 +13,6 @@ import torch
 from glm_tp.config import ModelConfig
 from glm_tp.parallel.partition import full_shapes, layout_of, split
 
-
 BLOCK = 1 << 24  # values drawn at a time: a large tensor never exists in fp32 at once
 
 

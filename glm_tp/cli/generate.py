@@ -17,16 +17,23 @@ import torch
 from omegaconf import DictConfig
 
 from glm_tp.checkpoints.load import load_model, parse_quant, resolve_config
-from glm_tp.checkpoints.release import CheckpointError
-from glm_tp.config import ModelConfig, parse_dtype
-from glm_tp.parallel.dist import TPContext, init_distributed, shutdown
 from glm_tp.checkpoints.loader import source_bits
+from glm_tp.checkpoints.release import CheckpointError
 from glm_tp.checkpoints.sources import open_source
-from glm_tp.engine.core import Engine
 from glm_tp.cli.planner import GiB, Plan, refusal
-from glm_tp.engine.types import GenerationConfig
+from glm_tp.cli.settings import (
+    ROOT,
+    UsageError,
+    check_config,
+    check_device,
+    check_max_len,
+    resolve_path,
+)
+from glm_tp.config import ModelConfig, parse_dtype
 from glm_tp.engine.coordinator import Coordinator, worker_loop
-from glm_tp.cli.settings import ROOT, UsageError, check_config, check_device, check_max_len, resolve_path
+from glm_tp.engine.core import Engine
+from glm_tp.engine.types import GenerationConfig
+from glm_tp.parallel.dist import TPContext, init_distributed, shutdown
 from glm_tp.text.tokenizer import TokenizerError, load_tokenizer
 
 CONFIG_DIR = str(ROOT / "configs")

@@ -14,9 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from glm_tp.checkpoints.load import parse_quant
 from glm_tp.config import ModelConfig, parse_dtype
-from glm_tp.parallel.layers import LM_HEADS
-from glm_tp.kernels.quant import KERNELS
 from glm_tp.engine.types import GenerationConfig
+from glm_tp.kernels.quant import KERNELS
+from glm_tp.parallel.layers import LM_HEADS
 
 ROOT = Path(__file__).resolve().parents[2]
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -12,10 +12,17 @@ import threading
 import time
 from typing import Callable
 
-from glm_tp.text.chat import ChatFormat, chat_format
 from glm_tp.engine.core import IDLE, SHUTDOWN, Engine
 from glm_tp.engine.jobs import error_result
-from glm_tp.engine.types import Event, GenerationConfig, QueueFull, Request, RequestHandle, Result
+from glm_tp.engine.types import (
+    Event,
+    GenerationConfig,
+    QueueFull,
+    Request,
+    RequestHandle,
+    Result,
+)
+from glm_tp.text.chat import ChatFormat, chat_format
 
 KEEPALIVE_S = 10.0
 

@@ -15,9 +15,9 @@ import torch
 
 from glm_tp.engine.decoder import Decoder
 from glm_tp.engine.jobs import Job, error_result
-from glm_tp.model.glm import GLMModel
-from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
 from glm_tp.engine.scheduler import Admission, Scheduler, StepPlan
+from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
+from glm_tp.model.glm import GLMModel
 from glm_tp.text.tokenizer import GLMTokenizer
 
 STEP, IDLE, END, SHUTDOWN = 0, 1, 2, 3

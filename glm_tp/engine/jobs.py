@@ -8,10 +8,26 @@ from __future__ import annotations
 
 import torch
 
-from glm_tp.text.blanks import BlankInput, PromptError, check_length, complete_context, fill_kind, next_blank, splice, \
-    tokenize_prompt
-from glm_tp.engine.types import BlankDone, Delta, Done, GenerationConfig, RequestHandle, Result, TokenLogprob
 from glm_tp.engine.sampling import BeamGroup
+from glm_tp.engine.types import (
+    BlankDone,
+    Delta,
+    Done,
+    GenerationConfig,
+    RequestHandle,
+    Result,
+    TokenLogprob,
+)
+from glm_tp.text.blanks import (
+    BlankInput,
+    PromptError,
+    check_length,
+    complete_context,
+    fill_kind,
+    next_blank,
+    splice,
+    tokenize_prompt,
+)
 from glm_tp.text.tokenizer import REPLACEMENT, GLMTokenizer, TextStream
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glm_tp.text.blanks import Position
 from glm_tp.engine.jobs import Job
-from glm_tp.engine.types import TokenLogprob
 from glm_tp.engine.sampling import ban_tokens, sampled_logits
+from glm_tp.engine.types import TokenLogprob
+from glm_tp.text.blanks import Position
 
 
 @dataclass

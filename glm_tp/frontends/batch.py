@@ -24,11 +24,11 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from glm_tp.text.chat import ChatFormat
+from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.jobs import error_result
 from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
-from glm_tp.engine.coordinator import Coordinator
 from glm_tp.frontends import openai_format
+from glm_tp.text.chat import ChatFormat
 
 
 @dataclass

@@ -18,9 +18,16 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from glm_tp.engine.types import (
+    MAX_LOGPROBS,
+    MAX_STOPS,
+    GenerationConfig,
+    Request,
+    Result,
+    TokenLogprob,
+)
 from glm_tp.text.blanks import MASK_PATTERN
 from glm_tp.text.chat import ChatFormat
-from glm_tp.engine.types import MAX_LOGPROBS, MAX_STOPS, GenerationConfig, Request, Result, TokenLogprob
 
 if TYPE_CHECKING:
     from glm_tp.frontends.batch import Item

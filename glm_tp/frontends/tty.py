@@ -22,8 +22,8 @@ import termios
 import threading
 from typing import Callable
 
-from glm_tp.engine.types import GenerationConfig, Request, Result
 from glm_tp.engine.coordinator import KEEPALIVE_S, Coordinator
+from glm_tp.engine.types import GenerationConfig, Request, Result
 
 HELP = """commands:
   /set KEY VALUE   change a generation setting (e.g. /set temperature 0.7, /set max_new_tokens 64)

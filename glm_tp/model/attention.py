@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from glm_tp.kernels import quant
 from glm_tp.config import ModelConfig
+from glm_tp.kernels import quant
 
 MASK_FILL = -10000.0
 

@@ -23,11 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm_tp.config import ModelConfig
 from glm_tp.model import attention
 from glm_tp.model.attention import apply_rotary, rotary_at, rotary_groups, rotary_tables
-from glm_tp.config import ModelConfig
 from glm_tp.parallel.dist import TPContext
-from glm_tp.parallel.layers import ColumnParallelLinear, GLUColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from glm_tp.parallel.layers import (
+    ColumnParallelLinear,
+    GLUColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 
 
 @dataclass

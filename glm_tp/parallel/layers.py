@@ -22,7 +22,6 @@ from glm_tp.kernels import quant
 from glm_tp.parallel.dist import TPContext
 from glm_tp.parallel.partition import Layout
 
-
 LM_HEADS = ("model", "int8")
 
 

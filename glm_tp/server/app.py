@@ -20,10 +20,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from glm_tp.frontends import openai_format as oa
 from glm_tp.engine.types import Delta, Done, GenerationConfig, QueueFull
+from glm_tp.frontends import openai_format as oa
 from glm_tp.server.metrics import Metrics
-from glm_tp.server.submission import Backend, EngineFailed, Submission, until_disconnected
+from glm_tp.server.submission import (
+    Backend,
+    EngineFailed,
+    Submission,
+    until_disconnected,
+)
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Callable, Protocol
 
-from glm_tp.text.chat import ChatFormat
 from glm_tp.engine.types import Delta, Done, Event, Request, RequestHandle, Result
 from glm_tp.server.metrics import Metrics, Timing
+from glm_tp.text.chat import ChatFormat
 
 
 class Backend(Protocol):

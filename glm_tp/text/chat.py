@@ -10,8 +10,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
-from glm_tp.text.blanks import PromptError
 from glm_tp.config import SpecialTokens
+from glm_tp.text.blanks import PromptError
 from glm_tp.text.tokenizer import GLMTokenizer
 
 TEMPLATES = ("chatglm",)

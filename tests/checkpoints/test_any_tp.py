@@ -10,14 +10,14 @@ import warnings
 import pytest
 import torch
 
+from glm_tp import load_model
+from glm_tp.checkpoints.reshard import rewrite
+from glm_tp.config import PRESETS, ModelConfig
+from glm_tp.parallel.partition import Layout, copy_plan, split
+from glm_tp.text.blanks import next_blank
 from tests.support import ROOT
 from tests.support.checkpoints import write_random_checkpoint
 from tests.support.ranks import greedy_blank, run_ranks
-from glm_tp import load_model
-from glm_tp.text.blanks import next_blank
-from glm_tp.config import PRESETS, ModelConfig
-from glm_tp.parallel.partition import Layout, copy_plan, split
-from glm_tp.checkpoints.reshard import rewrite
 
 PROMPTS = ([5, 6, 7, 1000, 8, 9, 2], [11, 12, 13, 14, 15, 1001])  # a [MASK] and a [gMASK] context
 STEPS = 6

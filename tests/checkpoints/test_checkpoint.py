@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support import ROOT
-from tests.support.checkpoints import write_random_checkpoint
 from glm_tp import CheckpointError, load_model
 from glm_tp.checkpoints.release import METADATA_FILE, inspect, open_shard, write_latest
 from glm_tp.config import PRESETS, ModelConfig
+from tests.support import ROOT
+from tests.support.checkpoints import write_random_checkpoint
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from glm_tp import CheckpointError, load_model
+from glm_tp.checkpoints.release import METADATA_FILE
+from glm_tp.checkpoints.reshard import rewrite
+from glm_tp.config import PRESETS
 from tests.support import ROOT
 from tests.support.checkpoints import write_random_checkpoint
 from tests.support.ranks import run_ranks
-from glm_tp import CheckpointError, load_model
-from glm_tp.checkpoints.release import METADATA_FILE
-from glm_tp.config import PRESETS
-from glm_tp.checkpoints.reshard import rewrite
 
 SHARD = "1/mp_rank_01_model_states.pt"
 

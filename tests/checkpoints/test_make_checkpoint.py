@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from tests.support import ROOT
 from glm_tp.checkpoints.release import inspect, open_shard
+from glm_tp.checkpoints.synthetic import BLOCK, random_shard, random_tensor
 from glm_tp.config import PRESETS
 from glm_tp.parallel.partition import full_shapes
-from glm_tp.checkpoints.synthetic import BLOCK, random_shard, random_tensor
+from tests.support import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import make_checkpoint  # noqa: E402

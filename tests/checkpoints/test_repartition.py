@@ -9,12 +9,12 @@ import warnings
 import pytest
 import torch
 
-from tests.support import ROOT
-from tests.support.checkpoints import write_random_checkpoint
 from glm_tp import load_model
 from glm_tp.checkpoints.release import inspect, open_shard
-from glm_tp.config import PRESETS, ModelConfig
 from glm_tp.checkpoints.reshard import rewrite
+from glm_tp.config import PRESETS, ModelConfig
+from tests.support import ROOT
+from tests.support.checkpoints import write_random_checkpoint
 
 
 def _shards(ckpt) -> list[dict[str, torch.Tensor]]:

@@ -5,11 +5,11 @@ import json
 import subprocess
 import sys
 
-from tests.support import ROOT
 from glm_tp import load_model
 from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig, Request
 from glm_tp.text.tokenizer import load_tokenizer
+from tests.support import ROOT
 
 
 def test_bench_writes_valid_json(tmp_path):

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
-from tests.support.ranks import run_ranks
 from glm_tp import load_model
+from glm_tp.checkpoints.reshard import rewrite
 from glm_tp.dev.demo_corpus import held_out
 from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig, Request
-from glm_tp.checkpoints.reshard import rewrite
 from glm_tp.text.tokenizer import load_tokenizer
+from tests.support import ROOT
+from tests.support.ranks import run_ranks
 
 DEMO = ROOT / "data" / "demo"
 MASK_KINDS = ("recall", "cycle")

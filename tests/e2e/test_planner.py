@@ -4,9 +4,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.support import ROOT
-from glm_tp.config import PRESETS
 from glm_tp.cli.planner import GiB, Plan, refusal
+from glm_tp.config import PRESETS
+from tests.support import ROOT
 
 GLM = PRESETS["glm-130b"]
 
@@ -17,8 +17,9 @@ def test_weight_bytes_per_rank_match_the_release_arithmetic():
         got = Plan(GLM, tp, 2, bits, 1, 2048).weight_bytes
         assert abs(got - want) / want < 0.01, (tp, bits, got)
     # every rank of a random checkpoint holds exactly what the plan says (tiny preset, fp32)
-    from glm_tp.checkpoints.synthetic import random_shard
     import torch
+
+    from glm_tp.checkpoints.synthetic import random_shard
     cfg = PRESETS["tiny"]
     shard = random_shard(cfg, 2, 1, 0, torch.float32)
     assert sum(t.numel() * 4 for t in shard.values()) == Plan(cfg, 2, 4, 0, 1, 1).weight_bytes

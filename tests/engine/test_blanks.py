@@ -5,10 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm_tp.text.blanks import PromptError, check_length, complete_context, fill_kind, next_blank, splice, tokenize_prompt
 from glm_tp.config import SpecialTokens
 from glm_tp.model.glm import SeqLayout
-from glm_tp.text.tokenizer import REPLACEMENT, TextStream, TokenizerError, load_tokenizer
+from glm_tp.text.blanks import (
+    PromptError,
+    check_length,
+    complete_context,
+    fill_kind,
+    next_blank,
+    splice,
+    tokenize_prompt,
+)
+from glm_tp.text.tokenizer import (
+    REPLACEMENT,
+    TextStream,
+    TokenizerError,
+    load_tokenizer,
+)
 
 S = SpecialTokens(mask=1000, gmask=1001, smask=1002, sop=1004, eop=1005, eos=2, pad=0)
 

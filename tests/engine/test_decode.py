@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.ranks import run_ranks
 from glm_tp import load_model
-from glm_tp.engine.decoder import Decoder, step_window
 from glm_tp.engine.core import Engine
+from glm_tp.engine.decoder import Decoder, step_window
 from glm_tp.engine.types import GenerationConfig, Request
 from glm_tp.model.glm import SeqLayout
 from glm_tp.text.tokenizer import load_tokenizer
+from tests.support.ranks import run_ranks
 
 # Two rows of different lengths, each starting at cache slot 0: a [MASK] fill (positions pinned at the
 # mask's index 0) and a [gMASK] fill whose positions count on.

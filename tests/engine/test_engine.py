@@ -7,16 +7,23 @@ import math
 
 import pytest
 
+from glm_tp import load_model
+from glm_tp.checkpoints.reshard import rewrite
+from glm_tp.dev.demo_corpus import held_out
+from glm_tp.engine.coordinator import Coordinator
+from glm_tp.engine.core import Engine
+from glm_tp.engine.types import (
+    BlankDone,
+    Delta,
+    Done,
+    GenerationConfig,
+    QueueFull,
+    Request,
+)
+from glm_tp.frontends.batch import check_output, run_batch
+from glm_tp.text.tokenizer import load_tokenizer
 from tests.support import ROOT
 from tests.support.ranks import run_ranks
-from glm_tp import load_model
-from glm_tp.dev.demo_corpus import held_out
-from glm_tp.engine.core import Engine
-from glm_tp.frontends.batch import check_output, run_batch
-from glm_tp.engine.types import BlankDone, Delta, Done, GenerationConfig, QueueFull, Request
-from glm_tp.checkpoints.reshard import rewrite
-from glm_tp.engine.coordinator import Coordinator
-from glm_tp.text.tokenizer import load_tokenizer
 
 DEMO = ROOT / "data" / "demo"
 REPEAT = "list : drum key dog root elk . again : [gMASK]"  # the demo model answers "drum key dog root elk ."

@@ -5,12 +5,12 @@ import importlib.util
 
 import pytest
 
-from tests.support.ranks import run_ranks
 from glm_tp import load_model
-from glm_tp.engine.core import Engine
 from glm_tp.engine.coordinator import Coordinator, worker_loop
+from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig, Request
 from glm_tp.text.tokenizer import load_tokenizer
+from tests.support.ranks import run_ranks
 
 PROMPTS = [
     "the quick [MASK] fox",

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from glm_tp.config import PRESETS
-from glm_tp.parallel.dist import single_process
 from glm_tp.engine.core import Engine
+from glm_tp.engine.sampling import BeamGroup, filter_top_k_top_p
 from glm_tp.engine.types import GenerationConfig, Request
 from glm_tp.model.glm import KVCache
-from glm_tp.engine.sampling import BeamGroup, filter_top_k_top_p
+from glm_tp.parallel.dist import single_process
 from glm_tp.text.tokenizer import load_tokenizer
 
 CFG = PRESETS["tiny"]

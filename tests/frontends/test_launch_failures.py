@@ -15,7 +15,13 @@ import time
 import pytest
 
 from tests.support import ROOT
-from tests.support.terminal import Terminal, batch_input, launch_cmd, find_rank, read_output
+from tests.support.terminal import (
+    Terminal,
+    batch_input,
+    find_rank,
+    launch_cmd,
+    read_output,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses Linux pseudo-terminals and /proc")
 

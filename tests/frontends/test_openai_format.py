@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from glm_tp.engine.types import GenerationConfig, Result, TokenLogprob
 from glm_tp.frontends import openai_format as oa
 from glm_tp.frontends.batch import parse_line, read_items
-from glm_tp.engine.types import GenerationConfig, Result, TokenLogprob
 
 DEFAULT = GenerationConfig(max_new_tokens=8)
 

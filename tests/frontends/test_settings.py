@@ -10,12 +10,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.support import ROOT
-from glm_tp.config import PRESETS
-from glm_tp.frontends.tty import handle_command, render
 from glm_tp.cli.generate import CONFIG_DIR, model_config
-from glm_tp.engine.types import GenerationConfig, Result
 from glm_tp.cli.settings import UsageError, check_config, check_max_len
+from glm_tp.config import PRESETS
+from glm_tp.engine.types import GenerationConfig, Result
+from glm_tp.frontends.tty import handle_command, render
+from tests.support import ROOT
 
 
 def _config(*overrides: str):

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.checkpoints import write_random_checkpoint
-from tests.support.ranks import greedy_blank, run_ranks
 from glm_tp import CheckpointError, load_model
-from glm_tp.text.blanks import next_blank
-from glm_tp.text.chat import chat_ids, chat_prompt
-from glm_tp.config import PRESETS
 from glm_tp.checkpoints.hf import config_metadata, hf_config, write_hf_checkpoint
+from glm_tp.checkpoints.synthetic import random_tensor
+from glm_tp.config import PRESETS
+from glm_tp.kernels.quant import quantize_rows
 from glm_tp.model.glm import SeqLayout
 from glm_tp.parallel.partition import full_shapes
-from glm_tp.kernels.quant import quantize_rows
-from glm_tp.checkpoints.synthetic import random_tensor
+from glm_tp.text.blanks import next_blank
+from glm_tp.text.chat import chat_ids, chat_prompt
+from tests.support.checkpoints import write_random_checkpoint
+from tests.support.ranks import greedy_blank, run_ranks
 
 CFG = PRESETS["tiny-chatglm"]
 S = CFG.special
@@ -135,6 +135,7 @@ def test_chat_format():
 
 def test_whitespace_pieces_and_chat_ids(tmp_path):
     import sentencepiece as spm
+
     from glm_tp.text.tokenizer import load_tokenizer
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(["glm fills blanks", "问 答 round", "tensor parallel ranks"] * 30) + "\n")
@@ -174,9 +175,9 @@ def test_the_engine_fills_2d_blanks_alike_at_tp_1_and_2(tmp_path, tiny_tokenizer
 def test_chat_requests_use_the_models_chat_format(tiny_tokenizer_file):
     """An OpenAI chat body (server and batch runner alike) becomes the model's chat prompt when it has a chat
     format, and joined message texts when it has none (GLM-130B)."""
-    from glm_tp.text.chat import chat_format
-    from glm_tp.frontends.openai_format import parse_body
     from glm_tp.engine.types import GenerationConfig
+    from glm_tp.frontends.openai_format import parse_body
+    from glm_tp.text.chat import chat_format
     from glm_tp.text.tokenizer import load_tokenizer
     tok = load_tokenizer(tiny_tokenizer_file, S)
     messages = [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"},

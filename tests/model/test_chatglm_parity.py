@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.ranks import greedy_blank, run_ranks
 from glm_tp import load_model
+from glm_tp.checkpoints.sources import open_source
+from glm_tp.config import PRESETS
 from glm_tp.dev import reference
 from glm_tp.text.blanks import next_blank
-from glm_tp.config import PRESETS
-from glm_tp.checkpoints.sources import open_source
+from tests.support.ranks import greedy_blank, run_ranks
 
 pytestmark = pytest.mark.skipif(not reference.available(),
                                 reason="SwissArmyTransformer is not installed (pip install -e '.[reference]')")

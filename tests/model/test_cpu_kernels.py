@@ -11,14 +11,13 @@ import warnings
 import pytest
 import torch
 
-from tests.support import ROOT
 from glm_tp import load_model
-from glm_tp.model import attention
-from glm_tp.kernels import quant
 from glm_tp.engine.decoder import Decoder
+from glm_tp.kernels import quant
 from glm_tp.kernels.quant import SMALL_ROWS, dequantize, prepare, quantize_rows
-
-from test_model import LAYOUT, POSITIONS, TOKENS
+from glm_tp.model import attention
+from tests.model.test_model import LAYOUT, POSITIONS, TOKENS
+from tests.support import ROOT
 
 pytest.importorskip("numba", reason="the CPU kernels need numba: pip install -e '.[cpu]' (the [test] extra has it)")
 from glm_tp.kernels import cpu as cpu_kernels  # noqa: E402
@@ -243,8 +242,8 @@ def test_int8_lm_head_stays_near_the_model_dtype_head(tiny_checkpoints):
 
 
 def test_an_untied_lm_head_is_the_one_made_int8(tmp_path):
-    from tests.support.checkpoints import write_random_checkpoint
     from glm_tp.config import PRESETS
+    from tests.support.checkpoints import write_random_checkpoint
 
     ckpt = write_random_checkpoint(tmp_path / "chatglm", PRESETS["tiny-chatglm"], 1, torch.float32)
     plain = load_model(ckpt, progress=False)

@@ -5,12 +5,12 @@ import math
 
 import torch
 
-from tests.support.ranks import run_ranks
 from glm_tp import SeqLayout, load_model
-from glm_tp.config import PRESETS, ModelConfig
-from glm_tp.parallel.dist import single_process
-from glm_tp.model.glm import GLMModel
 from glm_tp.checkpoints.synthetic import random_shard
+from glm_tp.config import PRESETS, ModelConfig
+from glm_tp.model.glm import GLMModel
+from glm_tp.parallel.dist import single_process
+from tests.support.ranks import run_ranks
 
 # Two left-padded prompts: a [MASK]-style one (positions pinned after sop) and a [gMASK]-style one.
 TOKENS = torch.tensor([[0, 0, 0, 5, 6, 7, 1000, 8, 2, 1004, 31, 32],

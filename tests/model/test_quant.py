@@ -7,13 +7,19 @@ import sys
 import pytest
 import torch
 
-from tests.support import ROOT
-from tests.support.ranks import run_ranks
 from glm_tp import CheckpointError, load_model
 from glm_tp.checkpoints.release import open_shard
-from glm_tp.kernels.quant import dequant_linear, dequantize, pack_int4, prepare, quantize_rows, unpack_int4
-
-from test_model import LAYOUT, POSITIONS, TOKENS
+from glm_tp.kernels.quant import (
+    dequant_linear,
+    dequantize,
+    pack_int4,
+    prepare,
+    quantize_rows,
+    unpack_int4,
+)
+from tests.model.test_model import LAYOUT, POSITIONS, TOKENS
+from tests.support import ROOT
+from tests.support.ranks import run_ranks
 
 
 def test_int4_packing_nibble_order_and_sign_extension():

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.support.ranks import greedy_blank, run_ranks
 from glm_tp import SeqLayout, load_model
-from glm_tp.dev import reference
 from glm_tp.checkpoints.release import open_shard
+from glm_tp.dev import reference
+from tests.support.ranks import greedy_blank, run_ranks
 
 pytestmark = pytest.mark.skipif(not reference.available(),
                                 reason="SwissArmyTransformer is not installed (pip install -e '.[reference]')")
@@ -78,8 +78,8 @@ def _ours(tp, ckpt):
 
 
 def test_logits_and_greedy_tokens_match_swissarmytransformer(tmp_path):
-    from tests.support.checkpoints import write_random_checkpoint
     from glm_tp.config import PRESETS
+    from tests.support.checkpoints import write_random_checkpoint
 
     checkpoints = {tp: write_random_checkpoint(tmp_path / f"tp{tp}", PRESETS["tiny"], tp, torch.float16) for tp in (1, 2)}
     want = run_ranks(1, _reference, checkpoints[1])[0]

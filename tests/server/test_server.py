@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from tests.support import ROOT
 from glm_tp.dev.demo_corpus import held_out
 from glm_tp.server.app import ServerSettings
+from tests.support import ROOT
 from tests.support.server import DEMO, demo_engine, slowed, start, watch_handles
 
 

@@ -13,9 +13,9 @@ import time
 import httpx
 import pytest
 
-from tests.support import ROOT
-from glm_tp.dev.demo_corpus import held_out
 from glm_tp.checkpoints.reshard import rewrite
+from glm_tp.dev.demo_corpus import held_out
+from tests.support import ROOT
 from tests.support.server import DEMO
 from tests.support.terminal import find_rank
 

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from tests.support import ROOT
 from glm_tp import load_model
+from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig
-from glm_tp.engine.coordinator import Coordinator
 from glm_tp.server.app import ServerSettings, build_app
 from glm_tp.text.tokenizer import load_tokenizer
+from tests.support import ROOT
 
 DEMO = ROOT / "data" / "demo"
 
