@@ -5,13 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from glm_tp import load_model
 from glm_tp.checkpoints.reshard import rewrite
 from glm_tp.dev.demo_corpus import held_out
-from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig, Request
-from glm_tp.text.tokenizer import load_tokenizer
 from tests.support import ROOT
+from tests.support.engines import engine_for
 from tests.support.ranks import run_ranks
 
 DEMO = ROOT / "data" / "demo"
@@ -23,9 +21,8 @@ def _cases(kinds, per_kind):
 
 
 def _answers(tp, ckpt: Path, kinds, per_kind: int, quant: str | None = None):
-    model = load_model(ckpt, tp=tp, quant=quant, progress=False) if tp else load_model(ckpt, quant=quant, progress=False)
-    engine = Engine(model, load_tokenizer(DEMO / "tokenizer.model", model.cfg.special),
-                    GenerationConfig(max_new_tokens=16), max_batch=64)
+    engine = engine_for(ckpt, DEMO / "tokenizer.model", tp=tp, quant=quant, default=GenerationConfig(max_new_tokens=16),
+                        max_batch=64)
     cases = _cases(kinds, per_kind)
     return [r.blanks for r in engine.generate([Request(str(i), e.prompt) for i, e in enumerate(cases)])]
 

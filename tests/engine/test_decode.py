@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from glm_tp import load_model
-from glm_tp.engine.core import Engine
 from glm_tp.engine.decoder import Decoder, step_window
 from glm_tp.engine.types import GenerationConfig, Request
 from glm_tp.model.glm import SeqLayout
-from glm_tp.text.tokenizer import load_tokenizer
+from tests.support.engines import engine_for
 from tests.support.ranks import run_ranks
 
 # Two rows of different lengths, each starting at cache slot 0: a [MASK] fill (positions pinned at the
@@ -81,9 +80,7 @@ def test_windows_are_powers_of_two_within_the_cache():
 
 
 def test_the_engine_reuses_one_cache(tiny_checkpoints, tiny_tokenizer_file):
-    model = load_model(tiny_checkpoints[1], progress=False)
-    engine = Engine(model, load_tokenizer(tiny_tokenizer_file, model.cfg.special), GenerationConfig(max_new_tokens=4),
-                    max_batch=4)
+    engine = engine_for(tiny_checkpoints[1], tiny_tokenizer_file, default=GenerationConfig(max_new_tokens=4), max_batch=4)
     first = engine.generate([Request("a", "the quick [MASK] fox")])[0]
     cache = engine.decoder.cache
     again = engine.generate([Request("b", "one two [MASK]"), Request("c", "the quick [MASK] fox")])
@@ -95,9 +92,8 @@ def test_cuda_graphs_give_the_eager_tokens(tiny_checkpoints, tiny_tokenizer_file
     prompts = ["the quick [MASK] fox", "one two three [gMASK]", "monday [MASK] wednesday"]
     results = {}
     for graphs in (False, True):
-        model = load_model(tiny_checkpoints[1], device="cuda", dtype="fp16", progress=False)
-        engine = Engine(model, load_tokenizer(tiny_tokenizer_file, model.cfg.special),
-                        GenerationConfig(max_new_tokens=12), cuda_graphs=graphs)
+        engine = engine_for(tiny_checkpoints[1], tiny_tokenizer_file, device="cuda", dtype="fp16",
+                            default=GenerationConfig(max_new_tokens=12), cuda_graphs=graphs)
         results[graphs] = [r.token_ids for r in engine.generate([Request(str(i), p) for i, p in enumerate(prompts)])]
         assert bool(engine.decoder._graphs) == graphs
     assert results[True] == results[False]

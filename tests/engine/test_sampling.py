@@ -12,7 +12,7 @@ from glm_tp.engine.sampling import BeamGroup, filter_top_k_top_p
 from glm_tp.engine.types import GenerationConfig, Request
 from glm_tp.model.glm import KVCache
 from glm_tp.parallel.dist import single_process
-from glm_tp.text.tokenizer import load_tokenizer
+from tests.support.engines import engine_for
 
 CFG = PRESETS["tiny"]
 SOP, EOP = CFG.special.sop, CFG.special.eop
@@ -40,9 +40,8 @@ class MarkovModel:
 
 
 @pytest.fixture()
-def engine_for(tiny_tokenizer_file):
-    tok = load_tokenizer(tiny_tokenizer_file, CFG.special)
-    return lambda transitions: Engine(MarkovModel(transitions), tok)
+def markov_engine(tiny_tokenizer_file):
+    return lambda transitions: engine_for(MarkovModel(transitions), tiny_tokenizer_file)
 
 
 def _answer(engine: Engine, **settings) -> list[int]:
@@ -52,17 +51,17 @@ def _answer(engine: Engine, **settings) -> list[int]:
     return result.token_ids[2:2 + result.completion_tokens]
 
 
-def test_beam_of_one_equals_greedy(engine_for):
-    engine = engine_for({SOP: {10: 0.5, 11: 0.3, EOP: 0.2}, 10: {12: 0.6, EOP: 0.4}, 11: {EOP: 1.0},
+def test_beam_of_one_equals_greedy(markov_engine):
+    engine = markov_engine({SOP: {10: 0.5, 11: 0.3, EOP: 0.2}, 10: {12: 0.6, EOP: 0.4}, 11: {EOP: 1.0},
                          12: {13: 0.7, EOP: 0.3}, 13: {EOP: 1.0}})
     assert _answer(engine, strategy="greedy") == _answer(engine, strategy="beam", num_beams=1) == [10, 12, 13]
 
 
-def test_length_penalty_favours_longer_answers(engine_for):
+def test_length_penalty_favours_longer_answers(markov_engine):
     # ending at once: log 0.5 = -0.69; [10, 11, eop]: log 0.5 + log 0.9 = -0.80. The reference's penalty
     # divides by ((5 + length) / 6) ** lp with the length of the whole beam (5 prompt tokens with sop here):
     # at lp 2, -0.69 / 3.36 = -0.21 loses to -0.80 / 4.69 = -0.17
-    engine = engine_for({SOP: {EOP: 0.5, 10: 0.5}, 10: {EOP: 0.1, 11: 0.9}, 11: {EOP: 1.0}})
+    engine = markov_engine({SOP: {EOP: 0.5, 10: 0.5}, 10: {EOP: 0.1, 11: 0.9}, 11: {EOP: 1.0}})
     assert _answer(engine, strategy="beam", num_beams=2, length_penalty=0.0) == []
     assert _answer(engine, strategy="beam", num_beams=2, length_penalty=2.0) == [10, 11]
 
@@ -80,14 +79,14 @@ def test_beam_search_keeps_every_beam_alive_when_end_tokens_lead():
     assert len(group.ended) == 4  # the best end candidates are kept too
 
 
-def test_no_repeat_ngram_and_min_new_tokens(engine_for):
-    engine = engine_for({SOP: {10: 0.9, EOP: 0.1}, 10: {10: 0.6, 11: 0.3, EOP: 0.1}, 11: {10: 0.7, EOP: 0.3}})
+def test_no_repeat_ngram_and_min_new_tokens(markov_engine):
+    engine = markov_engine({SOP: {10: 0.9, EOP: 0.1}, 10: {10: 0.6, 11: 0.3, EOP: 0.1}, 11: {10: 0.7, EOP: 0.3}})
     assert _answer(engine, strategy="greedy") == [10] * 6
     no_repeat = _answer(engine, strategy="greedy", no_repeat_ngram_size=2)
     bigrams = list(zip(no_repeat, no_repeat[1:]))
     assert len(bigrams) == len(set(bigrams)) and no_repeat[:3] == [10, 10, 11]
     for strategy in ("greedy", "beam"):
-        engine = engine_for({SOP: {EOP: 0.9, 10: 0.1}, 10: {EOP: 0.9, 11: 0.1}, 11: {EOP: 0.9, 12: 0.1}, 12: {EOP: 1.0}})
+        engine = markov_engine({SOP: {EOP: 0.9, 10: 0.1}, 10: {EOP: 0.9, 11: 0.1}, 11: {EOP: 0.9, 12: 0.1}, 12: {EOP: 1.0}})
         assert _answer(engine, strategy=strategy) == []
         assert _answer(engine, strategy=strategy, min_new_tokens=2) == [10, 11]
 

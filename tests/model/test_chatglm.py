@@ -152,11 +152,10 @@ def test_whitespace_pieces_and_chat_ids(tmp_path):
 
 
 def _engine_answers(tp, ckpt, tokenizer_file):
-    from glm_tp.engine.core import Engine
     from glm_tp.engine.types import GenerationConfig, Request
-    from glm_tp.text.tokenizer import load_tokenizer
-    model = load_model(ckpt, tp=tp, dtype="fp32", progress=False)
-    engine = Engine(model, load_tokenizer(tokenizer_file, S), GenerationConfig(max_new_tokens=STEPS), max_batch=4)
+    from tests.support.engines import engine_for
+    engine = engine_for(ckpt, tokenizer_file, tp=tp, dtype="fp32", default=GenerationConfig(max_new_tokens=STEPS),
+                        max_batch=4)
     requests = [Request(f"r{i}", token_ids=ids) for i, ids in enumerate(PROMPTS)]
     requests.append(Request("beam", token_ids=PROMPTS[1], config=GenerationConfig(strategy="beam", num_beams=2,
                                                                                    max_new_tokens=STEPS)))

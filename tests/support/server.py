@@ -8,21 +8,19 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from glm_tp import load_model
 from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig
 from glm_tp.server.app import ServerSettings, build_app
-from glm_tp.text.tokenizer import load_tokenizer
 from tests.support import ROOT
+from tests.support.engines import engine_for
 
 DEMO = ROOT / "data" / "demo"
 
 
 def demo_engine(max_batch: int = 8, **defaults: object) -> Engine:
-    model = load_model(DEMO, progress=False)
-    return Engine(model, load_tokenizer(DEMO / "tokenizer.model", model.cfg.special),
-                  GenerationConfig(max_new_tokens=16).updated(**defaults), max_batch=max_batch)
+    return engine_for(DEMO, DEMO / "tokenizer.model", default=GenerationConfig(max_new_tokens=16).updated(**defaults),
+                      max_batch=max_batch)
 
 
 def slowed(engine: Engine, step_s: float) -> Engine:
