@@ -2,8 +2,6 @@
 sources, and the host memory of a rank that builds its slices from several shards."""
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import warnings
 
@@ -15,8 +13,7 @@ from glm_tp.checkpoints.reshard import rewrite
 from glm_tp.config import PRESETS, ModelConfig
 from glm_tp.parallel.partition import Layout, copy_plan, split
 from glm_tp.text.blanks import next_blank
-from tests.support import ROOT
-from tests.support.checkpoints import write_random_checkpoint
+from tests.support.checkpoints import load_rss, write_random_checkpoint
 from tests.support.ranks import greedy_blank, run_ranks
 
 PROMPTS = ([5, 6, 7, 1000, 8, 9, 2], [11, 12, 13, 14, 15, 1001])  # a [MASK] and a [gMASK] context
@@ -90,24 +87,6 @@ def test_quantized_sources_at_other_tp_sizes(tmp_path):
                 assert torch.equal(dict(model.named_parameters())[name], p), name
 
 
-RSS_SCRIPT = r"""
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from glm_tp import load_model
-from glm_tp.parallel.dist import simulated_rank
-
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
-
-size, rank = int(sys.argv[3]), int(sys.argv[4])
-tp = simulated_rank(size, rank)
-before = status("VmRSS")
-model = load_model(sys.argv[2], dtype="fp16", tp=tp, progress=False)
-kept = sum(p.numel() * p.element_size() for p in model.parameters())
-print(json.dumps({"before": before, "peak": status("VmHWM"), "kept": kept}))
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_a_rank_holds_its_share_plus_about_one_tensor(tmp_path):
     # ~200 MB of fp16 weights in 4 shards; a rank of 1 joins all four, a rank of 8 takes half of one shard
@@ -116,9 +95,7 @@ def test_a_rank_holds_its_share_plus_about_one_tensor(tmp_path):
     ckpt = write_random_checkpoint(tmp_path / "big", cfg, 4, torch.float16)
     largest = cfg.vocab_size * cfg.hidden_size * 2
     for size, rank in ((1, 0), (2, 1), (8, 5)):
-        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(ROOT), str(ckpt), str(size), str(rank)],
-                             capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout)
+        r = load_rss(ckpt, "fp16", rank_of=(rank, size))
         grown = r["peak"] - r["before"]
         print(f"4 shards -> rank {rank} of {size}: kept {r['kept'] / 1e6:.0f} MB, RSS grew {grown / 1e6:.0f} MB "
               f"({grown / r['kept']:.2f}x kept; largest tensor {largest / 1e6:.0f} MB)")

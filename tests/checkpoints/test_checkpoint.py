@@ -15,7 +15,7 @@ from glm_tp import CheckpointError, load_model
 from glm_tp.checkpoints.release import METADATA_FILE, inspect, open_shard, write_latest
 from glm_tp.config import PRESETS, ModelConfig
 from tests.support import ROOT
-from tests.support.checkpoints import write_random_checkpoint
+from tests.support.checkpoints import load_rss, write_random_checkpoint
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -132,27 +132,6 @@ def test_bad_metadata_and_bad_tp_size(tiny_checkpoints, tmp_path):
     assert "valid sizes: 1, 2, 4, 8, 16, 32" in _one_line(err)
 
 
-RSS_SCRIPT = r"""
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from glm_tp import SeqLayout, load_model
-from glm_tp.model import attention
-
-def status(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
-
-# the CPU kernels' runtime (numba and its compiled code, ~140 MB once, whatever the model) is not loading
-attention.decode_kernel("fused", torch.float32, torch.device("cpu"))
-before = status("VmRSS")
-model = load_model(sys.argv[2], dtype=sys.argv[3], progress=False)
-with torch.inference_mode():  # touch every weight, as serving does
-    model(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), SeqLayout(torch.tensor([0]), torch.tensor([2])),
-          model.new_cache(1, 4))
-kept = sum(p.numel() * p.element_size() for p in model.parameters())
-print(json.dumps({"before": before, "peak": status("VmHWM"), "kept": kept}))
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_rss_stays_near_what_the_rank_keeps(tmp_path):
     # ~200 MB of fp16 weights: loading into fp16 maps the file (zero copy); into fp32 it copies
@@ -163,9 +142,7 @@ def test_peak_rss_stays_near_what_the_rank_keeps(tmp_path):
     shard_bytes = (ckpt / "1" / "mp_rank_00_model_states.pt").stat().st_size
     assert shard_bytes > 150e6
     for dtype in ("fp16", "fp32"):
-        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(ROOT), str(ckpt), dtype],
-                             capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout)
+        r = load_rss(ckpt, dtype, forward=True)
         grown = r["peak"] - r["before"]
         print(f"{dtype}: shard {shard_bytes / 1e6:.0f} MB, kept {r['kept'] / 1e6:.0f} MB, "
               f"RSS grew {grown / 1e6:.0f} MB ({grown / r['kept']:.2f}x kept)")

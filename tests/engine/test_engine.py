@@ -1,13 +1,11 @@
 """The continuous-batching engine on the bundled demo model: a request's tokens do not depend on what runs
-beside it; stop strings, finish reasons, logprobs, streamed events, cancellation and admission control."""
+beside it; stop strings, finish reasons, logprobs, streamed events, cancellation, admission control and row moves."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 
-from glm_tp import load_model
 from glm_tp.checkpoints.reshard import rewrite
 from glm_tp.dev.demo_corpus import held_out
 from glm_tp.engine.coordinator import Coordinator
@@ -20,9 +18,8 @@ from glm_tp.engine.types import (
     QueueFull,
     Request,
 )
-from glm_tp.frontends.batch import check_output, run_batch
-from glm_tp.text.tokenizer import load_tokenizer
 from tests.support import ROOT
+from tests.support.engines import engine_for
 from tests.support.ranks import run_ranks
 
 DEMO = ROOT / "data" / "demo"
@@ -30,9 +27,8 @@ REPEAT = "list : drum key dog root elk . again : [gMASK]"  # the demo model answ
 
 
 def _engine(tp=None, ckpt=DEMO, max_batch: int = 8, **kw) -> Engine:
-    model = load_model(ckpt, tp=tp, progress=False) if tp is not None else load_model(ckpt, progress=False)
-    return Engine(model, load_tokenizer(DEMO / "tokenizer.model", model.cfg.special),
-                  GenerationConfig(max_new_tokens=16), max_batch=max_batch, **kw)
+    return engine_for(ckpt, DEMO / "tokenizer.model", tp=tp, default=GenerationConfig(max_new_tokens=16),
+                      max_batch=max_batch, **kw)
 
 
 def _mixed_requests() -> list[Request]:
@@ -144,36 +140,6 @@ def test_admission_control_refuses_what_can_never_fit_and_bounds_the_queue():
     while not all(h.done for h in handles):
         coordinator.step()
     assert coordinator.load() == {"waiting": 0, "running": 0}
-
-
-def test_batch_answers_duplicate_ids_and_a_rerun_after_a_kill_loses_neither(tmp_path, capsys):
-    engine = _engine(max_batch=4)
-    coordinator = Coordinator(engine.tp, engine)
-    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    lines = [{"id": "dup" if i % 3 == 0 else f"p{i}", "prompt": e.prompt}
-             for i, e in enumerate(held_out("recall", 6) + held_out("repeat", 6))]
-    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    run_batch(coordinator, src, out)
-    assert "appears more than once" in capsys.readouterr().err
-    full = out.read_text().splitlines()
-    assert sorted(json.loads(t)["line"] for t in full) == list(range(1, 13))
-    out.write_text("\n".join(full[:5]) + "\n" + full[5][:10])  # killed while writing line 6
-    run_batch(coordinator, src, out)
-    again = [json.loads(t) for t in out.read_text().splitlines()]
-    assert sorted(r["line"] for r in again) == list(range(1, 13))  # every line once, duplicates included
-
-
-def test_the_output_path_is_checked_before_anything_runs(tmp_path):
-    src = tmp_path / "in.jsonl"
-    src.write_text('{"id": "a", "prompt": "x"}\n')
-    unrelated = tmp_path / "notes.txt"
-    unrelated.write_text("my notes\n")
-    with pytest.raises(ValueError, match="not a glm-tp results file"):
-        check_output(src, unrelated)
-    assert unrelated.read_text() == "my notes\n"
-    with pytest.raises(ValueError, match="not a writable folder"):
-        check_output(src, tmp_path / "missing" / "out.jsonl")
-    assert check_output(src, None) == tmp_path / "in.results.jsonl"
 
 
 def test_plans_move_rows_and_the_cache_stays_consistent():

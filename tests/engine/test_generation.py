@@ -1,15 +1,9 @@
 """The engine on a random 'tiny' model: batching, seeds across TP sizes, interrupts, bad requests."""
 from __future__ import annotations
 
-import importlib.util
-
-import pytest
-
-from glm_tp import load_model
 from glm_tp.engine.coordinator import Coordinator, worker_loop
-from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig, Request
-from glm_tp.text.tokenizer import load_tokenizer
+from tests.support.engines import engine_for
 from tests.support.ranks import run_ranks
 
 PROMPTS = [
@@ -21,13 +15,8 @@ PROMPTS = [
 ]
 
 
-def _engine(tp, ckpt, tokfile, **kw) -> Engine:
-    model = load_model(ckpt, tp=tp, progress=False) if tp is not None else load_model(ckpt, progress=False)
-    return Engine(model, load_tokenizer(tokfile, model.cfg.special), **kw)
-
-
 def _batched_and_single(tp, ckpt, tokfile):
-    engine = _engine(tp, ckpt, tokfile, default=GenerationConfig(max_new_tokens=5), max_batch=8)
+    engine = engine_for(ckpt, tokfile, tp=tp, default=GenerationConfig(max_new_tokens=5), max_batch=8)
     together = engine.generate([Request(str(i), p) for i, p in enumerate(PROMPTS)])
     alone = [engine.generate([Request(str(i), p)])[0] for i, p in enumerate(PROMPTS)]
     return together, alone
@@ -42,7 +31,7 @@ def test_batched_greedy_equals_one_by_one(tiny_checkpoints, tiny_tokenizer_file)
 
 
 def _sample(tp, ckpt, tokfile):
-    engine = _engine(tp, ckpt, tokfile)
+    engine = engine_for(ckpt, tokfile, tp=tp)
     configs = [GenerationConfig(strategy="sample", max_new_tokens=6, temperature=1.5, top_p=0.9, seed=s)
                for s in (1, 1, 2)]
     return [r.token_ids for r in engine.generate([Request(str(i), PROMPTS[0], config=c)
@@ -69,7 +58,7 @@ class _StopAfter:
 
 
 def _interrupted(tp, ckpt, tokfile):
-    engine = _engine(tp, ckpt, tokfile, default=GenerationConfig(max_new_tokens=40))
+    engine = engine_for(ckpt, tokfile, tp=tp, default=GenerationConfig(max_new_tokens=40))
     if not tp.is_first:
         worker_loop(tp, engine)
         return None
@@ -90,7 +79,7 @@ def test_interrupt_stops_every_rank_at_the_same_step(tiny_checkpoints, tiny_toke
 
 
 def test_bad_requests_get_errors_and_the_rest_run(tiny_checkpoints, tiny_tokenizer_file):
-    engine = _engine(None, tiny_checkpoints[1], tiny_tokenizer_file, default=GenerationConfig(max_new_tokens=3))
+    engine = engine_for(tiny_checkpoints[1], tiny_tokenizer_file, default=GenerationConfig(max_new_tokens=3))
     results = engine.generate([
         Request("long", "one " * 300),
         Request("cfg", PROMPTS[0], config=GenerationConfig(top_k=-1)),
@@ -106,7 +95,7 @@ def test_bad_requests_get_errors_and_the_rest_run(tiny_checkpoints, tiny_tokeniz
 def test_prompts_near_the_max_length_run_beside_short_ones(tiny_checkpoints, tiny_tokenizer_file):
     # rows of very different lengths share the decode steps: each stays within the model's positions and
     # the cache, and running beside others changes nothing; a request that cannot fit is refused at once
-    engine = _engine(None, tiny_checkpoints[1], tiny_tokenizer_file, default=GenerationConfig(max_new_tokens=8))
+    engine = engine_for(tiny_checkpoints[1], tiny_tokenizer_file, default=GenerationConfig(max_new_tokens=8))
     gmask, mask = engine.tok.special.gmask, engine.tok.special.mask
     two = GenerationConfig(max_new_tokens=2)
     requests = [Request("long", token_ids=[5] * 124 + [gmask], config=two), Request("short", token_ids=[5, 6, gmask]),
@@ -120,20 +109,7 @@ def test_prompts_near_the_max_length_run_beside_short_ones(tiny_checkpoints, tin
 
 
 def test_all_beams_are_returned(tiny_checkpoints, tiny_tokenizer_file):
-    engine = _engine(None, tiny_checkpoints[1], tiny_tokenizer_file)
+    engine = engine_for(tiny_checkpoints[1], tiny_tokenizer_file)
     cfg = GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=4, return_all_beams=True)
     result = engine.generate([Request("b", PROMPTS[0], config=cfg)])[0]
     assert len(result.beams) == 3 and len(set(result.beams)) == 3 and result.beams[0] == result.text
-
-
-@pytest.mark.skipif(importlib.util.find_spec("icetk") is None, reason="icetk is not installed (optional check)")
-def test_ids_equal_icetk(tiny_tokenizer_file, tmp_path):
-    import shutil
-
-    from icetk import IceTokenizer  # type: ignore[import-not-found]
-
-    shutil.copy(tiny_tokenizer_file, tmp_path / "ice_text.model")
-    ours = load_tokenizer(tmp_path)
-    theirs = IceTokenizer(path=str(tmp_path))
-    for text in ("the quick brown fox", "monday tuesday wednesday"):
-        assert ours.encode(text) == theirs.encode(text)

@@ -9,6 +9,7 @@ import torch
 
 from glm_tp import CheckpointError, load_model
 from glm_tp.checkpoints.release import open_shard
+from glm_tp.engine.types import GenerationConfig, Request
 from glm_tp.kernels.quant import (
     dequant_linear,
     dequantize,
@@ -19,6 +20,7 @@ from glm_tp.kernels.quant import (
 )
 from tests.model.test_model import LAYOUT, POSITIONS, TOKENS
 from tests.support import ROOT
+from tests.support.engines import engine_for
 from tests.support.ranks import run_ranks
 
 
@@ -125,6 +127,21 @@ def _float_logits(tp, ckpt):
     model = load_model(ckpt, tp=tp, progress=False)
     with torch.inference_mode():
         return model(TOKENS, POSITIONS, LAYOUT, model.new_cache(2, 16), logits_at=torch.arange(12).expand(2, 12))
+
+
+def test_fused_kernels_give_the_plain_path_tokens(tiny_checkpoints, tiny_tokenizer_file):
+    prompts = [Request(str(i), p) for i, p in enumerate(["the quick [MASK] fox", "one two three [gMASK]"])]
+    for bits in (8, 4):
+        model = load_model(tiny_checkpoints[1], quant=f"int{bits}", progress=False)
+        kinds = {m.prepared.kind for m in model.modules() if getattr(m, "prepared", None) is not None}
+        assert kinds == {"int8pack" if bits == 8 else "int4pack"}
+        engine = engine_for(model, tiny_tokenizer_file, default=GenerationConfig(max_new_tokens=6))
+        fast = engine.generate(prompts)
+        for m in model.modules():
+            if getattr(m, "bits", 0):
+                m.prepare_("dequant")  # plain dequantize + matmul
+        plain = engine.generate(prompts)
+        assert [r.token_ids for r in fast] == [r.token_ids for r in plain]
 
 
 def test_biases_survive_quantization_at_load(tiny_checkpoints):

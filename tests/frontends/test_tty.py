@@ -1,0 +1,85 @@
+"""The TTY's own pieces: /set and /beam refuse bad values in one line and keep the settings, and answers are
+marked when interrupted or cut by the cache (rendered, and on a real pseudo-terminal)."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from glm_tp.engine.types import GenerationConfig, Result
+from glm_tp.frontends.tty import handle_command, render
+from tests.support.terminal import Terminal, launch_cmd
+
+
+class _FakeCoordinator:
+    """What handle_command touches: the engine's default settings and set_default."""
+
+    def __init__(self) -> None:
+        self.engine = type("E", (), {"default": GenerationConfig()})()
+        self.sent: list[GenerationConfig] = []
+
+    def set_default(self, config: GenerationConfig) -> None:
+        self.sent.append(config)
+        self.engine.default = config
+
+
+@pytest.mark.parametrize("line, message", [
+    ("/set return_all_beams maybe",
+     "error: generation setting 'return_all_beams': expected true or false, got 'maybe'"),
+    ("/set max_new_tokens abc", "error: generation setting 'max_new_tokens': expected an integer, got 'abc'"),
+    ("/set temperature -1", "error: temperature must be > 0 (use strategy=greedy for argmax)"),
+    ("/set colour red", "error: unknown generation setting 'colour'"),
+    ("/beam two", "error: generation setting 'num_beams': expected an integer, got 'two'"),
+])
+def test_tty_set_rejects_bad_values_in_one_line_and_keeps_the_settings(line, message, capsys):
+    coordinator = _FakeCoordinator()
+    assert handle_command(line, coordinator)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(message)
+    assert coordinator.sent == [] and coordinator.engine.default == GenerationConfig()
+
+
+def test_tty_set_takes_the_rest_of_the_line_as_the_value(capsys):
+    coordinator = _FakeCoordinator()
+    handle_command("/set stop end of story", coordinator)
+    handle_command("/set logprobs none", coordinator)
+    assert coordinator.engine.default.stop == ("end of story",) and coordinator.engine.default.logprobs is None
+
+
+def _result(finish: str, answer: list[int], cut: bool = False) -> Result:
+    return Result(id="r", text="a b", blanks=["b"], blanks_token_ids=[answer], finish_reason=finish,
+                  pieces=[("a ", False), ("b", True)], cut_by_max_len=cut)
+
+
+def test_render_marks_interrupted_answers_and_answers_cut_by_the_cache():
+    assert "(interrupted)" in render(_result("length", [5, 6]), color=False, interrupted=True)
+    assert "(interrupted)" in render(_result("interrupted", [5]), color=False)
+    cut = render(_result("length", [5, 6], cut=True), color=False)  # the engine says max_len ended it
+    assert "cut short" in cut and "max_len" in cut
+    assert "cut short" not in render(_result("length", [5, 6]), color=False)  # max_new_tokens, as asked
+    assert "cut short" not in render(_result("stop", [5]), color=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses a Linux pseudo-terminal")
+def test_tty_marks_an_interrupted_beam_search_and_an_answer_cut_by_the_cache(tiny_checkpoints, tiny_tokenizer_file):
+    term = Terminal(launch_cmd(tiny_checkpoints[1], tiny_tokenizer_file, 1, "max_len=20",
+                         "generation.max_new_tokens=8", "generation.min_new_tokens=8"))
+    try:
+        term.expect(">>> ")
+        # the first blank's 8 tokens leave the second one less room than 8 tokens
+        term.send("one [MASK] two [MASK]\n")
+        term.expect(r"one \[MASK\] two \[MASK\]")
+        assert "cut short" in term.expect(">>> ")
+        term.send("/set max_len 24\n")
+        term.expect("unknown generation setting 'max_len'")
+        term.send("/set max_new_tokens 12\n/set min_new_tokens 12\n/beam 4\n")
+        term.expect("num_beams=4")
+        term.send("one [gMASK]\n\x03")  # Ctrl-C right behind the prompt: the beam search stops
+        term.expect(r"one \[gMASK\]")  # the echo
+        shown = term.expect(">>> ")
+        assert "(interrupted)" in shown and "cut short" not in shown
+        term.send("\x04")
+        assert term.proc.wait(timeout=60) == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
