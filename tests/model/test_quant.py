@@ -1,4 +1,5 @@
-"""INT8/INT4 weight-only quantization: the release's bit layout, kernels, models at several TP sizes."""
+"""INT8/INT4 weight-only quantization: the release's bit layout, kernels (and the engine's tokens through the fused
+ones), models at several TP sizes."""
 from __future__ import annotations
 
 import subprocess
