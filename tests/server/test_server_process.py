@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from glm_tp.dev.demo_corpus import held_out
 from tests.support import ROOT
 from tests.support.server import DEMO
 from tests.support.terminal import find_rank
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find rank 1")
 CASE = held_out("cycle", 1)[0]
@@ -35,11 +35,12 @@ class ServerProcess:
                                      start_new_session=True)
         self.output = ""
         threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.time() + 120
-        while not (found := re.search(r"glm-tp server: (http://\S+)", self.output)):
-            assert self.proc.poll() is None and time.time() < deadline, self.output[-3000:]
-            time.sleep(0.1)
-        self.url = found.group(1)
+        self.url = wait_until(self._url, 120, "the server's URL", lambda: self.output[-3000:])
+
+    def _url(self) -> str | None:
+        found = re.search(r"glm-tp server: (http://\S+)", self.output)
+        assert found or self.proc.poll() is None, self.output[-3000:]
+        return found and found.group(1)
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -81,14 +82,19 @@ def test_two_ranks_answer_and_a_lost_rank_ends_the_server(tmp_path):
         worker = find_rank(server.proc.pid, 1)
         assert worker is not None
         os.kill(worker, signal.SIGKILL)
-        start, health = time.time(), []
-        while server.proc.poll() is None and time.time() - start < 60:
+        health: list[int | None] = []
+
+        def ended() -> bool:
+            if server.proc.poll() is not None:
+                return True
             try:
                 health.append(httpx.get(server.url + "/health", timeout=2).status_code)
             except httpx.HTTPError:
                 health.append(None)  # the port has closed
-            time.sleep(0.2)
-        assert server.proc.wait(timeout=5) != 0 and time.time() - start < 15 + 30
+            return False
+
+        wait_until(ended, 180, "the server to exit after losing rank 1", lambda: server.output[-3000:], interval=0.2)
+        assert server.proc.wait(timeout=5) != 0
         assert health and health[-1] != 200  # /health failed (503) or the server was gone before the end
     finally:
         server.kill()

@@ -14,6 +14,7 @@ from glm_tp.engine.types import GenerationConfig
 from glm_tp.server.app import ServerSettings, build_app
 from tests.support import ROOT
 from tests.support.engines import engine_for
+from tests.support.wait import wait_until
 
 DEMO = ROOT / "data" / "demo"
 
@@ -29,11 +30,24 @@ def slowed(engine: Engine, step_s: float) -> Engine:
     step = engine.decoder.step
 
     def slow_step(*args, **kwargs):
-        time.sleep(step_s)
+        time.sleep(step_s)  # pacing, not a wait: the point is a floor on how long a request takes
         return step(*args, **kwargs)
 
     engine.decoder.step = slow_step
     return engine
+
+
+def count_steps(engine: Engine) -> list[int]:
+    """A one-item list that holds the number of decode steps `engine` runs from now on: a bound in steps
+    holds on any machine, where one in seconds does not."""
+    counted, step = [0], engine.decoder.step
+
+    def counting_step(*args, **kwargs):
+        counted[0] += 1
+        return step(*args, **kwargs)
+
+    engine.decoder.step = counting_step
+    return counted
 
 
 def watch_handles(coordinator: Coordinator) -> list:
@@ -73,7 +87,6 @@ def start(engine: Engine, settings: ServerSettings | None = None) -> LiveServer:
                threading.Thread(target=coordinator.serve, args=(stop,), daemon=True)]
     for t in threads:
         t.start()
-    while not server.started:
-        time.sleep(0.02)
+    wait_until(lambda: server.started, 120, "uvicorn to start")
     port = server.servers[0].sockets[0].getsockname()[1]
     return LiveServer(f"http://127.0.0.1:{port}", coordinator, stop, server, threads)

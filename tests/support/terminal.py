@@ -11,8 +11,10 @@ import sys
 import termios
 import time
 from pathlib import Path
+from typing import IO
 
 from tests.support import ROOT
+from tests.support.wait import wait_until
 
 
 def launch_cmd(ckpt: Path, tok: Path, nproc: int, *overrides: str) -> list[str]:
@@ -36,10 +38,10 @@ class Terminal:
         os.close(slave)
         self.seen = ""
 
-    def expect(self, pattern: str, timeout: float = 60) -> str:
-        deadline = time.time() + timeout
+    def expect(self, pattern: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
         while not re.search(pattern, self.seen):
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {pattern!r}; screen so far:\n{self.seen[-3000:]}")
             if select.select([self.master], [], [], 0.2)[0]:
                 try:
@@ -48,10 +50,22 @@ class Terminal:
                     raise AssertionError(f"program ended before {pattern!r}:\n{self.seen[-3000:]}") from None
         found = self.seen
         self.seen = self.seen[re.search(pattern, self.seen).end():]
-        time.sleep(0.3)  # a person types after the prompt appears; readline takes the terminal meanwhile
         return found
 
+    def reads_keys(self) -> bool:
+        """The program reads the terminal key by key (line mode off): readline at a prompt, or a generation
+        polling for Ctrl-C. In between, while the program is busy, the terminal is in line mode."""
+        return not termios.tcgetattr(self.master)[3] & termios.ICANON
+
+    def generating(self) -> bool:
+        """A generation polls the terminal for Ctrl-C: key by key and without blocking (VMIN 0; readline's is 1)."""
+        attrs = termios.tcgetattr(self.master)
+        return not attrs[3] & termios.ICANON and attrs[6][termios.VMIN] == 0
+
     def send(self, text: str) -> None:
+        """Types `text` once readline has the terminal, as a person types after the prompt appears: typed while
+        the terminal is still in line mode, the terminal itself would echo it and readline would show it again."""
+        wait_until(self.reads_keys, 120, "the program to read the terminal key by key", lambda: self.seen[-3000:])
         os.write(self.master, text.encode())
 
 
@@ -78,6 +92,22 @@ def batch_input(path: Path, count: int) -> list[str]:
 
 def read_output(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def read_until(pipe: IO, pattern: str, timeout: float = 120) -> str:
+    """What a child writes to `pipe` until `pattern` shows, as it comes (read unbuffered: what follows is left
+    for communicate())."""
+    seen, fd = "", pipe.fileno()
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, seen):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {pattern!r}; output so far:\n{seen[-3000:]}")
+        if select.select([fd], [], [], 0.2)[0]:
+            data = os.read(fd, 65536)
+            if not data:
+                raise AssertionError(f"the output ended before {pattern!r}:\n{seen[-3000:]}")
+            seen += data.decode(errors="replace")
+    return seen
 
 
 def find_rank(parent: int, rank: int) -> int | None:
