@@ -71,7 +71,7 @@ def test_a_rank_killed_at_the_prompt_ends_the_tty_and_restores_the_terminal(tiny
             term.proc.kill()
 
 
-def test_a_hung_rank_ends_the_idle_tty_with_one_line_within_the_timeout(tiny_checkpoints, tiny_tokenizer_file):
+def test_a_hung_rank_ends_the_idle_tty_with_one_line_found_by_the_keepalives(tiny_checkpoints, tiny_tokenizer_file):
     timeout_s = 8
     term = Terminal(launch_cmd(tiny_checkpoints[2], tiny_tokenizer_file, 2, f"timeout_s={timeout_s}"))
     worker = None
@@ -80,7 +80,7 @@ def test_a_hung_rank_ends_the_idle_tty_with_one_line_within_the_timeout(tiny_che
         worker = _wait_for_rank(term.proc.pid, 1)
         os.kill(worker, signal.SIGSTOP)
         # only the keep-alives' collectives (4 per timeout) can find a hang while the TTY waits: without them
-        # rank 0 would wait at the prompt for ever. They find it within 1.25 timeouts; the wait allows for load.
+        # rank 0 would wait at the prompt for ever. They find it within about 1.25 timeouts; the wait allows for load.
         term.expect(r"error on rank 0: lost contact with the other ranks[^\n]*\n", timeout=120)
         os.kill(worker, signal.SIGKILL)  # torchrun would wait its 30 s grace for the stopped rank
         screen = _rest(term, 120)
