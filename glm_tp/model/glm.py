@@ -185,7 +185,7 @@ class GLMModel(nn.Module):
         self.register_buffer("rotary_sin", sin, persistent=False)
 
     def prepare_kernels(self, kernels: str = "fused", lm_head: str = "model") -> None:
-        """Lay weights out for the device's kernels (once, after loading; kernels: see quant.KERNELS,
+        """Lay weights out for the device's kernels (once, after loading; kernels: see config.KERNELS,
         "dequant" keeps the reference's dequantize-then-matmul); lm_head "int8" multiplies the logits by an
         INT8 copy of the LM head (the embedding, when the two are tied)."""
         for module in self.modules():
