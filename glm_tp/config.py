@@ -18,7 +18,8 @@ DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16,
 KERNELS = ("fused", "q8", "torch", "dequant")
 LM_HEADS = ("model", "int8")  # the LM head in the model's dtype, or an INT8 copy of it
 # quant= values -> weight bits: None = whatever the checkpoint holds, 0 = float, 8/4 = INT8/INT4 weight-only
-QUANT_CHOICES = {None: None, "auto": None, "none": 0, "fp": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4, 8: 8, 4: 4, 0: 0}
+QUANT_CHOICES = {None: None, "auto": None, "none": 0, "fp": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4,
+                 8: 8, 4: 4, 0: 0}
 
 
 def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
