@@ -1,7 +1,9 @@
-"""Model shapes and their presets.
+"""Model shapes and their presets, and the run options every layer checks the same way.
 
 One dataclass describes a GLM-130B-family transformer; `PRESETS` names the shapes people use.
-Tensor-parallel validity lives here too, because it depends only on the shape.
+Tensor-parallel validity lives here too, because it depends only on the shape. The option choices
+(dtypes, kernels, LM heads, quantization) and their checks sit here, at the bottom of the package, so
+the loader, the layers, the kernels and the settings check share one rule and one message.
 """
 from __future__ import annotations
 
@@ -11,6 +13,40 @@ from dataclasses import dataclass, field
 import torch
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# how quantized matmuls are computed (kernels/quant.py): the fastest fused kernel, CPU integer kernels with
+# Q8_0 activations for larger batches, torch's fused kernels only, or the reference's dequantize + matmul
+KERNELS = ("fused", "q8", "torch", "dequant")
+LM_HEADS = ("model", "int8")  # the LM head in the model's dtype, or an INT8 copy of it
+# quant= values -> weight bits: None = whatever the checkpoint holds, 0 = float, 8/4 = INT8/INT4 weight-only
+QUANT_CHOICES = {None: None, "auto": None, "none": 0, "fp": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4,
+                 8: 8, 4: 4, 0: 0}
+
+
+def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    """One message for every option with a fixed set of values."""
+    if value not in allowed:
+        raise ValueError(f"unknown {key} {value!r}: use one of {', '.join(allowed)}")
+
+
+def check_kernels(kernels: str) -> None:
+    check_choice("kernels", kernels, KERNELS)
+
+
+def check_lm_head(lm_head: str) -> None:
+    check_choice("lm_head", lm_head, LM_HEADS)
+
+
+def parse_quant(quant: str | int | None) -> int | None:
+    """None = whatever the checkpoint holds; 0 = float; 8/4 = INT8/INT4 weight-only."""
+    key = quant.lower() if isinstance(quant, str) else quant
+    if key not in QUANT_CHOICES:
+        raise ValueError(f"unknown quantization {quant!r}: use none, int8 or int4")
+    return QUANT_CHOICES[key]
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """The model dtype when none is asked for: fp16 on CUDA (the release's), fp32 elsewhere."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from glm_tp.cli.planner import Plan  # noqa: E402
-from glm_tp.config import ModelConfig, get_preset, parse_dtype  # noqa: E402
+from glm_tp.config import KERNELS, LM_HEADS, ModelConfig, get_preset, parse_dtype  # noqa: E402
 from glm_tp.dev import reference  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
 from glm_tp.engine.decoder import Decoder  # noqa: E402
 from glm_tp.kernels import quant  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
+from glm_tp.kernels.formats import quantize_rows  # noqa: E402
 from glm_tp.model.glm import GLMModel, SeqLayout  # noqa: E402
 from glm_tp.parallel.dist import init_distributed, simulated_rank  # noqa: E402
-from glm_tp.parallel.layers import LM_HEADS  # noqa: E402
 
 _START = time.perf_counter()
 
@@ -84,7 +84,7 @@ def matmul_peak(cfg: ModelConfig, tp: int, device: torch.device, dtype: torch.dt
     x = torch.randn(rows, cfg.hidden_size, device=device).to(dtype)
     w = torch.randn(2 * cfg.inner_hidden_size // tp, cfg.hidden_size, device=device)
     if bits:
-        weight = quant.prepare(*quant.quantize_rows(w, bits), bits, kernels)
+        weight = quant.prepare(*quantize_rows(w, bits), bits, kernels)
         matmul = lambda: weight.matmul(x)  # noqa: E731
     else:
         w = w.to(dtype)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context", type=int, default=128, help="prompt tokens in the cache before decoding")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--reference", action="store_true", help="also time SwissArmyTransformer (CPU fp16)")
-    ap.add_argument("--kernels", choices=quant.KERNELS, default="fused", help="quantized matmul kernels")
+    ap.add_argument("--kernels", choices=KERNELS, default="fused", help="quantized matmul kernels")
     ap.add_argument("--lm-head", choices=LM_HEADS, default="model", help="int8: an INT8 copy of the LM head")
     ap.add_argument("--json", help="write the results as JSON to this file")
     ap.add_argument("--plot", help="write a PNG of ms/token against batch size")

@@ -9,21 +9,17 @@ import torch
 from glm_tp.checkpoints.loader import RankLoader, source_bits
 from glm_tp.checkpoints.release import CheckpointError, check_files
 from glm_tp.checkpoints.sources import Source, open_source
-from glm_tp.config import ModelConfig, get_preset, parse_dtype
-from glm_tp.kernels.quant import KERNELS
+from glm_tp.config import (
+    ModelConfig,
+    check_kernels,
+    check_lm_head,
+    default_dtype,
+    get_preset,
+    parse_dtype,
+    parse_quant,
+)
 from glm_tp.model.glm import GLMModel
 from glm_tp.parallel.dist import TPContext, init_distributed
-from glm_tp.parallel.layers import LM_HEADS
-
-QUANT_CHOICES = {None: None, "auto": None, "none": 0, "fp": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4, 8: 8, 4: 4, 0: 0}
-
-
-def parse_quant(quant: str | int | None) -> int | None:
-    """None = whatever the checkpoint holds; 0 = float; 8/4 = INT8/INT4 weight-only."""
-    key = quant.lower() if isinstance(quant, str) else quant
-    if key not in QUANT_CHOICES:
-        raise ValueError(f"unknown quantization {quant!r}: use none, int8 or int4")
-    return QUANT_CHOICES[key]
 
 
 def resolve_config(info_cfg: ModelConfig | None, model: str | ModelConfig | None, layers: int | None) -> ModelConfig:
@@ -37,10 +33,6 @@ def resolve_config(info_cfg: ModelConfig | None, model: str | ModelConfig | None
         raise CheckpointError("the checkpoint has no glm_tp.json metadata, so its shape is unknown: "
                               "pass model=glm-130b (or the preset it was made with)")
     return cfg.with_layers(layers) if layers else cfg
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None = None, layers: int | None = None,
@@ -58,10 +50,8 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     verify: check every file's SHA-256 against glm_tp.json first (the ranks share the work); file sizes
     are always checked.
     """
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
-    if lm_head not in LM_HEADS:
-        raise ValueError(f"unknown lm_head {lm_head!r}: use one of {', '.join(LM_HEADS)}")
+    check_kernels(kernels)
+    check_lm_head(lm_head)
     tp = tp or init_distributed(device)
     source = open_source(checkpoint)
     verify_files(source, tp, verify, progress)

@@ -26,7 +26,7 @@ from glm_tp.checkpoints.release import (
     shape_message,
 )
 from glm_tp.checkpoints.sources import Part, Source
-from glm_tp.kernels.quant import dequantize
+from glm_tp.kernels.formats import dequantize
 from glm_tp.parallel.partition import (
     Copy,
     Layout,

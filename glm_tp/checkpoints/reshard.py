@@ -34,7 +34,7 @@ from glm_tp.checkpoints.release import (
     write_latest,
 )
 from glm_tp.config import ModelConfig
-from glm_tp.kernels.quant import dequantize, quantize_rows
+from glm_tp.kernels.formats import dequantize, quantize_rows
 from glm_tp.parallel.partition import (
     Layout,
     copy_plan,

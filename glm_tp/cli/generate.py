@@ -16,7 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from glm_tp.checkpoints.load import load_model, parse_quant, resolve_config
+from glm_tp.checkpoints.load import load_model, resolve_config
 from glm_tp.checkpoints.loader import source_bits
 from glm_tp.checkpoints.release import CheckpointError
 from glm_tp.checkpoints.sources import open_source
@@ -29,7 +29,7 @@ from glm_tp.cli.settings import (
     check_max_len,
     resolve_path,
 )
-from glm_tp.config import ModelConfig, parse_dtype
+from glm_tp.config import ModelConfig, default_dtype, parse_dtype, parse_quant
 from glm_tp.engine.coordinator import Coordinator, worker_loop
 from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig
@@ -54,7 +54,7 @@ def make_plan(cfg: DictConfig, model_cfg: ModelConfig, tp_size: int, device_type
     if bits is None:  # as the checkpoint holds: its metadata says (no weight file opened), or its first QKV shows
         said = (source.metadata or {}).get("quant_bits") if source else None
         bits = int(said) if said is not None else source_bits(source, model_cfg.hidden_size) if source else 0
-    dtype = parse_dtype(cfg.dtype) if cfg.dtype else (torch.float16 if device_type == "cuda" else torch.float32)
+    dtype = parse_dtype(cfg.dtype) if cfg.dtype else default_dtype(device_type)
     return Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
                 int(cfg.max_len or model_cfg.max_seq_len))
 

@@ -6,17 +6,22 @@ second instead of a model load or a traceback from deep inside torch.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from glm_tp.checkpoints.load import parse_quant
-from glm_tp.config import ModelConfig, parse_dtype
+from glm_tp.config import (
+    KERNELS,
+    LM_HEADS,
+    ModelConfig,
+    check_choice,
+    parse_dtype,
+    parse_quant,
+)
 from glm_tp.engine.types import GenerationConfig
-from glm_tp.kernels.quant import KERNELS
-from glm_tp.parallel.layers import LM_HEADS
 
 ROOT = Path(__file__).resolve().parents[2]
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -57,11 +62,18 @@ def _positive(key: str, value: Any, optional: bool = False) -> float | None:
     return float(value)
 
 
+def _parsed(key: str, value: Any, parse: Callable[[Any], object]) -> None:
+    """The option's own check, its message as one `key=value: what it may be` line."""
+    try:
+        parse(value)
+    except ValueError as e:
+        raise UsageError(f"{key}={value!r}: {str(e).split(': ', 1)[-1]}") from None
+
+
 def check_config(cfg: DictConfig) -> GenerationConfig:
     """Check every run setting that needs no model; returns the default generation settings."""
     for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise UsageError(f"{key}={cfg[key]!r}: use one of {', '.join(allowed)}")
+        _parsed(key, cfg[key], partial(check_choice, key, allowed=allowed))
     _whole("batch_size", cfg.batch_size, 1)
     _whole("max_len", cfg.max_len, 2, optional=True)  # at least a token and its answer
     _whole("ranks", cfg.ranks, 1, optional=True)
@@ -71,11 +83,8 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
         if not isinstance(cfg[key], bool):
             raise UsageError(f"{key}={cfg[key]!r}: use true or false")
     for key, parse in (("quant", parse_quant), ("dtype", parse_dtype)):
-        try:
-            if cfg[key] is not None:
-                parse(cfg[key])
-        except ValueError as e:
-            raise UsageError(f"{key}={cfg[key]!r}: {str(e).split(': ', 1)[-1]}") from None
+        if cfg[key] is not None:
+            _parsed(key, cfg[key], parse)
     if cfg.input == "http":
         check_server(cfg.server)
     try:

@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from glm_tp.model.glm import GLMModel, KVCache
+from glm_tp.model.masks import glm_mask
 
 MIN_WINDOW = 64
 
@@ -90,8 +91,8 @@ class Decoder:
             self.host_length[r] = self._prompt_length[r] = n
         device = self.model.device
         cache = self._cache().select(row, b)
-        mask = causal_after(bidirectional.to(device), s, device)
         slots = torch.arange(s, device=device)
+        mask = glm_mask(slots, s, bidirectional.to(device))
         return self.model.run(tokens.to(device), _squeeze(positions.to(device)), mask, cache, slots, s,
                               logits_at=(lengths - 1).to(device))
 
@@ -148,9 +149,8 @@ class Decoder:
         """One decode step on the static buffers; every value it needs is already on the device."""
         slot = self.length[:rows].view(rows, 1)
         positions = self.first_position[:rows] + self.counting[:rows] * self.generated[:rows].view(rows, 1)
-        keys = torch.arange(window, device=slot.device).view(1, 1, 1, window)
-        visible = (keys < self.bidirectional[:rows].view(rows, 1, 1, 1)) | (keys <= slot.view(rows, 1, 1, 1))
-        logits = self.model.run(self.tokens[:rows], _squeeze(positions.unsqueeze(1)), ~visible,
+        mask = glm_mask(slot, window, self.bidirectional[:rows])  # slots past a row's length stay hidden
+        logits = self.model.run(self.tokens[:rows], _squeeze(positions.unsqueeze(1)), mask,
                                 self._cache().select(0, rows), slot, window)
         self.length[:rows].add_(1)
         self.generated[:rows].add_(1)
@@ -183,15 +183,6 @@ class Decoder:
     def _undo_counters(self, rows: int) -> None:
         self.length[:rows].sub_(1)
         self.generated[:rows].sub_(1)
-
-
-def causal_after(bidirectional: torch.Tensor, s: int, device: torch.device) -> torch.Tensor:
-    """[b, 1, s, s] bool, True = hidden: the first bidirectional[b] tokens are seen by every query, the
-    rest causally (GLM's prefix-bidirectional mask for prompts starting at slot 0)."""
-    keys = torch.arange(s, device=device).view(1, 1, s)
-    queries = torch.arange(s, device=device).view(1, s, 1)
-    visible = (keys < bidirectional.view(-1, 1, 1)) | (keys <= queries)
-    return ~visible.unsqueeze(1)
 
 
 def _squeeze(positions: torch.Tensor) -> torch.Tensor:

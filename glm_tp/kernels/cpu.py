@@ -33,6 +33,8 @@ import torch
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from glm_tp.kernels.formats import unpack_int4
+
 ROW_BLOCK = 16  # output rows per parallel task: small enough to balance 2-16 threads on 2k-row weights
 Q8_BLOCK = 32   # input columns per activation scale in the q8 option (llama.cpp's Q8_0 block)
 
@@ -328,7 +330,6 @@ def small_kernel(q: torch.Tensor, scale: torch.Tensor, bits: int) -> Matmul:
     """The GEMV kernel for a quantized weight in the checkpoint's layout (int8 [out, in] or packed INT4)."""
     if bits == 8:
         return Matmul(int8_kernel, q, scale)  # the checkpoint's own tensor: no copy
-    from glm_tp.kernels.quant import unpack_int4
     return Matmul(int4_kernel, pack_int4_halves(unpack_int4(q)), scale)
 
 
@@ -342,6 +343,5 @@ def bf16_weight_kernel(w: torch.Tensor) -> Matmul | None:
 def q8_kernel(q: torch.Tensor, scale: torch.Tensor, bits: int) -> Matmul | None:
     """The integer kernel with Q8_0 activations; None when the input dim is not a multiple of Q8_BLOCK.
     INT4 weights are widened to int8 for it (twice their memory)."""
-    from glm_tp.kernels.quant import unpack_int4
     w = q if bits == 8 else unpack_int4(q)
     return Matmul(q8_kernel_, w, scale, q8=True) if w.shape[1] % Q8_BLOCK == 0 else None

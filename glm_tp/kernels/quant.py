@@ -1,16 +1,12 @@
-"""Weight-only INT8/INT4 quantization, bit-compatible with the GLM-130B release tools.
+"""Weight-only INT8/INT4 matmul on the release's quantized weights (their format: formats.py).
 
-Scheme: symmetric, one fp16 scale per output row of the rank's shard, scale = absmax/127 (INT8)
-or absmax/7 (INT4), and q = round(w / scale) computed in fp16 as the reference does. INT4 values
-are packed two per int8 byte along the input dim, the even column in the high nibble.
-
-Matmul: `prepare` turns a quantized weight once (at load) into the fastest form the device has,
-checked against plain dequantization on a small case before it is trusted:
+`prepare` turns a quantized weight once (at load) into the fastest form the device has,
+checked against plain dequantization on a small case before it is trusted (probe.py):
 - "int8pack": torch's fused int8 weight-only matmul (bf16 activations), CPU;
 - "int4pack": torch's fused int4 kernel (bf16 activations; its grouped format with unit scales and zero
   point 0), CPU and CUDA sm_80+;
 - on CPU, batches of up to SMALL_ROWS rows (decode) go to numba-compiled GEMV kernels
-  (`cpu_kernels`, fp32 activations) when numba is installed; larger batches (prefill, big decode batches)
+  (`kernels/cpu.py`, fp32 activations) when numba is installed; larger batches (prefill, big decode batches)
   stay on torch's kernels above; kernels="q8" sends those through the integer kernel with Q8_0-quantized
   activations instead;
 - "float" (`prepare_float`): a bf16 weight on CPU (the LM head, unquantized linears): batches of up to
@@ -24,7 +20,6 @@ logits differ from the reference's fp16 ones by bf16 rounding; the fp16 row scal
 """
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -32,50 +27,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from glm_tp.config import check_kernels
+from glm_tp.kernels import probe
+from glm_tp.kernels.formats import dequantize, int_values, quantize_rows, unpack_int4
+
 # the fused int4 kernels take grouped scales; ours are unit scales (the row scales come after the kernel),
 # so the largest group the kernels accept is best: fewer scales to apply (3-10 % faster on CPU than 32)
 INT4_GROUPS = (256, 128, 64, 32)
 
-
-def qmax(bits: int) -> int:
-    if bits not in (4, 8):
-        raise ValueError(f"quantization bits must be 8 or 4, not {bits}")
-    return 2 ** (bits - 1) - 1
-
-
-def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] float -> (int8 [out, in] or packed [out, in/2], fp16 scale [out])."""
-    w16 = w.to(torch.float16)
-    scale = (w16.abs().amax(dim=-1) / qmax(bits)).to(torch.float16)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row stays zero
-    q = torch.round(w16 / safe[:, None]).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
-    return (pack_int4(q) if bits == 4 else q), scale
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 values in [-8, 7], [out, in] -> [out, in/2]; column 2j high nibble, 2j+1 low nibble."""
-    if q.shape[-1] % 2:
-        raise ValueError(f"INT4 packing needs an even input dim, got {q.shape[-1]}")
-    hi, lo = q[..., 0::2], q[..., 1::2]
-    return ((hi << 4) | (lo & 0xF)).to(torch.int8)
-
-
-def unpack_int4(p: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_int4`, sign-extending each nibble with arithmetic shifts."""
-    hi = p >> 4
-    lo = (p << 4) >> 4
-    return torch.stack([hi, lo], dim=-1).flatten(-2)
-
-
-def int_values(q: torch.Tensor, bits: int) -> torch.Tensor:
-    return unpack_int4(q) if bits == 4 else q
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    return int_values(q, bits).to(dtype) * scale.to(dtype)[:, None]
-
-
-KERNELS = ("fused", "q8", "torch", "dequant")
 # the CPU GEMV kernels take batches up to this many rows (decode); above, batches are compute-bound and
 # stay on torch's kernels, so prefill and large-batch throughput are what they were
 SMALL_ROWS = 16
@@ -87,11 +46,6 @@ FLOAT_KERNEL_MIN_BYTES = 1 << 20
 # a fused kernel for small batches only: larger ones (prefill) are compute-bound, and there cuBLAS on the
 # dequantized weight is faster than a GEMV-style kernel
 COMPILED_MAX_ROWS = 16
-
-
-def check_kernels(kernels: str) -> None:
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
 
 
 def dequant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -198,43 +152,39 @@ def _with_cpu_kernels(p: PreparedWeight, kernels: str) -> PreparedWeight:
     return p
 
 
-_KERNEL_OK: dict[tuple[str, int, str], bool] = {}
-
-
 def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
     return bool((got.float() - want).abs().max() <= tol * want.abs().max() + 1e-3)
 
 
 def _kernel_works(device: torch.device, bits: int, kind: str) -> bool:
+    """kind: a fused kind, or "numba"/"q8" for the CPU kernels; bits 16: the bf16 kernel."""
+    return probe.works(kind, device, {8: "int8", 4: "int4", 16: "bf16"}[bits], lambda: _check(device, bits, kind))
+
+
+def _check(device: torch.device, bits: int, kind: str) -> bool:
     """Run a kernel once on small random cases (a decode-sized and a prefill-sized batch) and compare with
-    dequantization. kind: a fused kind, or "numba"/"q8" for the CPU kernels; bits 16: the bf16 kernel."""
-    key = (device.type, bits, kind)
-    if key not in _KERNEL_OK:
-        try:
-            gen = torch.Generator().manual_seed(0)
-            cpu = kind in ("numba", "q8")
-            # torch's int4 kernel takes 64-row multiples; 72 rows also test the CPU kernels' partial row block
-            w = torch.randn(72 if cpu else 64, 128, generator=gen)
-            if bits == 16:
-                p, dense = _with_float_kernel(w.bfloat16()), w.bfloat16().float()
-            else:
-                q, scale = quantize_rows(w, bits)
-                dense = dequantize(q, scale, bits, torch.float32).to(device)
-                p = _with_cpu_kernels(PreparedWeight("dequant", q, scale, bits), kind) if cpu else \
-                    _make(kind, q.to(device), scale.to(device), bits)
-            ok = True
-            for rows, tol in ((3, 0.02), (SMALL_ROWS + 3, 0.05 if kind == "q8" else 0.02)):
-                x = torch.randn(rows, 128, generator=gen).to(device, torch.bfloat16 if bits == 16 else None)
-                want = F.linear(x.float(), dense)
-                ok = ok and _close(p.matmul(x), want, tol)
-            _KERNEL_OK[key] = ok
-        except Exception:  # noqa: BLE001 - a kernel that fails to build or run is simply not used
-            _KERNEL_OK[key] = False
-    return _KERNEL_OK[key]
+    dequantization."""
+    gen = torch.Generator().manual_seed(0)
+    cpu = kind in ("numba", "q8")
+    # torch's int4 kernel takes 64-row multiples; 72 rows also test the CPU kernels' partial row block
+    w = torch.randn(72 if cpu else 64, 128, generator=gen)
+    if bits == 16:
+        p, dense = _with_float_kernel(w.bfloat16()), w.bfloat16().float()
+    else:
+        q, scale = quantize_rows(w, bits)
+        dense = dequantize(q, scale, bits, torch.float32).to(device)
+        p = _with_cpu_kernels(PreparedWeight("dequant", q, scale, bits), kind) if cpu else \
+            _make(kind, q.to(device), scale.to(device), bits)
+    ok = True
+    for rows, tol in ((3, 0.02), (SMALL_ROWS + 3, 0.05 if kind == "q8" else 0.02)):
+        x = torch.randn(rows, 128, generator=gen).to(device, torch.bfloat16 if bits == 16 else None)
+        want = F.linear(x.float(), dense)
+        ok = ok and _close(p.matmul(x), want, tol)
+    return ok
 
 
 def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, kernels: str = "fused") -> PreparedWeight:
-    """The fastest kernel that works here; kernels: see KERNELS (dequant: the reference's computation)."""
+    """The fastest kernel that works here; kernels: see config.KERNELS (dequant: the reference's computation)."""
     check_kernels(kernels)
     if kernels == "dequant" or not _candidates(q.device, bits):
         return PreparedWeight("dequant", q, scale, bits)
@@ -262,7 +212,7 @@ def prepare_float(w: torch.Tensor, kernels: str = "fused") -> PreparedWeight | N
     FLOAT_KERNEL_MIN_BYTES, or a kernel failing its check."""
     check_kernels(kernels)
     if (w.device.type != "cpu" or w.dtype != torch.bfloat16 or kernels not in ("fused", "q8") or w.shape[1] % 2
-            or w.numel() * w.element_size() < FLOAT_KERNEL_MIN_BYTES or importlib.util.find_spec("numba") is None):
+            or w.numel() * w.element_size() < FLOAT_KERNEL_MIN_BYTES or not probe.numba_available()):
         return None
     if not _kernel_works(w.device, 16, "numba"):
         warnings.warn("the numba bf16 CPU kernel failed its check here: using torch's matmul")
@@ -278,7 +228,7 @@ def _with_float_kernel(w: torch.Tensor) -> PreparedWeight:
 
 
 def _attach_cpu(prepared: PreparedWeight, kernels: str) -> PreparedWeight:
-    if importlib.util.find_spec("numba") is None:
+    if not probe.numba_available():
         if kernels == "q8":
             raise ValueError("kernels=q8 needs numba: pip install numba (or the [cpu] extra)")
         return prepared  # torch's kernels only; the docs say how to get the faster ones

@@ -4,7 +4,7 @@ queries and keys; three ways to compute it:
 - `reference_attention`: the reference's recipe in the model's dtype (CUDA, where decode steps are captured
   as CUDA graphs);
 - torch's fused attention on CPU (`attend`): fp32 inside, the cache read as it is;
-- on CPU, a decode step (one query per row) through the numba kernel `cpu_kernels.decode_attention`: rotary,
+- on CPU, a decode step (one query per row) through the numba kernel `kernels/cpu.decode_attention`: rotary,
   the cache write and the attention in one call that reads each cached key and value once (torch's fused
   attention reads a 1k-slot window of one row at under 2 GB/s, and the rotary and cache-write ops around it
   cost more than the kernel). `decode_kernel` chooses it at load, after checking it against the torch ops on
@@ -12,7 +12,6 @@ queries and keys; three ways to compute it:
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
 from typing import Callable
@@ -20,8 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from glm_tp.config import ModelConfig
-from glm_tp.kernels import quant
+from glm_tp.config import ModelConfig, check_kernels, dtype_name
+from glm_tp.kernels import probe
 
 MASK_FILL = -10000.0
 
@@ -73,8 +72,8 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
                         layer_id: int) -> torch.Tensor:
     """The reference's attention in the model's dtype: q scaled down by c = layer + 1 so that half-precision
     scores cannot overflow, masked scores set to MASK_FILL, softmax(scores * c) in fp32. The CPU paths give
-    masked keys the same weight, exactly 0; a query that sees no key at all (a left-pad slot, never read)
-    gets 0 there instead of the mean of the values."""
+    masked keys the same weight, exactly 0; a query that sees no key at all (a pad slot of a left-padded
+    `SeqLayout`, whose output is never read) gets 0 there instead of the mean of the values."""
     c = float(layer_id + 1)
     scores = torch.matmul(q / (math.sqrt(q.shape[-1]) * c), keys.transpose(-1, -2))
     scores = scores.masked_fill(mask, MASK_FILL)
@@ -82,21 +81,17 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return torch.matmul(probs, values)
 
 
-_DECODE_OK: dict[torch.dtype, bool] = {}
-
-
 def decode_kernel(kernels: str, dtype: torch.dtype, device: torch.device) -> DecodeKernel | None:
     """The CPU decode-attention kernel, or None where `attend` serves every call: other devices and dtypes,
     kernels "torch"/"dequant", no numba, or a kernel failing its check (with a warning)."""
-    quant.check_kernels(kernels)
+    check_kernels(kernels)
     if (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or kernels not in ("fused", "q8")
-            or importlib.util.find_spec("numba") is None):
+            or not probe.numba_available()):
         return None
     from glm_tp.kernels import cpu as cpu_kernels
 
-    if dtype not in _DECODE_OK:
-        _DECODE_OK[dtype] = _kernel_works(cpu_kernels.decode_attention, dtype)
-    if not _DECODE_OK[dtype]:
+    kernel = cpu_kernels.decode_attention
+    if not probe.works("decode_attention", device, dtype_name(dtype), lambda: _kernel_works(kernel, dtype)):
         # shown once per message (Python's default warning filter), not once per layer
         warnings.warn("the numba decode-attention kernel failed its check here: using torch's attention")
         return None
@@ -106,7 +101,7 @@ def decode_kernel(kernels: str, dtype: torch.dtype, device: torch.device) -> Dec
 def decode_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                                keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor, groups: int) -> torch.Tensor:
     """What a decode kernel must compute, as torch ops (the arguments and result of
-    `cpu_kernels.decode_attention`): rotary, the step's key and value written into the cache at each row's
+    `kernels/cpu.decode_attention`): rotary, the step's key and value written into the cache at each row's
     slot, then `attend` over the window."""
     rows, heads, _, d = keys.shape
     q, k, v = qkv.view(rows, 1, heads, 3 * d).transpose(1, 2).split(d, dim=-1)
@@ -122,24 +117,21 @@ def decode_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.
 def _kernel_works(kernel: DecodeKernel, dtype: torch.dtype) -> bool:
     """Against the torch ops in fp32, for 1D and 2D rotary: 3 rows, a 40-slot cache, a 24-slot window; one row
     sees a prefix and its own slot, one a pad run, one nothing (the kernel must give 0 there, as torch does)."""
-    try:
-        gen = torch.Generator().manual_seed(0)
-        heads, d = 2, 16
-        slots = torch.arange(24)
-        hidden = torch.stack([slots > 20, (slots < 5) | (slots > 17), torch.ones(24, dtype=torch.bool)])
-        hidden = hidden.view(3, 1, 1, 24)
-        at = torch.tensor([[20], [17], [23]])
-        for groups in (1, 2):
-            qkv = torch.randn(3, 1, heads * 3 * d, generator=gen).to(dtype)
-            cos, sin = (torch.randn(3, 1, 1, d, generator=gen).to(dtype) for _ in range(2))
-            cache = [torch.randn(3, heads, 40, d, generator=gen).to(dtype) for _ in range(2)]
-            want_cache = [t.float().clone() for t in cache]  # a copy even when dtype is fp32
-            want = decode_attention_reference(qkv.float(), cos.float(), sin.float(), at, *want_cache, hidden, groups)
-            got = kernel(qkv, cos, sin, at, *cache, hidden, groups).float()
-            written = all(torch.allclose(g[torch.arange(3), :, at[:, 0]].float(), w[torch.arange(3), :, at[:, 0]],
-                                         rtol=0.02, atol=0.05) for g, w in zip(cache, want_cache))
-            if not (written and (got - want).abs().max() <= 0.02 * want.abs().max() + 0.02):
-                return False
-        return True
-    except Exception:  # noqa: BLE001 - a kernel that fails to build or run is simply not used
-        return False
+    gen = torch.Generator().manual_seed(0)
+    heads, d = 2, 16
+    slots = torch.arange(24)
+    hidden = torch.stack([slots > 20, (slots < 5) | (slots > 17), torch.ones(24, dtype=torch.bool)])
+    hidden = hidden.view(3, 1, 1, 24)
+    at = torch.tensor([[20], [17], [23]])
+    for groups in (1, 2):
+        qkv = torch.randn(3, 1, heads * 3 * d, generator=gen).to(dtype)
+        cos, sin = (torch.randn(3, 1, 1, d, generator=gen).to(dtype) for _ in range(2))
+        cache = [torch.randn(3, heads, 40, d, generator=gen).to(dtype) for _ in range(2)]
+        want_cache = [t.float().clone() for t in cache]  # a copy even when dtype is fp32
+        want = decode_attention_reference(qkv.float(), cos.float(), sin.float(), at, *want_cache, hidden, groups)
+        got = kernel(qkv, cos, sin, at, *cache, hidden, groups).float()
+        written = all(torch.allclose(g[torch.arange(3), :, at[:, 0]].float(), w[torch.arange(3), :, at[:, 0]],
+                                     rtol=0.02, atol=0.05) for g, w in zip(cache, want_cache))
+        if not (written and (got - want).abs().max() <= 0.02 * want.abs().max() + 0.02):
+            return False
+    return True

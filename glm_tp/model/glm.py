@@ -12,8 +12,9 @@ rotary over the whole head dim at 1D positions [b, s], or 2D (ChatGLM-6B): posit
 
 Attention: head-major fused QKV, NeoX-style rotary at caller-given position ids, softmax(q k^T / sqrt(d)) in
 fp32 (how each device computes it: attention.py). The mask is GLM's: every query sees the first
-`bidirectional` tokens of its sequence, and the rest causally. Sequences of different lengths are left-padded, and pad
-slots are never visible. Keys and values live in a preallocated `KVCache` written in place.
+`bidirectional` tokens of its sequence, and the rest causally (masks.py). `SeqLayout` may put pad slots
+before a sequence, never visible; the serving engine instead right-pads each row from slot 0
+(engine/decoder.py). Keys and values live in a preallocated `KVCache` written in place.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch import nn
 from glm_tp.config import ModelConfig
 from glm_tp.model import attention
 from glm_tp.model.attention import apply_rotary, rotary_at, rotary_groups, rotary_tables
+from glm_tp.model.masks import glm_mask
 from glm_tp.parallel.dist import TPContext
 from glm_tp.parallel.layers import (
     ColumnParallelLinear,
@@ -44,12 +46,10 @@ class SeqLayout:
     bidirectional: torch.Tensor  # [b] long
 
     def mask(self, start: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-        """[b, 1, q_len, k_len] bool, True = masked (the reference's convention)."""
-        keys = torch.arange(k_len, device=device).view(1, 1, k_len)
-        queries = torch.arange(start, start + q_len, device=device).view(1, q_len, 1)
-        pad = self.pad.to(device).view(-1, 1, 1)
-        visible = (keys < pad + self.bidirectional.to(device).view(-1, 1, 1)) | (keys <= queries)
-        return ~(visible & (keys >= pad)).unsqueeze(1)
+        """[b, 1, q_len, k_len] bool, True = masked (the reference's convention), for queries at slots
+        start..start+q_len."""
+        queries = torch.arange(start, start + q_len, device=device)
+        return glm_mask(queries, k_len, self.bidirectional.to(device), self.pad.to(device))
 
 
 class KVCache:
@@ -185,7 +185,7 @@ class GLMModel(nn.Module):
         self.register_buffer("rotary_sin", sin, persistent=False)
 
     def prepare_kernels(self, kernels: str = "fused", lm_head: str = "model") -> None:
-        """Lay weights out for the device's kernels (once, after loading; kernels: see quant.KERNELS,
+        """Lay weights out for the device's kernels (once, after loading; kernels: see config.KERNELS,
         "dequant" keeps the reference's dequantize-then-matmul); lm_head "int8" multiplies the logits by an
         INT8 copy of the LM head (the embedding, when the two are tied)."""
         for module in self.modules():
@@ -218,7 +218,7 @@ class GLMModel(nn.Module):
         """`forward` on inputs already on the device: tokens [b, s], positions [b, s] or [b, s, 2] (2D), the mask
         [b, 1, s, window] (True = hidden), the cache slots this call writes ([s], or [b, 1]: each row's own slot).
         It does no host work, so a decode step made
-        of it can be captured in a CUDA graph (see decode.py)."""
+        of it can be captured in a CUDA graph (see engine/decoder.py)."""
         cos, sin = rotary_at(self.rotary_cos, self.rotary_sin, positions)
         x = self.transformer.word_embeddings(tokens)
         for layer in self.transformer.layers:

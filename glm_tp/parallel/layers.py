@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm_tp.config import check_lm_head
 from glm_tp.kernels import quant
+from glm_tp.kernels.formats import quantize_rows
 from glm_tp.parallel.dist import TPContext
 from glm_tp.parallel.partition import Layout
-
-LM_HEADS = ("model", "int8")
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -44,10 +44,9 @@ class VocabParallelEmbedding(nn.Module):
     def prepare_head_(self, lm_head: str, kernels: str = "fused") -> None:
         """lm_head "int8": the logits multiply by an INT8 copy of the embedding (per-row scales, as the
         linears; half the bytes of a bf16 head); "model": by the embedding itself, in the model's dtype."""
-        if lm_head not in LM_HEADS:
-            raise ValueError(f"unknown lm_head {lm_head!r}: use one of {', '.join(LM_HEADS)}")
+        check_lm_head(lm_head)
         if lm_head == "int8":
-            self.head = quant.prepare(*quant.quantize_rows(self.weight, 8), 8, kernels)
+            self.head = quant.prepare(*quantize_rows(self.weight, 8), 8, kernels)
         else:
             self.head = quant.prepare_float(self.weight, kernels)
 
@@ -82,7 +81,7 @@ class _ParallelLinear(nn.Module):
         self.prepared: quant.PreparedWeight | None = None
 
     def prepare_(self, kernels: str = "fused") -> None:
-        """Lay a quantized weight out for its kernel, once, after loading (kernels: see quant.KERNELS); a
+        """Lay a quantized weight out for its kernel, once, after loading (kernels: see config.KERNELS); a
         float weight gets the CPU decode kernel where there is one for it."""
         if self.bits:
             self.prepared = quant.prepare(self.weight, self.weight_scale, self.bits, kernels)
@@ -94,7 +93,7 @@ class _ParallelLinear(nn.Module):
         if not self.bits:
             self.weight.copy_(w)
             return
-        q, scale = quant.quantize_rows(w.to(self.weight.device), self.bits)
+        q, scale = quantize_rows(w.to(self.weight.device), self.bits)
         self.weight.copy_(q)
         self.weight_scale.copy_(scale)
         self.prepared = None

@@ -12,7 +12,7 @@ from glm_tp import CheckpointError, load_model
 from glm_tp.checkpoints.hf import config_metadata, hf_config, write_hf_checkpoint
 from glm_tp.checkpoints.synthetic import random_tensor
 from glm_tp.config import PRESETS
-from glm_tp.kernels.quant import quantize_rows
+from glm_tp.kernels.formats import quantize_rows
 from glm_tp.model.glm import SeqLayout
 from glm_tp.parallel.partition import full_shapes
 from glm_tp.text.blanks import next_blank

@@ -13,8 +13,9 @@ import torch
 
 from glm_tp import load_model
 from glm_tp.engine.decoder import Decoder
-from glm_tp.kernels import quant
-from glm_tp.kernels.quant import SMALL_ROWS, dequantize, prepare, quantize_rows
+from glm_tp.kernels import probe, quant
+from glm_tp.kernels.formats import dequantize, quantize_rows
+from glm_tp.kernels.quant import SMALL_ROWS, prepare
 from glm_tp.model import attention
 from tests.model.test_model import LAYOUT, POSITIONS, TOKENS
 from tests.support import ROOT
@@ -154,12 +155,12 @@ def test_without_numba_the_torch_kernels_are_used(monkeypatch):
 
 
 def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch):
-    monkeypatch.setitem(quant._KERNEL_OK, ("cpu", 4, "numba"), False)
+    monkeypatch.setitem(probe.RESULTS, ("numba", "cpu", "int4"), False)
     q, scale = quantize_rows(torch.randn(64, 128), 4)
     with pytest.warns(UserWarning, match="numba INT4 CPU kernels failed their check here: using torch's"):
         p = prepare(q, scale, 4)
     assert p.kind == "int4pack" and p.small is None
-    monkeypatch.setitem(quant._KERNEL_OK, ("cpu", 16, "numba"), False)
+    monkeypatch.setitem(probe.RESULTS, ("numba", "cpu", "bf16"), False)
     with pytest.warns(UserWarning, match="numba bf16 CPU kernel failed its check here: using torch's matmul"):
         assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None
 
@@ -215,7 +216,7 @@ def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
     cfg = fast.cfg
     assert len(calls) == 4 * cfg.num_layers and set(calls) == {(2, 1, 3 * cfg.hidden_size)}  # the steps only
     assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[1].abs().max()
-    monkeypatch.setitem(attention._DECODE_OK, torch.float32, False)
+    monkeypatch.setitem(probe.RESULTS, ("decode_attention", "cpu", "fp32"), False)
     with pytest.warns(UserWarning, match="decode-attention kernel failed its check here: using torch's attention"):
         assert attention.decode_kernel("fused", torch.float32, torch.device("cpu")) is None
     assert attention.decode_kernel("dequant", torch.bfloat16, torch.device("cpu")) is None

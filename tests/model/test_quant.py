@@ -11,14 +11,8 @@ import torch
 from glm_tp import CheckpointError, load_model
 from glm_tp.checkpoints.release import open_shard
 from glm_tp.engine.types import GenerationConfig, Request
-from glm_tp.kernels.quant import (
-    dequant_linear,
-    dequantize,
-    pack_int4,
-    prepare,
-    quantize_rows,
-    unpack_int4,
-)
+from glm_tp.kernels.formats import dequantize, pack_int4, quantize_rows, unpack_int4
+from glm_tp.kernels.quant import dequant_linear, prepare
 from tests.model.test_model import LAYOUT, POSITIONS, TOKENS
 from tests.support import ROOT
 from tests.support.engines import engine_for
