@@ -89,6 +89,7 @@ class Engine:
         cancelled = self.scheduler.cancelled()
         choice = Choice()
         if self.logits is not None:
+            # the cancelled get no token; one cancelled after this look goes on until the next step's
             gone = {id(job) for job, _ in cancelled}
             choice = self.sampler.choose([j for j in self.scheduler.jobs() if id(j) not in gone], self.logits)
         plan = self.scheduler.decide(cancelled, choice)

@@ -6,7 +6,14 @@ import torch
 
 from glm_tp.config import PRESETS
 from glm_tp.engine.jobs import Job
-from glm_tp.engine.plan import STEP, Admission, Choice, StepPlan, decode_plan, encode_plan
+from glm_tp.engine.plan import (
+    STEP,
+    Admission,
+    Choice,
+    StepPlan,
+    decode_plan,
+    encode_plan,
+)
 from glm_tp.engine.scheduler import Scheduler
 from glm_tp.engine.types import GenerationConfig, Request, RequestHandle
 from glm_tp.text.tokenizer import load_tokenizer
