@@ -12,8 +12,9 @@ import threading
 import time
 from typing import Callable
 
-from glm_tp.engine.core import IDLE, SHUTDOWN, Engine
+from glm_tp.engine.core import Engine
 from glm_tp.engine.jobs import error_result
+from glm_tp.engine.plan import IDLE, SHUTDOWN
 from glm_tp.engine.types import (
     Event,
     GenerationConfig,

@@ -1,13 +1,10 @@
 """The generation engine: continuous batching of blank fills over a tensor-parallel model.
 
-Every rank holds an `Engine` and runs the same forward passes; rank 0 alone decides (scheduler.py).
-An iteration: rank 0's scheduler turns the last logits into a `StepPlan` (beam parents, packing moves,
-each kept row's next token, fills to admit), broadcasts it, and every rank applies it to its `Decoder`:
-one decode step for the kept rows, one prefill per admitted fill. The plan travels as one fixed-size
-tensor; packing moves and admissions, when there are any, follow as one object broadcast.
-
-Commands in the tensor's first slot: STEP (apply the plan), IDLE (keep-alive while rank 0 waits for
-work: a lost rank still fails the collective), END (an `Engine.generate` call is over) and SHUTDOWN.
+Every rank holds an `Engine` and runs the same forward passes; rank 0 alone decides. An iteration:
+rank 0's sampler (sampler.py) chooses the rows' tokens from the last logits, its scheduler
+(scheduler.py) turns that choice into a `StepPlan` (beam parents, packing moves, each kept row's next
+token, fills to admit), rank 0 broadcasts it (plan.py) and every rank applies it to its `Decoder`: one
+decode step for the kept rows, one prefill per admitted fill.
 """
 from __future__ import annotations
 
@@ -15,13 +12,22 @@ import torch
 
 from glm_tp.engine.decoder import Decoder
 from glm_tp.engine.jobs import Job, error_result
-from glm_tp.engine.scheduler import Admission, Scheduler, StepPlan
+from glm_tp.engine.plan import (
+    END,
+    SHUTDOWN,
+    STEP,
+    Admission,
+    Choice,
+    StepPlan,
+    decode_plan,
+    encode_plan,
+    message_size,
+)
+from glm_tp.engine.sampler import Sampler, banned_tokens
+from glm_tp.engine.scheduler import Scheduler
 from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
 from glm_tp.model.glm import GLMModel
 from glm_tp.text.tokenizer import GLMTokenizer
-
-STEP, IDLE, END, SHUTDOWN = 0, 1, 2, 3
-HEADER = 4  # cmd, rows before the step, rows kept, whether an object follows
 
 
 class Engine:
@@ -35,23 +41,13 @@ class Engine:
         self.decoder = Decoder(model, max_batch, max_len, graphs=cuda_graphs,
                                position_dims=2 if model.cfg.position_encoding == "2d" else 1)
         self.rows = 0  # rows in use, the same on every rank
-        # rank 0: the scheduler and the logits of rows [0, rows) that await its decision
+        # rank 0: the scheduler, the sampler and the logits of rows [0, rows) that await their decision
         # prefill tokens per step (padded): at least one whole prompt, and room to batch several
         budget = prefill_budget or max(2048, self.decoder.max_len)
-        self.scheduler = Scheduler(self, max_batch, budget) if self.tp.is_first else None
+        self.scheduler = Scheduler(max_batch, budget) if self.tp.is_first else None
+        self.sampler = Sampler(banned_tokens(model.cfg.vocab_size, tokenizer), tokenizer.decode) \
+            if self.tp.is_first else None
         self.logits: torch.Tensor | None = None
-        special = tokenizer.special
-        # only text tokens and the end tokens may be generated: never masks, sop or padding
-        self.banned = torch.ones(model.cfg.vocab_size, dtype=torch.bool)
-        lo = tokenizer.offset
-        self.banned[lo:min(lo + tokenizer.text_vocab_size, model.cfg.vocab_size)] = False
-        self.banned[[special.eop, special.eos]] = False
-        self._banned_on: dict[torch.device, torch.Tensor] = {}
-
-    def banned_on(self, device: torch.device) -> torch.Tensor:
-        if device not in self._banned_on:
-            self._banned_on[device] = self.banned.to(device)
-        return self._banned_on[device]
 
     @property
     def max_len(self) -> int:
@@ -89,31 +85,29 @@ class Engine:
 
     # -- rank 0 -------------------------------------------------------------------------------------
     def lead(self) -> None:
-        """One iteration: decide, broadcast the plan, apply it."""
-        plan = self.scheduler.decide(self.logits)
+        """One iteration: choose tokens, decide, broadcast the plan, apply it."""
+        cancelled = self.scheduler.cancelled()
+        choice = Choice()
+        if self.logits is not None:
+            # the cancelled get no token; one cancelled after this look goes on until the next step's
+            gone = {id(job) for job, _ in cancelled}
+            choice = self.sampler.choose([j for j in self.scheduler.jobs() if id(j) not in gone], self.logits)
+        plan = self.scheduler.decide(cancelled, choice)
         self.send(STEP, plan)
         self.logits = self.apply(plan)
 
     def send(self, command: int, plan: StepPlan | None = None) -> None:
         if not self.tp.communicates:  # one rank: nobody to tell
             return
-        message = torch.zeros(HEADER + 2 * self.max_batch, dtype=torch.long)
-        message[0] = command
-        if plan is not None:
-            extra = bool(plan.moves or plan.admit)
-            message[1:4] = torch.tensor([len(plan.parents), len(plan.tokens), int(extra)])
-            message[HEADER:HEADER + len(plan.parents)] = torch.tensor(plan.parents, dtype=torch.long)
-            message[HEADER + self.max_batch:HEADER + self.max_batch + len(plan.tokens)] = \
-                torch.tensor(plan.tokens, dtype=torch.long)
-        self.tp.broadcast(message.to(self.model.device))
-        if plan is not None and (plan.moves or plan.admit):
+        self.tp.broadcast(encode_plan(command, plan, self.max_batch).to(self.model.device))
+        if plan is not None and plan.has_extra:
             self.tp.broadcast_object((plan.moves, plan.admit))
 
     # -- ranks > 0 ----------------------------------------------------------------------------------
     def follow(self, until: int) -> int:
         """Apply rank 0's plans until it sends `until` (or SHUTDOWN); returns the command that ended it."""
         while True:
-            message = self.tp.broadcast(torch.zeros(HEADER + 2 * self.max_batch, dtype=torch.long,
+            message = self.tp.broadcast(torch.zeros(message_size(self.max_batch), dtype=torch.long,
                                                     device=self.model.device)).cpu()
             command = int(message[0])
             if command == STEP:
@@ -122,10 +116,7 @@ class Engine:
                 return command
 
     def _receive(self, message: torch.Tensor) -> StepPlan:
-        n_old, n_keep, extra = (int(v) for v in message[1:4])
-        m = self.max_batch
-        plan = StepPlan(parents=message[HEADER:HEADER + n_old].tolist(),
-                        tokens=message[HEADER + m:HEADER + m + n_keep].tolist())
+        plan, extra = decode_plan(message, self.max_batch)
         if extra:
             plan.moves, plan.admit = self.tp.broadcast_object(None)
         return plan

@@ -2,7 +2,8 @@
 
 A `Job` knows the fill it needs next (GLM fills blanks left to right, each as a fresh prefill with the
 earlier answers spliced in), takes the tokens the scheduler chooses for its rows, ends a fill on an end
-token, its token cap or a stop string, streams what it generated as events, and builds its `Result`.
+token, its token cap or a stop string, and emits what it generated as events; `result_of` builds its
+`Result`.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from glm_tp.text.blanks import (
     splice,
     tokenize_prompt,
 )
-from glm_tp.text.tokenizer import REPLACEMENT, GLMTokenizer, TextStream
+from glm_tp.text.stream import StopStream, find_stop
+from glm_tp.text.tokenizer import GLMTokenizer
 
 
 class Job:
@@ -80,8 +82,8 @@ class Job:
     def start_fill(self) -> BlankInput:
         inp = next_blank(self.ids, self.kind, self.tok.special, self.position_encoding)
         assert inp is not None
-        self.fill, self.sent, self.cut = inp, "", None  # cut: where a stop string begins in the text
-        self.text = TextStream(self.tok)
+        self.fill, self.sent = inp, ""  # sent: the text emitted so far
+        self.stream = StopStream(self.tok, self.config.stop)
         self.logprobs_from = len(self.logprobs or [])   # this fill's first entry in self.logprobs
         self.generated: list[list[int]] = [[] for _ in range(self.beams)]
         self.cap = min(self.config.max_new_tokens, self.max_len - len(inp.tokens))
@@ -113,17 +115,9 @@ class Job:
 
     def _stream(self, logprob: TokenLogprob | None) -> bool:
         """Send the text that can no longer change; True when a stop string appeared."""
-        text = self.text.update(self.generated[0])
-        stops = [i for i in (text.find(s) for s in self.config.stop) if i >= 0]
-        if stops:
-            self.cut = min(stops)
-            self._delta(text[:self.cut], logprob)
-            return True
-        hold = max([_prefix_overlap(text, s) for s in self.config.stop] + [0])
-        if text.endswith(REPLACEMENT):
-            hold = max(hold, 1)
-        self._delta(text[:len(text) - hold], logprob)
-        return False
+        safe, cut = self.stream.update(self.generated[0])
+        self._delta(safe, logprob)
+        return cut is not None
 
     def _delta(self, upto: str, logprob: TokenLogprob | None) -> None:
         new = upto[len(self.sent):] if len(upto) > len(self.sent) else ""
@@ -156,14 +150,11 @@ class Job:
     def _answer(self, reason: str) -> tuple[list[int], str]:
         if self.beam is None:
             gen = self.generated[0]
-            if self.cut is not None:
-                text = self.tok.decode(gen)[:self.cut]
-                keep = len(gen)
-                while keep and not text.startswith(self.tok.decode(gen[:keep])):
-                    keep -= 1  # the tokens whose text lies before the stop string
+            if self.stream.cut is not None:
+                kept, text = self.stream.trim(gen, self.stream.cut)
                 if self.logprobs is not None:
-                    del self.logprobs[self.logprobs_from + keep:]
-                return gen[:keep], text
+                    del self.logprobs[self.logprobs_from + len(kept):]
+                return kept, text
             return gen, self.tok.decode(gen)
         hyps = self.beam.finish()
         answers = [h.tokens[:-1] if h.tokens and h.tokens[-1] in self.end_tokens else h.tokens for h in hyps]
@@ -174,8 +165,7 @@ class Job:
             self.beam_texts = [self.tok.decode(f[:-1] if f and f[-1] == eos else f) for f in full]
         best = answers[0] if answers else []
         text = self.tok.decode(best)
-        cut = min([i for i in (text.find(s) for s in self.config.stop) if i >= 0] + [len(text)])
-        return best, text[:cut]
+        return best, text[:find_stop(text, self.config.stop)]
 
     def stop(self, reason: str) -> None:
         """End now (cancelled, interrupted): the current fill's tokens so far are kept as its answer."""
@@ -184,36 +174,36 @@ class Job:
         self.finish = reason
 
     def done(self) -> None:
-        self.handle.emit(Done(self.result()))
+        self.handle.emit(Done(result_of(self)))
 
-    # -- the result ---------------------------------------------------------------------------------
-    def result(self) -> Result:
-        if self.error is not None and not self.blank_ids:
-            return Result(id=self.handle.id, finish_reason="error", error=self.error)
-        ids, origin = list(self.ids), list(self.origin)
-        if ids and ids[-1] == self.tok.special.eos:
-            ids, origin = ids[:-1], origin[:-1]
-        pieces: list[tuple[str, bool]] = []
-        start, shown = 0, ""
-        for i in range(1, len(ids) + 1):
-            if i == len(ids) or origin[i] != origin[start]:
-                text = self.tok.decode(ids[:i])  # decoding prefixes keeps the spaces between pieces
-                pieces.append((text[len(shown):], origin[start] > 0))
-                start, shown = i, text
-        return Result(id=self.handle.id, text=self.tok.decode(ids), blanks=list(self.blank_texts),
-                      blanks_token_ids=[list(b) for b in self.blank_ids], token_ids=ids,
-                      finish_reason=self.finish or "stop", prompt_tokens=self.prompt_tokens,
-                      completion_tokens=self.completion_tokens, beams=self.beam_texts, error=self.error,
-                      pieces=pieces, logprobs=self.logprobs, cut_by_max_len=self.cut_by_max_len)
+
+# -- the result -------------------------------------------------------------------------------------
+def result_of(job: Job) -> Result:
+    """A finished job's result: the filled text, its blanks, and the text in pieces (prompt or answer)."""
+    if job.error is not None and not job.blank_ids:
+        return error_result(job.handle.id, job.error)
+    ids, origin = list(job.ids), list(job.origin)
+    if ids and ids[-1] == job.tok.special.eos:
+        ids, origin = ids[:-1], origin[:-1]
+    return Result(id=job.handle.id, text=job.tok.decode(ids), blanks=list(job.blank_texts),
+                  blanks_token_ids=[list(b) for b in job.blank_ids], token_ids=ids,
+                  finish_reason=job.finish or "stop", prompt_tokens=job.prompt_tokens,
+                  completion_tokens=job.completion_tokens, beams=job.beam_texts, error=job.error,
+                  pieces=_pieces(job.tok, ids, origin), logprobs=job.logprobs, cut_by_max_len=job.cut_by_max_len)
+
+
+def _pieces(tok: GLMTokenizer, ids: list[int], origin: list[int]) -> list[tuple[str, bool]]:
+    """The text in runs of one origin each: (text, whether an answer wrote it), for highlighting."""
+    pieces: list[tuple[str, bool]] = []
+    start, shown = 0, ""
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or origin[i] != origin[start]:
+            text = tok.decode(ids[:i])  # decoding prefixes keeps the spaces between pieces
+            pieces.append((text[len(shown):], origin[start] > 0))
+            start, shown = i, text
+    return pieces
 
 
 def error_result(request_id: str, message: str) -> Result:
     return Result(id=request_id, finish_reason="error", error=message)
 
-
-def _prefix_overlap(text: str, stop: str) -> int:
-    """Length of the longest end of `text` that begins `stop` (that text may still become the stop string)."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0

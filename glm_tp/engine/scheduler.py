@@ -1,55 +1,27 @@
-"""Rank 0's iteration-level scheduler: which fill owns which cache row, and what the next step does.
+"""Rank 0's iteration-level scheduler: which fill owns which cache row, and which fills run next.
 
-After every forward, `Scheduler.decide` takes the logits of the rows [0, n) and
-1. drops cancelled requests;
-2. chooses a token for every row: greedy, seeded sampling or beam search, each row by its own request's
-   settings (bans, temperature, top-k/top-p), with logprobs where asked;
-3. ends the fills that hit an end token, their cap or a stop string; a request with another blank goes
-   back to the front of the waiting queue (its next fill is a fresh prefill with the answer spliced in);
-4. packs the surviving rows to the front (moving the last rows into the holes);
-5. admits waiting fills into the free rows, first come first served, within a prefill token budget; while
+Each iteration the engine asks it for the cancelled requests, lets the sampler (sampler.py) choose the
+other rows' tokens, and hands both back to `Scheduler.decide`, which
+1. ends the fills that were cancelled or hit an end token, their cap or a stop string; a request with
+   another blank goes back to the front of the waiting queue (its next fill is a fresh prefill with the
+   answer spliced in);
+2. packs the surviving rows to the front (moving the last rows into the holes);
+3. admits waiting fills into the free rows, first come first served, within a prefill token budget; while
    rows are decoding, fills join in groups so that one prefill forward serves several (when half the
    rows are free or the oldest fill has waited `max_wait_steps` steps since the last admission).
-The resulting `StepPlan` is what every rank applies (engine.py). A request's tokens depend only on its
-own rows and its own random stream, never on what else runs.
+The resulting `StepPlan` (plan.py) is what every rank applies (core.py).
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-
-import torch
 
 from glm_tp.engine.jobs import Job
-from glm_tp.engine.sampling import ban_tokens, sampled_logits
-from glm_tp.engine.types import TokenLogprob
-from glm_tp.text.blanks import Position
-
-
-@dataclass
-class Admission:
-    """A fill every rank prefills into `row`, then copies into `copies_to` (the other beams)."""
-
-    tokens: list[int]
-    positions: list[Position]
-    bidirectional: int
-    first_position: Position  # an int, or a (position, block position) pair for 2D positions
-    counting: Position
-    row: int
-    copies_to: list[int] = field(default_factory=list)
-
-
-@dataclass
-class StepPlan:
-    parents: list[int] = field(default_factory=list)           # rows [0, n_old): beam parents (else i)
-    moves: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) packing moves, after parents
-    tokens: list[int] = field(default_factory=list)            # next token of the kept rows [0, n_keep)
-    admit: list[Admission] = field(default_factory=list)
+from glm_tp.engine.plan import Admission, Choice, StepPlan
 
 
 class Scheduler:
-    def __init__(self, engine, max_rows: int, prefill_budget: int, max_wait_steps: int = 8):
-        self.engine, self.max_rows, self.prefill_budget = engine, max_rows, prefill_budget
+    def __init__(self, max_rows: int, prefill_budget: int, max_wait_steps: int = 8):
+        self.max_rows, self.prefill_budget = max_rows, prefill_budget
         # while rows decode, fills join in groups (one prefill forward for several): once half of the
         # rows are free, or once the oldest has waited max_wait_steps steps since the last admission
         # (as TGI batches prefills)
@@ -84,13 +56,18 @@ class Scheduler:
             job.handle.cancel()
 
     # -- one decision -------------------------------------------------------------------------------
-    def decide(self, logits: torch.Tensor | None) -> StepPlan:
-        plan = StepPlan(parents=list(range(len(self.rows))))
-        next_token: dict[int, int] = {}
-        ended: list[tuple[Job, str]] = self._cancelled()
-        if logits is not None:
-            ended += self._choose(logits, plan.parents, next_token)
-        for job, reason in ended:
+    def cancelled(self) -> list[tuple[Job, str]]:
+        """The cancelled requests, with their reasons; those still waiting leave the queue."""
+        out = [(j, j.cancel_reason) for j in self.jobs() if j.handle.cancelled.is_set()]
+        for job in [j for j in self.waiting if j.handle.cancelled.is_set()]:
+            self.waiting.remove(job)
+            out.append((job, job.cancel_reason))
+        return out
+
+    def decide(self, cancelled: list[tuple[Job, str]], choice: Choice) -> StepPlan:
+        """End the cancelled fills and those the choice ended, pack the rows that go on, admit waiting fills."""
+        plan = StepPlan(parents=[choice.parents.get(r, r) for r in range(len(self.rows))])
+        for job, reason in cancelled + choice.ended:
             if job.fill is not None and reason in ("stop", "length"):
                 if job.end_fill(reason):
                     job.queued_at = self.steps - self.max_wait_steps  # its next blank joins at once
@@ -100,7 +77,7 @@ class Scheduler:
                 job.stop(reason)
             self.finished.append(job)
             job.done()
-        self._pack(plan, next_token)
+        self._pack(plan, choice.tokens)
         if self._admission_due():
             self._admit(plan)
             self.last_admission = self.steps
@@ -113,79 +90,6 @@ class Scheduler:
         free = self.max_rows - len(self.rows)
         waited = self.steps - max(self.waiting[0].queued_at, self.last_admission)
         return not self.rows or free >= self.min_group or waited >= self.max_wait_steps
-
-    def _cancelled(self) -> list[tuple[Job, str]]:
-        out = [(j, j.cancel_reason) for j in self.jobs() if j.handle.cancelled.is_set()]
-        for job in [j for j in self.waiting if j.handle.cancelled.is_set()]:
-            self.waiting.remove(job)
-            out.append((job, job.cancel_reason))
-        return out
-
-    def _choose(self, logits: torch.Tensor, parents: list[int], next_token: dict[int, int]) -> list[tuple[Job, str]]:
-        jobs = [j for j in self.jobs() if not j.handle.cancelled.is_set()]
-        scores = logits.float()
-        scores.masked_fill_(self.engine.banned_on(scores.device)[: scores.shape[-1]], float("-inf"))
-        for job in jobs:
-            cfg = job.config
-            if cfg.min_new_tokens or cfg.no_repeat_ngram_size:
-                for beam, row in enumerate(job.rows):
-                    ban_tokens(scores[row:row + 1], [job.generated[beam]], job.end_tokens, cfg.min_new_tokens,
-                               cfg.no_repeat_ngram_size)
-        greedy = [j for j in jobs if j.config.strategy == "greedy" and j.config.logprobs is None]
-        ended = []
-        if greedy:  # one argmax over all greedy rows, on the logits' device
-            picked = scores[[j.rows[0] for j in greedy]].argmax(dim=-1).tolist()
-            for job, token in zip(greedy, picked):
-                next_token[job.rows[0]] = token
-                reason = job.take(token, None)
-                if reason:
-                    ended.append((job, reason))
-        others = [j for j in jobs if j not in greedy]
-        if others:
-            ended += self._choose_on_host(others, scores, parents, next_token)
-        return ended
-
-    def _choose_on_host(self, jobs: list[Job], scores: torch.Tensor, parents: list[int],
-                        next_token: dict[int, int]) -> list[tuple[Job, str]]:
-        """Sampling, beam search and logprobs work on the host, each request with its own generator."""
-        rows = [r for j in jobs for r in j.rows]
-        host = scores[rows].cpu()
-        at = {r: i for i, r in enumerate(rows)}
-        sampled = [j for j in jobs if j.config.strategy == "sample"]
-        if sampled:
-            idx = [at[j.rows[0]] for j in sampled]
-            cfgs = [j.config for j in sampled]
-            host[idx] = sampled_logits(host[idx], torch.tensor([c.temperature for c in cfgs]),
-                                       torch.tensor([c.top_k for c in cfgs]), torch.tensor([c.top_p for c in cfgs]))
-        logprobs = host.log_softmax(dim=-1)
-        ended = []
-        for job in jobs:
-            first = at[job.rows[0]]
-            if job.beam is not None:
-                picks, reason = job.take_beams(logprobs[first:first + job.beams])
-                for beam, (parent, token) in enumerate(picks):
-                    parents[job.rows[beam]] = job.rows[parent]
-                    next_token[job.rows[beam]] = token
-            else:
-                if job.config.strategy == "sample":
-                    token = int(torch.multinomial(host[first].softmax(dim=-1), 1, generator=job.generator)[0])
-                else:
-                    token = int(logprobs[first].argmax())
-                next_token[job.rows[0]] = token
-                reason = job.take(token, self._logprob(logprobs[first], token, job.config.logprobs))
-            if reason:
-                ended.append((job, reason))
-        return ended
-
-    def _logprob(self, logprobs: torch.Tensor, token: int, top: int | None) -> TokenLogprob | None:
-        if top is None:
-            return None
-        decode = self.engine.tok.decode
-        alternatives = []
-        if top:
-            values, ids = logprobs.topk(top)
-            alternatives = [(int(i), decode([int(i)]), float(v)) for v, i in zip(values, ids)]
-        return TokenLogprob(token, decode([token]), float(logprobs[token]), alternatives)
 
     # -- rows ---------------------------------------------------------------------------------------
     def _pack(self, plan: StepPlan, next_token: dict[int, int]) -> None:

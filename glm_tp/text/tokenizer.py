@@ -88,41 +88,6 @@ class GLMTokenizer:
         return "".join(out)
 
 
-class TextStream:
-    """The text of a growing list of ids, decoded a few ids at a time (streaming decoded the whole list
-    at every token: 2 ms per token at 2048 tokens with the demo tokenizer, quadratic in the answer).
-
-    The text is committed at points where it does not end inside a multi-byte character. An update
-    decodes the ids from an earlier point (the window) and appends what they add beyond the ids up to
-    the last point (the head). That is the whole decode's text when the head reads on its own as it does
-    in context: a run's first word boundary or a lone space piece can read differently at the start of a
-    decode, and then the point before is tried, and after a few the whole list is decoded."""
-
-    TRIES = 4
-
-    def __init__(self, tok: GLMTokenizer):
-        self.tok, self.text = tok, ""
-        self.points = [(0, 0)]  # committed points: (ids, characters of the text there); the last is now
-
-    def update(self, ids: list[int]) -> str:
-        """The text of `ids`, which extend the ids of the previous call."""
-        read = self.points[-1][0]
-        text = None
-        for start, chars in reversed(self.points[-1 - self.TRIES:-1]):
-            head = self.tok.decode(ids[start:read])
-            if head == self.text[chars:]:
-                window = self.tok.decode(ids[start:])
-                if window.startswith(head):
-                    text = self.text + window[len(head):]
-                    break
-        if text is None:
-            text = self.tok.decode(ids)
-        if not text.endswith(REPLACEMENT):
-            self.text = text
-            self.points = self.points[-self.TRIES:] + [(len(ids), len(text))]
-        return text
-
-
 def find_model_file(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     candidates = [p / name for name in MODEL_FILES] if p.is_dir() or not p.suffix else [p]

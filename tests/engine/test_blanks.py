@@ -16,9 +16,9 @@ from glm_tp.text.blanks import (
     splice,
     tokenize_prompt,
 )
+from glm_tp.text.stream import TextStream
 from glm_tp.text.tokenizer import (
     REPLACEMENT,
-    TextStream,
     TokenizerError,
     load_tokenizer,
 )

@@ -1,0 +1,100 @@
+"""Rank 0's token choice: the next token of every row from the last step's logits.
+
+Each row by its own request's settings: greedy, seeded sampling or beam search, bans (min_new_tokens,
+no_repeat_ngram_size, and the tokens no request may generate), temperature, top-k/top-p, with logprobs
+where asked. A request's tokens depend only on its own rows and its own random stream.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from glm_tp.engine.jobs import Job
+from glm_tp.engine.plan import Choice
+from glm_tp.engine.sampling import ban_tokens, sampled_logits
+from glm_tp.engine.types import TokenLogprob
+from glm_tp.text.tokenizer import GLMTokenizer
+
+
+def banned_tokens(vocab_size: int, tok: GLMTokenizer) -> torch.Tensor:
+    """True for the ids never generated: only text tokens and the end tokens may be (no masks, sop, padding)."""
+    banned = torch.ones(vocab_size, dtype=torch.bool)
+    lo = tok.offset
+    banned[lo:min(lo + tok.text_vocab_size, vocab_size)] = False
+    banned[[tok.special.eop, tok.special.eos]] = False
+    return banned
+
+
+class Sampler:
+    def __init__(self, banned: torch.Tensor, decode: Callable[[list[int]], str]):
+        """banned: True for ids never chosen; decode: the text of ids, for logprobs."""
+        self.banned, self.decode = banned, decode
+        self._banned_on: dict[torch.device, torch.Tensor] = {}
+
+    def _banned(self, device: torch.device) -> torch.Tensor:
+        if device not in self._banned_on:
+            self._banned_on[device] = self.banned.to(device)
+        return self._banned_on[device]
+
+    def choose(self, jobs: list[Job], logits: torch.Tensor) -> Choice:
+        """The next token of each of the jobs' rows (`logits` rows are cache rows); the jobs take them."""
+        choice = Choice()
+        scores = logits.float()
+        scores.masked_fill_(self._banned(scores.device)[: scores.shape[-1]], float("-inf"))
+        for job in jobs:
+            cfg = job.config
+            if cfg.min_new_tokens or cfg.no_repeat_ngram_size:
+                for beam, row in enumerate(job.rows):
+                    ban_tokens(scores[row:row + 1], [job.generated[beam]], job.end_tokens, cfg.min_new_tokens,
+                               cfg.no_repeat_ngram_size)
+        greedy = [j for j in jobs if j.config.strategy == "greedy" and j.config.logprobs is None]
+        if greedy:  # one argmax over all greedy rows, on the logits' device
+            picked = scores[[j.rows[0] for j in greedy]].argmax(dim=-1).tolist()
+            for job, token in zip(greedy, picked):
+                choice.tokens[job.rows[0]] = token
+                reason = job.take(token, None)
+                if reason:
+                    choice.ended.append((job, reason))
+        others = [j for j in jobs if j not in greedy]
+        if others:
+            self._choose_on_host(others, scores, choice)
+        return choice
+
+    def _choose_on_host(self, jobs: list[Job], scores: torch.Tensor, choice: Choice) -> None:
+        """Sampling, beam search and logprobs work on the host, each request with its own generator."""
+        rows = [r for j in jobs for r in j.rows]
+        host = scores[rows].cpu()
+        at = {r: i for i, r in enumerate(rows)}
+        sampled = [j for j in jobs if j.config.strategy == "sample"]
+        if sampled:
+            idx = [at[j.rows[0]] for j in sampled]
+            cfgs = [j.config for j in sampled]
+            host[idx] = sampled_logits(host[idx], torch.tensor([c.temperature for c in cfgs]),
+                                       torch.tensor([c.top_k for c in cfgs]), torch.tensor([c.top_p for c in cfgs]))
+        logprobs = host.log_softmax(dim=-1)
+        for job in jobs:
+            first = at[job.rows[0]]
+            if job.beam is not None:
+                picks, reason = job.take_beams(logprobs[first:first + job.beams])
+                for beam, (parent, token) in enumerate(picks):
+                    choice.parents[job.rows[beam]] = job.rows[parent]
+                    choice.tokens[job.rows[beam]] = token
+            else:
+                if job.config.strategy == "sample":
+                    token = int(torch.multinomial(host[first].softmax(dim=-1), 1, generator=job.generator)[0])
+                else:
+                    token = int(logprobs[first].argmax())
+                choice.tokens[job.rows[0]] = token
+                reason = job.take(token, self._logprob(logprobs[first], token, job.config.logprobs))
+            if reason:
+                choice.ended.append((job, reason))
+
+    def _logprob(self, logprobs: torch.Tensor, token: int, top: int | None) -> TokenLogprob | None:
+        if top is None:
+            return None
+        alternatives = []
+        if top:
+            values, ids = logprobs.topk(top)
+            alternatives = [(int(i), self.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
+        return TokenLogprob(token, self.decode([token]), float(logprobs[token]), alternatives)
