@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the bundled demo model: a small GLM that fills blanks in the tasks of glm_tp/dev/demo_corpus.py.
 
-    python tools/train_demo.py --out data/demo
+    python tools/train_demo.py --out glm_tp/demo
 
 Same architecture and blank layout as glm-tp serves (bidirectional context, [MASK] positions pinned
 to the mask, [gMASK] positions counting on, one fill pass per blank with earlier answers filled in).
@@ -112,7 +112,7 @@ def evaluate(model: GLMModel, tok: GLMTokenizer, count: int = 60) -> dict[str, f
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="data/demo")
+    ap.add_argument("--out", default="glm_tp/demo")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)

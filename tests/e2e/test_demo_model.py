@@ -14,7 +14,7 @@ from glm_tp.text.tokenizer import load_tokenizer
 from tests.support import ROOT
 from tests.support.ranks import run_ranks
 
-DEMO = ROOT / "data" / "demo"
+DEMO = ROOT / "glm_tp" / "demo"
 MASK_KINDS = ("recall", "cycle")
 
 

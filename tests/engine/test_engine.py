@@ -25,7 +25,7 @@ from glm_tp.text.tokenizer import load_tokenizer
 from tests.support import ROOT
 from tests.support.ranks import run_ranks
 
-DEMO = ROOT / "data" / "demo"
+DEMO = ROOT / "glm_tp" / "demo"
 REPEAT = "list : drum key dog root elk . again : [gMASK]"  # the demo model answers "drum key dog root elk ."
 
 

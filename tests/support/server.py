@@ -16,7 +16,7 @@ from glm_tp.server.app import ServerSettings, build_app
 from glm_tp.text.tokenizer import load_tokenizer
 from tests.support import ROOT
 
-DEMO = ROOT / "data" / "demo"
+DEMO = ROOT / "glm_tp" / "demo"
 
 
 def demo_engine(max_batch: int = 8, **defaults: object) -> Engine:
