@@ -17,14 +17,15 @@ import random
 import time
 from pathlib import Path
 
+import _common  # noqa: F401 - makes glm_tp importable from a source checkout
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from _common import prepare_output
 from tqdm import tqdm
 
 from glm_tp.checkpoints.release import make_metadata, write_latest, write_shard
 from glm_tp.checkpoints.synthetic import random_shard
+from glm_tp.cli.output import prepare_output
 from glm_tp.config import ModelConfig, SpecialTokens
 from glm_tp.dev.demo_corpus import (
     DAYS,
