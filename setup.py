@@ -26,5 +26,11 @@ setup(
         "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb", "einops", "transformers"],
         "plot": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["glm-tp-generate = glm_tp.cli.generate:main"]},
+    entry_points={"console_scripts": [
+        "glm-tp-generate = glm_tp.cli.generate:main",
+        "glm-tp-make-checkpoint = glm_tp.cli.make_checkpoint:main",
+        "glm-tp-verify = glm_tp.cli.verify:main",
+        "glm-tp-repartition = glm_tp.cli.convert:repartition_main",
+        "glm-tp-quantize = glm_tp.cli.convert:quantize_main",
+    ]},
 )
