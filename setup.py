@@ -11,7 +11,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["glm_tp", "glm_tp.*"]),
     include_package_data=True,
-    package_data={"glm_tp": ["conf/**/*.yaml"]},
+    # run settings, the playground page and the demo model ship in the package: the commands work from any folder
+    package_data={"glm_tp": ["configs/*.yaml", "configs/*/*.yaml", "server/playground.html",
+                             "demo/latest", "demo/*.json", "demo/*.model", "demo/*/*.pt"]},
     # torch is pinned by the installer (see README): an open requirement would pull a CUDA build
     install_requires=["torch>=2.3", "numpy", "tqdm", "hydra-core>=1.3", "sentencepiece", "safetensors"],
     extras_require={
@@ -24,5 +26,11 @@ setup(
         "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb", "einops", "transformers"],
         "plot": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["glm-tp-generate = glm_tp.cli.generate:main"]},
+    entry_points={"console_scripts": [
+        "glm-tp-generate = glm_tp.cli.generate:main",
+        "glm-tp-make-checkpoint = glm_tp.cli.make_checkpoint:main",
+        "glm-tp-verify = glm_tp.cli.verify:main",
+        "glm-tp-repartition = glm_tp.cli.convert:repartition_main",
+        "glm-tp-quantize = glm_tp.cli.convert:quantize_main",
+    ]},
 )

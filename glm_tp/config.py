@@ -153,7 +153,7 @@ PRESETS: dict[str, ModelConfig] = {
                               vocab_size=130528, max_seq_len=2048, special=SpecialTokens(
                                   mask=130000, gmask=130001, smask=130002, sop=130004, eop=130005, eos=2, pad=3),
                               position_encoding="2d", mlp="gelu", tied_lm_head=False, chat_template="chatglm"),
-    # the bundled demo model (data/demo, tools/train_demo.py); its glm_tp.json says the same
+    # the bundled demo model (glm_tp/demo, tools/train_demo.py); its glm_tp.json says the same
     "demo": ModelConfig(num_layers=4, hidden_size=192, num_heads=8, inner_hidden_size=384, vocab_size=128,
                         max_seq_len=96, special=SpecialTokens(mask=104, gmask=105, smask=106, sop=108, eop=109,
                                                               eos=2, pad=0)),

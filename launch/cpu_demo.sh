@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 NPROC="${NPROC:-2}"
 CKPT="runs/demo-tp$NPROC"
 if [ ! -f "$CKPT/latest" ]; then
-  echo "+ python tools/repartition.py data/demo $CKPT --tp $NPROC" >&2
-  python tools/repartition.py data/demo "$CKPT" --tp "$NPROC" --force >&2
+  echo "+ python tools/repartition.py glm_tp/demo $CKPT --tp $NPROC" >&2
+  python tools/repartition.py glm_tp/demo "$CKPT" --tp "$NPROC" --force >&2
 fi
 PROMPTS="${PROMPTS:-launch/demo_prompts.txt}"
 echo "+ prompts from $PROMPTS:" >&2

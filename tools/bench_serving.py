@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE_REF = "0376be6"  # the round-based engine: the last commit before continuous batching
-DEMO = ROOT / "data" / "demo"
+DEMO = ROOT / "glm_tp" / "demo"
 MEDIUM = dict(num_layers=8, hidden_size=1024, num_heads=16, inner_hidden_size=2560, max_seq_len=512)
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import prepare_output
+import _common  # noqa: F401 - makes glm_tp importable from a source checkout
 
 from glm_tp.checkpoints.release import CheckpointError, inspect
 from glm_tp.checkpoints.reshard import rewrite
+from glm_tp.cli.output import prepare_output
 from glm_tp.cli.planner import Plan
 from glm_tp.config import get_preset
 

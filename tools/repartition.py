@@ -17,10 +17,11 @@ import argparse
 import sys
 import time
 
-from _common import prepare_output
+import _common  # noqa: F401 - makes glm_tp importable from a source checkout
 
 from glm_tp.checkpoints.release import CheckpointError
 from glm_tp.checkpoints.reshard import rewrite
+from glm_tp.cli.output import prepare_output
 from glm_tp.config import get_preset
 
 

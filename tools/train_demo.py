@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the bundled demo model: a small GLM that fills blanks in the tasks of glm_tp/dev/demo_corpus.py.
 
-    python tools/train_demo.py --out data/demo
+    python tools/train_demo.py --out glm_tp/demo
 
 Same architecture and blank layout as glm-tp serves (bidirectional context, [MASK] positions pinned
 to the mask, [gMASK] positions counting on, one fill pass per blank with earlier answers filled in).
@@ -17,14 +17,15 @@ import random
 import time
 from pathlib import Path
 
+import _common  # noqa: F401 - makes glm_tp importable from a source checkout
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from _common import prepare_output
 from tqdm import tqdm
 
 from glm_tp.checkpoints.release import make_metadata, write_latest, write_shard
 from glm_tp.checkpoints.synthetic import random_shard
+from glm_tp.cli.output import prepare_output
 from glm_tp.config import ModelConfig, SpecialTokens
 from glm_tp.dev.demo_corpus import (
     DAYS,
@@ -112,7 +113,7 @@ def evaluate(model: GLMModel, tok: GLMTokenizer, count: int = 60) -> dict[str, f
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="data/demo")
+    ap.add_argument("--out", default="glm_tp/demo")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)

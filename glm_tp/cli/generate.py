@@ -1,7 +1,7 @@
 """The entry point: `torchrun --nproc_per_node N -m glm_tp.generate [key=value ...]` (or python -m for one rank).
 
 Every rank loads its shard; rank 0 runs the front end (TTY, a JSONL batch job or the HTTP server) and the other ranks
-follow its commands. Configuration is hydra's, from configs/ (see configs/generate.yaml for the keys).
+follow its commands. Configuration is hydra's, from the package's configs/ (glm_tp/configs/generate.yaml lists the keys).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from glm_tp.checkpoints.release import CheckpointError
 from glm_tp.checkpoints.sources import open_source
 from glm_tp.cli.planner import GiB, Plan, refusal
 from glm_tp.cli.settings import (
-    ROOT,
+    CONFIG_DIR,
     UsageError,
     check_config,
     check_device,
@@ -35,8 +35,6 @@ from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig
 from glm_tp.parallel.dist import TPContext, init_distributed, shutdown
 from glm_tp.text.tokenizer import TokenizerError, load_tokenizer
-
-CONFIG_DIR = str(ROOT / "configs")
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
@@ -188,7 +186,7 @@ def report(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="generate", version_base=None)
+@hydra.main(config_path=str(CONFIG_DIR), config_name="generate", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     rank = int(os.environ.get("RANK", "0"))
     where = f" on rank {rank}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""

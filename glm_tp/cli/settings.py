@@ -1,4 +1,4 @@
-"""Checks of a run's settings (the keys of configs/generate.yaml) before anything loads.
+"""Checks of a run's settings (the keys of glm_tp/configs/generate.yaml) before anything loads.
 
 Every bad value is one `UsageError` line that names the key and what it may be, so a typo costs a
 second instead of a model load or a traceback from deep inside torch.
@@ -23,7 +23,9 @@ from glm_tp.config import (
 )
 from glm_tp.engine.types import GenerationConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = Path(__file__).resolve().parents[1]  # the glm_tp folder, in a checkout or installed
+CONFIG_DIR = PACKAGE / "configs"  # hydra's configs ship inside the package
+DEMO = PACKAGE / "demo"  # the bundled demo model
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "color": ("auto", "always", "never"),
@@ -37,11 +39,13 @@ class UsageError(ValueError):
 
 
 def resolve_path(value: str) -> Path:
-    """Relative paths are taken from the working directory, else from the glm-tp source tree (bundled data)."""
+    """Relative paths are the user's, from the working directory. One that is not there and names the
+    package's own files (glm_tp/demo/...) is taken from the package, so the defaults work from any folder."""
     p = Path(value).expanduser()
-    if p.is_absolute() or p.exists() or not (ROOT / p).exists():
+    if p.is_absolute() or p.exists() or p.parts[:1] != (PACKAGE.name,):
         return p
-    return ROOT / p
+    bundled = PACKAGE.parent / p
+    return bundled if bundled.exists() else p
 
 
 def _whole(key: str, value: Any, minimum: int, optional: bool = False) -> int | None:

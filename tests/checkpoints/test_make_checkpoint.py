@@ -10,12 +10,10 @@ import torch
 
 from glm_tp.checkpoints.release import inspect, open_shard
 from glm_tp.checkpoints.synthetic import BLOCK, random_shard, random_tensor
+from glm_tp.cli import make_checkpoint
 from glm_tp.config import PRESETS
 from glm_tp.parallel.partition import full_shapes
 from tests.support import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-import make_checkpoint  # noqa: E402
 
 
 # tiny-chatglm has a GeLU MLP: its h->4h is cut as a plain column layer, not as GLU halves

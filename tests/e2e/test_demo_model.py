@@ -12,7 +12,7 @@ from tests.support import ROOT
 from tests.support.engines import engine_for
 from tests.support.ranks import run_ranks
 
-DEMO = ROOT / "data" / "demo"
+DEMO = ROOT / "glm_tp" / "demo"
 MASK_KINDS = ("recall", "cycle")
 
 

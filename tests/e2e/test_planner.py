@@ -63,4 +63,4 @@ def test_plan_knows_the_chatglm_presets_and_the_demo():
 
 def test_model_demo_loads_the_bundled_model():
     from glm_tp import load_model
-    assert load_model(ROOT / "data" / "demo", model="demo", progress=False).cfg == PRESETS["demo"]
+    assert load_model(ROOT / "glm_tp" / "demo", model="demo", progress=False).cfg == PRESETS["demo"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from glm_tp.cli.settings import CONFIG_DIR
 from tests.support import ROOT
 
 README = ROOT / "README.md"
@@ -93,9 +94,9 @@ ALL = [c for _, b in blocks("bash") for c in commands(b)]
 def test_every_command_names_real_files_and_valid_settings(command):
     words = shlex.split(command)
     for word in words:
-        if re.fullmatch(r"(tools|launch|configs|docker|data)/[\w./-]+", word):
+        if re.fullmatch(r"(tools|launch|docker|glm_tp)/[\w./-]+", word):
             assert (ROOT / word).exists(), f"{command}: {word} does not exist"
     if "glm_tp.generate" in words:
         settings = [w for w in words[words.index("glm_tp.generate") + 1:] if re.match(r"^[\w.]+=", w)]
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             compose("generate", overrides=settings)  # an unknown key or preset raises

@@ -22,7 +22,7 @@ from tests.support import ROOT
 from tests.support.engines import engine_for
 from tests.support.ranks import run_ranks
 
-DEMO = ROOT / "data" / "demo"
+DEMO = ROOT / "glm_tp" / "demo"
 REPEAT = "list : drum key dog root elk . again : [gMASK]"  # the demo model answers "drum key dog root elk ."
 
 

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from glm_tp.cli.generate import CONFIG_DIR, model_config
-from glm_tp.cli.settings import UsageError, check_config, check_max_len
+from glm_tp.cli.generate import model_config
+from glm_tp.cli.settings import (
+    CONFIG_DIR,
+    DEMO,
+    UsageError,
+    check_config,
+    check_max_len,
+    resolve_path,
+)
 from glm_tp.config import PRESETS
 from tests.support import ROOT
 
 
 def _config(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return compose("generate", overrides=list(overrides))
 
 
@@ -51,6 +59,15 @@ def test_max_len_over_the_models_maximum_is_refused_not_capped():
                                          f"{demo.max_seq_len} tokens"):
         check_max_len(demo.max_seq_len + 1, demo)
 
+
+def test_relative_paths_are_the_users_and_glm_tp_paths_fall_back_to_the_package(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("glm_tp/demo") == DEMO  # the default checkpoint, from any folder
+    assert resolve_path("glm_tp/configs/generate.yaml") == CONFIG_DIR / "generate.yaml"
+    assert resolve_path("prompts.jsonl") == Path("prompts.jsonl")  # the user's, even before it exists
+    assert resolve_path("cli") == Path("cli")  # only glm_tp/... names the package's files
+    (tmp_path / "glm_tp" / "demo").mkdir(parents=True)
+    assert resolve_path("glm_tp/demo") == Path("glm_tp/demo")  # the user's own folder wins
 
 def _run(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "glm_tp.generate", *overrides], cwd=ROOT, capture_output=True,

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from glm_tp.cli.settings import CONFIG_DIR
 from glm_tp.dev.demo_corpus import held_out
 from glm_tp.server.app import ServerSettings
 from tests.support import ROOT
@@ -333,7 +334,7 @@ def test_bad_server_settings_are_refused_before_loading(key, value, words):
 
     from glm_tp.cli.settings import UsageError, check_server
 
-    server = OmegaConf.load(ROOT / "configs" / "generate.yaml").server
+    server = OmegaConf.load(CONFIG_DIR / "generate.yaml").server
     check_server(server)  # the defaults pass
     server[key] = value
     with pytest.raises(UsageError, match=f"server.{key}=.*{words}"):

@@ -16,7 +16,7 @@ from tests.support import ROOT
 from tests.support.engines import engine_for
 from tests.support.wait import wait_until
 
-DEMO = ROOT / "data" / "demo"
+DEMO = ROOT / "glm_tp" / "demo"
 
 
 def demo_engine(max_batch: int = 8, **defaults: object) -> Engine:
