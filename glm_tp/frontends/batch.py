@@ -12,6 +12,7 @@ killed job loses at most the lines in flight. SIGTERM finishes the lines in flig
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.jobs import error_result
 from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
 from glm_tp.frontends import openai_format
+from glm_tp.frontends.openai_format import OpenAIError
 from glm_tp.text.chat import ChatFormat
 
 
@@ -41,7 +43,7 @@ class Item:
     openai: dict | None = None      # set for a line of an OpenAI-format file: answered in that format
     error: str | None = None
     parsed: openai_format.Parsed | None = None
-    openai_error: openai_format.OpenAIError | None = None
+    openai_error: OpenAIError | None = None
 
 
 def _kind(value: object) -> str:
@@ -51,11 +53,11 @@ def _kind(value: object) -> str:
 def _openai_item(number: int, obj: dict, default: GenerationConfig, chat: ChatFormat | None) -> Item:
     key = obj.get("custom_id")
     if not isinstance(key, str) or not key:
-        error = openai_format.OpenAIError(f"custom_id must be a non-empty string, not {key!r}", "custom_id")
+        error = OpenAIError(f"custom_id must be a non-empty string, not {key!r}", "custom_id")
         return Item(number, f"line-{number}", [], openai=obj, error=f"line {number}: {error}", openai_error=error)
     try:
         parsed = openai_format.parse_batch_line(number, obj, default, chat)
-    except openai_format.OpenAIError as e:
+    except OpenAIError as e:
         return Item(number, key, [], openai=obj, error=f"line {number}: {e}", openai_error=e)
     return Item(number, key, parsed.requests, openai=obj, parsed=parsed)
 
@@ -93,7 +95,7 @@ def parse_line(number: int, text: str, default: GenerationConfig, openai_file: b
         problem = f"not valid JSON ({e})"
     if problem is not None:
         if openai_file:
-            error = openai_format.OpenAIError(problem, None, code="invalid_json")
+            error = OpenAIError(problem, None, code="invalid_json")
             return Item(number, f"line-{number}", [], openai={}, error=f"line {number}: {problem}", openai_error=error)
         return Item(number, f"line-{number}", [], error=f"line {number}: {problem}")
     if "custom_id" in obj or openai_file:
@@ -124,6 +126,35 @@ def is_openai_file(path: Path) -> bool:
             if isinstance(obj, dict):
                 return "custom_id" in obj
     return False
+
+
+# -- OpenAI batch output lines ---------------------------------------------------------------------------
+def _ids(key: str, line: int) -> tuple[str, str]:
+    digest = hashlib.sha1(f"{key}:{line}".encode()).hexdigest()
+    return "batch_req_" + digest[:24], "req_" + digest[24:40]
+
+
+def openai_error_line(key: str, line: int, error: OpenAIError) -> dict:
+    line_id, request_id = _ids(key, line)
+    body = error.body()
+    body["error"]["message"] = f"line {line}: {error.message}"
+    return {"id": line_id, "custom_id": key,
+            "response": {"status_code": error.status, "request_id": request_id, "body": body}, "error": None}
+
+
+def openai_record(item: Item, results: list[Result]) -> dict:
+    """The OpenAI batch output line of an item (its response, or its error)."""
+    if item.parsed is None:
+        error = item.openai_error or OpenAIError(item.error or "invalid line")
+        return openai_error_line(item.key, item.line, error)
+    line_id, request_id = _ids(item.key, item.line)
+    try:
+        model = item.parsed.model or "glm-tp"
+        body = openai_format.response_body(item.parsed, results, request_id, int(time.time()), model)
+    except OpenAIError as e:
+        return openai_error_line(item.key, item.line, e)
+    return {"id": line_id, "custom_id": item.key,
+            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
 
 
 def read_items(path: Path, default: GenerationConfig, chat: ChatFormat | None = None) -> Iterator[Item]:
@@ -225,7 +256,7 @@ class _Writer:
         return count
 
     def _write(self, item: Item, results: list[Result]) -> None:
-        record = openai_format.output_line(item, results) if item.openai is not None else plain_record(item, results)
+        record = openai_record(item, results) if item.openai is not None else plain_record(item, results)
         self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.out.flush()
         failed = item.error is not None or any(r.error for r in results)

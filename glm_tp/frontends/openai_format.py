@@ -12,11 +12,9 @@ Every mistake raises `OpenAIError` naming the field and what it allows.
 """
 from __future__ import annotations
 
-import hashlib
 import re
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from glm_tp.engine.types import (
     MAX_LOGPROBS,
@@ -29,8 +27,6 @@ from glm_tp.engine.types import (
 from glm_tp.text.blanks import MASK_PATTERN
 from glm_tp.text.chat import ChatFormat
 
-if TYPE_CHECKING:
-    from glm_tp.frontends.batch import Item
 
 URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 MAX_N = 16
@@ -378,30 +374,3 @@ def chunk_choice(parsed: Parsed, choice: int, text: str, logprobs: list[TokenLog
     if result is not None:  # the end: the filled blanks, and the whole text in pieces for highlighting
         out.update(blanks=result.blanks, pieces=[list(piece) for piece in result.pieces])
     return out
-
-
-# -- batch output lines ----------------------------------------------------------------------------
-def _ids(key: str, line: int) -> tuple[str, str]:
-    digest = hashlib.sha1(f"{key}:{line}".encode()).hexdigest()
-    return "batch_req_" + digest[:24], "req_" + digest[24:40]
-
-
-def error_line(key: str, line: int, error: OpenAIError) -> dict:
-    line_id, request_id = _ids(key, line)
-    body = error.body()
-    body["error"]["message"] = f"line {line}: {error.message}"
-    return {"id": line_id, "custom_id": key,
-            "response": {"status_code": error.status, "request_id": request_id, "body": body}, "error": None}
-
-
-def output_line(item: "Item", results: list[Result]) -> dict:
-    """The OpenAI batch output line of an item (its response, or its error)."""
-    if item.parsed is None:
-        return error_line(item.key, item.line, item.openai_error or OpenAIError(item.error or "invalid line"))
-    line_id, request_id = _ids(item.key, item.line)
-    try:
-        body = response_body(item.parsed, results, request_id, int(time.time()), item.parsed.model or "glm-tp")
-    except OpenAIError as e:
-        return error_line(item.key, item.line, e)
-    return {"id": line_id, "custom_id": item.key,
-            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}

@@ -8,7 +8,7 @@ import pytest
 
 from glm_tp.engine.types import GenerationConfig, Result, TokenLogprob
 from glm_tp.frontends import openai_format as oa
-from glm_tp.frontends.batch import parse_line, read_items
+from glm_tp.frontends.batch import openai_record, parse_line, read_items
 
 DEFAULT = GenerationConfig(max_new_tokens=8)
 
@@ -123,7 +123,7 @@ def test_every_bad_line_gets_its_own_record_and_the_job_goes_on(tmp_path):
     assert [bool(i.error) for i in items] == [False, True, True, True, True, True, False, True, True]
     for item in items:
         if item.error:
-            out = oa.output_line(item, [])
+            out = openai_record(item, [])
             err = out["response"]["body"]["error"]
             assert out["response"]["status_code"] == 400 and err["type"] and err["code"] and err["message"]
             assert out["custom_id"] == item.key and err["message"].startswith(f"line {item.line}: ")
