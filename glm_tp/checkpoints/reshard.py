@@ -1,8 +1,8 @@
 """Rewrite a checkpoint for another TP size and/or precision, one parameter at a time.
 
-Used by tools/repartition.py and tools/quantize.py. Every source shard is memory-mapped, every
-output shard is written in place (`ShardWriter`), and each parameter's pages are dropped once it is
-written, so host RAM holds about one parameter across all shards, never a shard or the model.
+Used by glm-tp-repartition and glm-tp-quantize (glm_tp/cli/convert.py). Every source shard is
+memory-mapped, every output shard is written in place (`ShardWriter`), and each parameter's pages are
+dropped once it is written, so host RAM holds about one parameter across all shards, never the model.
 
 Quantized input: column-parallel weights keep their per-row scales when cut or joined (exact). A
 row-parallel weight's scales cover its whole input slice: cut into pieces, each piece keeps its source's

@@ -1,4 +1,4 @@
-"""tools/repartition.py: exact round trips between TP sizes, streaming memory, quantized input."""
+"""glm-tp-repartition (glm_tp/cli/convert.py): exact round trips between TP sizes, streaming memory, quantized input."""
 from __future__ import annotations
 
 import json

@@ -1,0 +1,98 @@
+"""`glm-tp-repartition` and `glm-tp-quantize`: rewrite a release-format checkpoint for another number of
+ranks, or to INT8/INT4 weight-only. Both stream one tensor at a time through checkpoints/reshard.py; no GPU.
+
+    glm-tp-repartition SRC DST --tp 4            # 8 shards -> 4 (merge) or 1 -> 4 (split)
+    glm-tp-repartition SRC DST --tp 4 --bits 4   # reshard, then INT4-quantize (as the reference does)
+    glm-tp-quantize SRC DST --bits 8
+    glm-tp-quantize --report glm-130b            # per-rank weight bytes, no checkpoint needed
+
+Float checkpoints reshard exactly (bit-identical round trips). Quantized input: column-parallel weights
+keep their scales (exact); row-parallel weights cut into pieces keep their source's scales (exact), and
+joined from several shards are dequantized and quantized again, with a warning that this is lossy;
+--bits 0 writes fp16. Quantizing writes what the reference's `convert_tp.py --quantization-bit-width`
+writes: an int8 `weight` (INT4: two values per byte) and an fp16 `weight_scale` per output row for the
+four linears of every layer; biases, LayerNorms and the embedding stay as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from glm_tp.checkpoints.release import CheckpointError, inspect
+from glm_tp.checkpoints.reshard import rewrite
+from glm_tp.cli.output import prepare_output
+from glm_tp.cli.planner import Plan
+from glm_tp.config import ModelConfig, get_preset
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model preset, for checkpoints without glm_tp.json (e.g. glm-130b)")
+    ap.add_argument("--force", action="store_true", help="write into a non-empty DST")
+    return ap
+
+
+def _preset(name: str | None) -> ModelConfig | None:
+    return get_preset(name) if name else None
+
+
+def _written(dst: object, what: str, shard_bytes: list[int], seconds: float) -> str:
+    sizes = ", ".join(f"{b / 1e6:.1f}" for b in shard_bytes)
+    return f"wrote {dst}: {what} in {seconds:.1f} s; weight MB per rank: {sizes}"
+
+
+def repartition_main(argv: list[str] | None = None) -> None:
+    ap = _parser("glm-tp-repartition")
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--tp", type=int, required=True, help="number of output shards (ranks)")
+    ap.add_argument("--bits", type=int, choices=(0, 4, 8), help="quantize the output (0 = fp16); default: as SRC")
+    args = ap.parse_args(argv)
+    try:
+        model = _preset(args.model)
+        if model is not None:
+            model.check_tp(args.tp)
+        dst = prepare_output(args.dst, args.force)
+        start = time.time()
+        report = rewrite(args.src, dst, args.tp, args.bits, model)
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(_written(dst, f"{args.tp} shard(s)", report.shard_bytes, time.time() - start))
+
+
+def memory_report(preset: str) -> str:
+    """Per-rank weight bytes of a preset at each TP size and precision."""
+    cfg = get_preset(preset)
+    lines = [f"per-rank weight bytes for {preset}:", f"  {'TP':>3} {'fp16':>9} {'int8':>9} {'int4':>9}"]
+    for tp in (t for t in (1, 2, 4, 8) if t in cfg.valid_tp_sizes()):
+        sizes = [Plan(cfg, tp, 2, bits, 1, 1).weight_bytes / 1e9 for bits in (0, 8, 4)]
+        lines.append(f"  {tp:>3} " + " ".join(f"{s:7.2f}GB" for s in sizes))
+    return "\n".join(lines)
+
+
+def quantize_main(argv: list[str] | None = None) -> None:
+    ap = _parser("glm-tp-quantize")
+    ap.add_argument("src", nargs="?")
+    ap.add_argument("dst", nargs="?")
+    ap.add_argument("--bits", type=int, choices=(4, 8))
+    ap.add_argument("--report", metavar="PRESET", help="print per-rank weight bytes for a preset and exit")
+    args = ap.parse_args(argv)
+    if args.report:
+        try:
+            print(memory_report(args.report))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        return
+    if not (args.src and args.dst and args.bits):
+        ap.error("give SRC DST --bits 8|4 (or --report PRESET)")
+    try:
+        info = inspect(args.src)
+        if info.quant_bits:
+            raise CheckpointError(f"{args.src} is already INT{info.quant_bits}: quantize the fp16 checkpoint instead")
+        dst = prepare_output(args.dst, args.force)
+        start = time.time()
+        report = rewrite(args.src, dst, info.tp, args.bits, _preset(args.model))
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(_written(dst, f"INT{args.bits}, {info.tp} shard(s)", report.shard_bytes, time.time() - start))
