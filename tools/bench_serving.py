@@ -126,8 +126,11 @@ def run_one(ckpt: str, prompts: list[str], max_batch: int, max_new_tokens: int, 
                 finished[rid] = (now, event.result)
 
         handles = [coordinator.submit(r, lambda e, rid=r.id: listener(e, rid)) for r in requests]
-        while not all(h.done for h in handles):
-            coordinator.step()
+        if hasattr(coordinator, "run"):
+            coordinator.run(lambda: all(h.done for h in handles))
+        else:  # a checkout from before the one engine loop
+            while not all(h.done for h in handles):
+                coordinator.step()
     else:
         for i in range(0, len(requests), max_batch):
             results = engine.generate(requests[i:i + max_batch])

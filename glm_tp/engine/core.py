@@ -8,12 +8,16 @@ decode step for the kept rows, one prefill per admitted fill.
 """
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
 
 from glm_tp.engine.decoder import Decoder
-from glm_tp.engine.jobs import Job, error_result
+from glm_tp.engine.jobs import Job
 from glm_tp.engine.plan import (
     END,
+    IDLE,
     SHUTDOWN,
     STEP,
     Admission,
@@ -27,7 +31,10 @@ from glm_tp.engine.sampler import Sampler, banned_tokens
 from glm_tp.engine.scheduler import Scheduler
 from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
 from glm_tp.model.glm import GLMModel
+from glm_tp.text.blanks import INVALID_PROMPT
 from glm_tp.text.tokenizer import GLMTokenizer
+
+KEEPALIVE_S = 10.0  # at most this long between collectives while idle (and several per timeout)
 
 
 class Engine:
@@ -53,14 +60,20 @@ class Engine:
     def max_len(self) -> int:
         return self.decoder.max_len
 
-    def new_job(self, handle: RequestHandle) -> Job:
-        """Rank 0: check and tokenize a request (PromptError/ValueError when it can never run)."""
-        job = Job(handle, self.default, self.tok, self.model.cfg.vocab_size, self.max_len,
-                  self.model.cfg.position_encoding)
+    def accept(self, request: Request, listener: Callable | None = None) -> tuple[RequestHandle, Job | None]:
+        """Rank 0: check and tokenize a request. Its handle, and its job unless it can never run: then the
+        handle is already done with the error (a PromptError's code; a bad setting is an invalid prompt)."""
+        handle = RequestHandle(request, listener)
+        try:
+            job = Job(handle, self.default, self.tok, self.model.cfg.vocab_size, self.max_len,
+                      self.model.cfg.position_encoding)
+        except ValueError as e:
+            return RequestHandle.refused(request, str(e), getattr(e, "code", INVALID_PROMPT), listener), None
         if job.beams > self.max_batch:
-            raise ValueError(f"num_beams {job.beams} needs more cache rows than batch_size {self.max_batch}: "
-                             f"lower num_beams or raise batch_size")
-        return job
+            message = (f"num_beams {job.beams} needs more cache rows than batch_size {self.max_batch}: lower "
+                       f"num_beams or raise batch_size")
+            return RequestHandle.refused(request, message, INVALID_PROMPT, listener), None
+        return handle, job
 
     # -- every rank: the same requests, run to the end (tests, tools, the Python API) --------------
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -68,22 +81,45 @@ class Engine:
         if not self.tp.is_first:
             self.follow(until=END)
             return self.tp.broadcast_object(None)
-        results: dict[int, Result] = {}
         handles = []
-        for i, request in enumerate(requests):
-            handle = RequestHandle(request)
-            try:
-                self.scheduler.add(self.new_job(handle))
-                handles.append(handle)
-            except ValueError as e:
-                results[i] = error_result(request.id, str(e))
-        while self.scheduler.busy:
-            self.lead()
+        for request in requests:
+            handle, job = self.accept(request)
+            if job is not None:
+                self.scheduler.add(job)
+            handles.append(handle)
+        self.drive(lambda: all(h.done for h in handles))
         self.send(END)
-        done = iter(h.result() for h in handles)
-        return self.tp.broadcast_object([results[i] if i in results else next(done) for i in range(len(requests))])
+        return self.tp.broadcast_object([h.result() for h in handles])
 
     # -- rank 0 -------------------------------------------------------------------------------------
+    def drive(self, finished: Callable[[], bool], take: Callable[[float], bool] | None = None,
+              interrupt: Callable[[], bool] | None = None, keepalive_s: float | None = None) -> None:
+        """Rank 0's one engine loop, which every front end runs. Steps while the scheduler has work, first
+        admitting what `take(wait_s)` hands it (a coordinator's inbox); while idle, sends keep-alives so the
+        other ranks never reach the collective timeout. `interrupt()`, polled every step, ends every request
+        with finish_reason 'interrupted'. `finished()` is polled every step too (a caller's chance to feed
+        and collect); once true, requests still waiting are cancelled, those running finish, and it returns."""
+        take = take or (lambda wait_s: False)
+        keepalive_s = keepalive_s or min(KEEPALIVE_S, self.tp.timeout_s / 4)
+        scheduler, interrupted, idle_since = self.scheduler, False, time.monotonic()
+        while True:
+            if not interrupted and interrupt is not None and interrupt():
+                take(0.0)
+                scheduler.stop_all("interrupted")
+                interrupted = True
+            if finished():
+                take(0.0)
+                for job in scheduler.waiting:
+                    job.handle.cancel()
+                if not scheduler.busy:
+                    return
+            if take(0.0 if scheduler.busy else 0.05) or scheduler.busy:
+                self.lead()
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= keepalive_s:
+                self.send(IDLE)
+                idle_since = time.monotonic()
+
     def lead(self) -> None:
         """One iteration: choose tokens, decide, broadcast the plan, apply it."""
         cancelled = self.scheduler.cancelled()

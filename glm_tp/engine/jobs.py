@@ -20,6 +20,7 @@ from glm_tp.engine.types import (
     TokenLogprob,
 )
 from glm_tp.text.blanks import (
+    CONTEXT_LENGTH,
     BlankInput,
     PromptError,
     check_length,
@@ -56,7 +57,7 @@ class Job:
         if len(self.ids) + 1 + self.config.max_new_tokens > max_len:
             raise PromptError(f"prompt is {len(self.ids) + 1} tokens with sop and asks for up to "
                               f"{self.config.max_new_tokens} new tokens: more than max_len {max_len}; shorten the "
-                              f"prompt or lower max_new_tokens")
+                              f"prompt or lower max_new_tokens", CONTEXT_LENGTH)
         self.origin = [0] * len(self.ids)  # 0 = prompt token, k = token of blank k
         self.kind = fill_kind(self.ids, tok.special)
         self.prompt_tokens = len(self.ids)
@@ -181,7 +182,7 @@ class Job:
 def result_of(job: Job) -> Result:
     """A finished job's result: the filled text, its blanks, and the text in pieces (prompt or answer)."""
     if job.error is not None and not job.blank_ids:
-        return error_result(job.handle.id, job.error)
+        return Result.failed(job.handle.id, job.error)
     ids, origin = list(job.ids), list(job.origin)
     if ids and ids[-1] == job.tok.special.eos:
         ids, origin = ids[:-1], origin[:-1]
@@ -202,8 +203,3 @@ def _pieces(tok: GLMTokenizer, ids: list[int], origin: list[int]) -> list[tuple[
             pieces.append((text[len(shown):], origin[start] > 0))
             start, shown = i, text
     return pieces
-
-
-def error_result(request_id: str, message: str) -> Result:
-    return Result(id=request_id, finish_reason="error", error=message)
-

@@ -31,7 +31,6 @@ class Scheduler:
         self.last_admission = 0
         self.waiting: deque[Job] = deque()
         self.rows: list[tuple[Job, int]] = []  # (job, beam index) of each occupied row [0, n)
-        self.finished: list[Job] = []          # ended since the caller last looked
 
     @property
     def running(self) -> int:
@@ -75,7 +74,6 @@ class Scheduler:
                     continue
             elif reason not in ("stop", "length"):
                 job.stop(reason)
-            self.finished.append(job)
             job.done()
         self._pack(plan, choice.tokens)
         if self._admission_due():

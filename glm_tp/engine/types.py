@@ -1,9 +1,11 @@
 """What a front end gives the engine and gets back: settings, requests, results, and streamed events.
 
 Front ends (TTY, JSONL batch, HTTP) run on rank 0 only. They hand a `Request` to
-`Coordinator.submit` (thread-safe) and get a `RequestHandle`; the engine loop reports progress through
-the handle as events: `Delta` (new tokens of the blank being filled; beam search reports none, its beams
-change until the end), `BlankDone` (a blank's final answer) and, last, `Done` with the `Result`.
+`Coordinator.submit` (thread-safe) and always get a `RequestHandle`: one refused at once (a full
+queue, a prompt that can never run) is already done with its error result. The engine loop reports
+progress through the handle as events: `Delta` (new tokens of the blank being filled; beam search
+reports none, its beams change until the end), `BlankDone` (a blank's final answer) and, last, `Done`
+with the `Result`.
 """
 from __future__ import annotations
 
@@ -18,12 +20,9 @@ MAX_LOGPROBS = 20
 MAX_STOPS = 16
 
 
-class QueueFull(RuntimeError):
-    """The engine's waiting queue is full: try again after `retry_after_s`."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+# why a request was refused at submission (Result.error_code), besides text.blanks' CONTEXT_LENGTH and
+# INVALID_PROMPT; front ends map them to their answers
+QUEUE_FULL = "queue_full"  # the waiting queue is full: try again later (HTTP 503)
 
 
 @dataclass
@@ -174,6 +173,11 @@ class Result:
     pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, is a filled blank), for display
     logprobs: list[TokenLogprob] | None = None  # every generated token of every blank, in order
     cut_by_max_len: bool = False       # an answer ended because the sequence filled max_len, not as asked
+    error_code: str | None = None      # set when refused at submission: QUEUE_FULL, CONTEXT_LENGTH, ...
+
+    @classmethod
+    def failed(cls, request_id: str, message: str, code: str | None = None) -> "Result":
+        return cls(id=request_id, finish_reason="error", error=message, error_code=code)
 
 
 @dataclass
@@ -212,6 +216,16 @@ class RequestHandle:
         self._done = threading.Event()
         self._result: Result | None = None
         self.cancelled = threading.Event()
+        self.refusal: str | None = None  # the error code of a request refused at submission
+
+    @classmethod
+    def refused(cls, request: Request, message: str, code: str,
+                listener: Callable[[Event], None] | None = None) -> "RequestHandle":
+        """A request that never runs: a handle already done with its error result."""
+        handle = cls(request, listener)
+        handle.refusal = code
+        handle.emit(Done(Result.failed(request.id, message, code)))
+        return handle
 
     @property
     def id(self) -> str:

@@ -26,7 +26,6 @@ from typing import Iterator
 from tqdm import tqdm
 
 from glm_tp.engine.coordinator import Coordinator
-from glm_tp.engine.jobs import error_result
 from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
 from glm_tp.frontends import openai_format
 from glm_tp.frontends.openai_format import OpenAIError
@@ -229,11 +228,11 @@ class _Stop:
 
 @dataclass
 class _Flight:
-    """An item whose requests are in the engine."""
+    """An item whose requests are in the engine (or were refused at once: their handles are done)."""
 
     item: Item
     occurrence: int                        # how many earlier lines had the same id
-    handles: list[RequestHandle | Result]  # a Result where a request was refused at once
+    handles: list[RequestHandle]
 
 
 class _Writer:
@@ -270,58 +269,67 @@ def run_batch(coordinator: Coordinator, input_path: Path, output: Path | None = 
     flight, write the summary."""
     output = check_output(input_path, output)
     done = done_keys(output)
-    stop = _Stop()
     stats = {"done": 0, "failed": 0, "skipped": 0, "tokens": 0}
     start = time.time()
-    bar = tqdm(desc="prompts", unit="prompt")
-    items = read_items(input_path, coordinator.engine.default, coordinator.chat_format)
-    seen: Counter[str] = Counter()
-    flights: list[_Flight] = []
-    target = 2 * coordinator.engine.max_batch  # requests in flight: a full engine and a queue to refill it
     with output.open("a", encoding="utf-8") as out:
-        writer = _Writer(out, Counter(done), stats)
-        exhausted = False
-        while flights or not (exhausted or stop.requested):
-            while not (exhausted or stop.requested) and sum(len(f.handles) for f in flights) < target:
-                item = next(items, None)
-                if item is None:
-                    exhausted = True
-                    break
-                occurrence = seen[item.key]
-                seen[item.key] += 1
-                if occurrence == 1:
-                    tqdm.write(f"warning: id {item.key!r} appears more than once in {input_path}: every line is "
-                               f"answered", file=sys.stderr)
-                if occurrence < done[item.key]:
-                    stats["skipped"] += 1
-                    continue
-                flights.append(_Flight(item, occurrence, [_submit(coordinator, r) for r in item.requests]))
-            if any(isinstance(h, RequestHandle) and not h.done for f in flights for h in f.handles):
-                coordinator.step()
-            flights = _write_finished(flights, writer, bar)
-            elapsed = max(time.time() - start, 1e-9)
-            bar.set_postfix(prompts_s=f"{bar.n / elapsed:.2f}", tokens_s=f"{stats['tokens'] / elapsed:.1f}")
-    bar.close()
+        feed = _Feed(coordinator, input_path, done, _Writer(out, Counter(done), stats))
+        coordinator.run(feed.poll)
+    feed.bar.close()
     stats["seconds"] = round(time.time() - start, 2)
-    note = " (stopped by SIGTERM: the lines in flight were finished)" if stop.requested else ""
+    note = " (stopped by SIGTERM: the lines in flight were finished)" if feed.stop.requested else ""
     print(f"batch summary: {stats['done']} done, {stats['failed']} failed, {stats['skipped']} skipped "
           f"(already in {output}), {stats['tokens']} tokens, {stats['seconds']} s{note}", flush=True)
     return stats
 
 
-def _submit(coordinator: Coordinator, request: Request) -> RequestHandle | Result:
-    try:
-        return coordinator.submit(request, limit=False)
-    except ValueError as e:  # refused at once (too long, bad settings): the line gets its error
-        return error_result(request.id, str(e))
+class _Feed:
+    """Between engine steps: write the lines that are answered, and submit new ones while fewer than a full
+    engine and a queue to refill it are in flight."""
+
+    def __init__(self, coordinator: Coordinator, input_path: Path, done: Counter[str], writer: _Writer):
+        self.coordinator, self.input_path, self.done, self.writer = coordinator, input_path, done, writer
+        self.items = read_items(input_path, coordinator.default, coordinator.chat_format)
+        self.target = 2 * coordinator.max_batch
+        self.seen: Counter[str] = Counter()
+        self.flights: list[_Flight] = []
+        self.exhausted = False
+        self.stop = _Stop()
+        self.bar = tqdm(desc="prompts", unit="prompt")
+        self.start = time.time()
+
+    def poll(self) -> bool:
+        """True once every line is written (or SIGTERM came and the lines in flight are)."""
+        self.flights = _write_finished(self.flights, self.writer, self.bar)
+        while not (self.exhausted or self.stop.requested) and sum(len(f.handles) for f in self.flights) < self.target:
+            item = next(self.items, None)
+            if item is None:
+                self.exhausted = True
+                break
+            self._admit(item)
+        elapsed = max(time.time() - self.start, 1e-9)
+        stats = self.writer.stats
+        self.bar.set_postfix(prompts_s=f"{self.bar.n / elapsed:.2f}", tokens_s=f"{stats['tokens'] / elapsed:.1f}")
+        return not self.flights and (self.exhausted or self.stop.requested)
+
+    def _admit(self, item: Item) -> None:
+        occurrence = self.seen[item.key]
+        self.seen[item.key] += 1
+        if occurrence == 1:
+            tqdm.write(f"warning: id {item.key!r} appears more than once in {self.input_path}: every line is "
+                       f"answered", file=sys.stderr)
+        if occurrence < self.done[item.key]:
+            self.writer.stats["skipped"] += 1
+            return
+        handles = [self.coordinator.submit(r, limit=False) for r in item.requests]
+        self.flights.append(_Flight(item, occurrence, handles))
 
 
 def _write_finished(flights: list[_Flight], writer: _Writer, bar: tqdm) -> list[_Flight]:
     """Write the lines whose requests all ended; returns those still running."""
     running = []
     for flight in flights:
-        if all(not isinstance(h, RequestHandle) or h.done for h in flight.handles):
-            results = [h.result() if isinstance(h, RequestHandle) else h for h in flight.handles]
+        if all(h.done for h in flight.handles):
+            results = [h.result() for h in flight.handles]
             bar.update(writer.put(flight.item, flight.occurrence, results))
         else:
             running.append(flight)

@@ -12,7 +12,6 @@ Every mistake raises `OpenAIError` naming the field and what it allows.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,9 +23,8 @@ from glm_tp.engine.types import (
     Result,
     TokenLogprob,
 )
-from glm_tp.text.blanks import MASK_PATTERN
+from glm_tp.text.blanks import INVALID_PROMPT, MASK_PATTERN
 from glm_tp.text.chat import ChatFormat
-
 
 URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 MAX_N = 16
@@ -306,18 +304,18 @@ def logprobs_body(parsed: Parsed, logprobs: list[TokenLogprob] | None, offset: i
     return completion_logprobs(logprobs, offset) if parsed.kind == "completion" else chat_logprobs(logprobs)
 
 
-def refusal(message: str, kind: str) -> OpenAIError:
-    """A request the engine refuses (it can never run) as an OpenAI error."""
-    too_long = re.search(r"max[ _]len", message) is not None
-    return OpenAIError(message, "prompt" if kind == "completion" else "messages",
-                       code="context_length_exceeded" if too_long else "invalid_prompt")
+def refusal(result: Result, kind: str) -> OpenAIError:
+    """A request that ended in an error before generating anything (refused: it can never run), as an
+    OpenAI error with the code the engine gave it."""
+    return OpenAIError(result.error or "the request failed", "prompt" if kind == "completion" else "messages",
+                       code=result.error_code or INVALID_PROMPT)
 
 
 def result_error(parsed: Parsed, result: Result) -> OpenAIError | None:
     """A request that ended in an error before generating anything, as an OpenAI error."""
     if result.finish_reason != "error":
         return None
-    return refusal(result.error or "the request failed", parsed.kind)
+    return refusal(result, parsed.kind)
 
 
 def _choice(parsed: Parsed, choice: int, result: Result) -> dict:

@@ -22,7 +22,8 @@ import termios
 import threading
 from typing import Callable
 
-from glm_tp.engine.coordinator import KEEPALIVE_S, Coordinator
+from glm_tp.engine.coordinator import Coordinator
+from glm_tp.engine.core import KEEPALIVE_S
 from glm_tp.engine.types import GenerationConfig, Request, Result
 
 HELP = """commands:
@@ -197,7 +198,7 @@ def handle_command(line: str, coordinator: Coordinator) -> bool:
     """Apply a /command; False means quit."""
     parts = line.split(maxsplit=2) if line.startswith("/set ") else line.split()
     name, args = parts[0], parts[1:]
-    settings = coordinator.engine.default
+    settings = coordinator.default
     changes: dict[str, object] | None = None
     if name == "/quit":
         return False

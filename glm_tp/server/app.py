@@ -20,12 +20,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from glm_tp.engine.types import Delta, Done, GenerationConfig, QueueFull
+from glm_tp.engine.types import QUEUE_FULL, Delta, Done, GenerationConfig
 from glm_tp.frontends import openai_format as oa
 from glm_tp.server.metrics import Metrics
 from glm_tp.server.submission import (
     Backend,
     EngineFailed,
+    Refused,
     Submission,
     until_disconnected,
 )
@@ -137,10 +138,10 @@ class Routes:
     def _submit(self, parsed: oa.Parsed) -> Submission:
         try:
             call = Submission(self.backend, parsed.requests, self.metrics)
-        except QueueFull:
-            raise self._busy() from None
-        except ValueError as e:  # a prompt that can never run
-            raise oa.refusal(str(e), parsed.kind) from None
+        except Refused as e:
+            if e.result.error_code == QUEUE_FULL:
+                raise self._busy() from None
+            raise oa.refusal(e.result, parsed.kind) from None
         with self.state.lock:
             self.state.open_calls.add(call)
         return call

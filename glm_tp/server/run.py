@@ -1,7 +1,7 @@
 """`input=http`: uvicorn on a background thread of rank 0, the engine loop on the main thread.
 
-The main thread runs `Coordinator.serve(stop)` (engine steps and collectives); uvicorn's own asyncio
-loop answers HTTP and hands requests to the coordinator. SIGTERM (or Ctrl-C) stops new calls (503,
+The main thread runs `Coordinator.run` until a stop event (engine steps and collectives); uvicorn's own
+asyncio loop answers HTTP and hands requests to the coordinator. SIGTERM (or Ctrl-C) stops new calls (503,
 /health fails), lets the calls in flight finish, stops uvicorn and returns. If the engine loop fails
 (a lost rank fails a collective within timeout_s), /health fails, open calls end with a 503, and the
 error is raised so the process exits non-zero.
@@ -23,9 +23,9 @@ FAILED_HEALTH_S = 2.0  # how long a failed /health stays up before the process e
 
 
 class Serving(Backend, Protocol):
-    """The coordinator as the server uses it: `serve(stop)` besides `submit` and `load`."""
+    """The coordinator as the server uses it: `run` (the engine loop) besides `submit` and `load`."""
 
-    def serve(self, stop: threading.Event) -> None: ...
+    def run(self, finished: Callable[[], bool]) -> None: ...
 
     def keepalive(self) -> None: ...
 
@@ -62,7 +62,7 @@ def run_server(coordinator: Serving, default: GenerationConfig, settings: Server
     on_listening(f"glm-tp server: http://{settings.host}:{bound_port(server)} (model {settings.model_name}; "
                  f"playground at /, OpenAI API under /v1)")
     try:
-        coordinator.serve(stop)
+        coordinator.run(stop.is_set)
     except BaseException as e:
         state.fail(f"{type(e).__name__}: {e}".splitlines()[0])
         time.sleep(FAILED_HEALTH_S)  # monitors see /health fail before the process goes

@@ -29,6 +29,14 @@ class EngineFailed(RuntimeError):
     """The engine loop stopped (a rank was lost): every open request ends with this."""
 
 
+class Refused(Exception):
+    """A request of the call was refused at submission (its result says why): the call is answered at once."""
+
+    def __init__(self, result: Result):
+        super().__init__(result.error)
+        self.result = result
+
+
 class Submission:
     """The requests of one call (one per choice), submitted together; all or none are accepted."""
 
@@ -41,9 +49,12 @@ class Submission:
         self.handles: list[RequestHandle] = []
         try:
             for i, request in enumerate(requests):
-                self.handles.append(backend.submit(request, self._listener(i)))
+                handle = backend.submit(request, self._listener(i))
+                self.handles.append(handle)
+                if handle.refusal is not None:
+                    raise Refused(handle.result())
         except BaseException:
-            self.cancel()  # QueueFull or a refused prompt: none of this call's requests run
+            self.cancel()  # a full queue or a refused prompt: none of this call's requests run
             raise
 
     def _listener(self, index: int) -> Callable[[Event], None]:

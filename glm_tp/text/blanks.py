@@ -25,8 +25,16 @@ from glm_tp.text.tokenizer import GLMTokenizer
 MASK_PATTERN = re.compile(r"\[(MASK|sMASK|gMASK)\]")
 
 
+CONTEXT_LENGTH = "context_length_exceeded"   # prompt and answer do not fit the model's max length
+INVALID_PROMPT = "invalid_prompt"            # anything else that keeps a request from ever running
+
+
 class PromptError(ValueError):
-    """A prompt that cannot be run, with what to change."""
+    """A prompt that cannot be run, with what to change; `code` says which kind of problem it is."""
+
+    def __init__(self, message: str, code: str = INVALID_PROMPT):
+        super().__init__(message)
+        self.code = code
 
 
 def mask_ids(special: SpecialTokens) -> dict[str, int]:
@@ -111,4 +119,4 @@ def splice(ids: list[int], mask_index: int, generated: list[int]) -> list[int]:
 def check_length(ids: list[int], max_len: int) -> None:
     if len(ids) + 1 > max_len:
         raise PromptError(f"prompt is {len(ids) + 1} tokens with sop, more than the model's max length {max_len}: "
-                          f"shorten it")
+                          f"shorten it", CONTEXT_LENGTH)

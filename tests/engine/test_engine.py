@@ -11,13 +11,14 @@ from glm_tp.dev.demo_corpus import held_out
 from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.core import Engine
 from glm_tp.engine.types import (
+    QUEUE_FULL,
     BlankDone,
     Delta,
     Done,
     GenerationConfig,
-    QueueFull,
     Request,
 )
+from glm_tp.text.blanks import CONTEXT_LENGTH, INVALID_PROMPT
 from tests.support import ROOT
 from tests.support.engines import engine_for
 from tests.support.ranks import run_ranks
@@ -129,13 +130,16 @@ def test_cancelling_a_request_frees_its_row_at_the_next_step():
 def test_admission_control_refuses_what_can_never_fit_and_bounds_the_queue():
     engine = _engine(max_batch=2)
     coordinator = Coordinator(engine.tp, engine, max_waiting=2)
-    with pytest.raises(ValueError, match="max_len"):
-        coordinator.submit(Request("long", REPEAT, config=GenerationConfig(max_new_tokens=engine.max_len)))
-    with pytest.raises(ValueError, match="num_beams 4 needs more cache rows than batch_size 2"):
-        coordinator.submit(Request("beam", REPEAT, config=GenerationConfig(strategy="beam", num_beams=4)))
+    """A refused request is a handle that is already done with its error and the error's code."""
+    long = coordinator.submit(Request("long", REPEAT, config=GenerationConfig(max_new_tokens=engine.max_len)))
+    beam = coordinator.submit(Request("beam", REPEAT, config=GenerationConfig(strategy="beam", num_beams=4)))
     handles = [coordinator.submit(Request(str(i), REPEAT)) for i in range(2)]
-    with pytest.raises(QueueFull):
-        coordinator.submit(Request("x", REPEAT))
+    full = coordinator.submit(Request("x", REPEAT))
+    for handle, code, words in [(long, CONTEXT_LENGTH, "max_len"), (full, QUEUE_FULL, "waiting already"),
+                                (beam, INVALID_PROMPT, "num_beams 4 needs more cache rows than batch_size 2")]:
+        result = handle.result(timeout=0)
+        assert handle.refusal == result.error_code == code and words in result.error
+        assert result.finish_reason == "error" and result.completion_tokens == 0
     assert coordinator.load() == {"waiting": 2, "running": 0}
     while not all(h.done for h in handles):
         coordinator.step()

@@ -9,6 +9,7 @@ import pytest
 from glm_tp.engine.types import GenerationConfig, Result, TokenLogprob
 from glm_tp.frontends import openai_format as oa
 from glm_tp.frontends.batch import openai_record, parse_line, read_items
+from glm_tp.text.blanks import CONTEXT_LENGTH
 
 DEFAULT = GenerationConfig(max_new_tokens=8)
 
@@ -103,7 +104,8 @@ def test_responses_answer_infills_with_the_text_and_continuations_with_the_blank
     body = oa.response_body(chat, [_result("r.0", ["abd"], "x abd")], "chat-1", 0, "demo")
     assert body["choices"][0]["message"]["content"] == "abd"
     assert body["choices"][0]["logprobs"]["content"][0]["top_logprobs"][0]["bytes"] == [97, 98]
-    refused = Result("r.0", finish_reason="error", error="prompt is 900 tokens with sop, more than the model's max length 512")
+    refused = Result.failed("r.0", "prompt is 900 tokens with sop, more than the model's max length 512",
+                            CONTEXT_LENGTH)
     with pytest.raises(oa.OpenAIError) as e:
         oa.response_body(p, [refused, refused], "x", 0, "demo")
     assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"

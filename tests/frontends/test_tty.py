@@ -12,15 +12,15 @@ from tests.support.terminal import Terminal, launch_cmd
 
 
 class _FakeCoordinator:
-    """What handle_command touches: the engine's default settings and set_default."""
+    """What handle_command touches: the default settings and set_default."""
 
     def __init__(self) -> None:
-        self.engine = type("E", (), {"default": GenerationConfig()})()
+        self.default = GenerationConfig()
         self.sent: list[GenerationConfig] = []
 
     def set_default(self, config: GenerationConfig) -> None:
         self.sent.append(config)
-        self.engine.default = config
+        self.default = config
 
 
 @pytest.mark.parametrize("line, message", [
@@ -36,14 +36,14 @@ def test_tty_set_rejects_bad_values_in_one_line_and_keeps_the_settings(line, mes
     assert handle_command(line, coordinator)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(message)
-    assert coordinator.sent == [] and coordinator.engine.default == GenerationConfig()
+    assert coordinator.sent == [] and coordinator.default == GenerationConfig()
 
 
 def test_tty_set_takes_the_rest_of_the_line_as_the_value(capsys):
     coordinator = _FakeCoordinator()
     handle_command("/set stop end of story", coordinator)
     handle_command("/set logprobs none", coordinator)
-    assert coordinator.engine.default.stop == ("end of story",) and coordinator.engine.default.logprobs is None
+    assert coordinator.default.stop == ("end of story",) and coordinator.default.logprobs is None
 
 
 def _result(finish: str, answer: list[int], cut: bool = False) -> Result:

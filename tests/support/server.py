@@ -84,7 +84,7 @@ def start(engine: Engine, settings: ServerSettings | None = None) -> LiveServer:
     app = build_app(coordinator, engine.default, settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
     threads = [threading.Thread(target=server.run, daemon=True),
-               threading.Thread(target=coordinator.serve, args=(stop,), daemon=True)]
+               threading.Thread(target=coordinator.run, args=(stop.is_set,), daemon=True)]
     for t in threads:
         t.start()
     wait_until(lambda: server.started, 120, "uvicorn to start")
