@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import hydra
 import torch
@@ -33,7 +34,12 @@ from glm_tp.config import ModelConfig, default_dtype, parse_dtype, parse_quant
 from glm_tp.engine.coordinator import Coordinator, worker_loop
 from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig
-from glm_tp.parallel.dist import TPContext, init_distributed, shutdown
+from glm_tp.parallel.dist import (
+    TPContext,
+    die_with_launcher,
+    init_distributed,
+    shutdown,
+)
 from glm_tp.text.tokenizer import TokenizerError, load_tokenizer
 
 
@@ -110,9 +116,11 @@ def follow(tp: TPContext, engine: Engine) -> None:
     worker_loop(tp, engine)
 
 
-def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None] | None:
-    """Checks, then loading on every rank; returns the batch output path too, None in plan mode. Whatever
-    fails here fails alike on every rank (load_engine shares loading failures): one UsageError."""
+def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None, TextIO | None] | None:
+    """Checks, then loading on every rank; returns the batch output path too (and on rank 0 the output file,
+    claimed), None in plan mode. Whatever fails here fails alike on every rank (load_engine shares loading
+    failures; a claimed output fails rank 0 alone, before loading, and torchrun then stops the others): one
+    UsageError."""
     try:
         gen = check_config(cfg)
         model_cfg = model_config(cfg)
@@ -126,10 +134,12 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None] | None:
                 print(refusal(plan, memory))
             return None
         check_device(cfg.device)
-        output = None
+        output, claimed = None, None
         if cfg.input not in ("interactive", "http"):  # before loading: a bad output path must not cost a model load
-            from glm_tp.frontends.batch import check_output
+            from glm_tp.frontends.batch import check_output, claim_output
             output = check_output(resolve_path(cfg.input), Path(cfg.output) if cfg.output else None)
+            if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes: a second run stops here, before loading
+                claimed = claim_output(output)
         tp = init_distributed(cfg.device, timeout_s=float(cfg.timeout_s))
         if cfg.ranks and int(cfg.ranks) != tp.size:
             raise UsageError(f"this hardware preset runs {cfg.ranks} ranks but {tp.size} were started: "
@@ -139,7 +149,7 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None] | None:
             plan = make_plan(cfg, model_cfg, tp.size, tp.device.type)
             if not plan.fits(memory):
                 raise UsageError(refusal(plan, memory))
-        return tp, load_engine(cfg, tp, gen), output
+        return tp, load_engine(cfg, tp, gen), output, claimed
     except (CheckpointError, TokenizerError, ValueError) as e:
         raise UsageError(str(e)) from None
 
@@ -148,7 +158,7 @@ def run(cfg: DictConfig) -> int:
     ready = setup(cfg)
     if ready is None:
         return 0
-    tp, engine, output = ready
+    tp, engine, output, claimed = ready
     if not tp.is_first:
         follow(tp, engine)
         return 0
@@ -165,7 +175,7 @@ def run(cfg: DictConfig) -> int:
             run_server(coordinator, engine.default, settings)
         else:
             from glm_tp.frontends.batch import run_batch
-            run_batch(coordinator, resolve_path(cfg.input), output)
+            run_batch(coordinator, resolve_path(cfg.input), output, claimed)
     except (RuntimeError, ConnectionError, KeyboardInterrupt):
         raise  # a failed collective, or a SIGINT that every rank got: no shutdown to send
     except BaseException:
@@ -188,6 +198,7 @@ def report(message: str) -> None:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="generate", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
+    die_with_launcher()
     rank = int(os.environ.get("RANK", "0"))
     where = f" on rank {rank}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     code = 0

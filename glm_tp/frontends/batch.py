@@ -12,6 +12,7 @@ killed job loses at most the lines in flight. SIGTERM finishes the lines in flig
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TextIO
 
 from tqdm import tqdm
 
@@ -217,6 +218,19 @@ def check_output(input_path: Path, output: Path | None) -> Path:
     return output
 
 
+def claim_output(output: Path) -> TextIO:
+    """The results file opened for appending and locked for this run alone (released when the process ends,
+    however it ends): a second run on the same file stops with one line instead of writing beside it."""
+    out = output.open("a", encoding="utf-8")
+    try:
+        fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        out.close()
+        raise ValueError(f"{output} is being written by another run (or its ranks are still finishing): "
+                         f"wait for it to end, or give another output=PATH") from None
+    return out
+
+
 class _Stop:
     def __init__(self) -> None:
         self.requested = False
@@ -263,15 +277,17 @@ class _Writer:
         self.stats["tokens"] += sum(r.completion_tokens for r in results)
 
 
-def run_batch(coordinator: Coordinator, input_path: Path, output: Path | None = None) -> dict[str, float]:
+def run_batch(coordinator: Coordinator, input_path: Path, output: Path | None = None,
+              claimed: TextIO | None = None) -> dict[str, float]:
     """Stream the input through the engine, keeping it full: new lines are admitted as rows free up, and
     each line's record is written as soon as it is answered. SIGTERM: take no new lines, finish those in
-    flight, write the summary."""
+    flight, write the summary. `claimed`: the output as `claim_output` opened it (else it is claimed here)."""
     output = check_output(input_path, output)
-    done = done_keys(output)
+    out = claimed or claim_output(output)
+    done = done_keys(output)  # under the lock: no other run appends meanwhile
     stats = {"done": 0, "failed": 0, "skipped": 0, "tokens": 0}
     start = time.time()
-    with output.open("a", encoding="utf-8") as out:
+    with out:
         feed = _Feed(coordinator, input_path, done, _Writer(out, Counter(done), stats))
         coordinator.run(feed.poll)
     feed.bar.close()

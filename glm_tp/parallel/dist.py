@@ -8,8 +8,11 @@ the timeout is given to `init_process_group` and applies to every call on the gr
 from __future__ import annotations
 
 import atexit
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +87,21 @@ def single_process(device: str | torch.device = "cpu") -> TPContext:
 def simulated_rank(size: int, rank: int = 0, device: str | torch.device = "cpu") -> TPContext:
     """One rank of a `size`-way group, alone on this device, with collectives as no-ops."""
     return TPContext(rank=rank, size=size, device=torch.device(device), simulated=True)
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, have the kernel send this rank SIGTERM when the launcher dies (even by SIGKILL), so
+    no rank outlives it: each rank then ends as on a SIGTERM from torchrun (rank 0 finishes the work in
+    flight and shuts the others down). Linux only; elsewhere nothing is done. A plain run is left alone: its
+    parent is a shell, which a user may leave on purpose (nohup)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    if os.getppid() != launcher:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def init_distributed(device: str | None = None, backend: str | None = None,

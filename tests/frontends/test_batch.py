@@ -8,7 +8,7 @@ import pytest
 
 from glm_tp.dev.demo_corpus import held_out
 from glm_tp.engine.coordinator import Coordinator
-from glm_tp.frontends.batch import check_output, done_keys, run_batch
+from glm_tp.frontends.batch import check_output, claim_output, done_keys, run_batch
 from tests.support.server import demo_engine
 
 
@@ -48,3 +48,12 @@ def test_a_line_cut_by_a_crash_is_dropped_before_resuming(tmp_path):
     out.write_text(whole + '{"id": "p-500", "te')
     assert done_keys(out) == {f"p-{i}": 1 for i in range(500)} and out.read_text() == whole
     assert done_keys(out) == {f"p-{i}": 1 for i in range(500)} and out.read_text() == whole  # complete: untouched
+
+
+def test_one_results_file_has_one_writer(tmp_path):
+    out = tmp_path / "out.jsonl"
+    first = claim_output(out)
+    with pytest.raises(ValueError, match="being written by another run"):
+        claim_output(out)
+    first.close()  # the run ended: the next one may write
+    claim_output(out).close()

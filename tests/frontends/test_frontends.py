@@ -85,6 +85,44 @@ def test_batch_killed_midway_resumes_without_loss_or_duplicates(tiny_checkpoints
     assert by_key["p-0"]["blanks"] and by_key["p-0"]["error"] is None
 
 
+def _running(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; nobody may be left to reap it
+
+
+def test_ranks_do_not_outlive_a_killed_torchrun_and_a_results_file_has_one_writer(tiny_checkpoints,
+                                                                                   tiny_tokenizer_file, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    keys = batch_input(src, 200)
+
+    def command(tokens: int) -> list[str]:
+        return launch_cmd(tiny_checkpoints[2], tiny_tokenizer_file, 2, f"input={src}", f"output={out}",
+                          "batch_size=2", f"generation.max_new_tokens={tokens}", f"generation.min_new_tokens={tokens}")
+    cmd = command(48)  # long enough to be running when the second run starts, on any machine
+    job = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2, 120, "2 answers in the output")
+        ranks = [find_rank(job.pid, r) for r in (0, 1)]
+        assert None not in ranks
+        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode != 0 and "is being written by another run" in second.stdout + second.stderr
+        os.kill(job.pid, signal.SIGKILL)  # torchrun alone: its ranks are told by the kernel
+        job.wait()
+        wait_until(lambda: not any(_running(pid) for pid in ranks), 120, "the ranks to end after their launcher")
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert len(read_output(out)) < len(keys)  # stopped early: the rerun has lines left to answer
+    done = subprocess.run(command(2), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = [r.get("custom_id", r.get("id")) for r in read_output(out)]
+    assert sorted(got) == sorted(keys)  # each id exactly once: nothing was written twice
+
+
 def test_sigterm_finishes_the_batch_and_exits_cleanly(tiny_checkpoints, tiny_tokenizer_file, tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     keys = batch_input(src, 40)
