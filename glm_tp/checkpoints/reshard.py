@@ -124,18 +124,18 @@ class Planner:
                                   f"{name}_scale: the checkpoint is incomplete (re-copy or re-create it)")
         scales = self.source.parts(name + "_scale")
         if self.bits == self.src_bits:
-            exact = self._exact(name, layout, rank, (parts, scales), plan, shape)
+            exact = self._exact(name, layout, rank, parts, scales, plan)
             if exact is not None:
                 return exact
         values = (shape[0], shape[1] * (8 // self.src_bits))  # INT4 holds two values per byte
         return self._quantized(name, values, torch.float16, lossy=True, fill_values=lambda v: gather_dequantized(
             v, parts, scales, plan, self.src_bits, self.mapped))
 
-    def _exact(self, name: str, layout: Layout, rank: int, held: tuple[list[Part], list[Part]], plan: list[Copy],
-               shape: tuple[int, ...]) -> Slice | None:
+    def _exact(self, name: str, layout: Layout, rank: int, parts: list[Part], scales: list[Part],
+               plan: list[Copy]) -> Slice | None:
         """The quantized slice with its scales as they are, or None when a row-parallel slice joins several
         source shards (whose scales differ: it must be quantized again)."""
-        parts, scales = held
+        shape = planned_shape(full_shape(parts, layout, self.source.cut), plan)
         scale_name = name + "_scale"
         if layout is not Layout.ROW:  # one scale per row: the scales follow their rows
             scale_plan = copy_plan(layout, full_shape(scales, layout, self.source.cut), len(scales), self.tp, rank)
