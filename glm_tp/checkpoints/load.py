@@ -6,9 +6,9 @@ import warnings
 
 import torch
 
-from glm_tp.checkpoints.loader import RankLoader, source_bits
+from glm_tp.checkpoints.loader import RankLoader
 from glm_tp.checkpoints.release import CheckpointError, check_files
-from glm_tp.checkpoints.sources import Source, open_source
+from glm_tp.checkpoints.sources import Source, open_source, source_bits
 from glm_tp.config import (
     ModelConfig,
     check_kernels,

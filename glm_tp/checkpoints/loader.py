@@ -19,14 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from glm_tp.checkpoints.release import (
-    CheckpointError,
-    quant_bits_of,
-    release_pages,
-    shape_message,
-)
+from glm_tp.checkpoints.release import CheckpointError, shape_message
+from glm_tp.checkpoints.slices import full_shape, gather, gather_dequantized
 from glm_tp.checkpoints.sources import Part, Source
-from glm_tp.kernels.formats import dequantize
 from glm_tp.parallel.partition import (
     Copy,
     Layout,
@@ -38,51 +33,12 @@ from glm_tp.parallel.partition import (
     single_source,
 )
 
-QKV = "transformer.layers.0.attention.query_key_value.weight"
-_DTYPE_NAMES = {"fp16": ("float16",), "bf16": ("bfloat16",), "fp32": ("float32",)}
-
 
 @dataclass
 class LoadReport:
     loaded: int = 0
     unexpected: list[str] = field(default_factory=list)
     requantized: list[str] = field(default_factory=list)
-
-
-def source_bits(source: Source, hidden_size: int) -> int:
-    """0 for float weights, else 8 or 4, read off the first QKV weight and checked against the metadata."""
-    part = source.parts(QKV)[0] if source.has(QKV) else None
-    found = quant_bits_of(part, hidden_size)
-    meta = source.metadata or {}
-    if "quant_bits" in meta and part is not None and int(meta["quant_bits"]) != found:
-        said = f"INT{meta['quant_bits']}" if int(meta["quant_bits"]) else f"{meta.get('dtype', 'float')} (not quantized)"
-        held = f"INT{found}" if found else f"float ({part.dtype})"
-        raise CheckpointError(f"{source.file_of(QKV)} holds {held} weights but the checkpoint's metadata says {said}: "
-                              f"the weight files and their metadata do not belong together (re-copy the checkpoint)")
-    dtype = meta.get("dtype")
-    if part is not None and not found and dtype and str(part.dtype).removeprefix("torch.") not in _DTYPE_NAMES[dtype]:
-        raise CheckpointError(f"{source.file_of(QKV)} holds {part.dtype} weights but the checkpoint's metadata says "
-                              f"{dtype}: the weight files and their metadata do not belong together")
-    return found
-
-
-def full_shape(parts: list[Part], layout: Layout, cut: bool) -> tuple[int, ...]:
-    """The whole tensor's shape: the parts joined, when the source is cut into shards."""
-    return merged_shape([tuple(p.shape) for p in parts], layout) if cut else tuple(parts[0].shape)
-
-
-def _release(part: Part, mapped: bool) -> None:
-    if mapped and isinstance(part, torch.Tensor):
-        release_pages(part)
-
-
-def gather(out: torch.Tensor, parts: list[Part], plan: list[Copy], mapped: bool) -> torch.Tensor:
-    """Copy the planned slices of `parts` into `out`, dropping each source's pages once it is done."""
-    for c in plan:
-        out.narrow(c.dim, c.dst_offset, c.length).copy_(parts[c.src].narrow(c.dim, c.src_offset, c.length))
-    for src in {c.src for c in plan}:
-        _release(parts[src], mapped)
-    return out
 
 
 class RankLoader:
@@ -174,15 +130,8 @@ class RankLoader:
 
     def _requantize(self, name: str, owner: torch.nn.Module, parts: list[Part], scales: list[Part],
                     plan: list[Copy]) -> None:
-        per_byte = 8 // self.bits  # values per stored int8 (INT4: two, packed along the input dim)
         values = torch.empty(owner.out_features, owner.in_features, dtype=torch.float16)
-        for c in plan:
-            q = parts[c.src].narrow(1, c.src_offset, c.length)
-            scale = scales[c.src].narrow(0, 0, owner.out_features)
-            values.narrow(1, c.dst_offset * per_byte, c.length * per_byte).copy_(dequantize(q, scale, self.bits))
-        for src in {c.src for c in plan}:  # done with these sources: drop their mapped pages, as gather does
-            _release(parts[src], self.source.mapped)
-        owner.load_float_weight_(values)
+        owner.load_float_weight_(gather_dequantized(values, parts, scales, plan, self.bits, self.source.mapped))
         self.report.requantized.append(name)
 
 

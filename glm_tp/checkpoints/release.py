@@ -46,11 +46,6 @@ class CheckpointInfo:
     def tp(self) -> int:
         return len(self.shards)
 
-    @property
-    def quant_bits(self) -> int | None:
-        """From the metadata when present; None means "look at the tensors"."""
-        return None if self.metadata is None or "quant_bits" not in self.metadata else int(self.metadata["quant_bits"])
-
     def model_config(self) -> ModelConfig | None:
         if self.metadata and "model" in self.metadata:
             return ModelConfig.from_dict(self.metadata["model"])
@@ -193,19 +188,6 @@ def _libc() -> Any:
     if not _LIBC:
         _LIBC.append(ctypes.CDLL(None, use_errno=True))
     return _LIBC[0]
-
-
-def quant_bits_of(qkv, hidden_size: int) -> int:
-    """0 for a float (or absent) QKV weight, else 8, or 4 when two values share each byte of a row. qkv: a
-    tensor, or anything with its dtype and shape (a lazily read part)."""
-    if qkv is None or qkv.dtype.is_floating_point:
-        return 0
-    return 4 if qkv.shape[-1] * 2 == hidden_size else 8
-
-
-def detect_quant_bits(state: dict[str, torch.Tensor], cfg: ModelConfig) -> int:
-    """0 for a float checkpoint, else 8 or 4, read off the first QKV weight."""
-    return quant_bits_of(state.get("transformer.layers.0.attention.query_key_value.weight"), cfg.hidden_size)
 
 
 def shape_message(name: str, expected: tuple[int, ...], found: tuple[int, ...]) -> str:

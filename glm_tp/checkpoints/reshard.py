@@ -1,13 +1,17 @@
 """Rewrite a checkpoint for another TP size and/or precision, one parameter at a time.
 
-Used by glm-tp-repartition and glm-tp-quantize (glm_tp/cli/convert.py). Every source shard is
-memory-mapped, every output shard is written in place (`ShardWriter`), and each parameter's pages are
-dropped once it is written, so host RAM holds about one parameter across all shards, never the model.
+Used by glm-tp-repartition and glm-tp-quantize (glm_tp/cli/convert.py). It reads every layout the
+loader reads (`sources.open_source`: release shards at any count, one unsharded file, a Hugging Face
+folder) and writes release-format shards at any TP size the model divides into: each output slice is
+built from the overlapping source parts (`partition.copy_plan`), as the loader builds a rank's
+parameters. Source files are memory-mapped, every output shard is written in place (`ShardWriter`),
+and pages are dropped once copied, so host RAM holds about one parameter, never the model.
 
 Quantized input: column-parallel weights keep their per-row scales when cut or joined (exact). A
-row-parallel weight's scales cover its whole input slice: cut into pieces, each piece keeps its source's
-scales (exact, as the loader does); joined from several sources, it is dequantized and quantized again,
-which is lossy (a warning says so). Asking for other bits re-quantizes everything.
+row-parallel weight's scales cover its whole input slice: an output slice that lies within one source
+shard keeps that shard's scales (exact, as the loader does); one joined from several shards is
+dequantized and quantized again, which is lossy (a warning says so). Asking for other bits
+re-quantizes everything.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -25,30 +29,32 @@ from tqdm import tqdm
 from glm_tp.checkpoints.release import (
     LAYOUT_VERSION,
     CheckpointError,
-    CheckpointInfo,
-    detect_quant_bits,
-    inspect,
-    open_shard,
     release_pages,
     shard_name,
     write_latest,
 )
+from glm_tp.checkpoints.slices import (
+    full_shape,
+    gather,
+    gather_dequantized,
+    planned_shape,
+    release_part,
+)
+from glm_tp.checkpoints.sources import Part, Source, open_source, source_bits
 from glm_tp.config import ModelConfig
-from glm_tp.kernels.formats import dequantize, quantize_rows
+from glm_tp.kernels.formats import quantize_rows
 from glm_tp.parallel.partition import (
+    Copy,
     Layout,
     copy_plan,
     is_ignored,
     layout_of,
-    merge_into,
-    merged_shape,
-    reshard,
     single_source,
-    split_into,
 )
 
 QUANTIZED_SUFFIXES = ("attention.query_key_value.weight", "attention.dense.weight", "mlp.dense_h_to_4h.weight",
                       "mlp.dense_4h_to_h.weight")
+Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 class ShardWriter:
@@ -58,7 +64,7 @@ class ShardWriter:
     each tensor's bytes are copied in as they are produced; the file gets its real name when complete.
     """
 
-    def __init__(self, path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+    def __init__(self, path: Path, specs: Specs):
         self.path, self.tmp = path, path.with_suffix(".pt.partial")
         path.parent.mkdir(parents=True, exist_ok=True)
         layout = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in specs.items()}  # never touched
@@ -72,24 +78,13 @@ class ShardWriter:
             torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE)
         self.pending = set(specs)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        target = self.targets[name]
-        target.copy_(tensor)
-        release_pages(target)  # shared mapping: the bytes stay in the file, the pages leave our RSS
-        self.pending.discard(name)
-
-    def write_merged(self, name: str, parts: list[torch.Tensor], layout: Layout,
-                     release: Callable[[torch.Tensor], None]) -> None:
-        target = self.targets[name]
-        merge_into(target, parts, layout, done=release)
-        release_pages(target)
-        self.pending.discard(name)
-
-    def write_split(self, name: str, part: torch.Tensor, layout: Layout, pieces: int, index: int) -> None:
-        target = self.targets[name]
-        split_into(target, part, layout, pieces, index)
-        release_pages(target)
-        self.pending.discard(name)
+    def write(self, names: Iterable[str], fill: Callable[[dict[str, torch.Tensor]], Any]) -> None:
+        """Let `fill` write the named tensors in place (it gets name -> target), then drop their pages."""
+        targets = {name: self.targets[name] for name in names}
+        fill(targets)
+        for name, target in targets.items():
+            release_pages(target)  # shared mapping: the bytes stay in the file, the pages leave our RSS
+            self.pending.discard(name)
 
     def close(self) -> int:
         if self.pending:
@@ -101,74 +96,112 @@ class ShardWriter:
 
 
 @dataclass
+class Slice:
+    """What one output shard holds of one source tensor: its tensors' shapes and dtypes, known before any
+    data is read, and `fill`, which writes them into their targets (name -> tensor)."""
+
+    specs: Specs
+    fill: Callable[[dict[str, torch.Tensor]], Any]
+    lossy: bool = False
+
+
+@dataclass
 class Report:
     shard_bytes: list[int] = field(default_factory=list)
     lossy: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
 
 
-def _is_quantized_weight(name: str) -> bool:
-    return name.endswith(QUANTIZED_SUFFIXES)
+class Planner:
+    """The `Slice` of every (tensor, output rank): `src_bits` what the source holds, `bits` what to write."""
+
+    def __init__(self, source: Source, tp: int, src_bits: int, bits: int, glu: bool):
+        self.source, self.tp, self.src_bits, self.bits, self.glu = source, tp, src_bits, bits, glu
+
+    @property
+    def mapped(self) -> bool:
+        return self.source.mapped
+
+    def slice(self, name: str, rank: int) -> Slice:
+        parts = self.source.parts(name)
+        layout = layout_of(name, self.glu)
+        full = full_shape(parts, layout, self.source.cut)
+        plan = copy_plan(layout, full, len(parts), self.tp, rank)
+        shape = planned_shape(full, plan)
+        if not name.endswith(QUANTIZED_SUFFIXES) or not (self.src_bits or self.bits):
+            return Slice({name: (shape, parts[0].dtype)}, lambda t: gather(t[name], parts, plan, self.mapped))
+        if not self.src_bits:  # a float source: quantize this slice
+            return self._quantized(name, shape, parts[0].dtype, lambda v: gather(v, parts, plan, self.mapped))
+        if not self.source.has(name + "_scale"):
+            raise CheckpointError(f"{self.source.file_of(name)} holds an INT{self.src_bits} {name} without its "
+                                  f"{name}_scale: the checkpoint is incomplete (re-copy or re-create it)")
+        scales = self.source.parts(name + "_scale")
+        if self.bits == self.src_bits:
+            exact = self._exact(name, layout, rank, parts, scales, plan)
+            if exact is not None:
+                return exact
+        values = (shape[0], shape[1] * (8 // self.src_bits))  # INT4 holds two values per byte
+        return self._quantized(name, values, torch.float16, lossy=True, fill_values=lambda v: gather_dequantized(
+            v, parts, scales, plan, self.src_bits, self.mapped))
+
+    def _exact(self, name: str, layout: Layout, rank: int, parts: list[Part], scales: list[Part],
+               plan: list[Copy]) -> Slice | None:
+        """The quantized slice with its scales as they are, or None when a row-parallel slice joins several
+        source shards (whose scales differ: it must be quantized again)."""
+        shape = planned_shape(full_shape(parts, layout, self.source.cut), plan)
+        scale_name = name + "_scale"
+        if layout is not Layout.ROW:  # one scale per row: the scales follow their rows
+            scale_plan = copy_plan(layout, full_shape(scales, layout, self.source.cut), len(scales), self.tp, rank)
+            scale_shape = planned_shape(full_shape(scales, layout, self.source.cut), scale_plan)
+
+            def fill(t: dict[str, torch.Tensor]) -> None:
+                gather(t[name], parts, plan, self.mapped)
+                gather(t[scale_name], scales, scale_plan, self.mapped)
+            return Slice({name: (shape, parts[0].dtype), scale_name: (scale_shape, scales[0].dtype)}, fill)
+        src = single_source(plan)
+        if src is None:
+            return None
+
+        def fill_row(t: dict[str, torch.Tensor]) -> None:  # every row of one source: that source's row scales
+            gather(t[name], parts, plan, self.mapped)
+            t[scale_name].copy_(scales[src].narrow(0, 0, shape[0]))
+            release_part(scales[src], self.mapped)
+        return Slice({name: (shape, parts[0].dtype), scale_name: ((shape[0],), scales[src].dtype)}, fill_row)
+
+    def _quantized(self, name: str, values: tuple[int, ...], dtype: torch.dtype,
+                   fill_values: Callable[[torch.Tensor], Any], lossy: bool = False) -> Slice:
+        """A slice built as float `values` (by `fill_values`), written quantized to `bits` (float when 0)."""
+        if not self.bits:
+            return Slice({name: (values, dtype)}, lambda t: fill_values(t[name]), lossy)
+
+        def fill(t: dict[str, torch.Tensor]) -> None:
+            q, scale = quantize_rows(fill_values(torch.empty(values, dtype=dtype)), self.bits)
+            t[name].copy_(q)
+            t[name + "_scale"].copy_(scale)
+        packed = (values[0], values[1] // (8 // self.bits))
+        return Slice({name: (packed, torch.int8), name + "_scale": ((values[0],), torch.float16)}, fill, lossy)
 
 
-def _plan_tensor(name: str, parts: list[torch.Tensor], scales: list[torch.Tensor] | None, src_bits: int,
-                 bits: int, tp: int, report: Report, glu: bool = True) -> list[dict[str, torch.Tensor]]:
-    """The output pieces (name -> tensor per target rank) of one source parameter. On meta tensors
-    the same code yields the output shapes and dtypes without touching data."""
-    layout = layout_of(name, glu)
-    if layout is Layout.REPLICATED:
-        if parts[0].device.type != "meta" and any(not torch.equal(parts[0], p) for p in parts[1:]):
-            report.mismatched.append(name)
-        return [{name: parts[0]}] * tp
-    if not _is_quantized_weight(name) or (not src_bits and not bits):
-        return [{name: p} for p in reshard(parts, layout, tp)]
-    scale_name = name + "_scale"
-    if src_bits and src_bits == bits and layout is not Layout.ROW:
-        # per-row scales travel with their rows: exact
-        return [{name: q, scale_name: s} for q, s in zip(reshard(parts, layout, tp), reshard(scales, layout, tp))]
-    if src_bits and src_bits == bits:  # row-parallel: exact where every rank's slice lies in one source
-        full = merged_shape([tuple(p.shape) for p in parts], layout)
-        sources = [single_source(copy_plan(layout, full, len(parts), tp, rank)) for rank in range(tp)]
-        if None not in sources:
-            return [{name: q, scale_name: scales[src]} for q, src in zip(reshard(parts, layout, tp), sources)]
-    if src_bits:
-        if layout is Layout.ROW or src_bits != bits:
-            report.lossy.append(name)
-        parts = [dequantize(q, s, src_bits, torch.float16) for q, s in zip(parts, scales)]
-    pieces = reshard(parts, layout, tp)
-    if not bits:
-        return [{name: p} for p in pieces]
-    out = []
-    for p in pieces:
-        q, s = quantize_rows(p, bits)
-        out.append({name: q, scale_name: s})
-    return out
+def _check_replicated(name: str, parts: list[Part], glu: bool, mapped: bool, report: Report) -> None:
+    """Replicated tensors are written from source shard 0: say so when the shards' copies differ."""
+    if layout_of(name, glu) is not Layout.REPLICATED or len(parts) == 1:
+        return
+    if any(not torch.equal(parts[0], p) for p in parts[1:]):
+        report.mismatched.append(name)
+    for part in parts[1:]:  # shard 0's copy is read again when written
+        release_part(part, mapped)
 
 
-def _output_specs(names: list[str], states: list[dict], src_bits: int, bits: int, tp: int,
-                  glu: bool) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
-    """Shape and dtype of every output tensor of every rank, from shapes alone (meta tensors)."""
-    def shape_only(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")  # (Tensor.to("meta") may read the data)
-
-    specs: list[dict[str, tuple[tuple[int, ...], torch.dtype]]] = [{} for _ in range(tp)]
-    for name in names:
-        meta = [shape_only(s[name]) for s in states]
-        scales = [shape_only(s[name + "_scale"]) for s in states] if name + "_scale" in states[0] else None
-        for rank, piece in enumerate(_plan_tensor(name, meta, scales, src_bits, bits, tp, Report(), glu)):
-            specs[rank].update({k: (tuple(v.shape), v.dtype) for k, v in piece.items()})
-    return specs
-
-
-def _write_metadata(info: CheckpointInfo, src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int,
-                    cfg: ModelConfig | None, progress: bool) -> None:
-    meta = dict(info.metadata or {})
+def _write_metadata(source: Source, dst: str | os.PathLike, tp: int, bits: int, cfg: ModelConfig | None,
+                    progress: bool) -> None:
+    meta = dict(source.metadata or {})
     meta.update(format="glm-130b-release", layout_version=LAYOUT_VERSION, tp=tp, quant_bits=bits)
+    meta.pop("files", None)  # the source's file records; write_latest records the new shards
     if cfg is not None:
         meta["model"] = cfg.to_dict()
-    if "tokenizer" in meta and (Path(src) / meta["tokenizer"]).is_file():  # small models carry their tokenizer
-        shutil.copy(Path(src) / meta["tokenizer"], Path(dst) / meta["tokenizer"])
-    write_latest(dst, info.iteration, meta, progress=progress)
+    if "tokenizer" in meta and (source.root / meta["tokenizer"]).is_file():  # small models carry their tokenizer
+        shutil.copy(source.root / meta["tokenizer"], Path(dst) / meta["tokenizer"])
+    write_latest(dst, source.iteration, meta, progress=progress)
 
 
 def _warn(report: Report) -> None:
@@ -181,54 +214,33 @@ def _warn(report: Report) -> None:
 
 def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int | None = None,
             model: ModelConfig | None = None, progress: bool = True) -> Report:
-    """Reshard `src` to `tp` ranks (and quantize to `bits`: 8, 4, 0 = float, None = as the source)."""
-    info = inspect(src)
-    if tp % info.tp and info.tp % tp:
-        raise CheckpointError(f"cannot go from {info.tp} to {tp} shards: one count must be a multiple of the other")
-    sources = [open_shard(p) for p in info.shards]
-    states = [s for s, _ in sources]
-    mapped = all(m for _, m in sources)
-    cfg = model or info.model_config()
-    src_bits = info.quant_bits if info.quant_bits is not None else \
-        (detect_quant_bits(states[0], cfg) if cfg else int(any(k.endswith("_scale") for k in states[0])) * 8)
-    if src_bits and cfg is None and info.metadata is None:
-        raise CheckpointError(f"{src} is quantized but has no glm_tp.json: pass --model to tell INT8 from INT4")
+    """Reshard `src` (any layout open_source reads) to `tp` release-format shards, and quantize to `bits`
+    (8, 4, 0 = float, None = as the source)."""
+    source = open_source(src)
+    cfg = model or source.model_config()
+    if cfg is not None:
+        cfg.check_tp(tp)
+    src_bits = source_bits(source, cfg.hidden_size if cfg is not None else None)
     bits = src_bits if bits is None else bits
     glu = cfg.glu if cfg is not None else True
-    names = [n for n in states[0] if not is_ignored(n) and not n.endswith("_scale")]
-    missing = [n for s in states for n in names if n not in s]
-    if missing:
-        raise CheckpointError(f"source shards disagree: {missing[0]} is missing from one of them")
+    names = [n for n in source.names() if not is_ignored(n) and not n.endswith("_scale")]
+    planner = Planner(source, tp, src_bits, bits, glu)
+    specs: list[Specs] = [{} for _ in range(tp)]
+    for name in names:  # every shape first (no data read): a cut that cannot be made fails before any file is written
+        for rank in range(tp):
+            specs[rank].update(planner.slice(name, rank).specs)
 
     report = Report()
-    specs = _output_specs(names, states, src_bits, bits, tp, glu)
-    writers = [ShardWriter(Path(dst) / info.iteration / shard_name(r), specs[r]) for r in range(tp)]
-    release = release_pages if mapped else (lambda t: None)
-    for name in tqdm(names, desc=f"{info.tp} -> {tp} shards", unit="tensor", disable=not progress):
-        parts = [s[name] for s in states]
-        scales = [s[name + "_scale"] for s in states] if name + "_scale" in states[0] else None
-        layout = layout_of(name, glu)
-        if info.tp != tp and layout is not Layout.REPLICATED and not scales and not bits:
-            # plain resharding: copy straight between the mapped files, dropping each part when done
-            if info.tp > tp:
-                k = info.tp // tp
-                for rank, writer in enumerate(writers):
-                    writer.write_merged(name, parts[rank * k:(rank + 1) * k], layout, release)
-            else:
-                k = tp // info.tp
-                for i, part in enumerate(parts):
-                    for j in range(k):
-                        writers[i * k + j].write_split(name, part, layout, k, j)
-                    release(part)
-            continue
-        for rank, piece in enumerate(_plan_tensor(name, parts, scales, src_bits, bits, tp, report, glu)):
-            for key, tensor in piece.items():
-                writers[rank].write(key, tensor)
-        for t in parts + (scales or []):
-            release(t)
+    writers = [ShardWriter(Path(dst) / source.iteration / shard_name(r), specs[r]) for r in range(tp)]
+    for name in tqdm(names, desc=f"{source.shards} -> {tp} shards", unit="tensor", disable=not progress):
+        _check_replicated(name, source.parts(name), glu, source.mapped, report)
+        for rank, writer in enumerate(writers):
+            piece = planner.slice(name, rank)
+            writer.write(piece.specs, piece.fill)
+            if piece.lossy and name not in report.lossy:
+                report.lossy.append(name)
     report.shard_bytes = [w.close() for w in writers]
 
-    _write_metadata(info, src, dst, tp, bits, cfg, progress)
+    _write_metadata(source, dst, tp, bits, cfg, progress)
     _warn(report)
     return report
-

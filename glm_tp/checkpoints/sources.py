@@ -9,6 +9,7 @@
 
 Nothing is read until a rank asks for a slice (`Part.narrow`); then only the pages of that slice are
 touched. Nothing is ever downloaded: a missing file is a one-line `CheckpointError` naming it.
+`source_bits` is the one rule for what precision a checkpoint holds.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from glm_tp.checkpoints.release import (
 )
 from glm_tp.config import ModelConfig
 
+QKV = "transformer.layers.0.attention.query_key_value.weight"  # the tensor that tells a checkpoint's precision
+_DTYPE_NAMES = {"fp16": ("float16",), "bf16": ("bfloat16",), "fp32": ("float32",)}
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8,
                       "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64}
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -67,6 +70,12 @@ class Source:
     _parts: dict[str, list[Part]] = field(default_factory=dict)
     _files: dict[str, Path] = field(default_factory=dict)
     mapped: bool = True
+    iteration: str = "release"  # the release layout's iteration folder (what `latest` names)
+
+    @property
+    def shards(self) -> int:
+        """How many pieces each split tensor comes in."""
+        return len(self.files) if self.cut else 1
 
     def model_config(self) -> ModelConfig | None:
         if self.metadata and "model" in self.metadata:
@@ -128,7 +137,7 @@ def open_source(path: str | os.PathLike) -> Source:
         return Source(root.parent, [root], False, read_metadata(root.parent), "single file")
     if (root / "latest").exists() or not root.is_dir():
         info = inspect(root)
-        return Source(root, info.shards, True, info.metadata, f"release, {info.tp} shard(s)")
+        return Source(root, info.shards, True, info.metadata, f"release, {info.tp} shard(s)", iteration=info.iteration)
     if (root / "config.json").is_file():
         return _hf_source(root)
     weights = sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES)
@@ -162,3 +171,34 @@ def _hf_source(root: Path) -> Source:
     own = read_metadata(root) or {}
     meta.update({k: v for k, v in own.items() if k == "files"})
     return Source(root, files, False, meta, f"Hugging Face, {len(files)} file(s)")
+
+
+def source_bits(source: Source, hidden_size: int | None, *, open_weights: bool = True) -> int:
+    """0 for float weights, else 8 or 4: read off the first QKV weight (INT4 packs two values per byte, so
+    its rows hold hidden_size / 2) and checked against the metadata. hidden_size None (no model shape
+    known): the metadata must tell INT8 from INT4. open_weights=False: the metadata's word when it has
+    one, no weight file opened (a memory plan made before anything loads)."""
+    meta = source.metadata or {}
+    said = int(meta["quant_bits"]) if "quant_bits" in meta else None
+    if not open_weights and said is not None:
+        return said
+    part = source.parts(QKV)[0] if source.has(QKV) else None
+    if part is None or part.dtype.is_floating_point:
+        found = 0
+    elif hidden_size is not None:
+        found = 4 if part.shape[-1] * 2 == hidden_size else 8
+    elif said:
+        found = said
+    else:
+        raise CheckpointError(f"{source.file_of(QKV)} holds quantized weights and no metadata says INT8 or INT4: "
+                              f"pass the model preset (--model) to tell them apart")
+    if said is not None and part is not None and said != found:
+        said_text = f"INT{said}" if said else f"{meta.get('dtype', 'float')} (not quantized)"
+        held = f"INT{found}" if found else f"float ({part.dtype})"
+        raise CheckpointError(f"{source.file_of(QKV)} holds {held} weights but the checkpoint's metadata says "
+                              f"{said_text}: the weight files and their metadata do not belong together (re-copy the checkpoint)")
+    dtype = meta.get("dtype")
+    if part is not None and not found and dtype and str(part.dtype).removeprefix("torch.") not in _DTYPE_NAMES[dtype]:
+        raise CheckpointError(f"{source.file_of(QKV)} holds {part.dtype} weights but the checkpoint's metadata says "
+                              f"{dtype}: the weight files and their metadata do not belong together")
+    return found

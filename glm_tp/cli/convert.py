@@ -1,14 +1,17 @@
-"""`glm-tp-repartition` and `glm-tp-quantize`: rewrite a release-format checkpoint for another number of
-ranks, or to INT8/INT4 weight-only. Both stream one tensor at a time through checkpoints/reshard.py; no GPU.
+"""`glm-tp-repartition` and `glm-tp-quantize`: rewrite a checkpoint as release-format shards for another
+number of ranks, or to INT8/INT4 weight-only. SRC is any layout the loader reads: release shards (any
+count), one unsharded .pt/.bin/.safetensors file, or a Hugging Face folder. Both stream one tensor at a
+time through checkpoints/reshard.py; no GPU.
 
-    glm-tp-repartition SRC DST --tp 4            # 8 shards -> 4 (merge) or 1 -> 4 (split)
+    glm-tp-repartition SRC DST --tp 4            # 8 shards -> 4, 1 -> 4, 4 -> 3: any TP size the model divides into
     glm-tp-repartition SRC DST --tp 4 --bits 4   # reshard, then INT4-quantize (as the reference does)
     glm-tp-quantize SRC DST --bits 8
     glm-tp-quantize --report glm-130b            # per-rank weight bytes, no checkpoint needed
 
 Float checkpoints reshard exactly (bit-identical round trips). Quantized input: column-parallel weights
-keep their scales (exact); row-parallel weights cut into pieces keep their source's scales (exact), and
-joined from several shards are dequantized and quantized again, with a warning that this is lossy;
+keep their scales (exact); a row-parallel slice that lies within one source shard keeps that shard's
+scales (exact), one joined from several shards is dequantized and quantized again, with a warning that
+this is lossy;
 --bits 0 writes fp16. Quantizing writes what the reference's `convert_tp.py --quantization-bit-width`
 writes: an int8 `weight` (INT4: two values per byte) and an fp16 `weight_scale` per output row for the
 four linears of every layer; biases, LayerNorms and the embedding stay as they are.
@@ -19,8 +22,9 @@ import argparse
 import sys
 import time
 
-from glm_tp.checkpoints.release import CheckpointError, inspect
+from glm_tp.checkpoints.release import CheckpointError
 from glm_tp.checkpoints.reshard import rewrite
+from glm_tp.checkpoints.sources import open_source, source_bits
 from glm_tp.cli.output import prepare_output
 from glm_tp.cli.planner import Plan
 from glm_tp.config import ModelConfig, get_preset
@@ -87,12 +91,15 @@ def quantize_main(argv: list[str] | None = None) -> None:
     if not (args.src and args.dst and args.bits):
         ap.error("give SRC DST --bits 8|4 (or --report PRESET)")
     try:
-        info = inspect(args.src)
-        if info.quant_bits:
-            raise CheckpointError(f"{args.src} is already INT{info.quant_bits}: quantize the fp16 checkpoint instead")
+        source = open_source(args.src)
+        model = _preset(args.model)
+        cfg = model or source.model_config()
+        held = source_bits(source, cfg.hidden_size if cfg is not None else None)
+        if held:
+            raise CheckpointError(f"{args.src} is already INT{held}: quantize the fp16 checkpoint instead")
         dst = prepare_output(args.dst, args.force)
         start = time.time()
-        report = rewrite(args.src, dst, info.tp, args.bits, _preset(args.model))
+        report = rewrite(args.src, dst, source.shards, args.bits, model)  # as many shards as the source
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(_written(dst, f"INT{args.bits}, {info.tp} shard(s)", report.shard_bytes, time.time() - start))
+    print(_written(dst, f"INT{args.bits}, {source.shards} shard(s)", report.shard_bytes, time.time() - start))

@@ -18,9 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from glm_tp.checkpoints.load import load_model, resolve_config
-from glm_tp.checkpoints.loader import source_bits
 from glm_tp.checkpoints.release import CheckpointError
-from glm_tp.checkpoints.sources import open_source
+from glm_tp.checkpoints.sources import open_source, source_bits
 from glm_tp.cli.planner import GiB, Plan, refusal
 from glm_tp.cli.settings import (
     CONFIG_DIR,
@@ -56,8 +55,7 @@ def make_plan(cfg: DictConfig, model_cfg: ModelConfig, tp_size: int, device_type
     source = open_source(checkpoint) if checkpoint.exists() else None
     bits = parse_quant(cfg.quant)
     if bits is None:  # as the checkpoint holds: its metadata says (no weight file opened), or its first QKV shows
-        said = (source.metadata or {}).get("quant_bits") if source else None
-        bits = int(said) if said is not None else source_bits(source, model_cfg.hidden_size) if source else 0
+        bits = source_bits(source, model_cfg.hidden_size, open_weights=False) if source else 0
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else default_dtype(device_type)
     return Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
                 int(cfg.max_len or model_cfg.max_seq_len))

@@ -17,10 +17,11 @@ from tqdm import tqdm
 
 from glm_tp.checkpoints.release import make_metadata, shard_name, write_latest
 from glm_tp.checkpoints.reshard import ShardWriter
+from glm_tp.checkpoints.slices import gather
 from glm_tp.checkpoints.synthetic import random_tensor
 from glm_tp.cli.output import prepare_output
 from glm_tp.config import ModelConfig, get_preset, parse_dtype
-from glm_tp.parallel.partition import full_shapes, layout_of, split
+from glm_tp.parallel.partition import copy_plan, full_shapes, layout_of, split
 
 
 def write_random(dst: Path, cfg: ModelConfig, tp: int, dtype: torch.dtype, seed: int, iteration: str) -> None:
@@ -35,8 +36,9 @@ def write_random(dst: Path, cfg: ModelConfig, tp: int, dtype: torch.dtype, seed:
     with tqdm(total=total, desc="writing shards", unit="param", unit_scale=True) as bar:
         for name, shape in shapes.items():
             full = random_tensor(name, shape, seed, cfg.hidden_size, dtype)
-            for rank, writer in enumerate(writers):
-                writer.write_split(name, full, layout_of(name, cfg.glu), tp, rank)
+            for rank, writer in enumerate(writers):  # the full tensor is the one source of every rank's slice
+                plan = copy_plan(layout_of(name, cfg.glu), shape, 1, tp, rank)
+                writer.write([name], lambda t, part=full, plan=plan: gather(t[name], [part], plan, mapped=False))
             bar.update(full.numel())
             del full
     for writer in writers:

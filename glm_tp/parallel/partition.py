@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -153,23 +153,6 @@ def shard_views(t: torch.Tensor, layout: Layout, tp: int, rank: int) -> list[tor
     return [t.narrow(p.dim, p.start, p.length) for p in pieces(layout, tuple(t.shape), tp, rank)]
 
 
-def split_into(out: torch.Tensor, t: torch.Tensor, layout: Layout, tp: int, rank: int) -> torch.Tensor:
-    """Write rank `rank`'s shard of `t` into `out` without an intermediate copy."""
-    offset, dim = 0, _dim(layout, t.dim())
-    for view in shard_views(t, layout, tp, rank):
-        out.narrow(dim, offset, view.shape[dim]).copy_(view)
-        offset += view.shape[dim]
-    return out
-
-
-def merge(parts: list[torch.Tensor], layout: Layout) -> torch.Tensor:
-    """Inverse of `split`. REPLICATED returns the first part (callers check equality)."""
-    if len(parts) == 1 or layout is Layout.REPLICATED:
-        return parts[0]
-    return merge_into(torch.empty(merged_shape([p.shape for p in parts], layout), dtype=parts[0].dtype, device=parts[0].device),
-                      parts, layout)
-
-
 def merged_shape(shapes: list[tuple[int, ...]], layout: Layout) -> tuple[int, ...]:
     """The shape of the parts (given by their shapes) joined along the layout's split dim."""
     shape = list(shapes[0])
@@ -179,35 +162,8 @@ def merged_shape(shapes: list[tuple[int, ...]], layout: Layout) -> tuple[int, ..
     return tuple(shape)
 
 
-def merge_into(out: torch.Tensor, parts: list[torch.Tensor], layout: Layout,
-               done: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Write the merge of `parts` into `out` piece by piece (no intermediate copy); `done(part)` is
-    called once a part has been copied, so a caller can release its memory at once."""
-    plan = copy_plan(layout, tuple(out.shape), len(parts), 1, 0)
-    last = {c.src: i for i, c in enumerate(plan)}
-    for i, c in enumerate(plan):
-        part = parts[c.src] if layout is not Layout.REPLICATED else parts[0]
-        out.narrow(c.dim, c.dst_offset, c.length).copy_(part.narrow(c.dim, c.src_offset, c.length))
-        if done and last[c.src] == i:
-            done(part)
-    return out
-
-
 def _dim(layout: Layout, ndim: int) -> int:
     return ndim - 1 if layout is Layout.ROW else 0
-
-
-def reshard(parts: list[torch.Tensor], layout: Layout, tp: int) -> list[torch.Tensor]:
-    """From len(parts) shards to `tp` shards, touching only what an integer ratio needs."""
-    src = len(parts)
-    if src == tp:
-        return list(parts)
-    if tp % src == 0:  # each source shard splits into tp/src pieces
-        return [piece for p in parts for piece in split(p, layout, tp // src)]
-    if src % tp == 0:  # consecutive groups of src/tp shards merge
-        k = src // tp
-        return [merge(parts[i * k:(i + 1) * k], layout) for i in range(tp)]
-    raise ValueError(f"cannot reshard {src} shards into {tp}: one count must be a multiple of the other")
 
 
 def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
