@@ -14,17 +14,7 @@ from glm_tp.checkpoints.release import inspect, open_shard
 from glm_tp.checkpoints.reshard import rewrite
 from glm_tp.config import PRESETS, ModelConfig
 from tests.support import ROOT
-from tests.support.checkpoints import write_random_checkpoint
-
-
-def _shards(ckpt) -> list[dict[str, torch.Tensor]]:
-    return [open_shard(p)[0] for p in inspect(ckpt).shards]
-
-
-def _identical(a, b) -> bool:
-    sa, sb = _shards(a), _shards(b)
-    return len(sa) == len(sb) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-                                      for x, y in zip(sa, sb))
+from tests.support.checkpoints import identical, shards, write_random_checkpoint
 
 
 @pytest.mark.parametrize("path", [(1, 4, 1), (8, 2, 8), (2, 8, 1)])
@@ -37,9 +27,9 @@ def test_round_trips_are_bit_identical(tmp_path, path):
         rewrite(current, nxt, tp, progress=False)
         assert inspect(nxt).tp == tp and json.loads((nxt / "glm_tp.json").read_text())["tp"] == tp
         # the result equals a checkpoint cut directly for that TP size
-        assert _identical(nxt, write_random_checkpoint(tmp_path / f"direct{tp}-{len(path)}", cfg, tp, torch.float16))
+        assert identical(nxt, write_random_checkpoint(tmp_path / f"direct{tp}-{len(path)}", cfg, tp, torch.float16))
         current = nxt
-    assert _identical(current, start if path[-1] == path[0] else
+    assert identical(current, start if path[-1] == path[0] else
                       write_random_checkpoint(tmp_path / "direct-end", cfg, path[-1], torch.float16))
     if path[-1] == 1:
         load_model(current, progress=False)  # the loader takes the result
@@ -68,7 +58,7 @@ def test_quantized_input_is_cut_exactly_and_joined_with_a_lossy_warning(tmp_path
         rewrite(q1, tmp_path / "q2", 2, progress=False)
     direct = tmp_path / "direct"
     rewrite(src, direct, 2, bits=bits, progress=False)
-    one, a, b = _shards(q1)[0], _shards(tmp_path / "q2"), _shards(direct)
+    one, a, b = shards(q1)[0], shards(tmp_path / "q2"), shards(direct)
     for name in a[0]:
         if "query_key_value.weight" in name or "dense_h_to_4h" in name:  # column-parallel: scales travel exactly
             assert all(torch.equal(x[name], y[name]) for x, y in zip(a, b)), name
@@ -102,7 +92,7 @@ def test_repartition_streams_one_parameter_at_a_time(tmp_path):
                       max_seq_len=256)
     src = write_random_checkpoint(tmp_path / "src", cfg, 2, torch.float16)
     total = sum(p.stat().st_size for p in inspect(src).shards)
-    largest = max(t.numel() * t.element_size() for t in _shards(src)[0].values()) * 2  # one tensor, both shards
+    largest = max(t.numel() * t.element_size() for t in shards(src)[0].values()) * 2  # one tensor, both shards
     for tp in ("1", "4"):
         out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(ROOT), str(src), str(tmp_path / f"to{tp}"), tp],
                              cwd=ROOT, capture_output=True, text=True, check=True)
@@ -111,4 +101,4 @@ def test_repartition_streams_one_parameter_at_a_time(tmp_path):
         print(f"2 -> {tp}: checkpoint {total / 1e6:.0f} MB, largest parameter group {largest / 1e6:.1f} MB, "
               f"RSS grew {grown / 1e6:.1f} MB")
         assert grown < 2 * largest
-    assert _identical(tmp_path / "to1", write_random_checkpoint(tmp_path / "direct", cfg, 1, torch.float16))
+    assert identical(tmp_path / "to1", write_random_checkpoint(tmp_path / "direct", cfg, 1, torch.float16))

@@ -14,7 +14,7 @@ import torch
 
 from glm_tp import SeqLayout, load_model
 from glm_tp.checkpoints.hf import write_hf_checkpoint
-from glm_tp.checkpoints.release import inspect, open_shard
+from glm_tp.checkpoints.release import inspect
 from glm_tp.checkpoints.reshard import rewrite
 from glm_tp.checkpoints.synthetic import random_shard
 from glm_tp.config import PRESETS
@@ -22,21 +22,11 @@ from glm_tp.parallel.dist import simulated_rank
 from glm_tp.text.blanks import next_blank
 from tests.model.test_chatglm import full_state
 from tests.support import ROOT
-from tests.support.checkpoints import write_random_checkpoint
+from tests.support.checkpoints import identical, shards, write_random_checkpoint
 
 # the tiny preset with 12 heads: it divides into 3 and 4 ranks (and 2, 6), so 4 -> 3 -> 2 is possible
 TWELVE = dataclasses.replace(PRESETS["tiny"], hidden_size=96, num_heads=12, inner_hidden_size=192, vocab_size=1200)
 ROW_WEIGHTS = ("attention.dense.weight", "dense_4h_to_h.weight")
-
-
-def _shards(ckpt) -> list[dict[str, torch.Tensor]]:
-    return [open_shard(p)[0] for p in inspect(ckpt).shards]
-
-
-def _identical(a, b) -> bool:
-    sa, sb = _shards(a), _shards(b)
-    return len(sa) == len(sb) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-                                      for x, y in zip(sa, sb))
 
 
 def _logits(ckpt, model: str | None = None) -> torch.Tensor:
@@ -58,7 +48,7 @@ def test_a_hugging_face_folder_repartitions_to_release_shards(tmp_path, fmt, fil
     meta = json.loads((out / "glm_tp.json").read_text())
     assert meta["format"] == "glm-130b-release" and meta["tp"] == 2 and meta["model"] == cfg.to_dict()
     # the same tensors as the model cut directly for 2 ranks (HF names are ours; rotary_emb.inv_freq is dropped)
-    assert _identical(out, write_random_checkpoint(tmp_path / "direct", cfg, 2, torch.float32))
+    assert identical(out, write_random_checkpoint(tmp_path / "direct", cfg, 2, torch.float32))
     assert torch.equal(_logits(out), _logits(hf))
 
 
@@ -73,7 +63,7 @@ def test_a_single_unsharded_file_repartitions_to_release_shards(tmp_path, suffix
         torch.save(full, path)
     out = tmp_path / "tp4"
     rewrite(path, out, 4, model=PRESETS["tiny"], progress=False)
-    assert _identical(out, write_random_checkpoint(tmp_path / "direct", PRESETS["tiny"], 4, torch.float32))
+    assert identical(out, write_random_checkpoint(tmp_path / "direct", PRESETS["tiny"], 4, torch.float32))
     assert torch.equal(_logits(out), _logits(path, model="tiny"))
 
 
@@ -84,11 +74,11 @@ def test_four_to_three_to_two_shards_and_back_is_bit_identical(tmp_path):
         nxt = tmp_path / f"to{tp}"
         rewrite(current, nxt, tp, progress=False)
         assert inspect(nxt).tp == tp
-        assert _identical(nxt, write_random_checkpoint(tmp_path / f"direct{tp}", TWELVE, tp, torch.float32))
+        assert identical(nxt, write_random_checkpoint(tmp_path / f"direct{tp}", TWELVE, tp, torch.float32))
         if tp == 3:
             assert torch.equal(_logits(nxt), _logits(four))
         current = nxt
-    assert _identical(current, four)
+    assert identical(current, four)
 
 
 def test_a_quantized_hugging_face_folder_cut_into_shards_keeps_every_scale(tmp_path):
@@ -101,7 +91,7 @@ def test_a_quantized_hugging_face_folder_cut_into_shards_keeps_every_scale(tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every row-parallel slice lies in the one source shard: nothing lossy
         rewrite(q1, tmp_path / "q2", 2, progress=False)
-    one, two = _shards(q1)[0], _shards(tmp_path / "q2")
+    one, two = shards(q1)[0], shards(tmp_path / "q2")
     for name in (n for n in one if n.endswith(ROW_WEIGHTS)):
         assert torch.equal(torch.cat([s[name] for s in two], dim=1), one[name]), name
         assert all(torch.equal(s[name + "_scale"], one[name + "_scale"]) for s in two), name
@@ -115,7 +105,7 @@ def test_two_to_three_quantized_shards_keep_the_scales_of_slices_within_one_shar
     with pytest.warns(UserWarning, match="lossy"):  # rank 1's row-parallel slices join both source shards
         report = rewrite(q2, q3, 3, progress=False)
     assert report.lossy and all(n.endswith(ROW_WEIGHTS) for n in report.lossy)
-    src, out = _shards(q2), _shards(q3)
+    src, out = shards(q2), shards(q3)
     for name in (n for n in src[0] if n.endswith(ROW_WEIGHTS)):
         cols = src[0][name].shape[1] * 2 // 3  # rank 0 takes the first 2/3 of shard 0; rank 2 the last 2/3 of shard 1
         assert torch.equal(out[0][name], src[0][name][:, :cols]) and torch.equal(out[2][name], src[1][name][:, -cols:])

@@ -8,10 +8,28 @@ from pathlib import Path
 
 import torch
 
-from glm_tp.checkpoints.release import make_metadata, write_latest, write_shard
+from glm_tp.checkpoints.release import (
+    inspect,
+    make_metadata,
+    open_shard,
+    write_latest,
+    write_shard,
+)
 from glm_tp.checkpoints.synthetic import random_shard
 from glm_tp.config import ModelConfig
 from tests.support import ROOT
+
+
+def shards(ckpt: Path) -> list[dict[str, torch.Tensor]]:
+    """Every shard of a release-format checkpoint, as its tensors."""
+    return [open_shard(p)[0] for p in inspect(ckpt).shards]
+
+
+def identical(a: Path, b: Path) -> bool:
+    """Whether two release-format checkpoints hold the same tensors, bit for bit, in as many shards."""
+    sa, sb = shards(a), shards(b)
+    return len(sa) == len(sb) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                      for x, y in zip(sa, sb))
 
 
 def write_random_checkpoint(dst: Path, cfg: ModelConfig, tp: int, dtype: torch.dtype, seed: int = 0,
