@@ -98,8 +98,9 @@ class Routes:
         key = self.settings.api_key
         if key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 9110); the key is compared in constant time
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
             raise oa.OpenAIError("missing or wrong API key: send the header 'Authorization: Bearer <api_key>'",
                                  status=401, code="invalid_api_key")
 
@@ -147,7 +148,7 @@ class Routes:
         return call
 
     def _close(self, call: Submission) -> None:
-        call.cancel()  # no-op for finished requests; frees the rows of unfinished ones
+        call.abandon()  # no-op for finished requests; frees the rows of unfinished ones
         with self.state.lock:
             self.state.open_calls.discard(call)
 
@@ -258,8 +259,9 @@ def build_app(backend: Backend, default: GenerationConfig, settings: ServerSetti
     @app.exception_handler(oa.OpenAIError)
     async def openai_error(_: Request, e: oa.OpenAIError) -> JSONResponse:
         routes.metrics.http_errors.labels(str(e.status)).inc()
-        retry = {"Retry-After": str(settings.retry_after_s)} if e.status in (429, 503) else None
-        return _error(e, retry)
+        headers = {"Retry-After": str(settings.retry_after_s)} if e.status in (429, 503) else \
+            {"WWW-Authenticate": 'Bearer realm="glm-tp"'} if e.status == 401 else None
+        return _error(e, headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:

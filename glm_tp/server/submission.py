@@ -47,6 +47,7 @@ class Submission:
         self.timings = [Timing(metrics) for _ in requests]
         self.streamed = [0] * len(requests)
         self.handles: list[RequestHandle] = []
+        self.abandoned = False  # the route has closed: what still ends is counted here, not by events()
         try:
             for i, request in enumerate(requests):
                 handle = backend.submit(request, self._listener(i))
@@ -59,11 +60,24 @@ class Submission:
 
     def _listener(self, index: int) -> Callable[[Event], None]:
         def listen(event: Event) -> None:
+            abandoned = self.abandoned and isinstance(event, Done)
             try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+                self.loop.call_soon_threadsafe(*((self._count, index, event) if abandoned else
+                                                 (self.queue.put_nowait, (index, event))))
             except RuntimeError:  # the server's loop has closed: nobody is waiting any more
                 pass
         return listen
+
+    def _count(self, index: int, done: Done) -> None:
+        """A request that ended after its call closed (cancelled on a disconnect or a timeout): its metrics."""
+        if index not in self.results:
+            r = self.results[index] = done.result
+            self.timings[index].finished(r.finish_reason, r.prompt_tokens, r.completion_tokens, self.streamed[index])
+
+    def abandon(self) -> None:
+        """The route is done with this call: cancel what still runs, and count how it ends."""
+        self.abandoned = True
+        self.cancel()
 
     def fail(self, reason: str) -> None:
         """From any thread: end this call with EngineFailed."""

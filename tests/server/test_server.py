@@ -178,7 +178,11 @@ def test_api_key_is_required_when_set():
         wrong = openai.OpenAI(base_url=live.url + "/v1", api_key="nope", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.completions.create(model="demo", prompt="a", max_tokens=2)
-        assert httpx.get(live.url + "/v1/models").status_code == 401
+        missing = httpx.get(live.url + "/v1/models")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+        for header in ("bearer sesame", "BEARER  sesame"):  # the scheme's case is free (RFC 9110)
+            assert httpx.get(live.url + "/v1/models", headers={"Authorization": header}).status_code == 200
+        assert httpx.get(live.url + "/v1/models", headers={"Authorization": "Basic sesame"}).status_code == 401
         right = openai.OpenAI(base_url=live.url + "/v1", api_key="sesame", max_retries=0)
         assert right.completions.create(model="demo", prompt=RECALL[1].prompt, max_tokens=4).choices[0].text
         assert httpx.get(live.url + "/health").status_code == 200  # probes need no key
@@ -293,6 +297,11 @@ def _idle(server) -> bool:
     return server.coordinator.load() == {"waiting": 0, "running": 0}
 
 
+def _metric(url: str, name: str) -> float:
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return next((float(line.split()[-1]) for line in lines if line.startswith(name + " ")), 0.0)
+
+
 def test_a_client_that_hangs_up_cancels_its_request():
     engine = slowed(demo_engine(), 0.05)  # 60 tokens take 3 s or more
     steps = count_steps(engine)
@@ -309,6 +318,8 @@ def test_a_client_that_hangs_up_cancels_its_request():
         assert all(r.completion_tokens < 60 for r in results)
         wait_until(lambda: _idle(live), 120, "the engine to have no request left")
         assert steps[0] < 60  # the rows were freed: neither answer ran on to its 60 tokens
+        wait_until(lambda: _metric(live.url, 'glm_tp_requests_total{finish_reason="cancelled"}') == 2, 60,
+                   "/metrics to count both cancelled requests")
     finally:
         live.close()
 
