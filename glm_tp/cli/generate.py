@@ -27,6 +27,7 @@ from glm_tp.cli.settings import (
     check_config,
     check_device,
     check_max_len,
+    check_overrides,
     resolve_path,
 )
 from glm_tp.config import ModelConfig, default_dtype, parse_dtype, parse_quant
@@ -223,6 +224,12 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    try:
+        check_overrides(sys.argv[1:])
+    except UsageError as e:  # before hydra, whose advice (+key=value) would add a key nothing reads
+        if int(os.environ.get("RANK", "0")) == 0:
+            report(f"error: {e}")
+        sys.exit(2)
     _hydra_main()
 
 

@@ -5,6 +5,7 @@ second instead of a model load or a traceback from deep inside torch.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,25 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 class UsageError(ValueError):
     """A bad setting, reported as one line."""
+
+
+GROUPS = ("preset", "hardware", "precision")  # the config groups of generate.yaml's defaults
+
+
+def check_overrides(args: list[str]) -> None:
+    """Command-line `key=value` overrides name keys that exist: a top-level `max_new_tokens=2` (or
+    `+max_new_tokens=2`, which hydra would add and nothing would read) is refused with the key it meant."""
+    known = OmegaConf.load(CONFIG_DIR / "generate.yaml")
+    nested = {f"{section}.{key}" for section in ("server", "generation") for key in known[section]}
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" not in arg or arg.startswith("-") or key.split(".")[0] in (*GROUPS, "hydra"):
+            continue
+        if key in known and key not in ("server", "generation") or key in nested:
+            continue
+        meant = [k for k in nested if k.endswith("." + key)] or difflib.get_close_matches(key, [*known, *nested], 1)
+        hint = f": did you mean {meant[0]}={arg.split('=', 1)[1]}?" if meant else ""
+        raise UsageError(f"unknown setting {key!r}{hint} (glm_tp/configs/generate.yaml lists the keys)")
 
 
 def resolve_path(value: str) -> Path:

@@ -17,6 +17,7 @@ from glm_tp.cli.settings import (
     UsageError,
     check_config,
     check_max_len,
+    check_overrides,
     resolve_path,
 )
 from glm_tp.config import PRESETS
@@ -95,3 +96,26 @@ def test_a_rank_count_the_model_cannot_take_is_told_the_sizes_that_work():
     # any shard count loads at any TP size that divides the model; others get the sizes that do
     with pytest.raises(ValueError, match="valid sizes: 1, 2, 4, 8, 16, 32"):
         PRESETS["glm-130b"].check_tp(3)
+
+
+@pytest.mark.parametrize("arg, meant", [
+    ("max_new_tokens=2", "generation.max_new_tokens=2"), ("+max_new_tokens=2", "generation.max_new_tokens=2"),
+    ("generation.max_new_tokns=2", "generation.max_new_tokens=2"), ("server.prot=9", "server.port=9"),
+    ("batchsize=4", "batch_size=4"),
+])
+def test_an_unknown_key_on_the_command_line_names_the_key_it_meant(arg, meant):
+    with pytest.raises(UsageError, match=f"did you mean {meant}"):
+        check_overrides([arg])
+
+
+def test_known_keys_and_groups_pass_the_override_check():
+    check_overrides(["preset=tiny", "hardware=cpu", "generation.stop=[a]", "server.port=0", "batch_size=2",
+                     "hydra.run.dir=.", "~tokenizer"])
+
+
+def test_a_top_level_generation_key_fails_before_hydra_in_one_line():
+    done = subprocess.run([sys.executable, "-m", "glm_tp.generate", "max_new_tokens=2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: unknown setting 'max_new_tokens': did you mean generation.max_new_tokens=2? "
+        "(glm_tp/configs/generate.yaml lists the keys)"]
