@@ -44,6 +44,7 @@ from glm_tp.checkpoints.sources import Part, Source, open_source, source_bits
 from glm_tp.config import ModelConfig
 from glm_tp.kernels.formats import quantize_rows
 from glm_tp.parallel.partition import (
+    QUANTIZED_WEIGHTS,
     Copy,
     Layout,
     copy_plan,
@@ -52,8 +53,6 @@ from glm_tp.parallel.partition import (
     single_source,
 )
 
-QUANTIZED_SUFFIXES = ("attention.query_key_value.weight", "attention.dense.weight", "mlp.dense_h_to_4h.weight",
-                      "mlp.dense_4h_to_h.weight")
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
@@ -128,7 +127,7 @@ class Planner:
         full = full_shape(parts, layout, self.source.cut)
         plan = copy_plan(layout, full, len(parts), self.tp, rank)
         shape = planned_shape(full, plan)
-        if not name.endswith(QUANTIZED_SUFFIXES) or not (self.src_bits or self.bits):
+        if not name.endswith(QUANTIZED_WEIGHTS) or not (self.src_bits or self.bits):
             return Slice({name: (shape, parts[0].dtype)}, lambda t: gather(t[name], parts, plan, self.mapped))
         if not self.src_bits:  # a float source: quantize this slice
             return self._quantized(name, shape, parts[0].dtype, lambda v: gather(v, parts, plan, self.mapped))

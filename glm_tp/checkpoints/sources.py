@@ -29,8 +29,8 @@ from glm_tp.checkpoints.release import (
     read_metadata,
 )
 from glm_tp.config import ModelConfig
+from glm_tp.parallel.partition import PRECISION_PROBE
 
-QKV = "transformer.layers.0.attention.query_key_value.weight"  # the tensor that tells a checkpoint's precision
 _DTYPE_NAMES = {"fp16": ("float16",), "bf16": ("bfloat16",), "fp32": ("float32",)}
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8,
                       "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64}
@@ -182,7 +182,7 @@ def source_bits(source: Source, hidden_size: int | None, *, open_weights: bool =
     said = int(meta["quant_bits"]) if "quant_bits" in meta else None
     if not open_weights and said is not None:
         return said
-    part = source.parts(QKV)[0] if source.has(QKV) else None
+    part = source.parts(PRECISION_PROBE)[0] if source.has(PRECISION_PROBE) else None
     if part is None or part.dtype.is_floating_point:
         found = 0
     elif hidden_size is not None:
@@ -190,15 +190,15 @@ def source_bits(source: Source, hidden_size: int | None, *, open_weights: bool =
     elif said:
         found = said
     else:
-        raise CheckpointError(f"{source.file_of(QKV)} holds quantized weights and no metadata says INT8 or INT4: "
+        raise CheckpointError(f"{source.file_of(PRECISION_PROBE)} holds quantized weights and no metadata says INT8 or INT4: "
                               f"pass the model preset (--model) to tell them apart")
     if said is not None and part is not None and said != found:
         said_text = f"INT{said}" if said else f"{meta.get('dtype', 'float')} (not quantized)"
         held = f"INT{found}" if found else f"float ({part.dtype})"
-        raise CheckpointError(f"{source.file_of(QKV)} holds {held} weights but the checkpoint's metadata says "
+        raise CheckpointError(f"{source.file_of(PRECISION_PROBE)} holds {held} weights but the checkpoint's metadata says "
                               f"{said_text}: the weight files and their metadata do not belong together (re-copy the checkpoint)")
     dtype = meta.get("dtype")
     if part is not None and not found and dtype and str(part.dtype).removeprefix("torch.") not in _DTYPE_NAMES[dtype]:
-        raise CheckpointError(f"{source.file_of(QKV)} holds {part.dtype} weights but the checkpoint's metadata says "
+        raise CheckpointError(f"{source.file_of(PRECISION_PROBE)} holds {part.dtype} weights but the checkpoint's metadata says "
                               f"{dtype}: the weight files and their metadata do not belong together")
     return found

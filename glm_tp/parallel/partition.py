@@ -42,6 +42,8 @@ _LINEARS: dict[str, tuple[Layout, Layout]] = {
     "mlp.dense_4h_to_h": (Layout.ROW, Layout.REPLICATED),
 }
 QUANTIZED_LINEARS: tuple[str, ...] = tuple(_LINEARS)
+QUANTIZED_WEIGHTS: tuple[str, ...] = tuple(f"{linear}.weight" for linear in _LINEARS)
+PRECISION_PROBE = "transformer.layers.0.attention.query_key_value.weight"  # tells a checkpoint's precision
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # the reference ignores it too; tables are recomputed
 _LAYER_RE = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
 
