@@ -123,9 +123,10 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None, TextIO | Non
     try:
         gen = check_config(cfg)
         model_cfg = model_config(cfg)
-        check_max_len(cfg.max_len, model_cfg)
+        check_max_len(cfg.max_len, model_cfg, gen)
         if cfg.plan:
             ranks = int(cfg.ranks or os.environ.get("WORLD_SIZE", "1"))
+            model_cfg.check_tp(ranks)
             plan = make_plan(cfg, model_cfg, ranks, "cuda" if cfg.device == "cuda" else "cpu")
             memory = float(cfg.device_memory_gib) * GiB if cfg.device_memory_gib else None
             print(plan.table(memory))

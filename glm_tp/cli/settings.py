@@ -132,10 +132,14 @@ def check_server(server: DictConfig) -> None:
     _whole("server.max_body_bytes", server.max_body_bytes, 1)
 
 
-def check_max_len(max_len: int | None, model: ModelConfig) -> None:
+def check_max_len(max_len: int | None, model: ModelConfig, gen: GenerationConfig) -> None:
     if max_len is not None and max_len > model.max_seq_len:
         raise UsageError(f"max_len={max_len} is over the model's maximum of {model.max_seq_len} tokens: "
                          f"use max_len <= {model.max_seq_len}, or leave it unset for the maximum")
+    room = (max_len or model.max_seq_len) - 2  # a prompt is at least one token and sop
+    if gen.max_new_tokens > room:  # else every request would be refused
+        raise UsageError(f"generation.max_new_tokens={gen.max_new_tokens} leaves no room for a prompt in "
+                         f"max_len {max_len or model.max_seq_len}: use at most {room}")
 
 
 def check_device(device: str) -> None:

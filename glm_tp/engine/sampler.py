@@ -6,6 +6,7 @@ where asked. A request's tokens depend only on its own rows and its own random s
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from glm_tp.engine.jobs import Job
 from glm_tp.engine.plan import Choice
 from glm_tp.engine.sampling import ban_tokens, sampled_logits
-from glm_tp.engine.types import TokenLogprob
+from glm_tp.engine.types import LOGPROB_FLOOR, TokenLogprob
 from glm_tp.text.tokenizer import GLMTokenizer
 
 
@@ -38,25 +39,19 @@ class Sampler:
         return self._banned_on[device]
 
     def choose(self, jobs: list[Job], logits: torch.Tensor) -> Choice:
-        """The next token of each of the jobs' rows (`logits` rows are cache rows); the jobs take them."""
+        """The next token of each of the jobs' rows (`logits` rows are cache rows); the jobs take them.
+        Whatever fails for one request (its bans, its distribution, taking its token) ends that request
+        with an error, never the step: the other rows get their tokens as if it had not been there."""
         choice = Choice()
         scores = logits.float()
         scores.masked_fill_(self._banned(scores.device)[: scores.shape[-1]], float("-inf"))
-        for job in jobs:
-            cfg = job.config
-            if cfg.min_new_tokens or cfg.no_repeat_ngram_size:
-                for beam, row in enumerate(job.rows):
-                    ban_tokens(scores[row:row + 1], [job.generated[beam]], job.end_tokens, cfg.min_new_tokens,
-                               cfg.no_repeat_ngram_size)
-        greedy = [j for j in jobs if j.config.strategy == "greedy" and j.config.logprobs is None]
+        live = [j for j in jobs if _guarded(j, choice, lambda j=j: _ban(j, scores))]
+        greedy = [j for j in live if j.config.strategy == "greedy" and j.config.logprobs is None]
         if greedy:  # one argmax over all greedy rows, on the logits' device
             picked = scores[[j.rows[0] for j in greedy]].argmax(dim=-1).tolist()
             for job, token in zip(greedy, picked):
-                choice.tokens[job.rows[0]] = token
-                reason = job.take(token, None)
-                if reason:
-                    choice.ended.append((job, reason))
-        others = [j for j in jobs if j not in greedy]
+                _guarded(job, choice, lambda job=job, token=token: _single(choice, job, token, job.take(token, None)))
+        others = [j for j in live if j not in greedy]
         if others:
             self._choose_on_host(others, scores, choice)
         return choice
@@ -67,28 +62,28 @@ class Sampler:
         host = scores[rows].cpu()
         at = {r: i for i, r in enumerate(rows)}
         sampled = [j for j in jobs if j.config.strategy == "sample"]
-        if sampled:
-            idx = [at[j.rows[0]] for j in sampled]
-            cfgs = [j.config for j in sampled]
-            host[idx] = sampled_logits(host[idx], torch.tensor([c.temperature for c in cfgs]),
-                                       torch.tensor([c.top_k for c in cfgs]), torch.tensor([c.top_p for c in cfgs]))
+        try:  # all sampled rows at once; should that fail, each alone, so that only the culprit fails
+            _sample(sampled, host, at)
+        except Exception:  # noqa: BLE001
+            jobs = [j for j in jobs if j not in sampled or _guarded(j, choice, lambda j=j: _sample([j], host, at))]
         logprobs = host.log_softmax(dim=-1)
         for job in jobs:
-            first = at[job.rows[0]]
-            if job.beam is not None:
-                picks, reason = job.take_beams(logprobs[first:first + job.beams])
-                for beam, (parent, token) in enumerate(picks):
-                    choice.parents[job.rows[beam]] = job.rows[parent]
-                    choice.tokens[job.rows[beam]] = token
-            else:
-                if job.config.strategy == "sample":
-                    token = int(torch.multinomial(host[first].softmax(dim=-1), 1, generator=job.generator)[0])
-                else:
-                    token = int(logprobs[first].argmax())
-                choice.tokens[job.rows[0]] = token
-                reason = job.take(token, self._logprob(logprobs[first], token, job.config.logprobs))
+            _guarded(job, choice, lambda job=job: self._take(job, host, logprobs, at[job.rows[0]], choice))
+
+    def _take(self, job: Job, host: torch.Tensor, logprobs: torch.Tensor, first: int, choice: Choice) -> None:
+        if job.beam is not None:
+            picks, reason = job.take_beams(logprobs[first:first + job.beams])
+            for beam, (parent, token) in enumerate(picks):
+                choice.parents[job.rows[beam]] = job.rows[parent]
+                choice.tokens[job.rows[beam]] = token
             if reason:
                 choice.ended.append((job, reason))
+            return
+        if job.config.strategy == "sample":
+            token = int(torch.multinomial(host[first].softmax(dim=-1), 1, generator=job.generator)[0])
+        else:
+            token = int(logprobs[first].argmax())
+        _single(choice, job, token, job.take(token, self._logprob(logprobs[first], token, job.config.logprobs)))
 
     def _logprob(self, logprobs: torch.Tensor, token: int, top: int | None) -> TokenLogprob | None:
         if top is None:
@@ -96,5 +91,52 @@ class Sampler:
         alternatives = []
         if top:
             values, ids = logprobs.topk(top)
-            alternatives = [(int(i), self.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
-        return TokenLogprob(token, self.decode([token]), float(logprobs[token]), alternatives)
+            alternatives = [(int(i), self.decode([int(i)]), _finite(v)) for v, i in zip(values, ids)]
+        return TokenLogprob(token, self.decode([token]), _finite(logprobs[token]), alternatives)
+
+
+def _finite(logprob: torch.Tensor) -> float:
+    """A token top-k/top-p or a ban ruled out has probability 0: its log is -inf, which JSON cannot carry."""
+    return max(float(logprob), LOGPROB_FLOOR)
+
+
+def _ban(job: Job, scores: torch.Tensor) -> None:
+    cfg = job.config
+    if cfg.min_new_tokens or cfg.no_repeat_ngram_size:
+        for beam, row in enumerate(job.rows):
+            ban_tokens(scores[row:row + 1], [job.generated[beam]], job.end_tokens, cfg.min_new_tokens,
+                       cfg.no_repeat_ngram_size)
+
+
+def _sample(jobs: list[Job], host: torch.Tensor, at: dict[int, int]) -> None:
+    """Replace the sampled rows' scores by the distribution each draws from."""
+    if not jobs:
+        return
+    idx = [at[j.rows[0]] for j in jobs]
+    cfgs = [j.config for j in jobs]
+    host[idx] = sampled_logits(host[idx], torch.tensor([c.temperature for c in cfgs]),
+                               torch.tensor([c.top_k for c in cfgs]), torch.tensor([c.top_p for c in cfgs]))
+
+
+def _single(choice: Choice, job: Job, token: int, reason: str) -> None:
+    """A single-row fill's token, and why it ended ('' while it goes on)."""
+    choice.tokens[job.rows[0]] = token
+    if reason:
+        choice.ended.append((job, reason))
+
+
+def _guarded(job: Job, choice: Choice, work: Callable[[], None]) -> bool:
+    """Run one request's part of the decision; if it fails, the request ends with the error (its rows get
+    no token, so the scheduler frees them) and False is returned."""
+    try:
+        work()
+        return True
+    except Exception as e:  # noqa: BLE001 - one request's failure must not end the others
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        job.error = f"generation failed while choosing its next token ({type(e).__name__}: {first})"
+        print(f"request {job.handle.id}: {job.error}", file=sys.stderr, flush=True)
+        for row in job.rows:
+            choice.tokens.pop(row, None)
+            choice.parents.pop(row, None)
+        choice.ended = [(j, r) for j, r in choice.ended if j is not job] + [(job, "error")]
+        return False

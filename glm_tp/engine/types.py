@@ -18,11 +18,53 @@ from typing import Callable, Union
 STRATEGIES = ("greedy", "sample", "beam")
 MAX_LOGPROBS = 20
 MAX_STOPS = 16
+MAX_NEW_TOKENS = 1 << 20               # far above any model's max_len, which the engine checks
+MAX_TOP_K = 1 << 20                    # larger values mean "off" in effect; the sampler caps it at the vocab
+MAX_BEAMS = 64
+MAX_SEED = (1 << 63) - 1               # a torch generator's seed is an int64
 
 
 # why a request was refused at submission (Result.error_code), besides text.blanks' CONTEXT_LENGTH and
 # INVALID_PROMPT; front ends map them to their answers
 QUEUE_FULL = "queue_full"  # the waiting queue is full: try again later (HTTP 503)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The range a numeric setting allows: [lo, hi], or (lo, hi] when lo_open."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    note: str = ""                     # what a special value means, for the error message
+
+    def allows(self, value: float) -> bool:
+        return (value > self.lo if self.lo_open else value >= self.lo) and value <= self.hi
+
+    def describe(self) -> str:
+        def shown(x: float) -> str:
+            return str(int(x)) if x == int(x) else str(x)
+        return f"{'(' if self.lo_open else '['}{shown(self.lo)}, {shown(self.hi)}]{self.note}"
+
+    def check(self, name: str, value: float) -> None:
+        if not self.allows(value):
+            raise ValueError(f"{name} must be in {self.describe()}, not {short_repr(value)}")
+
+
+# The one table of every numeric generation setting's bounds. Every front end (HTTP, JSONL, TTY `/set`,
+# the command line) reaches it through GenerationConfig.updated, so no value outside it gets to torch.
+LIMITS: dict[str, Limit] = {
+    "max_new_tokens": Limit(1, MAX_NEW_TOKENS, note=" (and within the engine's max_len)"),
+    "temperature": Limit(0, 100, lo_open=True, note=" (use strategy=greedy for argmax)"),
+    "top_k": Limit(0, MAX_TOP_K, note=" (0 turns it off)"),
+    "top_p": Limit(0, 1, lo_open=True, note=" (1 turns it off)"),
+    "num_beams": Limit(1, MAX_BEAMS),
+    "length_penalty": Limit(-10, 10),
+    "no_repeat_ngram_size": Limit(0, MAX_NEW_TOKENS, note=" (0 turns it off)"),
+    "min_new_tokens": Limit(0, MAX_NEW_TOKENS),
+    "seed": Limit(0, MAX_SEED),
+    "logprobs": Limit(0, MAX_LOGPROBS, note=" (or null for none)"),
+}
 
 
 @dataclass
@@ -42,23 +84,18 @@ class GenerationConfig:
     logprobs: int | None = None        # None: off; N in 0..20: the chosen token's logprob and the top N
 
     def validate(self) -> None:
-        checks = [
-            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}"),
-            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
-            (self.temperature > 0, "temperature must be > 0 (use strategy=greedy for argmax)"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 turns it off)"),
-            (self.num_beams >= 1, "num_beams must be at least 1"),
-            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be between 0 and max_new_tokens"),
-            (len(self.stop) <= MAX_STOPS and all(isinstance(s, str) and s for s in self.stop),
-             f"stop must be at most {MAX_STOPS} non-empty strings"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-             f"logprobs must be between 0 and {MAX_LOGPROBS} (or null for none)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        """Every value within its bounds (`LIMITS`), else ValueError naming the setting and what it allows."""
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None or name != "logprobs":
+                limit.check(name, value)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be at most max_new_tokens ({self.max_new_tokens}), "
+                             f"not {self.min_new_tokens}")
+        if len(self.stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be at most {MAX_STOPS} non-empty strings")
 
     def updated(self, **changes: object) -> "GenerationConfig":
         """A copy with fields changed (values are checked and converted to the field's type); unknown keys
@@ -78,26 +115,47 @@ class GenerationConfig:
 
 
 def _as_int(v: object) -> int:
+    """An integer exactly (no float round trip: 2**63 stays 2**63, and the bounds refuse it)."""
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise TypeError(f"expected an integer, got {v!r}")
+        raise TypeError(f"expected an integer, got {short_repr(v)}")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            pass
     try:
         f = _as_float(v)
     except ValueError:
-        raise ValueError(f"expected an integer, got {v!r}") from None
+        raise ValueError(f"expected an integer, got {short_repr(v)}") from None
     if f != int(f):
-        raise ValueError(f"expected an integer, got {v!r}")
+        raise ValueError(f"expected an integer, got {short_repr(v)}")
     return int(f)
+
+
+def short_repr(v: object, limit: int = 40) -> str:
+    """A value for an error message: cut short, and a huge integer by its size."""
+    if isinstance(v, int) and v.bit_length() > 128:  # repr of a huge int is slow, or refused past 4300 digits
+        return f"an integer of about {int(v.bit_length() * 0.30103) + 1} digits"
+    try:
+        text = repr(v)
+    except ValueError:  # a container holding a huge integer
+        return f"a {type(v).__name__}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _as_float(v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise TypeError(f"expected a number, got {v!r}")
+        raise TypeError(f"expected a number, got {short_repr(v)}")
     try:
         f = float(v)
     except ValueError:
-        raise ValueError(f"expected a number, got {v!r}") from None
+        raise ValueError(f"expected a number, got {short_repr(v)}") from None
+    except OverflowError:
+        raise ValueError(f"expected a finite number, got {short_repr(v)}") from None
     if f != f or f in (float("inf"), float("-inf")):
-        raise ValueError(f"expected a finite number, got {v!r}")
+        raise ValueError(f"expected a finite number, got {short_repr(v)}")
     return f
 
 
@@ -144,6 +202,9 @@ class Request:
     text: str | None = None
     token_ids: list[int] | None = None
     config: GenerationConfig | None = None
+
+
+LOGPROB_FLOOR = -9999.0  # reported for tokens of probability 0 (as vLLM does): JSON has no -Infinity
 
 
 @dataclass

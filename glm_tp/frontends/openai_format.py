@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from glm_tp.engine.types import (
+    LIMITS,
     MAX_LOGPROBS,
+    MAX_SEED,
     MAX_STOPS,
     GenerationConfig,
     Request,
     Result,
     TokenLogprob,
+    short_repr,
 )
 from glm_tp.text.blanks import INVALID_PROMPT, MASK_PATTERN
 from glm_tp.text.chat import ChatFormat
@@ -68,7 +71,7 @@ def _int(value: object, name: str, lo: int | None = None, hi: int | None = None)
         (hi is None or value <= hi)
     if not ok:
         span = f" between {lo} and {hi}" if lo is not None and hi is not None else (f" >= {lo}" if lo is not None else "")
-        raise OpenAIError(f"{name} must be an integer{span}, not {value!r}", name)
+        raise OpenAIError(f"{name} must be an integer{span}, not {short_repr(value)}", name)
     return value  # type: ignore[return-value]
 
 
@@ -76,13 +79,14 @@ def _number(value: object, name: str, lo: float, hi: float, lo_open: bool = Fals
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
         (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
-        raise OpenAIError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], not {value!r}", name)
+        raise OpenAIError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], not {short_repr(value)}",
+                          name)
     return float(value)  # type: ignore[arg-type]
 
 
 def _bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
-        raise OpenAIError(f"{name} must be true or false, not {value!r}", name)
+        raise OpenAIError(f"{name} must be true or false, not {short_repr(value)}", name)
     return value
 
 
@@ -90,7 +94,7 @@ def _stops(value: object) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
         raise OpenAIError(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them, "
-                          f"not {value!r}", "stop")
+                          f"not {short_repr(value)}", "stop")
     return tuple(stops)
 
 
@@ -145,9 +149,27 @@ def _chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+def _check_text(body: object) -> None:
+    """Every string in the body is encodable text: JSON may spell a lone surrogate ("\\ud800"), which no
+    tokenizer, file or socket takes. Iterative, so a deeply nested body cannot exhaust the stack."""
+    stack: list[tuple[object, str]] = [(body, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in value.items())
+            stack.extend((k, f"{where} (a key)" if where else "a key") for k in value)
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise OpenAIError(f"{where or 'the body'} is not valid Unicode text: {e.reason} at character "
+                                  f"{e.start} (a lone surrogate such as \\ud800)", where or None) from None
+
+
+def _short(value: object) -> str:
+    return short_repr(value, 60)
 
 
 # -- settings ---------------------------------------------------------------------------------------
@@ -155,7 +177,7 @@ def _changes(body: dict, kind: str) -> dict[str, object]:
     """GenerationConfig changes from the OpenAI fields."""
     changes: dict[str, object] = {}
     for name in ("max_tokens", "max_completion_tokens"):
-        value = _get(body, name, _int, 1)
+        value = _get(body, name, _int, 1, int(LIMITS["max_new_tokens"].hi))
         if value is not None:
             changes["max_new_tokens"] = value
     temperature = _get(body, "temperature", _number, 0.0, 2.0)
@@ -166,7 +188,7 @@ def _changes(body: dict, kind: str) -> dict[str, object]:
     if top_p is not None:
         changes["top_p"] = top_p
         changes.setdefault("strategy", "sample")
-    seed = _get(body, "seed", _int)
+    seed = _get(body, "seed", _int, 0, MAX_SEED)
     if seed is not None:
         changes["seed"] = seed
     if body.get("stop") is not None:
@@ -214,6 +236,7 @@ def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: st
     per line and run as a plain prompt (GLM-130B is no chat model)."""
     if not isinstance(body, dict):
         raise OpenAIError(f"the request body must be a JSON object, not {_short(body)}", None)
+    _check_text(body)
     ids = None
     if kind == "completion":
         prompts, infill = _completion_prompts(body)
@@ -241,7 +264,7 @@ def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: st
     include_usage = bool(_get(options or {}, "include_usage", _bool))
     echo = bool(_get(body, "echo", _bool)) if kind == "completion" else False
     requests = [Request(f"{id_prefix}.{p * n + k}", text=None if ids else prompt, token_ids=ids,
-                        config=config.updated(seed=config.seed + k))
+                        config=config.updated(seed=(config.seed + k) % (MAX_SEED + 1)))
                 for p, prompt in enumerate(prompts) for k in range(n)]  # type: ignore[arg-type]
     return Parsed(kind, prompts, requests, n=n, model=model, stream=stream,  # type: ignore[arg-type]
                   include_usage=include_usage, echo=echo, logprobs=config.logprobs, infill=infill)

@@ -133,8 +133,9 @@ class Routes:
         raw = b"".join(chunks)
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise oa.OpenAIError(f"the body is not valid JSON ({e})", code="invalid_json") from None
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an integer over 4300 digits, deep nesting
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+            raise oa.OpenAIError(f"the body is not valid JSON ({why})", code="invalid_json") from None
 
     def _submit(self, parsed: oa.Parsed) -> Submission:
         try:

@@ -74,3 +74,37 @@ def test_seeded_sampling_repeats(tok):
         job = _job(tok, [0], strategy="sample", seed=7, temperature=1.0)
         runs.append([_sampler(tok).choose([job], logits).tokens[0] for _ in range(3)])
     assert runs[0] == runs[1]
+
+
+def _poisoned(monkeypatch, temperature: float) -> None:
+    """Sampling fails for any batch holding a row of this temperature, as a kernel might for one row's values."""
+    import glm_tp.engine.sampler as sampler_module
+    real = sampler_module.sampled_logits
+
+    def sampled_logits(logits, temperatures, top_k, top_p):
+        if bool((temperatures == temperature).any()):
+            raise RuntimeError("kernel failed for this row")
+        return real(logits, temperatures, top_k, top_p)
+    monkeypatch.setattr(sampler_module, "sampled_logits", sampled_logits)
+
+
+def test_what_fails_for_one_request_ends_that_request_only(tok, monkeypatch):
+    logits = torch.randn(4, CFG.vocab_size)
+    jobs = lambda: [_job(tok, [0]), _job(tok, [1], strategy="sample", seed=5, temperature=0.5),  # noqa: E731
+                    _job(tok, [2], strategy="sample", seed=6, temperature=0.8), _job(tok, [3], logprobs=1)]
+    clean = _sampler(tok).choose(jobs(), logits)
+    _poisoned(monkeypatch, 0.5)
+    hit = jobs()
+    choice = _sampler(tok).choose(hit, logits)
+    assert choice.ended == [(hit[1], "error")] and "kernel failed for this row" in hit[1].error
+    assert choice.tokens == {r: t for r, t in clean.tokens.items() if r != 1}
+    assert [j.generated for j in hit[:1] + hit[2:]] == [[[clean.tokens[r]]] for r in (0, 2, 3)]
+
+
+def test_a_listener_that_fails_ends_its_request_only(tok):
+    def broken(event):
+        raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+    good, bad = _job(tok, [0], strategy="sample", seed=1), _job(tok, [1], strategy="sample", seed=1)
+    bad.handle._listener = broken
+    choice = _sampler(tok).choose([good, bad], torch.zeros(2, CFG.vocab_size))
+    assert choice.ended == [(bad, "error")] and 0 in choice.tokens and 1 not in choice.tokens

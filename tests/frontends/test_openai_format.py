@@ -23,7 +23,7 @@ def _parse(body: object, kind: str = "completion") -> oa.Parsed:
     ({"prompt": "a", "glm": "beam"}, "glm", "glm must be an object"),
     ({"prompt": "a", "n": "two"}, "n", "n must be an integer between 1 and 16"),
     ({"prompt": "a", "n": 17}, "n", "between 1 and 16"),
-    ({"prompt": "a", "max_tokens": 0}, "max_tokens", "max_tokens must be an integer >= 1"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", "max_tokens must be an integer between 1 and"),
     ({"prompt": "a", "max_tokens": "8"}, "max_tokens", "max_tokens must be an integer"),
     ({"prompt": "a", "temperature": 3}, "temperature", "temperature must be a number in [0.0, 2.0]"),
     ({"prompt": "a", "top_p": 0}, "top_p", "top_p must be a number in (0.0, 1.0]"),

@@ -21,6 +21,7 @@ from glm_tp.cli.settings import (
     resolve_path,
 )
 from glm_tp.config import PRESETS
+from glm_tp.engine.types import GenerationConfig
 from tests.support import ROOT
 
 
@@ -55,10 +56,28 @@ def test_good_settings_pass_and_give_the_generation_defaults():
 
 def test_max_len_over_the_models_maximum_is_refused_not_capped():
     demo = model_config(_config())
-    check_max_len(demo.max_seq_len, demo)
+    check_max_len(demo.max_seq_len, demo, GenerationConfig())
     with pytest.raises(UsageError, match=f"max_len={demo.max_seq_len + 1} is over the model's maximum of "
                                          f"{demo.max_seq_len} tokens"):
-        check_max_len(demo.max_seq_len + 1, demo)
+        check_max_len(demo.max_seq_len + 1, demo, GenerationConfig())
+
+
+def test_a_default_max_new_tokens_no_prompt_fits_beside_is_refused_at_start():
+    demo = model_config(_config())
+    check_max_len(64, demo, GenerationConfig(max_new_tokens=62))
+    with pytest.raises(UsageError, match="generation.max_new_tokens=63 leaves no room for a prompt in max_len 64: "
+                                         "use at most 62"):
+        check_max_len(64, demo, GenerationConfig(max_new_tokens=63))
+    job = _run("generation.max_new_tokens=100000", "input=nowhere.jsonl")
+    assert job.returncode == 2 and job.stderr.strip().splitlines() == [
+        f"error: generation.max_new_tokens=100000 leaves no room for a prompt in max_len {demo.max_seq_len}: "
+        f"use at most {demo.max_seq_len - 2}"]
+
+
+def test_a_plan_for_a_rank_count_the_model_cannot_take_is_refused():
+    job = _run("plan=true", "ranks=3")
+    assert job.returncode == 2 and "tensor-parallel size 3 does not divide this model" in job.stderr
+    assert "valid sizes:" in job.stderr and len(job.stderr.strip().splitlines()) == 1
 
 
 def test_relative_paths_are_the_users_and_glm_tp_paths_fall_back_to_the_package(tmp_path, monkeypatch):

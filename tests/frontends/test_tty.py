@@ -27,7 +27,7 @@ class _FakeCoordinator:
     ("/set return_all_beams maybe",
      "error: generation setting 'return_all_beams': expected true or false, got 'maybe'"),
     ("/set max_new_tokens abc", "error: generation setting 'max_new_tokens': expected an integer, got 'abc'"),
-    ("/set temperature -1", "error: temperature must be > 0 (use strategy=greedy for argmax)"),
+    ("/set temperature -1", "error: temperature must be in (0, 100] (use strategy=greedy for argmax)"),
     ("/set colour red", "error: unknown generation setting 'colour'"),
     ("/beam two", "error: generation setting 'num_beams': expected an integer, got 'two'"),
 ])

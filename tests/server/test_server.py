@@ -350,3 +350,44 @@ def test_bad_server_settings_are_refused_before_loading(key, value, words):
     server[key] = value
     with pytest.raises(UsageError, match=f"server.{key}=.*{words}"):
         check_server(server)
+
+
+HOSTILE = [  # (raw body, the param named): values that once reached torch on the engine thread, or broke parsing
+    ('{"prompt": "a", "glm": {"strategy": "sample", "top_k": 9223372036854775807}}', "glm"),
+    ('{"prompt": "a", "glm": {"strategy": "sample", "top_k": 9223372036854775808}}', "glm"),
+    ('{"prompt": "a", "glm": {"strategy": "sample", "top_k": 1e20}}', "glm"),
+    ('{"prompt": "a", "glm": {"strategy": "beam", "num_beams": 2, "length_penalty": 1e308}}', "glm"),
+    ('{"prompt": "a", "glm": {"strategy": "sample", "temperature": 1e308}}', "glm"),
+    ('{"prompt": "a", "seed": 18446744073709551616}', "seed"),
+    ('{"prompt": "a", "max_tokens": 1' + "0" * 400 + "}", "max_tokens"),
+    ('{"prompt": "a", "user": 1' + "0" * 5000 + "}", None),
+    ('{"prompt": "a", "user": ' + "[" * 100_000 + "]" * 100_000 + "}", None),
+    ('{"prompt": "a\\ud800 b"}', "prompt"),
+    ('{"prompt": ["ok", "\\udfff"]}', "prompt[1]"),
+]
+
+
+def test_hostile_values_are_400s_and_the_server_stays_healthy(server):
+    for raw, param in HOSTILE:
+        reply = httpx.post(server.url + "/v1/completions", content=raw.encode(), timeout=60,
+                           headers={"content-type": "application/json"})
+        assert reply.status_code == 400, (raw[:80], reply.text[:300])
+        assert reply.json()["error"]["param"] == param, raw[:80]
+    chat = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                      content=b'{"messages": [{"role": "user", "content": "x\\ud800"}]}')
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages[0].content"
+    assert httpx.get(server.url + "/health", timeout=60).json()["status"] == "ok"
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "list : kite yak . again :", "max_tokens": 2},
+                    timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"]
+
+
+def test_logprobs_under_top_k_and_top_p_are_finite_json(server):
+    body = {"prompt": "list : kite yak red . again :", "max_tokens": 4, "logprobs": 5, "top_p": 0.5, "seed": 3,
+            "glm": {"top_k": 2}}
+    whole = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert whole.status_code == 200, whole.text[:300]
+    values = [v for top in whole.json()["choices"][0]["logprobs"]["top_logprobs"] for v in top.values()]
+    assert len(values) > 4 and all(v >= -9999.0 for v in values) and min(values) == -9999.0
+    streamed = httpx.post(server.url + "/v1/completions", json={**body, "stream": True}, timeout=60).text
+    assert "Infinity" not in streamed and "NaN" not in streamed and streamed.rstrip().endswith("[DONE]")
