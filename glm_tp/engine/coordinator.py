@@ -60,6 +60,10 @@ class Coordinator:
         """Chat messages -> context ids in the model's chat format (None: the model has none)."""
         return chat_format(self.engine.model.cfg.chat_template, self.engine.tok)
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids (a prompt sent as ids, echoed back)."""
+        return self.engine.tok.decode(ids)
+
     @property
     def default(self) -> GenerationConfig:
         """The settings of requests that carry none."""

@@ -105,18 +105,27 @@ def _get(body: dict, name: str, check: Callable[..., object], *args: object) -> 
 
 
 # -- prompts ----------------------------------------------------------------------------------------
-def _completion_prompts(body: dict) -> tuple[list[str], list[bool]]:
-    """The prompts, and for each whether it is infilling (has a mask: the answer is the filled text)."""
+def _completion_prompts(body: dict) -> tuple[list[str | list[int]], list[bool]]:
+    """The prompts (text, or token ids as the API allows: a list of ids, or a list of such lists), and for
+    each whether it is infilling (a text prompt with a mask: the answer is the filled text)."""
     prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise OpenAIError(f"prompt must be a string or a non-empty list of strings, not {_short(prompt)}", "prompt")
+    prompts = [prompt] if isinstance(prompt, str) or (prompt and _ids(prompt)) else prompt
+    if not isinstance(prompts, list) or not prompts or not (all(isinstance(p, str) for p in prompts) or
+                                                            all(_ids(p) for p in prompts)):
+        raise OpenAIError(f"prompt must be a string, a non-empty list of strings, a non-empty list of token ids "
+                          f"or a list of such lists, not {_short(prompt)}", "prompt")
     suffix = body.get("suffix")
     if suffix is None:
-        return prompts, [bool(MASK_PATTERN.search(p)) for p in prompts]
-    if not isinstance(suffix, str):
-        raise OpenAIError(f"suffix must be a string, not {_short(suffix)}", "suffix")
+        return prompts, [isinstance(p, str) and bool(MASK_PATTERN.search(p)) for p in prompts]
+    if not isinstance(suffix, str) or not all(isinstance(p, str) for p in prompts):
+        raise OpenAIError(f"suffix must be a string, with text prompts, not {_short(suffix)}", "suffix")
     return [f"{p}[MASK]{suffix}" for p in prompts], [False] * len(prompts)  # the answer: what goes between
+
+
+def _ids(value: object) -> bool:
+    """A non-empty list of token ids (the engine checks them against the vocabulary)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in value)
 
 
 def _content_text(content: object, where: str) -> str:
@@ -230,23 +239,26 @@ def _config(body: dict, kind: str, default: GenerationConfig) -> GenerationConfi
 
 # -- the translation --------------------------------------------------------------------------------
 def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: str,
-               chat: ChatFormat | None = None) -> Parsed:
+               chat: ChatFormat | None = None, decode: Callable[[list[int]], str] | None = None) -> Parsed:
     """An OpenAI request body to glm-tp requests, with ids `{id_prefix}.{choice}`; raises OpenAIError.
     chat: the model's chat format (messages -> context ids); without one, message contents are joined one
-    per line and run as a plain prompt (GLM-130B is no chat model)."""
+    per line and run as a plain prompt (GLM-130B is no chat model). decode: the text of token ids, to echo a
+    prompt sent as ids."""
     if not isinstance(body, dict):
         raise OpenAIError(f"the request body must be a JSON object, not {_short(body)}", None)
     _check_text(body)
-    ids = None
     if kind == "completion":
-        prompts, infill = _completion_prompts(body)
+        given, infill = _completion_prompts(body)
+        ids = [p if isinstance(p, list) else None for p in given]
+        prompts = [p if isinstance(p, str) else (decode(p) if decode else "") for p in given]
     else:
         messages = _chat_messages(body)
         prompts = ["\n".join(m["content"] for m in messages)]
         infill = [bool(MASK_PATTERN.search(prompts[0])) and chat is None]
+        ids = [None]
         if chat is not None:
             try:
-                ids = chat(messages)
+                ids = [chat(messages)]
             except ValueError as e:
                 raise OpenAIError(str(e), "messages") from None
     config = _config(body, kind, default)
@@ -263,7 +275,7 @@ def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: st
                           "and is only allowed with stream: true", "stream_options")
     include_usage = bool(_get(options or {}, "include_usage", _bool))
     echo = bool(_get(body, "echo", _bool)) if kind == "completion" else False
-    requests = [Request(f"{id_prefix}.{p * n + k}", text=None if ids else prompt, token_ids=ids,
+    requests = [Request(f"{id_prefix}.{p * n + k}", text=None if ids[p] else prompt, token_ids=ids[p],
                         config=config.updated(seed=(config.seed + k) % (MAX_SEED + 1)))
                 for p, prompt in enumerate(prompts) for k in range(n)]  # type: ignore[arg-type]
     return Parsed(kind, prompts, requests, n=n, model=model, stream=stream,  # type: ignore[arg-type]

@@ -158,7 +158,7 @@ class Routes:
         self._authorize(request)
         body = await self._body(request)
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{next(self.counter)}-{secrets.token_hex(6)}"
-        parsed = oa.parse_body(kind, body, self.default, response_id, self.backend.chat_format)
+        parsed = oa.parse_body(kind, body, self.default, response_id, self.backend.chat_format, self.backend.decode)
         if parsed.model not in (None, self.settings.model_name):
             raise oa.OpenAIError(f"model {parsed.model!r} does not exist: this server runs "
                                  f"{self.settings.model_name!r} (GET /v1/models)", "model", 404, code="model_not_found")

@@ -32,7 +32,7 @@ def _parse(body: object, kind: str = "completion") -> oa.Parsed:
     ({"prompt": "a", "logprobs": True}, "logprobs", "logprobs must be an integer"),
     ({"prompt": "a", "echo": "yes"}, "echo", "echo must be true or false"),
     ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream"),
-    ({"prompt": 5}, "prompt", "prompt must be a string or a non-empty list of strings"),
+    ({"prompt": 5}, "prompt", "prompt must be a string, a non-empty list of strings"),
     ({"prompt": []}, "prompt", "prompt must be"),
     ({"prompt": "a", "glm": {"strategy": "beam", "num_beams": "four"}}, "glm", "num_beams"),
     ({"prompt": "a", "glm": {"colour": 1}}, "glm", "unknown generation setting 'colour'"),

@@ -391,3 +391,20 @@ def test_logprobs_under_top_k_and_top_p_are_finite_json(server):
     assert len(values) > 4 and all(v >= -9999.0 for v in values) and min(values) == -9999.0
     streamed = httpx.post(server.url + "/v1/completions", json={**body, "stream": True}, timeout=60).text
     assert "Infinity" not in streamed and "NaN" not in streamed and streamed.rstrip().endswith("[DONE]")
+
+
+def test_prompts_as_token_ids_answer_as_their_text_does(server, client):
+    tok = server.coordinator.engine.tok
+    texts = ["list : kite yak red . again :", "days : tuesday wednesday"]
+    ids = [tok.encode(t) for t in texts]
+    by_text = client.completions.create(model="demo", prompt=texts, max_tokens=6)
+    by_ids = client.completions.create(model="demo", prompt=ids, max_tokens=6)  # a list of lists
+    one = client.completions.create(model="demo", prompt=ids[0], max_tokens=6, echo=True)  # one list of ids
+    assert [c.text for c in by_ids.choices] == [c.text for c in by_text.choices]
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens
+    assert one.choices[0].text == tok.decode(ids[0]) + by_text.choices[0].text
+    for bad in ([], [[]], [1, "a"], [True], [-1], [[1], "a"]):
+        reply = httpx.post(server.url + "/v1/completions", json={"prompt": bad}, timeout=60)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt", bad
+    outside = httpx.post(server.url + "/v1/completions", json={"prompt": [10 ** 6]}, timeout=60)
+    assert outside.status_code == 400 and "outside the vocabulary" in outside.json()["error"]["message"]
