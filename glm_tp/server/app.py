@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from glm_tp.engine.types import QUEUE_FULL, Delta, Done, GenerationConfig
 from glm_tp.frontends import openai_format as oa
 from glm_tp.server.metrics import Metrics
+from glm_tp.server.schema import request_schema
 from glm_tp.server.submission import (
     Backend,
     EngineFailed,
@@ -251,10 +252,15 @@ class Routes:
         return JSONResponse({"status": "ok", **self.backend.load()})
 
 
+def _body_schema(kind: str) -> dict:
+    """The route reads its body itself (size limits, one parser), so the schema is declared, not inferred."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(kind)}}}}
+
+
 def build_app(backend: Backend, default: GenerationConfig, settings: ServerSettings,
               state: ServerState | None = None) -> FastAPI:
     routes = Routes(backend, default, settings, state or ServerState())
-    app = FastAPI(title="glm-tp", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="glm-tp", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.routes = routes
 
     @app.exception_handler(oa.OpenAIError)
@@ -278,11 +284,11 @@ def build_app(backend: Backend, default: GenerationConfig, settings: ServerSetti
         return _error(oa.OpenAIError(f"internal error: {type(e).__name__}: {e}", status=500, type="server_error",
                                      code="internal_error"))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema("completion"))
     async def completions(request: Request) -> Response:
         return await routes.generate(request, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema("chat"))
     async def chat(request: Request) -> Response:
         return await routes.generate(request, "chat")
 
