@@ -128,6 +128,7 @@ def check_server(server: DictConfig) -> None:
                              f"server.{key}='\"123\"')")
     _whole("server.max_waiting", server.max_waiting, 1)
     _positive("server.request_timeout_s", server.request_timeout_s)
+    _positive("server.read_timeout_s", server.read_timeout_s)
     _whole("server.retry_after_s", server.retry_after_s, 0)
     _whole("server.max_body_bytes", server.max_body_bytes, 1)
 

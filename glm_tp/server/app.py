@@ -45,6 +45,7 @@ class ServerSettings:
     request_timeout_s: float = 600.0
     retry_after_s: int = 1
     max_body_bytes: int = 4 << 20
+    read_timeout_s: float = 30.0        # for a request's headers (server/slow_clients.py), then for its body
 
 
 @dataclass
@@ -122,12 +123,11 @@ class Routes:
         declared = request.headers.get("content-length", "")
         size, chunks = int(declared) if declared.isdigit() else 0, []
         if size <= self.settings.max_body_bytes:
-            size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.settings.max_body_bytes:
-                    break
-                chunks.append(chunk)
+            try:  # a body that arrives slower than this, or is shorter than its declared length, holds nothing
+                size = await asyncio.wait_for(self._read(request, chunks), self.settings.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise oa.OpenAIError(f"the body did not arrive within server.read_timeout_s="
+                                     f"{self.settings.read_timeout_s:g} s", status=408, code="timeout") from None
         if size > self.settings.max_body_bytes:
             raise oa.OpenAIError(f"the body is {size} bytes or more, over server.max_body_bytes="
                                  f"{self.settings.max_body_bytes}", status=413, code="body_too_large")
@@ -137,6 +137,15 @@ class Routes:
         except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an integer over 4300 digits, deep nesting
             why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
             raise oa.OpenAIError(f"the body is not valid JSON ({why})", code="invalid_json") from None
+
+    async def _read(self, request: Request, chunks: list[bytes]) -> int:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.settings.max_body_bytes:
+                break
+            chunks.append(chunk)
+        return size
 
     def _submit(self, parsed: oa.Parsed) -> Submission:
         try:

@@ -17,6 +17,7 @@ import uvicorn
 
 from glm_tp.engine.types import GenerationConfig
 from glm_tp.server.app import ServerSettings, ServerState, build_app
+from glm_tp.server.slow_clients import protocol
 from glm_tp.server.submission import Backend
 
 FAILED_HEALTH_S = 2.0  # how long a failed /health stays up before the process exits
@@ -32,7 +33,8 @@ class Serving(Backend, Protocol):
 
 def _start_uvicorn(app: object, settings: ServerSettings) -> tuple[uvicorn.Server, threading.Thread]:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                            timeout_graceful_shutdown=int(settings.request_timeout_s), lifespan="off")
+                            timeout_graceful_shutdown=int(settings.request_timeout_s), lifespan="off",
+                            http=protocol(settings.read_timeout_s))
     server = uvicorn.Server(config)  # signal handlers stay with the main thread (uvicorn skips them off it)
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()

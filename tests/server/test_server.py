@@ -3,6 +3,7 @@ answers equal the JSONL batch runner's, streaming, errors, 32 concurrent clients
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -408,3 +409,27 @@ def test_prompts_as_token_ids_answer_as_their_text_does(server, client):
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt", bad
     outside = httpx.post(server.url + "/v1/completions", json={"prompt": [10 ** 6]}, timeout=60)
     assert outside.status_code == 400 and "outside the vocabulary" in outside.json()["error"]["message"]
+
+
+def _raw(url: str, data: bytes) -> bytes:
+    """Send `data` on a fresh connection and read until the server closes it."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=120) as s:
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    return got
+
+
+def test_slow_and_silent_clients_are_timed_out():
+    live = start(demo_engine(), ServerSettings(port=0, model_name="demo", read_timeout_s=1.0))
+    try:
+        assert _raw(live.url, b"").startswith(b"HTTP/1.1 408")  # connects and sends nothing
+        assert _raw(live.url, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n").startswith(b"HTTP/1.1 408")
+        short = _raw(live.url, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                               b"content-length: 100\r\nconnection: close\r\n\r\n{\"prompt\": ")
+        assert short.startswith(b"HTTP/1.1 408") and b"read_timeout_s" in short
+        assert httpx.get(live.url + "/health", timeout=60).json()["status"] == "ok"
+    finally:
+        live.close()

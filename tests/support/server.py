@@ -12,6 +12,7 @@ from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig
 from glm_tp.server.app import ServerSettings, build_app
+from glm_tp.server.slow_clients import protocol
 from tests.support import ROOT
 from tests.support.engines import engine_for
 from tests.support.wait import wait_until
@@ -82,7 +83,8 @@ def start(engine: Engine, settings: ServerSettings | None = None) -> LiveServer:
     coordinator = Coordinator(engine.tp, engine, max_waiting=settings.max_waiting)
     stop = threading.Event()
     app = build_app(coordinator, engine.default, settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                                           http=protocol(settings.read_timeout_s)))
     threads = [threading.Thread(target=server.run, daemon=True),
                threading.Thread(target=coordinator.run, args=(stop.is_set,), daemon=True)]
     for t in threads:
