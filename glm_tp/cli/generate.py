@@ -37,8 +37,10 @@ from glm_tp.engine.types import GenerationConfig
 from glm_tp.parallel.dist import (
     TPContext,
     die_with_launcher,
+    failure_line,
     init_distributed,
     shutdown,
+    stop_peers,
 )
 from glm_tp.text.tokenizer import TokenizerError, load_tokenizer
 
@@ -212,8 +214,10 @@ def _hydra_main(cfg: DictConfig) -> None:
         report(f"error{where}: {e}")
         code = 2
     except (RuntimeError, ConnectionError) as e:  # a lost rank surfaces as a failed collective
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        report(f"error on rank {rank}: lost contact with the other ranks ({first}); shutting down")
+        report(f"error on rank {rank}: lost contact with the other ranks ({failure_line(e)}); shutting down")
+        stopped = stop_peers()
+        if stopped:
+            report(f"glm-tp: stopped the other ranks on this host (pids {', '.join(map(str, stopped))})")
         code = 1
     except KeyboardInterrupt:
         if rank == 0:

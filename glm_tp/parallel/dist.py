@@ -11,7 +11,9 @@ import atexit
 import ctypes
 import datetime
 import os
+import re
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 60.0
+_peers: list[tuple[str, int]] = []  # (host, pid) of every rank, in rank order, once the group is joined
 
 
 @dataclass
@@ -126,8 +129,40 @@ def init_distributed(device: str | None = None, backend: str | None = None,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         # a group left to interpreter teardown can abort the process ("terminate called ...")
         atexit.register(shutdown)
+        _peers[:] = [tuple(p) for p in _all_gather((socket.gethostname(), os.getpid()))]
     return TPContext(rank=dist.get_rank(), size=dist.get_world_size(), group=dist.group.WORLD, device=dev,
                      timeout_s=timeout_s)
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+_SOURCE_LOCATION = re.compile(r"\[[^\]]*\.(?:cc|cpp|cu|h|hpp):\d+\]\s*")
+
+
+def failure_line(e: BaseException) -> str:
+    """A failed collective in one line, without the library's source locations (its build paths)."""
+    text = _SOURCE_LOCATION.sub("", str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def stop_peers() -> list[int]:
+    """After a collective failed: kill the other ranks on this host. The group is broken for good, and a
+    rank that hangs (stopped, stuck in a driver) would otherwise hold the launcher for its own grace period
+    (torchrun waits 30 s before it kills). Returns the pids signalled."""
+    host, me, stopped = socket.gethostname(), os.getpid(), []
+    for peer_host, pid in _peers:
+        if peer_host == host and pid != me:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                stopped.append(pid)
+            except (ProcessLookupError, PermissionError):
+                pass  # gone already
+    _peers.clear()
+    return stopped
 
 
 def shutdown() -> None:

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 import uvicorn
 
 from glm_tp.engine.types import GenerationConfig
+from glm_tp.parallel.dist import failure_line
 from glm_tp.server.app import ServerSettings, ServerState, build_app
 from glm_tp.server.slow_clients import protocol
 from glm_tp.server.submission import Backend
@@ -66,7 +67,7 @@ def run_server(coordinator: Serving, default: GenerationConfig, settings: Server
     try:
         coordinator.run(stop.is_set)
     except BaseException as e:
-        state.fail(f"{type(e).__name__}: {e}".splitlines()[0])
+        state.fail(f"{type(e).__name__}: {failure_line(e)}")
         time.sleep(FAILED_HEALTH_S)  # monitors see /health fail before the process goes
         raise
     finally:

@@ -98,3 +98,30 @@ def test_two_ranks_answer_and_a_lost_rank_ends_the_server(tmp_path):
         assert health and health[-1] != 200  # /health failed (503) or the server was gone before the end
     finally:
         server.kill()
+
+
+def test_a_stopped_rank_ends_the_server_without_waiting_on_the_launcher_and_errors_show_no_build_paths(tmp_path):
+    ckpt = tmp_path / "tp2"
+    rewrite(DEMO, ckpt, 2, progress=False)
+    server = ServerProcess(2, ckpt, "timeout_s=10")
+    try:
+        worker = find_rank(server.proc.pid, 1)
+        assert worker is not None
+        body = {"model": "demo", "prompt": "one two", "max_tokens": 60, "stream": True, "glm": {"min_new_tokens": 60}}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            next(lines)  # the stream has begun
+            os.kill(worker, signal.SIGSTOP)  # hung, not gone: the launcher alone would wait its grace period
+            rest = list(lines)
+        errors = [line for line in rest if '"error"' in line]
+        assert errors and "the engine stopped" in errors[0], rest[-3:]
+        assert not any(mark in errors[0] for mark in (".cc:", "third_party", "/pytorch/")), errors[0]
+        assert server.proc.wait(timeout=120) != 0
+        assert "stopped the other ranks on this host" in server.output, server.output[-3000:]
+        assert ".cc:" not in server.output.split("Root Cause")[0], server.output[-3000:]
+    finally:
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except (ProcessLookupError, TypeError):
+            pass
+        server.kill()
