@@ -27,6 +27,9 @@ def banned_tokens(vocab_size: int, tok: GLMTokenizer) -> torch.Tensor:
     return banned
 
 
+CONTEXT = 8  # answer tokens decoded before a logprob's token, to read it in context
+
+
 class Sampler:
     def __init__(self, banned: torch.Tensor, decode: Callable[[list[int]], str]):
         """banned: True for ids never chosen; decode: the text of ids, for logprobs."""
@@ -83,16 +86,24 @@ class Sampler:
             token = int(torch.multinomial(host[first].softmax(dim=-1), 1, generator=job.generator)[0])
         else:
             token = int(logprobs[first].argmax())
-        _single(choice, job, token, job.take(token, self._logprob(logprobs[first], token, job.config.logprobs)))
+        lp = self._logprob(logprobs[first], token, job.config.logprobs, job.generated[0][-CONTEXT:])
+        _single(choice, job, token, job.take(token, lp))
 
-    def _logprob(self, logprobs: torch.Tensor, token: int, top: int | None) -> TokenLogprob | None:
+    def _logprob(self, logprobs: torch.Tensor, token: int, top: int | None, before: list[int]) -> TokenLogprob | None:
         if top is None:
             return None
         alternatives = []
         if top:
             values, ids = logprobs.topk(top)
-            alternatives = [(int(i), self.decode([int(i)]), _finite(v)) for v, i in zip(values, ids)]
-        return TokenLogprob(token, self.decode([token]), _finite(logprobs[token]), alternatives)
+            alternatives = [(int(i), self._text(before, int(i)), _finite(v)) for v, i in zip(values, ids)]
+        return TokenLogprob(token, self._text(before, token), _finite(logprobs[token]), alternatives)
+
+    def _text(self, before: list[int], token: int) -> str:
+        """A token's text as it reads after the answer's tokens so far: alone, a word piece's leading space
+        (or a lone space) decodes to nothing, and the tokens would not add up to the answer's text."""
+        head = self.decode(before)
+        text = self.decode(before + [token])
+        return text[len(head):] if text.startswith(head) else self.decode([token])
 
 
 def _finite(logprob: torch.Tensor) -> float:

@@ -433,3 +433,17 @@ def test_slow_and_silent_clients_are_timed_out():
         assert httpx.get(live.url + "/health", timeout=60).json()["status"] == "ok"
     finally:
         live.close()
+
+
+def test_logprob_tokens_add_up_to_the_text(client):
+    done = client.completions.create(model="demo", prompt="list : kite yak red bag . again :", max_tokens=8,
+                                     logprobs=1)
+    choice = done.choices[0]
+    tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+    assert " " in choice.text and "".join(tokens) == choice.text
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "list : drum key . again :"}],
+                                          max_tokens=6, logprobs=True, top_logprobs=1)
+    entries = chat.choices[0].logprobs.content
+    assert all(e.bytes == list(e.token.encode()) for e in entries)
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == chat.choices[0].message.content
