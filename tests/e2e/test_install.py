@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +18,7 @@ import pytest
 
 from glm_tp.dev.demo_corpus import held_out
 from tests.support import ROOT
+from tests.support.wait import wait_until
 
 CASE = held_out("cycle", 1)[0]
 EXPECTED = CASE.prompt.replace("[MASK]", CASE.answers[0])
@@ -95,11 +95,12 @@ class Server:
                                      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output = ""
         threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + 120
-        while not (found := re.search(r"glm-tp server: (http://\S+)", self.output)):
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.output[-3000:]
-            time.sleep(0.1)
-        self.url = found.group(1)
+        self.url = wait_until(self._url, 120, "the server's URL", lambda: self.output[-3000:])
+
+    def _url(self) -> str | None:
+        found = re.search(r"glm-tp server: (http://\S+)", self.output)
+        assert found or self.proc.poll() is None, self.output[-3000:]
+        return found and found.group(1)
 
     def _read(self) -> None:
         for line in self.proc.stdout:
