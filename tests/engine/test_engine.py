@@ -146,6 +146,18 @@ def test_admission_control_refuses_what_can_never_fit_and_bounds_the_queue():
     assert coordinator.load() == {"waiting": 0, "running": 0}
 
 
+@pytest.mark.parametrize("request_", [Request("e", ""), Request("w", " \n\t "), Request("t", token_ids=[]),
+                                      Request("s", "x \ud800 [MASK]")], ids=["empty", "blank", "no-ids", "surrogate"])
+def test_an_empty_prompt_or_one_utf8_cannot_hold_is_refused_not_answered(request_):
+    """Nothing to answer is refused instead of made-up text; a lone surrogate that got past a front end is
+    refused too (sentencepiece would raise a RuntimeError, which reads as a failed collective)."""
+    engine = _engine()
+    handle, job = engine.accept(request_)
+    result = handle.result(timeout=0)
+    assert job is None and result.error_code == INVALID_PROMPT and result.finish_reason == "error"
+    assert "empty" in result.error or "lone surrogate" in result.error
+
+
 def test_plans_move_rows_and_the_cache_stays_consistent():
     """Rows leave out of order (short and long answers mixed), so surviving rows are packed into the holes:
     every answer still equals the one it gets alone (checked on the tokens of the packed rows)."""
