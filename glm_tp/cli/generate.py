@@ -138,8 +138,8 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None, TextIO | Non
         check_device(cfg.device)
         output, claimed = None, None
         if cfg.input not in ("interactive", "http"):  # before loading: a bad output path must not cost a model load
-            from glm_tp.frontends.batch import check_output, claim_output
-            output = check_output(resolve_path(cfg.input), Path(cfg.output) if cfg.output else None)
+            from glm_tp.frontends.results_file import check_output, claim_output
+            output = check_output(resolve_path(cfg.input), str(cfg.output) if cfg.output else None)  # "dir/" stays
             if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes: a second run stops here, before loading
                 claimed = claim_output(output)
         tp = init_distributed(cfg.device, timeout_s=float(cfg.timeout_s))

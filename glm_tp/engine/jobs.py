@@ -45,11 +45,15 @@ class Job:
         self.config = request.config or default
         self.config.validate()
         if request.token_ids is not None:
+            if not request.token_ids:
+                raise PromptError("prompt_token_ids is empty: give the prompt's token ids")
             bad = [t for t in request.token_ids if not 0 <= int(t) < vocab_size]
             if bad:
                 raise PromptError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
             self.ids = complete_context([int(t) for t in request.token_ids], tok.special)
         elif request.text is not None:
+            if not request.text.strip():  # the model would make up an answer to nothing
+                raise PromptError("the prompt is empty: give some text (with [MASK] or [gMASK] blanks)")
             self.ids = tokenize_prompt(request.text, tok)
         else:
             raise PromptError("request has neither text nor token_ids")

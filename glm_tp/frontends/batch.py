@@ -5,17 +5,17 @@ Input lines are either
   "generation": {...} settings, answered with a plain record; or
   OpenAI batch request lines {"custom_id", "method": "POST", "url": "/v1/completions" |
   "/v1/chat/completions", "body": {...}}, answered in the OpenAI batch output format.
-A malformed or invalid line gets an error record naming its line number. Results are appended and
-flushed as each line is answered (lines finish out of order: the engine runs many at once); a rerun
-skips the lines already in the output, matched by id (the n-th line of an id by its n-th record), so a
+An id is a string or an integer and comes back as given. A line that cannot be read (not UTF-8, not JSON,
+text UTF-8 cannot hold) or is invalid, and a prompt the engine refuses, get an error record that starts
+`line N:`; blank lines get none, and the summary counts them. Results are appended and flushed as each
+line is answered (lines finish out of order: the engine runs many at once); a rerun skips the lines
+already in the output, matched by id (the n-th line of an id by its n-th record; results_file.py), so a
 killed job loses at most the lines in flight. SIGTERM finishes the lines in flight, then exits cleanly.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import signal
 import sys
 import time
@@ -29,103 +29,142 @@ from tqdm import tqdm
 from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
 from glm_tp.frontends import openai_format
+from glm_tp.frontends.jsonl import Line, given_id, key_text, load, read_lines
 from glm_tp.frontends.openai_format import OpenAIError
+from glm_tp.frontends.results_file import check_output, claim_output, done_keys
 from glm_tp.text.chat import ChatFormat
+from glm_tp.text.unicode import TextError, check_strings
 
 
 @dataclass
 class Item:
-    """One input line: a request to run, or an error to record."""
+    """One input line: a request to run, or an error to record (a blank line: neither)."""
 
     line: int
-    key: str                        # id or custom_id: what resuming matches on
+    own_id: str | int | None        # the line's own id as given (jsonl.given_id); None: it has none
     requests: list[Request]         # several for OpenAI n > 1 or a list of prompts
     openai: dict | None = None      # set for a line of an OpenAI-format file: answered in that format
     error: str | None = None
     parsed: openai_format.Parsed | None = None
     openai_error: OpenAIError | None = None
+    blank: bool = False
+
+    @property
+    def given(self) -> str | int:
+        """The id its record carries."""
+        return f"line-{self.line}" if self.own_id is None else self.own_id
+
+    @property
+    def key(self) -> str:
+        """What resuming matches on (as jsonl.line_key)."""
+        return key_text(self.given)
 
 
 def _kind(value: object) -> str:
-    return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+    names = {list: "a list", dict: "an object", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), f"a number ({value!r})")
+
+
+def _own_id(obj: object) -> str | int | None:
+    return given_id(obj) if isinstance(obj, dict) else None
 
 
 def _openai_item(number: int, obj: dict, default: GenerationConfig, chat: ChatFormat | None) -> Item:
     key = obj.get("custom_id")
     if not isinstance(key, str) or not key:
-        error = OpenAIError(f"custom_id must be a non-empty string, not {key!r}", "custom_id")
-        return Item(number, f"line-{number}", [], openai=obj, error=f"line {number}: {error}", openai_error=error)
+        hint = " (a plain {\"id\", \"prompt\"} line: every line of an OpenAI-format file must be an OpenAI " \
+               "batch request)" if "custom_id" not in obj else ""
+        error = OpenAIError(f"custom_id must be a non-empty string, not {key!r}{hint}", "custom_id")
+        return Item(number, _own_id(obj), [], openai=obj, error=f"line {number}: {error}", openai_error=error)
     try:
         parsed = openai_format.parse_batch_line(number, obj, default, chat)
     except OpenAIError as e:
-        return Item(number, key, [], openai=obj, error=f"line {number}: {e}", openai_error=e)
-    return Item(number, key, parsed.requests, openai=obj, parsed=parsed)
+        return Item(number, _own_id(obj), [], openai=obj, error=f"line {number}: {e}", openai_error=e)
+    return Item(number, _own_id(obj), parsed.requests, openai=obj, parsed=parsed)
 
 
-def _plain_item(number: int, obj: dict, default: GenerationConfig) -> Item:
-    key = str(obj.get("id", f"line-{number}"))
-    try:
-        settings = obj.get("generation")
-        if settings is not None and not isinstance(settings, dict):
-            raise ValueError(f"'generation' must be an object of settings such as {{\"strategy\": \"beam\"}}, "
-                             f"not {_kind(settings)}")
-        config = default.updated(**settings) if settings else default
-        if "prompt" in obj:
-            if not isinstance(obj["prompt"], str):
-                raise ValueError(f"'prompt' must be a string, not {_kind(obj['prompt'])}")
-            return Item(number, key, [Request(f"{number}", text=obj["prompt"], config=config)])
-        if "prompt_token_ids" in obj:
-            ids = obj["prompt_token_ids"]
-            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise ValueError("'prompt_token_ids' must be a list of integers")
-            return Item(number, key, [Request(f"{number}", token_ids=ids, config=config)])
-        raise ValueError("a line needs 'prompt', 'prompt_token_ids' or an OpenAI 'custom_id' + 'body'")
-    except ValueError as e:
-        return Item(number, key, [], error=f"line {number}: {e}")
+def _plain_request(number: int, obj: dict, default: GenerationConfig) -> Request:
+    """The request of a plain line; raises ValueError naming the field."""
+    if "id" in obj and given_id(obj) is None:
+        raise ValueError(f"'id' must be a string or an integer, not {_kind(obj['id'])}")
+    settings = obj.get("generation")
+    if settings is not None and not isinstance(settings, dict):
+        raise ValueError(f"'generation' must be an object of settings such as {{\"strategy\": \"beam\"}}, "
+                         f"not {_kind(settings)}")
+    config = default.updated(**settings) if settings else default
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str):
+            raise ValueError(f"'prompt' must be a string, not {_kind(obj['prompt'])}")
+        return Request(f"{number}", text=obj["prompt"], config=config)
+    if "prompt_token_ids" in obj:
+        ids = obj["prompt_token_ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError("'prompt_token_ids' must be a list of integers")
+        return Request(f"{number}", token_ids=ids, config=config)
+    raise ValueError("a line needs 'prompt', 'prompt_token_ids' or an OpenAI 'custom_id' + 'body'")
 
 
 def parse_line(number: int, text: str, default: GenerationConfig, openai_file: bool = False,
                chat: ChatFormat | None = None) -> Item:
     """One line to an Item; never raises. A line of an OpenAI-format file that cannot be read gets an
-    OpenAI error line (custom_id line-N, so resuming skips it)."""
-    try:
-        obj = json.loads(text)
-        problem = None if isinstance(obj, dict) else f"a line must be a JSON object, not {_kind(obj)}"
-    except json.JSONDecodeError as e:
-        problem = f"not valid JSON ({e})"
-    if problem is not None:
-        if openai_file:
-            error = OpenAIError(problem, None, code="invalid_json")
-            return Item(number, f"line-{number}", [], openai={}, error=f"line {number}: {problem}", openai_error=error)
-        return Item(number, f"line-{number}", [], error=f"line {number}: {problem}")
+    OpenAI error line (custom_id: its own when it has one, else line-N, so resuming skips it)."""
+    obj, problem = load(text)
+    param, code = None, "invalid_json"
+    if problem is None and not isinstance(obj, dict):
+        problem = f"a line must be a JSON object, not {_kind(obj)}"
+    elif problem is None:
+        try:
+            check_strings(obj, "")  # here, not in the tokenizer or the output file: the line is named
+        except TextError as e:
+            problem, param, code = str(e), e.field, "invalid_value"
+    if problem is not None or not isinstance(obj, dict):
+        openai = openai_file or (isinstance(obj, dict) and "custom_id" in obj)
+        error = OpenAIError(problem or "", param, code=code) if openai else None
+        return Item(number, _own_id(obj), [], openai={} if openai else None, error=f"line {number}: {problem}",
+                    openai_error=error)
     if "custom_id" in obj or openai_file:
         return _openai_item(number, obj, default, chat)
-    return _plain_item(number, obj, default)
+    try:
+        return Item(number, _own_id(obj), [_plain_request(number, obj, default)])
+    except ValueError as e:
+        return Item(number, _own_id(obj), [], error=f"line {number}: {e}")
 
 
-def plain_record(item: Item, results: list[Result]) -> dict:
-    if item.error:
-        return {"id": item.key, "line": item.line, "error": item.error}
-    r = results[0]
-    record = {"id": item.key, "line": item.line, "text": r.text, "blanks": r.blanks, "token_ids": r.token_ids,
-              "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-              "completion_tokens": r.completion_tokens, "error": r.error}
-    if r.beams:
-        record["beams"] = r.beams
-    return record
+def _line_item(line: Line, default: GenerationConfig, openai_file: bool, chat: ChatFormat | None) -> Item:
+    if line.text is None:
+        error = OpenAIError(line.error or "", None, code="invalid_encoding") if openai_file else None
+        return Item(line.number, None, [], openai={} if openai_file else None,
+                    error=f"line {line.number}: {line.error}", openai_error=error)
+    if not line.text.strip():
+        return Item(line.number, None, [], blank=True)
+    return parse_line(line.number, line.text, default, openai_file, chat)
+
+
+def read_items(path: Path, default: GenerationConfig, chat: ChatFormat | None = None) -> Iterator[Item]:
+    openai_file = is_openai_file(path)
+    for line in read_lines(path):
+        yield _line_item(line, default, openai_file, chat)
 
 
 def is_openai_file(path: Path) -> bool:
     """An OpenAI batch file: its first line that is a JSON object has a custom_id."""
-    with path.open(encoding="utf-8") as f:
-        for text in f:
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                return "custom_id" in obj
+    for line in read_lines(path):
+        obj = load(line.text)[0] if line.text is not None else None
+        if isinstance(obj, dict):
+            return "custom_id" in obj
     return False
+
+
+def plain_record(item: Item, results: list[Result]) -> dict:
+    if item.error:
+        return {"id": item.given, "line": item.line, "error": item.error}
+    r = results[0]
+    record = {"id": item.given, "line": item.line, "text": r.text, "blanks": r.blanks, "token_ids": r.token_ids,
+              "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+              "completion_tokens": r.completion_tokens, "error": f"line {item.line}: {r.error}" if r.error else None}
+    if r.beams:
+        record["beams"] = r.beams
+    return record
 
 
 # -- OpenAI batch output lines ---------------------------------------------------------------------------
@@ -134,101 +173,26 @@ def _ids(key: str, line: int) -> tuple[str, str]:
     return "batch_req_" + digest[:24], "req_" + digest[24:40]
 
 
-def openai_error_line(key: str, line: int, error: OpenAIError) -> dict:
-    line_id, request_id = _ids(key, line)
+def openai_error_line(item: Item, error: OpenAIError) -> dict:
+    line_id, request_id = _ids(item.key, item.line)
     body = error.body()
-    body["error"]["message"] = f"line {line}: {error.message}"
-    return {"id": line_id, "custom_id": key,
+    body["error"]["message"] = f"line {item.line}: {error.message}"
+    return {"id": line_id, "custom_id": item.given,
             "response": {"status_code": error.status, "request_id": request_id, "body": body}, "error": None}
 
 
 def openai_record(item: Item, results: list[Result]) -> dict:
     """The OpenAI batch output line of an item (its response, or its error)."""
     if item.parsed is None:
-        error = item.openai_error or OpenAIError(item.error or "invalid line")
-        return openai_error_line(item.key, item.line, error)
+        return openai_error_line(item, item.openai_error or OpenAIError(item.error or "invalid line"))
     line_id, request_id = _ids(item.key, item.line)
     try:
         model = item.parsed.model or "glm-tp"
         body = openai_format.response_body(item.parsed, results, request_id, int(time.time()), model)
     except OpenAIError as e:
-        return openai_error_line(item.key, item.line, e)
-    return {"id": line_id, "custom_id": item.key,
+        return openai_error_line(item, e)
+    return {"id": line_id, "custom_id": item.given,
             "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
-
-
-def read_items(path: Path, default: GenerationConfig, chat: ChatFormat | None = None) -> Iterator[Item]:
-    openai_file = is_openai_file(path)
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if text.strip():
-                yield parse_line(number, text, default, openai_file, chat)
-
-
-def drop_partial_last_line(output: Path, chunk: int = 1 << 16) -> None:
-    """Cut a last line that a crash left without its newline (reads only the file's tail)."""
-    with output.open("r+b") as f:
-        end = f.seek(0, os.SEEK_END)
-        pos = end
-        while pos > 0:
-            start = max(0, pos - chunk)
-            f.seek(start)
-            data = f.read(pos - start)
-            if pos == end and data.endswith(b"\n"):
-                return
-            cut = data.rfind(b"\n")
-            if cut >= 0:
-                f.truncate(start + cut + 1)
-                return
-            pos = start
-        f.truncate(0)
-
-
-def done_keys(output: Path) -> Counter[str]:
-    """How many answers each id already has; a last line cut short by a crash is removed first."""
-    if not output.exists():
-        return Counter()
-    drop_partial_last_line(output)
-    keys: Counter[str] = Counter()
-    with output.open(encoding="utf-8") as f:
-        for text in f:
-            obj = json.loads(text)
-            keys[str(obj.get("custom_id", obj.get("id")))] += 1
-    return keys
-
-
-def check_output(input_path: Path, output: Path | None) -> Path:
-    """The results path, checked before the model loads: its folder is writable, and an existing file is
-    a results file (JSON lines with an id), never an unrelated file that appending would spoil."""
-    output = output or input_path.with_name(input_path.stem + ".results.jsonl")
-    if not input_path.is_file():
-        raise ValueError(f"input file {input_path} does not exist: give input=PATH.jsonl or input=interactive")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write results to {output}: {folder} is not a writable folder")
-    if output.exists():
-        with output.open(encoding="utf-8", errors="replace") as f:
-            first = f.readline()
-        try:
-            ok = first == "" or "id" in json.loads(first) or "custom_id" in json.loads(first)
-        except (json.JSONDecodeError, TypeError):
-            ok = False
-        if not ok:
-            raise ValueError(f"{output} exists and is not a glm-tp results file: give another output=PATH")
-    return output
-
-
-def claim_output(output: Path) -> TextIO:
-    """The results file opened for appending and locked for this run alone (released when the process ends,
-    however it ends): a second run on the same file stops with one line instead of writing beside it."""
-    out = output.open("a", encoding="utf-8")
-    try:
-        fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        out.close()
-        raise ValueError(f"{output} is being written by another run (or its ranks are still finishing): "
-                         f"wait for it to end, or give another output=PATH") from None
-    return out
 
 
 class _Stop:
@@ -251,11 +215,13 @@ class _Flight:
 
 class _Writer:
     """Writes each finished line at once; the n-th line of an id is written after the (n-1)-th, so a rerun
-    that skips the first `done[id]` lines of each id loses and duplicates nothing."""
+    that skips the first `done[id]` lines of each id loses and duplicates nothing. A failed write (a full
+    disk) ends the job with one line: retrying would keep every later record in memory."""
 
-    def __init__(self, out, written: Counter[str], stats: dict[str, float]):
-        self.out, self.written, self.stats = out, written, stats
+    def __init__(self, out: TextIO, output: Path, written: Counter[str], stats: dict[str, float]):
+        self.out, self.output, self.written, self.stats = out, output, written, stats
         self.held: dict[tuple[str, int], tuple[Item, list[Result]]] = {}
+        self.broken = False
 
     def put(self, item: Item, occurrence: int, results: list[Result]) -> int:
         """Returns how many lines were written."""
@@ -270,31 +236,51 @@ class _Writer:
 
     def _write(self, item: Item, results: list[Result]) -> None:
         record = openai_record(item, results) if item.openai is not None else plain_record(item, results)
-        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.out.flush()
+        try:
+            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.out.flush()
+        except OSError as e:
+            self.broken = True
+            raise ValueError(f"cannot write results to {self.output}: {e.strerror or e}: free some space or give "
+                             f"another output=PATH; a rerun resumes after the lines written") from None
         failed = item.error is not None or any(r.error for r in results)
         self.stats["failed" if failed else "done"] += 1
         self.stats["tokens"] += sum(r.completion_tokens for r in results)
 
+    def close(self) -> None:
+        try:
+            self.out.close()
+        except OSError:
+            if not self.broken:  # else the failed write was reported, and closing only tried it again
+                raise
 
-def run_batch(coordinator: Coordinator, input_path: Path, output: Path | None = None,
+
+def run_batch(coordinator: Coordinator, input_path: Path, output: str | Path | None = None,
               claimed: TextIO | None = None) -> dict[str, float]:
     """Stream the input through the engine, keeping it full: new lines are admitted as rows free up, and
     each line's record is written as soon as it is answered. SIGTERM: take no new lines, finish those in
     flight, write the summary. `claimed`: the output as `claim_output` opened it (else it is claimed here)."""
     output = check_output(input_path, output)
     out = claimed or claim_output(output)
-    done = done_keys(output)  # under the lock: no other run appends meanwhile
-    stats = {"done": 0, "failed": 0, "skipped": 0, "tokens": 0}
+    try:
+        done = done_keys(output)  # under the lock: no other run appends meanwhile
+    except ValueError:
+        out.close()
+        raise
+    stats = {"done": 0, "failed": 0, "skipped": 0, "blank": 0, "tokens": 0}
     start = time.time()
-    with out:
-        feed = _Feed(coordinator, input_path, done, _Writer(out, Counter(done), stats))
+    writer = _Writer(out, output, Counter(done), stats)
+    feed = _Feed(coordinator, input_path, done, writer)
+    try:
         coordinator.run(feed.poll)
-    feed.bar.close()
+    finally:
+        feed.bar.close()
+        writer.close()
     stats["seconds"] = round(time.time() - start, 2)
     note = " (stopped by SIGTERM: the lines in flight were finished)" if feed.stop.requested else ""
+    blank = f", {stats['blank']} blank line(s) (no record)" if stats["blank"] else ""
     print(f"batch summary: {stats['done']} done, {stats['failed']} failed, {stats['skipped']} skipped "
-          f"(already in {output}), {stats['tokens']} tokens, {stats['seconds']} s{note}", flush=True)
+          f"(already in {output}){blank}, {stats['tokens']} tokens, {stats['seconds']} s{note}", flush=True)
     return stats
 
 
@@ -328,6 +314,9 @@ class _Feed:
         return not self.flights and (self.exhausted or self.stop.requested)
 
     def _admit(self, item: Item) -> None:
+        if item.blank:
+            self.writer.stats["blank"] += 1
+            return
         occurrence = self.seen[item.key]
         self.seen[item.key] += 1
         if occurrence == 1:

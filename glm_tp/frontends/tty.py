@@ -1,7 +1,11 @@
 """The interactive front end on rank 0.
 
-- A line ending in `\\` continues on the next line (multi-line prompts); newlines are kept.
-- Commands: /set KEY VALUE, /beam N, /greedy, /sample, /show, /help, /quit.
+- A line ending in `\\` continues on the next line (multi-line prompts); newlines are kept. Input that ends
+  after such a line runs the prompt typed so far. A blank line is no prompt: nothing runs, as in a shell.
+- Commands: /set KEY VALUE, /beam N, /greedy, /sample, /show, /help, /quit. `/set stop` takes one string,
+  a JSON string or list (`/set stop "\\n"`, `/set stop [".", "!"]`), or nothing or `none` to clear it.
+- Input that is not UTF-8 is refused with one line (read with surrogateescape, then checked), and the
+  TTY goes on.
 - Filled blanks are highlighted on a terminal and plain when output is piped.
 - Ctrl-C during generation stops it (every rank at the same step) and returns to the prompt;
   Ctrl-C at the prompt clears the line; EOF (Ctrl-D) or /quit shuts every rank down.
@@ -14,6 +18,7 @@ restored whatever happens.
 """
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -25,9 +30,11 @@ from typing import Callable
 from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.core import KEEPALIVE_S
 from glm_tp.engine.types import GenerationConfig, Request, Result
+from glm_tp.text.unicode import TextError, check_text
 
 HELP = """commands:
   /set KEY VALUE   change a generation setting (e.g. /set temperature 0.7, /set max_new_tokens 64)
+                   /set stop TEXT, /set stop ["a", "b"] (JSON), /set stop (no value) or none: no stop strings
   /beam N          beam search with N beams        /greedy   greedy decoding
   /sample          sampling (temperature, top_k, top_p)
   /show            print the current settings       /help     this text
@@ -190,45 +197,72 @@ def read_prompt(coordinator: Coordinator, interactive: bool, signals: _Signals) 
     lines = [read_line(">>> ", coordinator, interactive, signals)]
     while lines[-1].endswith("\\"):
         lines[-1] = lines[-1][:-1]
-        lines.append(read_line("... ", coordinator, interactive, signals))
+        try:
+            lines.append(read_line("... ", coordinator, interactive, signals))
+        except EOFError:  # the input ended after a `\`: run what was typed rather than drop it
+            if interactive:
+                print()  # off the "... " line
+            break
     return "\n".join(lines)
+
+
+def _stop_value(value: str) -> object:
+    """/set stop's value: nothing or none clears the stop strings; a JSON string or list ("\\n", ["a", "b"])
+    gives those; other text is the one stop string, as typed."""
+    if value.lower() in ("", "none", "null"):
+        return ()
+    if value[0] in "[\"":
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError(f"stop: {value} is not a JSON string or list such as \"\\n\" or [\".\", \"!\"]") from None
+    return value
+
+
+def _changes(name: str, args: list[str]) -> dict[str, object] | None:
+    """The settings a command changes; None for no such command."""
+    if name == "/greedy":
+        return {"strategy": "greedy"}
+    if name == "/sample":
+        return {"strategy": "sample"}
+    if name == "/beam" and len(args) == 1:
+        return {"strategy": "beam", "num_beams": args[0]}
+    if name == "/set" and args[:1] == ["stop"]:
+        return {"stop": _stop_value(args[1] if len(args) == 2 else "")}
+    if name == "/set" and len(args) == 2:
+        return {args[0]: args[1]}
+    return None
 
 
 def handle_command(line: str, coordinator: Coordinator) -> bool:
     """Apply a /command; False means quit."""
     parts = line.split(maxsplit=2) if line.startswith("/set ") else line.split()
     name, args = parts[0], parts[1:]
-    settings = coordinator.default
-    changes: dict[str, object] | None = None
     if name == "/quit":
         return False
     if name == "/help":
         print(HELP)
     elif name == "/show":
-        print("  " + ", ".join(f"{k}={v}" for k, v in vars(settings).items()))
-    elif name == "/greedy":
-        changes = {"strategy": "greedy"}
-    elif name == "/sample":
-        changes = {"strategy": "sample"}
-    elif name == "/beam" and len(args) == 1:
-        changes = {"strategy": "beam", "num_beams": args[0]}
-    elif name == "/set" and len(args) == 2:
-        changes = {args[0]: args[1]}
+        print("  " + ", ".join(f"{k}={v}" for k, v in vars(coordinator.default).items()))
     else:
-        print(f"unknown command {line!r}: type /help")
-    if changes is not None:
         try:
-            new: GenerationConfig = settings.updated(**changes)
+            changes = _changes(name, args)
+            if changes is None:
+                print(f"unknown command {line!r}: type /help")
+                return True
+            new: GenerationConfig = coordinator.default.updated(**changes)
         except (ValueError, TypeError) as e:
             print(f"error: {e}")
         else:
             coordinator.set_default(new)
-            print("  " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+            print("  " + ", ".join(f"{k}={getattr(new, k)}" for k in changes))
     return True
 
 
 def run_tty(coordinator: Coordinator, color: str = "auto") -> None:
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become lone surrogates, refused per line
+        sys.stdin.reconfigure(errors="surrogateescape")
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
     signals = _Signals()  # first: a SIGTERM from here on leaves through the finally below
     terminal: _Terminal | None = None
@@ -261,6 +295,11 @@ def _loop(coordinator: Coordinator, terminal: _Terminal, signals: _Signals, inte
         except (EOFError, _Stop):
             break
         if not text.strip():
+            continue
+        try:
+            check_text(text, "the command" if text.startswith("/") else "the prompt")
+        except TextError as e:
+            print(f"error: {e}", flush=True)
             continue
         if text.startswith("/"):
             if not handle_command(text.strip(), coordinator):

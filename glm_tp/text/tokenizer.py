@@ -16,6 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from glm_tp.config import SpecialTokens
+from glm_tp.text.unicode import check_text
 
 ICETK_TEXT_OFFSET = 20000
 NEWLINE_PIECE = "<n>"
@@ -55,6 +56,7 @@ class GLMTokenizer:
         piece with `<n>` in place of each newline); a model without `<n>` reads them as spaces."""
         if not text:
             return []
+        check_text(text, "text")  # sentencepiece would fail on a lone surrogate with a RuntimeError
         text = text.replace("\n", NEWLINE_PIECE if self.newline_id is not None else " ")
         if self.whitespace:
             text = SPACE_RUN.sub(lambda m: f"<|blank_{len(m.group())}|>", text.replace("\t", "<|tab|>"))

@@ -105,7 +105,7 @@ def test_logprobs_are_the_chosen_tokens_and_their_top_alternatives():
     assert all(len(lp.top) == 20 for lp in sampled.logprobs)
     stopped = engine.generate([Request("st", REPEAT, config=GenerationConfig(logprobs=0, stop=("root",)))])[0]
     assert [lp.token_id for lp in stopped.logprobs] == stopped.blanks_token_ids[0]  # none for the stop string
-    with pytest.raises(ValueError, match="logprobs must be between 0 and 20"):
+    with pytest.raises(ValueError, match=r"logprobs must be in \[0, 20\]"):
         GenerationConfig().updated(logprobs=21)
 
 
@@ -144,6 +144,18 @@ def test_admission_control_refuses_what_can_never_fit_and_bounds_the_queue():
     while not all(h.done for h in handles):
         coordinator.step()
     assert coordinator.load() == {"waiting": 0, "running": 0}
+
+
+@pytest.mark.parametrize("request_", [Request("e", ""), Request("w", " \n\t "), Request("t", token_ids=[]),
+                                      Request("s", "x \ud800 [MASK]")], ids=["empty", "blank", "no-ids", "surrogate"])
+def test_an_empty_prompt_or_one_utf8_cannot_hold_is_refused_not_answered(request_):
+    """Nothing to answer is refused instead of made-up text; a lone surrogate that got past a front end is
+    refused too (sentencepiece would raise a RuntimeError, which reads as a failed collective)."""
+    engine = _engine()
+    handle, job = engine.accept(request_)
+    result = handle.result(timeout=0)
+    assert job is None and result.error_code == INVALID_PROMPT and result.finish_reason == "error"
+    assert "empty" in result.error or "lone surrogate" in result.error
 
 
 def test_plans_move_rows_and_the_cache_stays_consistent():

@@ -2,12 +2,15 @@
 marked when interrupted or cut by the cache (rendered, and on a real pseudo-terminal)."""
 from __future__ import annotations
 
+import io
 import sys
 
 import pytest
 
+from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.types import GenerationConfig, Result
-from glm_tp.frontends.tty import handle_command, render
+from glm_tp.frontends.tty import handle_command, render, run_tty
+from tests.support.server import demo_engine
 from tests.support.terminal import Terminal, launch_cmd
 
 
@@ -44,6 +47,46 @@ def test_tty_set_takes_the_rest_of_the_line_as_the_value(capsys):
     handle_command("/set stop end of story", coordinator)
     handle_command("/set logprobs none", coordinator)
     assert coordinator.default.stop == ("end of story",) and coordinator.default.logprobs is None
+
+
+@pytest.mark.parametrize("lines, stop", [
+    (["/set stop end", "/set stop"], ()),
+    (["/set stop end", "/set stop none"], ()),
+    (['/set stop [".", "!"]'], (".", "!")),
+    (['/set stop "\\n"'], ("\n",)),
+    (['/set stop "none"'], ("none",)),  # a JSON string is taken as it is
+])
+def test_tty_set_stop_can_be_cleared_and_given_a_list(lines, stop, capsys):
+    coordinator = _FakeCoordinator()
+    for line in lines:
+        handle_command(line, coordinator)
+    assert coordinator.default.stop == stop
+    assert capsys.readouterr().out.splitlines()[-1] == f"  stop={stop}"
+
+
+@pytest.mark.parametrize("line, words", [
+    ("/set stop [1, 2]", "expected a string or a list of strings"),
+    ('/set stop ["a"', "is not a JSON string or list"),
+    ('/set stop [""]', "non-empty strings"),
+])
+def test_tty_set_stop_refuses_what_is_no_list_of_strings_in_one_line(line, words, capsys):
+    coordinator = _FakeCoordinator()
+    handle_command(line, coordinator)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("error: ") and words in out[0] and coordinator.sent == []
+
+
+def test_piped_tty_refuses_input_that_is_not_utf8_goes_on_and_runs_a_last_continued_line(monkeypatch, capsys):
+    engine = demo_engine(max_batch=2, max_new_tokens=4)
+    typed = b"caf\xe9 [MASK]\n/set stop caf\xe9\nmonths : may june [MASK] august\ncat dog \\\nowl [MASK] \\"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8"))
+    run_tty(Coordinator(engine.tp, engine), color="never")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("error: the prompt: character 3 is U+DCE9, a lone surrogate")
+    assert out[1].startswith("error: the command: character 13 is U+DCE9")
+    assert out[2].startswith("months : may june") and out[3].startswith("  blanks: ")
+    assert out[4].startswith("cat dog") and out[5].startswith("owl")  # run, not dropped at the end of the input
+    assert engine.default.stop == ()
 
 
 def _result(finish: str, answer: list[int], cut: bool = False) -> Result:
