@@ -28,6 +28,7 @@ from glm_tp.engine.types import (
 )
 from glm_tp.text.blanks import INVALID_PROMPT, MASK_PATTERN
 from glm_tp.text.chat import ChatFormat
+from glm_tp.text.unicode import TextError, check_strings
 
 URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 MAX_N = 16
@@ -158,25 +159,6 @@ def _chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def _check_text(body: object) -> None:
-    """Every string in the body is encodable text: JSON may spell a lone surrogate ("\\ud800"), which no
-    tokenizer, file or socket takes. Iterative, so a deeply nested body cannot exhaust the stack."""
-    stack: list[tuple[object, str]] = [(body, "")]
-    while stack:
-        value, where = stack.pop()
-        if isinstance(value, dict):
-            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in value.items())
-            stack.extend((k, f"{where} (a key)" if where else "a key") for k in value)
-        elif isinstance(value, list):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
-        elif isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise OpenAIError(f"{where or 'the body'} is not valid Unicode text: {e.reason} at character "
-                                  f"{e.start} (a lone surrogate such as \\ud800)", where or None) from None
-
-
 def _short(value: object) -> str:
     return short_repr(value, 60)
 
@@ -246,7 +228,10 @@ def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: st
     prompt sent as ids."""
     if not isinstance(body, dict):
         raise OpenAIError(f"the request body must be a JSON object, not {_short(body)}", None)
-    _check_text(body)
+    try:
+        check_strings(body, "")
+    except TextError as e:
+        raise OpenAIError(str(e), e.field or None) from None
     if kind == "completion":
         given, infill = _completion_prompts(body)
         ids = [p if isinstance(p, list) else None for p in given]
