@@ -164,6 +164,10 @@ def plain_record(item: Item, results: list[Result]) -> dict:
               "completion_tokens": r.completion_tokens, "error": f"line {item.line}: {r.error}" if r.error else None}
     if r.beams:
         record["beams"] = r.beams
+    if r.logprobs is not None:  # asked for with generation.logprobs: each generated token, in order
+        record["logprobs"] = [{"token_id": lp.token_id, "token": lp.token, "logprob": lp.logprob,
+                               "top": [{"token_id": i, "token": t, "logprob": v} for i, t, v in lp.top]}
+                              for lp in r.logprobs]
     return record
 
 

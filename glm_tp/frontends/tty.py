@@ -56,6 +56,9 @@ def render(result: Result, color: bool, interrupted: bool = False) -> str:
         lines.append("  blanks: " + " | ".join(b.strip() for b in result.blanks))
     if result.beams and len(result.beams) > 1:
         lines += [f"  beam {i}: {b}" for i, b in enumerate(result.beams)]
+    if result.logprobs:  # /set logprobs N: each generated token, its logprob, and the top N
+        lines += [f"  {lp.token!r} {lp.logprob:.3f}" + ("   top: " + ", ".join(f"{t!r} {v:.3f}" for _, t, v in lp.top)
+                                                        if lp.top else "") for lp in result.logprobs]
     if interrupted or result.finish_reason == "interrupted":
         lines.append("(interrupted)")
     elif result.cut_by_max_len:

@@ -218,3 +218,13 @@ def test_the_command_refuses_a_bad_output_in_one_line_with_exit_code_2(tmp_path,
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: output")
     assert not (tmp_path / "new-folder").exists()
+
+
+def test_logprobs_asked_for_in_a_plain_line_are_in_its_record(tmp_path):
+    raw = (json.dumps({"id": "a", "prompt": "list : kite yak . again :", "generation": {"logprobs": 2}}) + "\n" +
+           json.dumps({"id": "b", "prompt": "list : kite yak . again :"}) + "\n").encode()
+    _, (asked, plain) = _run(tmp_path, raw)
+    tokens = asked["logprobs"]
+    assert len(tokens) == asked["completion_tokens"] and "".join(t["token"] for t in tokens) == asked["blanks"][0]
+    assert all(len(t["top"]) == 2 and t["logprob"] <= 0 for t in tokens)
+    assert "logprobs" not in plain

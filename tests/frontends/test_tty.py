@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from glm_tp.engine.coordinator import Coordinator
-from glm_tp.engine.types import GenerationConfig, Result
+from glm_tp.engine.types import GenerationConfig, Result, TokenLogprob
 from glm_tp.frontends.tty import handle_command, render, run_tty
 from tests.support.server import demo_engine
 from tests.support.terminal import Terminal, launch_cmd
@@ -126,3 +126,11 @@ def test_tty_marks_an_interrupted_beam_search_and_an_answer_cut_by_the_cache(tin
     finally:
         if term.proc.poll() is None:
             term.proc.kill()
+
+
+def test_render_shows_logprobs_when_asked():
+    result = _result("stop", [5])
+    assert "-0.250" not in render(result, color=False)
+    result.logprobs = [TokenLogprob(5, " b", -0.25, [(5, " b", -0.25), (6, " c", -1.5)])]
+    shown = render(result, color=False).splitlines()
+    assert shown[-1] == "  ' b' -0.250   top: ' b' -0.250, ' c' -1.500"
