@@ -1,5 +1,6 @@
-"""Which runs need a tokenizer: a JSONL job of token ids alone runs on a checkpoint without any, and one with
-a text line is refused before the model loads, naming the line."""
+"""Which runs need a tokenizer: the tiny preset's random checkpoint brings one, so glm-tp-generate takes text
+prompts on it; a JSONL job of token ids alone runs on a checkpoint without any, and one with a text line is
+refused before the model loads, naming the line."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,14 @@ def _generate(ckpt: Path, lines: list[dict], tmp_path: Path) -> tuple[subprocess
                           timeout=180)
     records = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
     return done, records
+
+
+def test_the_tiny_presets_checkpoint_takes_text_prompts(tmp_path):
+    subprocess.run([sys.executable, "tools/make_checkpoint.py", str(tmp_path / "tiny"), "--preset", "tiny"], cwd=ROOT,
+                   check=True, capture_output=True, timeout=120)
+    done, records = _generate(tmp_path / "tiny", [{"id": "t", "prompt": "monday tuesday [MASK]"}], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert records[0]["error"] is None and records[0]["text"].startswith("monday tuesday")
 
 
 def test_a_job_of_token_ids_needs_no_tokenizer(tiny_checkpoints, tmp_path):
