@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from glm_tp.checkpoints.load import load_model, resolve_config
 from glm_tp.checkpoints.release import CheckpointError
 from glm_tp.checkpoints.sources import open_source, source_bits
+from glm_tp.cli.output import plain_warnings
 from glm_tp.cli.planner import GiB, Plan, refusal
 from glm_tp.cli.settings import (
     CONFIG_DIR,
@@ -244,7 +245,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     where = f" on rank {rank}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     code = 0
     try:
-        code = run(cfg)
+        with plain_warnings():  # e.g. the loader's lossy re-quantization: one line, not a source line
+            code = run(cfg)
     except UsageError as e:  # the same on every rank: rank 0 reports it and fails the job, the others leave
         if rank == 0:
             report(f"error: {e}")
