@@ -9,12 +9,17 @@ device's memory bandwidth (and the reference, when SwissArmyTransformer is insta
 --simulate-tp N runs exactly what one rank of a TP=N job runs (per-rank shapes, all layers) on this
 one device with the collectives turned into no-ops; every output is labelled "single-rank simulation"
 and the all-reduce cost is not included. Weights are random (built in memory, no checkpoint).
+
+A run says up front what it measures, then (once the device's bandwidth and matmul peak are known) the least
+time its rows can take, and reports each row on stderr as it goes; SIGINT or SIGTERM prints the table of the
+rows measured so far and exits 130 or 143.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -30,7 +35,16 @@ from glm_tp.engine.decoder import Decoder  # noqa: E402
 from glm_tp.kernels import quant  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
 from glm_tp.kernels.formats import quantize_rows  # noqa: E402
 from glm_tp.model.glm import GLMModel, SeqLayout  # noqa: E402
-from glm_tp.parallel.dist import init_distributed, simulated_rank  # noqa: E402
+from glm_tp.parallel.dist import TPContext, init_distributed, simulated_rank  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import (  # noqa: E402
+    add_ceilings,
+    decode_read_bytes,
+    least_seconds,
+    plot,
+    print_table,
+)
 
 _START = time.perf_counter()
 
@@ -92,15 +106,6 @@ def matmul_peak(cfg: ModelConfig, tp: int, device: torch.device, dtype: torch.dt
     return 2 * rows * w.shape[0] * w.shape[1] / min(timed(matmul, device, runs))
 
 
-def step_flops(cfg: ModelConfig, tp: int, rows: int, tokens: int, keys: int) -> float:
-    """One rank's FLOPs for `rows` x `tokens` new tokens attending to `keys` keys each (logits at one
-    position per row)."""
-    h, f = cfg.hidden_size, cfg.inner_hidden_size
-    linear = (4 * h * h + 3 * f * h) // tp
-    attention = 4 * tokens * keys * h // tp
-    return 2 * rows * (cfg.num_layers * (tokens * linear + attention) + cfg.vocab_size // tp * h)
-
-
 def allreduce_ms(tp, cfg: ModelConfig, dtype: torch.dtype, runs: int) -> float | None:
     """The all-reduces of one batch-1 decode step (2 per layer, 1 for the embedding), or None when a
     single-rank simulation has no other ranks to talk to."""
@@ -136,31 +141,34 @@ def random_model(cfg: ModelConfig, tp, dtype: torch.dtype, bits: int, kernels: s
     return model.eval()
 
 
-def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int, runs: int, context: int) -> dict:
+def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int, runs: int, out: dict) -> None:
+    """The rows, written into `out` as each is measured (an interrupted run keeps the rows it has)."""
     device, cfg = model.device, model.cfg
-    out: dict = {"prefill_ms": {}, "decode_ms_per_step": {}}
+    context = out["context"]
     with torch.inference_mode():
         for n in prefills:
-            if n > cfg.max_seq_len:
-                continue
-            progress(f"prefill {n} tokens ({runs} runs)")
+            _row(out, f"prefill {n} tokens ({runs} runs)")
             tokens = torch.randint(0, cfg.vocab_size, (1, n), device=device)
             layout = SeqLayout(torch.zeros(1, dtype=torch.long), torch.tensor([n - 1]))
             cache = model.new_cache(1, n)
             times = timed(lambda: model(tokens, torch.arange(n, device=device)[None], layout, cache), device, runs)
             out["prefill_ms"][n] = summary(times)
-        context = min(context, cfg.max_seq_len - steps)
-        out["context"] = context
+            progress(f"  prefill {n} tokens: {out['prefill_ms'][n]['median']:.2f} ms")
         for b in batches:
-            progress(f"decode batch {b} ({runs} runs of {steps} steps)")
+            _row(out, f"decode batch {b} ({runs} runs of {steps} steps)")
             decode, rewind = decode_call(model, b, steps, context)
             times = [t / steps for t in timed(decode, device, runs, setup=rewind)]
             out["decode_ms_per_step"][b] = summary(times)
+            progress(f"  decode batch {b}: {out['decode_ms_per_step'][b]['median']:.2f} ms/step")
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:  # the process's peak resident memory (weights, caches, and the interpreter)
         out["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
-    return out
+
+
+def _row(out: dict, what: str) -> None:
+    done = len(out["prefill_ms"]) + len(out["decode_ms_per_step"])
+    progress(f"row {done + 1}/{out['rows']}: {what}")
 
 
 def decode_call(model: GLMModel, b: int, steps: int, context: int) -> tuple:
@@ -227,7 +235,15 @@ def reference_times(cfg: ModelConfig, prefills: list[int], steps: int, runs: int
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+class Stopped(Exception):
+    """SIGINT or SIGTERM: the rows measured so far are printed."""
+
+
+def _stop(signum: int, frame: object) -> None:  # noqa: ARG001
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--layers", type=int)
@@ -250,13 +266,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lm-head", choices=LM_HEADS, default="model", help="int8: an INT8 copy of the LM head")
     ap.add_argument("--json", help="write the results as JSON to this file")
     ap.add_argument("--plot", help="write a PNG of ms/token against batch size")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def overrides(args: argparse.Namespace) -> dict[str, int]:
+    """The preset's dimensions that the command line changes."""
+    return {k: v for k, v in dict(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
+                                  inner_hidden_size=args.inner, vocab_size=args.vocab,
+                                  max_seq_len=args.max_len).items() if v}
+
+
+def setup(args: argparse.Namespace) -> tuple[ModelConfig, TPContext, str]:
+    """The model's shape, this rank, and the label of the run."""
     base = get_preset(args.preset)
-    shape = {k: v for k, v in dict(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
-                                   inner_hidden_size=args.inner, vocab_size=args.vocab,
-                                   max_seq_len=args.max_len).items() if v}
-    cfg = ModelConfig(**{**base.to_dict(), "special": base.special, **shape})
+    cfg = ModelConfig(**{**base.to_dict(), "special": base.special, **overrides(args)})
     if args.simulate_tp:
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if args.device == "auto" else args.device)
@@ -266,20 +289,33 @@ def main(argv: list[str] | None = None) -> None:
         tp = init_distributed(args.device)
         label = f"TP={tp.size}, real ranks"
     cfg.check_tp(tp.size)
+    return cfg, tp, label
+
+
+def run(args: argparse.Namespace, cfg: ModelConfig, tp: TPContext, label: str, result: dict) -> None:
+    """Everything measured goes into `result` as soon as it is known."""
     dtype, bits = parse_dtype(args.dtype), {"none": 0, "int8": 8, "int4": 4}[args.quant]
+    plan = Plan(cfg, tp.size, dtype.itemsize, bits, 1, 1)
+    prefills = [n for n in map(int, args.prefill.split(",")) if n <= cfg.max_seq_len]
+    batches = [int(x) for x in args.batches.split(",")]
+    result.update(label=label, device=str(tp.device), dtype=args.dtype, quant=args.quant, kernels=args.kernels,
+                  lm_head=args.lm_head, shape=overrides(args) or args.preset,
+                  layers=cfg.num_layers, weight_bytes_per_rank=plan.weight_bytes, threads=torch.get_num_threads(),
+                  read_bytes_per_step=decode_read_bytes(plan, args.lm_head), prefill_ms={}, decode_ms_per_step={},
+                  context=min(args.context, cfg.max_seq_len - args.steps), rows=len(prefills) + len(batches))
+    progress(f"glm-tp bench: {len(prefills)} prefill and {len(batches)} decode rows ({args.runs} timed runs each) of a "
+             f"random {cfg.num_layers}-layer model, {plan.weight_bytes / 1e6:,.1f} MB of weights per rank ({label}); "
+             f"the device's bandwidth and matmul peak first, then an estimate of the time; each row prints when done, "
+             f"Ctrl-C or SIGTERM prints the rows so far")
+    bandwidth, peak = read_bandwidth(tp.device), matmul_peak(cfg, tp.size, tp.device, dtype, bits, args.kernels)
+    result.update(read_bandwidth_gbs=bandwidth / 1e9, matmul_peak_tflops=peak / 1e12)
+    least = least_seconds(cfg, tp.size, dtype.itemsize, result, prefills, batches, args, bandwidth, peak)
+    progress(f"the {result['rows']} rows take at least {least / 60:.1f} min here ({least:.1f} s: every timed call at "
+             f"this device's ceiling, which measured calls fall short of; plus building the model)")
     progress(f"building a random {cfg.num_layers}-layer model ({args.dtype}/{args.quant})")
     model = random_model(cfg, tp, dtype, bits, args.kernels, args.lm_head)
-    progress("measuring the read bandwidth and the matmul peak")
-    bandwidth, peak = read_bandwidth(tp.device), matmul_peak(cfg, tp.size, tp.device, dtype, bits, args.kernels)
-    plan = Plan(cfg, tp.size, dtype.itemsize, bits, 1, 1)
-    result = measure(model, [int(x) for x in args.prefill.split(",")], [int(x) for x in args.batches.split(",")],
-                     args.steps, args.runs, args.context)
-    result.update(label=label, device=str(tp.device), dtype=args.dtype, quant=args.quant, kernels=args.kernels,
-                  lm_head=args.lm_head, shape=shape or args.preset,
-                  layers=cfg.num_layers, weight_bytes_per_rank=plan.weight_bytes,
-                  read_bytes_per_step=decode_read_bytes(plan, args.lm_head), read_bandwidth_gbs=bandwidth / 1e9,
-                  matmul_peak_tflops=peak / 1e12, threads=torch.get_num_threads(),
-                  allreduce_ms_per_step=allreduce_ms(tp, cfg, dtype, args.runs))
+    measure(model, prefills, batches, args.steps, args.runs, result)
+    result["allreduce_ms_per_step"] = allreduce_ms(tp, cfg, dtype, args.runs)
     add_ceilings(result, cfg, tp.size, dtype.itemsize, result["read_bytes_per_step"], bandwidth, peak)
     if args.reference:
         ref = reference_times(cfg, list(result["prefill_ms"]), args.steps, args.runs, result["context"],
@@ -289,6 +325,20 @@ def main(argv: list[str] | None = None) -> None:
             result["speedup_vs_reference"] = {
                 "decode": statistics.median(ref["decode_ratio_per_round"]),
                 **{f"prefill_{n}": ms / result["prefill_ms"][n]["median"] for n, ms in ref["prefill_ms"].items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    cfg, tp, label = setup(args)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    result: dict = {}
+    try:
+        run(args, cfg, tp, label, result)
+    except Stopped as stop:
+        if tp.is_first:
+            print_stopped(result, str(stop), cfg, tp.size)
+        sys.exit(130 if str(stop) == "SIGINT" else 143)  # the shell's code for a run ended by that signal
     if tp.is_first:
         print_table(result)
         if args.json:
@@ -297,96 +347,16 @@ def main(argv: list[str] | None = None) -> None:
             plot(result, args.plot)
 
 
-def decode_read_bytes(plan: Plan, lm_head: str) -> int:
-    """The weight bytes a decode step reads: the rank's weights, less an untied embedding table (a step
-    reads one row of it), and with lm_head=int8 the head as int8 with fp16 row scales instead."""
-    c = plan.cfg
-    rows = c.vocab_size // plan.tp
-    read = plan.weight_bytes - (0 if c.tied_lm_head else rows * c.hidden_size * plan.dtype_bytes)
-    if lm_head == "int8":
-        read += rows * c.hidden_size + 2 * rows - rows * c.hidden_size * plan.dtype_bytes
-    return read
-
-
-def add_ceilings(r: dict, cfg: ModelConfig, tp: int, dtype_bytes: int, weight_bytes: int, bandwidth: float,
-                 peak: float) -> None:
-    """What the device allows: a decode step reads the weights and every row's keys and values and
-    computes its FLOPs; a prefill computes its FLOPs. Efficiency = ceiling / measured."""
-    kv_per_token = 2 * cfg.num_layers * cfg.hidden_size // tp * dtype_bytes
-    context = r["context"]
-    r["decode_ceiling_ms"], r["decode_efficiency"] = {}, {}
-    for b, s in r["decode_ms_per_step"].items():
-        read = weight_bytes + int(b) * (context + 1) * kv_per_token
-        ceiling = max(read / bandwidth, step_flops(cfg, tp, int(b), 1, context + 1) / peak) * 1e3
-        r["decode_ceiling_ms"][b], r["decode_efficiency"][b] = ceiling, ceiling / s["median"]
-    # the bandwidth-only view at batch 1: weight bytes per token / time / measured bandwidth
-    r["bandwidth_limit_ms"] = weight_bytes / bandwidth * 1e3
-    if 1 in r["decode_ms_per_step"]:
-        r["bandwidth_efficiency"] = r["bandwidth_limit_ms"] / r["decode_ms_per_step"][1]["median"]
-    r["prefill_mfu"] = {n: step_flops(cfg, tp, 1, int(n), int(n)) / (s["median"] / 1e3) / peak
-                        for n, s in r["prefill_ms"].items()}
-
-
-def print_table(r: dict) -> None:
-    print(f"glm-tp bench: {r['label']}; {r['layers']} layers, {r['dtype']}/{r['quant']} (kernels {r['kernels']}, "
-          f"LM head {r['lm_head']}) on {r['device']} "
-          f"({r['threads']} threads); weights/rank {r['weight_bytes_per_rank'] / 1e6:.1f} MB "
-          f"({r['read_bytes_per_step'] / 1e6:.1f} MB read per decode step); "
-          f"read bandwidth {r['read_bandwidth_gbs']:.1f} GB/s; matmul peak {r['matmul_peak_tflops']:.3f} TFLOP/s")
-    for n, s in r["prefill_ms"].items():
-        print(f"  prefill {n:>5} tokens: {s['median']:9.2f} ms (min {s['min']:.2f}, max {s['max']:.2f})"
-              f"  {r['prefill_mfu'][n]:.0%} of the matmul peak")
-    for b, s in r["decode_ms_per_step"].items():
-        print(f"  decode batch {b:>3} (context {r['context']}): {s['median']:9.2f} ms/step (min {s['min']:.2f}, "
-              f"max {s['max']:.2f})  {int(b) * 1e3 / s['median']:9.1f} tokens/s  ceiling "
-              f"{r['decode_ceiling_ms'][b]:.2f} ms -> {r['decode_efficiency'][b]:.0%}")
-    if "bandwidth_efficiency" in r:
-        print(f"  batch 1: weights read at {r['read_bytes_per_step'] / r['decode_ms_per_step'][1]['median'] / 1e6:.1f}"
-              f" GB/s = {r['bandwidth_efficiency']:.0%} of the measured bandwidth "
-              f"(limit {r['bandwidth_limit_ms']:.2f} ms/step)")
-    ar = r["allreduce_ms_per_step"]
-    print("  all-reduces per decode step: " + (f"{ar:.2f} ms" if ar is not None else "none (one rank)"
-                                                 if "simulation" not in r["label"] else
-                                                 "not measured (single-rank simulation: no other ranks)"))
-    if "reference" in r:
-        ref = r["reference"]
-        if ref is None:
-            print("  reference (SwissArmyTransformer): not installed (pip install -e '.[reference]')")
-            return
-        speedup = r["speedup_vs_reference"]
-        for n, ms in ref["prefill_ms"].items():
-            print(f"  reference prefill {n:>5} tokens (SwissArmyTransformer, CPU fp16): {ms:9.2f} ms -> glm-tp "
-                  f"{speedup[f'prefill_{n}']:.2f}x as fast")
-        ratios = ref["decode_ratio_per_round"]
-        print(f"  reference decode batch   1 (SwissArmyTransformer, CPU fp16): {ref['decode_ms']:9.2f} ms/step, in turn "
-              f"with glm-tp's ({ref['glm_tp_decode_ms']:.2f} ms/step in the same rounds) -> glm-tp "
-              f"{speedup['decode']:.2f}x as fast (median of {len(ratios)} rounds, {min(ratios):.2f}-{max(ratios):.2f}x)")
-
-
-def plot(r: dict, path: str) -> None:
-    """ms per generated token against batch size, with the device's ceiling drawn in."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib: pip install matplotlib (or the [plot] extra)")
+def print_stopped(result: dict, signame: str, cfg: ModelConfig, tp: int) -> None:
+    """The table of the rows measured before the signal (none before the device's ceilings are known)."""
+    if "matmul_peak_tflops" not in result:
+        progress(f"stopped by {signame} before any row was measured")
         return
-    batches = [int(b) for b in r["decode_ms_per_step"]]
-    per_token = [s["median"] / b for b, s in zip(batches, r["decode_ms_per_step"].values())]
-    ceiling = [ms / b for b, ms in zip(batches, r["decode_ceiling_ms"].values())]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(batches, per_token, marker="o", label="measured")
-    ax.plot(batches, ceiling, color="red", linestyle="--", label="ceiling (bandwidth or compute)")
-    ax.axhline(r["bandwidth_limit_ms"], color="grey", linestyle=":", label="batch-1 weight-read limit")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel(f"ms per generated token (context {r['context']})")
-    ax.set_title(f"{r['label']}\n{r['layers']} layers, {r['dtype']}/{r['quant']} on {r['device']}", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    result["stopped"] = signame
+    dtype_bytes = parse_dtype(result["dtype"]).itemsize
+    add_ceilings(result, cfg, tp, dtype_bytes, result["read_bytes_per_step"], result["read_bandwidth_gbs"] * 1e9,
+                 result["matmul_peak_tflops"] * 1e12)
+    print_table(result)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The Hugging Face layout of ChatGLM-6B: its `config.json` read into a `ModelConfig`, and (for tests and
-for users who want one) a writer of that layout.
+for users who want one: `glm-tp-make-checkpoint --layout hf`) a writer of that layout.
 
 config.json keys read: num_layers, hidden_size, num_attention_heads, inner_hidden_size, vocab_size,
 max_sequence_length, layernorm_epsilon, position_encoding_2d, mask/gmask/bos/eos/pad_token_id,
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,21 +36,25 @@ def config_metadata(root: Path) -> dict[str, Any]:
     if conf.get("quantization_embeddings"):
         raise CheckpointError(f"{path}: quantized embeddings (chatglm-6b-int4-qe) are not supported: "
                               f"use chatglm-6b-int4 or chatglm-6b with quant=int4")
+    offset = _text_offset(root, int(conf["mask_token_id"]))
+    dtype = conf.get("torch_dtype", "float16")
+    return {"format": "hf", "model": config_model(conf, offset).to_dict(),
+            "quant_bits": int(conf.get("quantization_bit") or 0), "dtype": dtype_name(parse_dtype(dtype)),
+            "tokenizer": "ice_text.model", "tokenizer_offset": offset, "tokenizer_whitespace": True}
+
+
+def config_model(conf: dict[str, Any], offset: int) -> ModelConfig:
+    """The model a ChatGLM-6B config.json describes; `offset`: the image tokens before the text ids."""
     mask = int(conf["mask_token_id"])
-    offset = _text_offset(root, mask)
     special = SpecialTokens(mask=mask, gmask=int(conf["gmask_token_id"]), smask=mask + 2, sop=int(conf["bos_token_id"]),
                             eop=int(conf["eos_token_id"]), eos=2 + offset, pad=int(conf.get("pad_token_id", 3)))
     two_d = bool(conf.get("position_encoding_2d", True))
-    cfg = ModelConfig(
+    return ModelConfig(
         **{ours: int(conf[theirs]) for theirs, ours in CONFIG_KEYS.items()},
         inner_hidden_size=int(conf.get("inner_hidden_size") or 4 * int(conf["hidden_size"])),
         max_seq_len=int(conf.get("max_sequence_length", 2048)), layernorm_eps=float(conf.get("layernorm_epsilon", 1e-5)),
         special=special, position_encoding="2d" if two_d else "1d", mlp="gelu", tied_lm_head=False,
         chat_template="chatglm")
-    dtype = conf.get("torch_dtype", "float16")
-    return {"format": "hf", "model": cfg.to_dict(), "quant_bits": int(conf.get("quantization_bit") or 0),
-            "dtype": dtype_name(parse_dtype(dtype)), "tokenizer": "ice_text.model", "tokenizer_offset": offset,
-            "tokenizer_whitespace": True}
 
 
 def _text_offset(root: Path, mask_id: int) -> int:
@@ -81,28 +85,37 @@ def hf_config(cfg: ModelConfig, quant_bits: int = 0, dtype: torch.dtype = torch.
 
 def write_hf_checkpoint(dst: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], files: int = 1,
                         fmt: str = "bin", quant_bits: int = 0, num_image_tokens: int = 0) -> Path:
-    """Save full tensors in the Hugging Face layout: config.json, tokenizer_config.json and `files` weight files
-    (`fmt` "bin" or "safetensors") with their index when there is more than one."""
-    dst.mkdir(parents=True, exist_ok=True)
+    """Save full tensors in the Hugging Face layout (see write_hf_layout)."""
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    return write_hf_layout(dst, cfg, list(state), lambda names: {n: state[n] for n in names}, dtype, files, fmt,
+                           quant_bits, num_image_tokens)
+
+
+def write_hf_layout(dst: Path, cfg: ModelConfig, names: list[str],
+                    tensors: Callable[[list[str]], dict[str, torch.Tensor]], dtype: torch.dtype, files: int = 1,
+                    fmt: str = "safetensors", quant_bits: int = 0, num_image_tokens: int = 0) -> Path:
+    """config.json, tokenizer_config.json and `files` weight files (`fmt` "bin" or "safetensors") with their
+    index when there is more than one. `tensors(names)` gives one file's tensors: only one file's are ever
+    in memory."""
+    dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.json").write_text(json.dumps(hf_config(cfg, quant_bits, dtype), indent=2) + "\n")
     (dst / "tokenizer_config.json").write_text(json.dumps({"num_image_tokens": num_image_tokens}) + "\n")
-    names = list(state)
     groups = [names[i::files] for i in range(files)] if files > 1 else [names]
     suffix = ".safetensors" if fmt == "safetensors" else ".bin"
     stem = "model" if fmt == "safetensors" else "pytorch_model"
-    weight_map = {}
+    weight_map, total = {}, 0
     for i, group in enumerate(groups):
         name = f"{stem}-{i + 1:05d}-of-{files:05d}{suffix}" if files > 1 else f"{stem}{suffix}"
-        part = {n: state[n].contiguous() for n in group}
+        part = {n: t.contiguous() for n, t in tensors(group).items()}
         if fmt == "safetensors":
             from safetensors.torch import save_file
             save_file(part, str(dst / name))
         else:
             torch.save(part, dst / name)
         weight_map.update({n: name for n in group})
+        total += sum(t.numel() * t.element_size() for t in part.values())
+        del part
     if files > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
         (dst / f"{stem}{suffix}.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     return dst

@@ -25,7 +25,7 @@ import time
 from glm_tp.checkpoints.release import CheckpointError
 from glm_tp.checkpoints.reshard import rewrite
 from glm_tp.checkpoints.sources import open_source, source_bits
-from glm_tp.cli.output import prepare_output
+from glm_tp.cli.output import plain_warnings, prepare_output
 from glm_tp.cli.planner import Plan
 from glm_tp.config import ModelConfig, get_preset
 
@@ -59,7 +59,8 @@ def repartition_main(argv: list[str] | None = None) -> None:
             model.check_tp(args.tp)
         dst = prepare_output(args.dst, args.force)
         start = time.time()
-        report = rewrite(args.src, dst, args.tp, args.bits, model)
+        with plain_warnings():
+            report = rewrite(args.src, dst, args.tp, args.bits, model)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(_written(dst, f"{args.tp} shard(s)", report.shard_bytes, time.time() - start))
@@ -99,7 +100,8 @@ def quantize_main(argv: list[str] | None = None) -> None:
             raise CheckpointError(f"{args.src} is already INT{held}: quantize the fp16 checkpoint instead")
         dst = prepare_output(args.dst, args.force)
         start = time.time()
-        report = rewrite(args.src, dst, source.shards, args.bits, model)  # as many shards as the source
+        with plain_warnings():
+            report = rewrite(args.src, dst, source.shards, args.bits, model)  # as many shards as the source
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(_written(dst, f"INT{args.bits}, {source.shards} shard(s)", report.shard_bytes, time.time() - start))

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from glm_tp.checkpoints.load import load_model, resolve_config
 from glm_tp.checkpoints.release import CheckpointError
 from glm_tp.checkpoints.sources import open_source, source_bits
+from glm_tp.cli.output import plain_warnings
 from glm_tp.cli.planner import GiB, Plan, refusal
 from glm_tp.cli.settings import (
     CONFIG_DIR,
@@ -30,7 +31,13 @@ from glm_tp.cli.settings import (
     check_overrides,
     resolve_path,
 )
-from glm_tp.config import ModelConfig, default_dtype, parse_dtype, parse_quant
+from glm_tp.config import (
+    ModelConfig,
+    SpecialTokens,
+    default_dtype,
+    parse_dtype,
+    parse_quant,
+)
 from glm_tp.engine.coordinator import Coordinator, worker_loop
 from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig
@@ -42,7 +49,13 @@ from glm_tp.parallel.dist import (
     shutdown,
     stop_peers,
 )
-from glm_tp.text.tokenizer import TokenizerError, load_tokenizer
+from glm_tp.text.tokenizer import (
+    GLMTokenizer,
+    IdsOnlyTokenizer,
+    TokenizerError,
+    find_model_file,
+    load_tokenizer,
+)
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
@@ -72,16 +85,45 @@ def device_bytes(cfg: DictConfig, device: torch.device) -> float | None:
     return None
 
 
-def load_tokenizer_for(cfg: DictConfig, checkpoint: Path, special):
-    source = open_source(checkpoint)
-    meta = source.metadata or {}
-    options = dict(text_offset=meta.get("tokenizer_offset"), whitespace=bool(meta.get("tokenizer_whitespace")))
-    if cfg.tokenizer:
-        return load_tokenizer(resolve_path(cfg.tokenizer), special, **options)
-    return load_tokenizer(source.root / meta.get("tokenizer", ""), special, **options)
+def tokenizer_file(cfg: DictConfig, gen: GenerationConfig) -> Path | None:
+    """The tokenizer model: tokenizer=, else the one the checkpoint names or holds. None for a JSONL job of token
+    ids alone when there is none: it runs without one. Checked before loading, so a missing tokenizer costs no
+    model load; the error names the first line that needs one."""
+    source = open_source(resolve_path(cfg.checkpoint))
+    path = resolve_path(cfg.tokenizer) if cfg.tokenizer else source.root / (source.metadata or {}).get("tokenizer", "")
+    try:
+        return find_model_file(path)
+    except TokenizerError as e:
+        if cfg.tokenizer or cfg.input in ("interactive", "http"):  # typed text, or clients that may send it
+            raise
+        job = resolve_path(cfg.input)
+        line = first_text_line(job, gen)
+        if line is None:
+            return None
+        raise TokenizerError(f"line {line} of {job} needs a tokenizer (a text prompt, chat messages or stop "
+                             f"strings; a job of prompt_token_ids alone needs none): {e}") from None
 
 
-def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig) -> Engine:
+def first_text_line(path: Path, gen: GenerationConfig) -> int | None:
+    """The first line of a JSONL job that needs a tokenizer, read by the batch runner's own parser (without a
+    chat format, chat messages come back as text); None when every line is token ids or an error record."""
+    from glm_tp.frontends.batch import read_items
+    for item in read_items(path, gen):
+        if any(r.text is not None or (r.config or gen).stop for r in item.requests):
+            return item.line
+    return None
+
+
+def load_tokenizer_for(checkpoint: Path, special: SpecialTokens, file: Path | None) -> GLMTokenizer:
+    """`file` from tokenizer_file; None: the ids-only stand-in."""
+    if file is None:
+        return IdsOnlyTokenizer(special)
+    meta = open_source(checkpoint).metadata or {}
+    return load_tokenizer(file, special, text_offset=meta.get("tokenizer_offset"),
+                          whitespace=bool(meta.get("tokenizer_whitespace")))
+
+
+def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig, tokenizer: Path | None) -> Engine:
     """Every rank loads its shard, then the ranks compare notes: a rank that could not load (a truncated
     shard, a missing file) stops every rank with its message, before any of them says it is ready."""
     engine, error = None, None
@@ -89,8 +131,8 @@ def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig) -> Engine
         checkpoint = resolve_path(cfg.checkpoint)
         model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels,
                            lm_head=cfg.lm_head, verify=bool(cfg.verify))
-        tokenizer = load_tokenizer_for(cfg, checkpoint, model.cfg.special)
-        engine = Engine(model, tokenizer, gen, max_batch=int(cfg.batch_size),
+        tok = load_tokenizer_for(checkpoint, model.cfg.special, tokenizer)
+        engine = Engine(model, tok, gen, max_batch=int(cfg.batch_size),
                         max_len=int(cfg.max_len) if cfg.max_len else None)
     except (CheckpointError, TokenizerError, ValueError) as e:
         error = str(e)
@@ -142,6 +184,7 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None, TextIO | Non
             output = check_output(resolve_path(cfg.input), str(cfg.output) if cfg.output else None)  # "dir/" stays
             if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes: a second run stops here, before loading
                 claimed = claim_output(output)
+        tokenizer = tokenizer_file(cfg, gen)
         tp = init_distributed(cfg.device, timeout_s=float(cfg.timeout_s))
         if cfg.ranks and int(cfg.ranks) != tp.size:
             raise UsageError(f"this hardware preset runs {cfg.ranks} ranks but {tp.size} were started: "
@@ -151,7 +194,7 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None, TextIO | Non
             plan = make_plan(cfg, model_cfg, tp.size, tp.device.type)
             if not plan.fits(memory):
                 raise UsageError(refusal(plan, memory))
-        return tp, load_engine(cfg, tp, gen), output, claimed
+        return tp, load_engine(cfg, tp, gen, tokenizer), output, claimed
     except (CheckpointError, TokenizerError, ValueError) as e:
         raise UsageError(str(e)) from None
 
@@ -205,7 +248,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     where = f" on rank {rank}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     code = 0
     try:
-        code = run(cfg)
+        with plain_warnings():  # e.g. the loader's lossy re-quantization: one line, not a source line
+            code = run(cfg)
     except UsageError as e:  # the same on every rank: rank 0 reports it and fails the job, the others leave
         if rank == 0:
             report(f"error: {e}")

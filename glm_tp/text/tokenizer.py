@@ -90,6 +90,29 @@ class GLMTokenizer:
         return "".join(out)
 
 
+class IdsOnlyTokenizer(GLMTokenizer):
+    """The stand-in for a job of token ids run without a tokenizer: it reads no text and writes none (results'
+    text fields are empty, their token ids are the answer), and the model may generate every id below its
+    control tokens, since which ids are text is unknown."""
+
+    def __init__(self, special: SpecialTokens):  # no sentencepiece model to load
+        self.special, self.offset, self.whitespace = special, 0, False
+        self.spaces: dict[int, str] = {}
+        self.newline_id, self.names = None, {}
+        self._text_ids = min(special.mask, special.gmask, special.smask, special.sop, special.eop)
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self._text_ids
+
+    def encode(self, text: str) -> list[int]:
+        raise ValueError("this run has no tokenizer, so prompts must be token ids: point tokenizer= at a "
+                         "sentencepiece model for text")
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
 def find_model_file(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     candidates = [p / name for name in MODEL_FILES] if p.is_dir() or not p.suffix else [p]

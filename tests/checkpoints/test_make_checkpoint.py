@@ -1,5 +1,6 @@
 """tools/make_checkpoint.py writes synthetic.random_shard's tensors, drawing each full tensor once whatever
---tp is (GLM-130B-sized shapes took 8 draws per tensor at --tp 8), and shows its progress."""
+--tp is (GLM-130B-sized shapes took 8 draws per tensor at --tp 8), and shows its progress; its Hugging Face
+layout is the same model, read by the loaders as a clone is."""
 from __future__ import annotations
 
 import subprocess
@@ -7,11 +8,18 @@ import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from glm_tp.checkpoints.release import inspect, open_shard
+from glm_tp.checkpoints.sources import open_source
 from glm_tp.checkpoints.synthetic import BLOCK, random_shard, random_tensor
 from glm_tp.cli import make_checkpoint
+from glm_tp.cli.generate import load_engine, tokenizer_file
+from glm_tp.cli.settings import CONFIG_DIR
 from glm_tp.config import PRESETS
+from glm_tp.engine.types import GenerationConfig, Request
+from glm_tp.model.glm import SeqLayout
+from glm_tp.parallel.dist import init_distributed
 from glm_tp.parallel.partition import full_shapes
 from tests.support import ROOT
 
@@ -48,3 +56,48 @@ def test_progress_is_shown(tmp_path):
     done = subprocess.run([sys.executable, "tools/make_checkpoint.py", str(tmp_path / "c"), "--preset", "tiny",
                            "--tp", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "writing shards" in done.stderr and "100%" in done.stderr
+
+
+def _generated(ckpt) -> tuple[list[tuple[str, list[int]]], torch.Tensor]:
+    """Answers (text, ids) to a text prompt and an ids prompt, and a forward pass's logits, through glm-tp-generate's
+    own loading (the checkpoint's model, its tokenizer)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("generate", overrides=[f"checkpoint={ckpt}", "dtype=fp32"])
+    gen = GenerationConfig(max_new_tokens=6)
+    engine = load_engine(cfg, init_distributed("cpu"), gen, tokenizer_file(cfg, gen))
+    s = engine.model.cfg.special
+    results = engine.generate([Request("text", text="monday tuesday [MASK]"), Request("ids", token_ids=[5, 6, s.gmask])])
+    with torch.inference_mode():
+        positions = torch.stack([torch.arange(4), torch.zeros(4, dtype=torch.long)], dim=-1)[None]  # 2D
+        logits = engine.model(torch.tensor([[5, 6, 7, 8]]), positions,
+                              SeqLayout(torch.tensor([0]), torch.tensor([4])), None)
+    return [(r.text, r.token_ids) for r in results], logits
+
+
+def test_the_hugging_face_layout_generates_as_the_release_layout_of_the_same_seed(tmp_path):
+    release, hf, single = tmp_path / "release", tmp_path / "hf", tmp_path / "single"
+    make_checkpoint.main([str(release), "--preset", "tiny-chatglm", "--seed", "3"])
+    make_checkpoint.main([str(hf), "--preset", "tiny-chatglm", "--layout", "hf", "--files", "2", "--seed", "3"])
+    make_checkpoint.main([str(single), "--preset", "tiny-chatglm", "--layout", "hf", "--seed", "3"])
+    assert {p.name for p in hf.iterdir()} == {"config.json", "tokenizer_config.json", "ice_text.model",
+                                              "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                                              "model-00002-of-00002.safetensors"}
+    assert (single / "model.safetensors").is_file() and not (single / "model.safetensors.index.json").exists()
+    assert open_source(hf).layout_name == "Hugging Face, 2 file(s)"
+    assert open_source(hf).model_config() == PRESETS["tiny-chatglm"]
+    want, want_logits = _generated(release)
+    assert want[0][0] and want[0][1] and want[1][1]  # text came back: the checkpoint brought its tokenizer
+    for ckpt in (hf, single):
+        got, logits = _generated(ckpt)
+        assert got == want and torch.equal(logits, want_logits), ckpt.name
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--preset", "tiny", "--layout", "hf"], "the Hugging Face layout is ChatGLM-6B's"),
+    (["--preset", "tiny-chatglm", "--layout", "hf", "--tp", "2"], "holds whole tensors"),
+    (["--preset", "tiny", "--files", "2"], "--files is for --layout hf"),
+])
+def test_a_layout_that_cannot_hold_the_model_is_refused(args, says, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        make_checkpoint.main([str(tmp_path / "c"), *args])
+    assert says in capsys.readouterr().err and not (tmp_path / "c").exists()

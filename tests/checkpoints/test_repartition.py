@@ -102,3 +102,14 @@ def test_repartition_streams_one_parameter_at_a_time(tmp_path):
               f"RSS grew {grown / 1e6:.1f} MB")
         assert grown < 2 * largest
     assert identical(tmp_path / "to1", write_random_checkpoint(tmp_path / "direct", cfg, 1, torch.float16))
+
+
+def test_the_lossy_warning_of_the_command_is_one_plain_line(tmp_path):
+    src = write_random_checkpoint(tmp_path / "src", PRESETS["tiny"], 2, torch.float16)
+    rewrite(src, tmp_path / "q", 2, bits=8, progress=False)
+    res = subprocess.run([sys.executable, "tools/repartition.py", str(tmp_path / "q"), str(tmp_path / "one"), "--tp", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = [line for line in res.stderr.replace("\r", "\n").splitlines() if "lossy" in line]
+    assert len(said) == 1 and said[0].startswith("warning: 4 quantized weights were dequantized"), res.stderr
+    assert "warnings.warn" not in res.stderr and "UserWarning" not in res.stderr and ".py:" not in res.stderr

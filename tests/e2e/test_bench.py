@@ -1,9 +1,13 @@
-"""tools/bench.py runs end to end and its timing helpers call each contender in turn."""
+"""tools/bench.py runs end to end, its timing helpers call each contender in turn, and a signal ends it with the
+rows it has measured."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+
+import pytest
 
 from tests.support import ROOT
 
@@ -39,3 +43,28 @@ def test_alternated_timing_calls_each_in_turn():
     a, b = bench.alternated([ours, theirs], torch.device("cpu"), 2)
     assert order == ["rewind", "ours", "theirs"] * 3  # one warm-up round, then two timed rounds
     assert len(a) == len(b) == 2 and min(a + b) >= 0
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_prints_the_rows_measured_so_far_and_fails(signum, code):
+    """A long run says up front what it does and how long it takes at least, reports each row, and a signal ends
+    it with the table of the rows it has (and a non-zero exit)."""
+    bench = subprocess.Popen([sys.executable, "tools/bench.py", "--preset", "tiny", "--prefill", "16",
+                              "--batches", "1", "--steps", "100", "--context", "16", "--runs", "1000"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in bench.stderr:  # wait for the first row's result, then signal during the second row
+            seen.append(line)
+            if "decode batch 1 (" in line:
+                break
+        bench.send_signal(signum)
+        out, err = bench.communicate(timeout=60)
+    finally:
+        bench.kill()
+    head = "".join(seen)
+    assert "glm-tp bench: 1 prefill and 1 decode rows" in seen[0] and "take at least" in head
+    assert "row 1/2: prefill 16 tokens" in head and "  prefill 16 tokens: " in head and "row 2/2: decode" in head
+    assert bench.returncode == code, err[-2000:]
+    assert "glm-tp bench: TP=1" in out and "prefill    16 tokens:" in out and "decode batch" not in out
+    assert f"stopped by {signal.Signals(signum).name} after 1 of 2 rows" in out and "Traceback" not in err
