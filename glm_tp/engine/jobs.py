@@ -23,9 +23,11 @@ from glm_tp.text.blanks import (
     CONTEXT_LENGTH,
     BlankInput,
     PromptError,
+    answer_lead,
     check_length,
     complete_context,
     fill_kind,
+    filled_text,
     next_blank,
     splice,
     tokenize_prompt,
@@ -68,6 +70,7 @@ class Job:
         self.end_tokens = [tok.special.eop, tok.special.eos]
         self.blank_ids: list[list[int]] = []
         self.blank_texts: list[str] = []
+        self.blank_leads: list[str] = []  # each answer's leading space in context (answer_lead)
         self.beam_texts: list[str] | None = None
         self.finish, self.error = "", None
         self.cut_by_max_len = False
@@ -126,9 +129,11 @@ class Job:
 
     def _delta(self, upto: str, logprob: TokenLogprob | None) -> None:
         new = upto[len(self.sent):] if len(upto) > len(self.sent) else ""
+        lead = answer_lead(self.tok, self.ids[:self.fill.mask_index], self.generated[0]) \
+            if new and not self.sent else ""
         self.sent = max(upto, self.sent, key=len)
         self.handle.emit(Delta(self.handle.id, len(self.blank_ids), [self.generated[0][-1]], new,
-                               [logprob] if logprob is not None else None))
+                               [logprob] if logprob is not None else None, lead))
 
     # -- ending a fill ------------------------------------------------------------------------------
     def end_fill(self, reason: str) -> bool:
@@ -138,6 +143,7 @@ class Job:
         number = len(self.blank_ids) + 1
         self.ids = splice(self.ids, inp.mask_index, answer)
         self.origin = self.origin[:inp.mask_index] + [number] * len(answer) + self.origin[inp.mask_index + 1:]
+        self.blank_leads.append(answer_lead(self.tok, self.ids[:inp.mask_index], answer))
         self.blank_ids.append(answer)
         self.blank_texts.append(text)
         self.handle.emit(BlankDone(self.handle.id, number - 1, text, list(answer)))
@@ -190,11 +196,15 @@ def result_of(job: Job) -> Result:
     ids, origin = list(job.ids), list(job.origin)
     if ids and ids[-1] == job.tok.special.eos:
         ids, origin = ids[:-1], origin[:-1]
-    return Result(id=job.handle.id, text=job.tok.decode(ids), blanks=list(job.blank_texts),
+    given = job.handle.request.text
+    text = job.tok.decode(ids) if given is None else \
+        filled_text(given, job.kind, job.tok.special, [a + t for a, t in zip(job.blank_leads, job.blank_texts)])
+    return Result(id=job.handle.id, text=text, blanks=list(job.blank_texts),
                   blanks_token_ids=[list(b) for b in job.blank_ids], token_ids=ids,
                   finish_reason=job.finish or "stop", prompt_tokens=job.prompt_tokens,
                   completion_tokens=job.completion_tokens, beams=job.beam_texts, error=job.error,
-                  pieces=_pieces(job.tok, ids, origin), logprobs=job.logprobs, cut_by_max_len=job.cut_by_max_len)
+                  pieces=_pieces(job.tok, ids, origin), logprobs=job.logprobs, cut_by_max_len=job.cut_by_max_len,
+                  leads=list(job.blank_leads))
 
 
 def _pieces(tok: GLMTokenizer, ids: list[int], origin: list[int]) -> list[tuple[str, bool]]:

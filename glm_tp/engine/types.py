@@ -235,6 +235,7 @@ class Result:
     logprobs: list[TokenLogprob] | None = None  # every generated token of every blank, in order
     cut_by_max_len: bool = False       # an answer ended because the sequence filled max_len, not as asked
     error_code: str | None = None      # set when refused at submission: QUEUE_FULL, CONTEXT_LENGTH, ...
+    leads: list[str] = field(default_factory=list)  # each blank's leading space in context (not in blanks)
 
     @classmethod
     def failed(cls, request_id: str, message: str, code: str | None = None) -> "Result":
@@ -248,6 +249,7 @@ class Delta:
     token_ids: list[int]
     text: str                           # new text; text that may begin a stop string is held back
     logprobs: list[TokenLogprob] | None = None
+    lead: str = ""                      # on a blank's first text: the space its answer carries in context
 
 
 @dataclass

@@ -290,7 +290,14 @@ def answer_text(parsed: Parsed, choice: int, result: Result) -> str:
     p = parsed.prompt_of(choice)
     if parsed.infill[p]:
         return result.text
-    return (parsed.prompts[p] if parsed.echo else "") + "".join(result.blanks)
+    return (parsed.prompts[p] + echo_lead(parsed, p, result.leads[0] if result.leads else "") if parsed.echo
+            else "") + "".join(result.blanks)
+
+
+def echo_lead(parsed: Parsed, p: int, lead: str) -> str:
+    """What goes between an echoed prompt and its answer: the space the answer's first word carries in
+    context (an answer alone reads without it), unless the prompt ends with one."""
+    return "" if parsed.prompts[p][-1:].isspace() else lead
 
 
 def unsent_text(parsed: Parsed, choice: int, result: Result, sent: str) -> str:
@@ -341,7 +348,7 @@ def result_error(parsed: Parsed, result: Result) -> OpenAIError | None:
 def _choice(parsed: Parsed, choice: int, result: Result) -> dict:
     text = answer_text(parsed, choice, result)
     p = parsed.prompt_of(choice)
-    offset = len(parsed.prompts[p]) if parsed.echo and not parsed.infill[p] else 0
+    offset = len(text) - len("".join(result.blanks)) if parsed.echo and not parsed.infill[p] else 0
     out: dict = {"index": choice, "logprobs": logprobs_body(parsed, result.logprobs, offset),
                  "finish_reason": FINISH.get(result.finish_reason, result.finish_reason), "blanks": result.blanks,
                  "pieces": [list(piece) for piece in result.pieces]}

@@ -229,7 +229,10 @@ class Routes:
             async for i, ev in call.events(deadline):
                 if isinstance(ev, Delta) and (ev.text or ev.logprobs):
                     sent[i] += ev.text
-                    yield event([oa.chunk_choice(parsed, i, ev.text, ev.logprobs, blank=ev.blank)])
+                    p = parsed.prompt_of(i)
+                    lead = oa.echo_lead(parsed, p, ev.lead) if parsed.echo and not parsed.infill[p] and \
+                        ev.blank == 0 else ""
+                    yield event([oa.chunk_choice(parsed, i, lead + ev.text, ev.logprobs, blank=ev.blank)])
                 elif isinstance(ev, Done):
                     failed = oa.result_error(parsed, ev.result)
                     if failed is not None:

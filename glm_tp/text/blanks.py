@@ -120,3 +120,41 @@ def check_length(ids: list[int], max_len: int) -> None:
     if len(ids) + 1 > max_len:
         raise PromptError(f"prompt is {len(ids) + 1} tokens with sop, more than the model's max length {max_len}: "
                           f"shorten it", CONTEXT_LENGTH)
+
+
+LEAD_CONTEXT = 8  # prompt tokens before a blank decoded with its answer, to read the answer in context
+
+
+def answer_lead(tok: GLMTokenizer, before: list[int], answer: list[int]) -> str:
+    """What the answer's text gains in context: decoded alone, a first word piece loses the space it
+    carries after the tokens `before` it (the prompt's, up to the blank)."""
+    text_ids = []
+    for t in reversed(before[-LEAD_CONTEXT:]):  # the text tokens right before the blank
+        if not 0 <= t - tok.offset < tok.text_vocab_size:
+            break
+        text_ids.insert(0, t)
+    if not text_ids or not answer:
+        return ""
+    head, alone = tok.decode(text_ids), tok.decode(answer)
+    whole = tok.decode(text_ids + answer)
+    if not whole.startswith(head) or not whole.endswith(alone):
+        return ""
+    lead = whole[len(head):len(whole) - len(alone)]
+    return lead if not lead.strip() else ""
+
+
+def filled_text(prompt: str, kind: int, special: SpecialTokens, answers: list[str]) -> str:
+    """The prompt as the user gave it with the blanks of `kind` filled by `answers` (each read in context,
+    see answer_lead), in order; a prompt without a mask continues with its first answer. The user's text is
+    kept exactly (no re-decoding): a space already before a blank is not doubled."""
+    def join(before: str, answer: str) -> str:
+        return before + answer[1:] if before[-1:].isspace() and answer[:1] == " " else before + answer
+    pieces = MASK_PATTERN.split(prompt)  # text, kind, text, kind, ..., text
+    names = {v: k for k, v in mask_ids(special).items()}
+    if len(pieces) == 1:
+        return join(prompt, answers[0]) if answers else prompt
+    out, left = pieces[0], list(answers)
+    for name, text in zip(pieces[1::2], pieces[2::2]):
+        out = join(out, left.pop(0)) if name == names[kind] and left else out + f"[{name}]"
+        out += text
+    return out

@@ -403,7 +403,7 @@ def test_prompts_as_token_ids_answer_as_their_text_does(server, client):
     one = client.completions.create(model="demo", prompt=ids[0], max_tokens=6, echo=True)  # one list of ids
     assert [c.text for c in by_ids.choices] == [c.text for c in by_text.choices]
     assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens
-    assert one.choices[0].text == tok.decode(ids[0]) + by_text.choices[0].text
+    assert one.choices[0].text == tok.decode(ids[0]) + " " + by_text.choices[0].text
     for bad in ([], [[]], [1, "a"], [True], [-1], [[1], "a"]):
         reply = httpx.post(server.url + "/v1/completions", json={"prompt": bad}, timeout=60)
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt", bad
@@ -447,3 +447,21 @@ def test_logprob_tokens_add_up_to_the_text(client):
     entries = chat.choices[0].logprobs.content
     assert all(e.bytes == list(e.token.encode()) for e in entries)
     assert b"".join(bytes(e.bytes) for e in entries).decode() == chat.choices[0].message.content
+
+
+def test_echo_keeps_the_space_between_prompt_and_answer_and_streams_alike(client):
+    prompt = "days : tuesday"
+    plain = client.completions.create(model="demo", prompt=prompt, max_tokens=3).choices[0].text
+    echoed = client.completions.create(model="demo", prompt=prompt, max_tokens=3, echo=True, logprobs=0).choices[0]
+    assert plain and not plain.startswith(" ") and echoed.text == f"{prompt} {plain}"
+    assert echoed.logprobs.text_offset[0] == len(prompt) + 1
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="demo", prompt=prompt, max_tokens=3, echo=True, stream=True) if c.choices)
+    assert streamed == echoed.text
+
+
+def test_the_prompt_comes_back_as_given(client):
+    prompt = "Zé  list : kite [MASK] red  ~"  # characters the demo tokenizer lacks, doubled spaces
+    text = client.completions.create(model="demo", prompt=prompt, max_tokens=3).choices[0].text
+    head, tail = prompt.split("[MASK]")
+    assert text.startswith(head) and text.endswith(tail) and len(text) > len(prompt) - len("[MASK]")
