@@ -1,7 +1,7 @@
 """The ChatGLM2/3 and GLM-4 architecture (pre-LN RMSNorm, grouped-query attention with 2 KV groups, SwiGLU,
 pair rotary on half of each head, QKV bias only) against transformers' GlmForCausalLM on the same random
-weights: logits along greedy decoding through glm-tp's KV cache, at TP 1, 2 and 4 (4 > the KV groups: each
-rank holds the group its heads use)."""
+weights: logits along greedy decoding through glm-tp's KV cache, at TP 1, 2, 4 and 8 (4 and 8 > the KV groups:
+each rank holds the group its heads use; 8: one head per rank)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -80,7 +80,7 @@ def test_logits_and_greedy_tokens_match_transformers_glm(tmp_path):
     pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
     ckpt = write_random_checkpoint(tmp_path / "ck", CFG, 1, torch.float32)
     want = _reference(ckpt)
-    for tp in (1, 2, 4):
+    for tp in (1, 2, 4, 8):
         got = run_ranks(tp, _ours, ckpt)[0]
         for (ref_tokens, ref_steps), (tokens, steps) in zip(want, got):
             diff = (steps - ref_steps).abs().max().item()
