@@ -62,7 +62,8 @@ def test_tp_sizes_follow_the_kv_groups():
 
 
 def test_grouped_kv_checkpoints_repartition_and_load_at_any_tp(tmp_path):
-    """TP 4 on 2 KV groups repeats each group's rows in two shards: repartitioning and loading agree."""
+    """TP 4 on 2 KV groups repeats each group's rows in two shards: repartitioning and loading agree, and an
+    INT8 checkpoint cut so loads close to the float model."""
     cfg = PRESETS["tiny-chatglm2"]
     one = write_random_checkpoint(tmp_path / "tp1", cfg, 1, torch.float32)
     four = write_random_checkpoint(tmp_path / "tp4", cfg, 4, torch.float32)
@@ -72,6 +73,10 @@ def test_grouped_kv_checkpoints_repartition_and_load_at_any_tp(tmp_path):
     want = run_ranks(1, _greedy, one)[0]
     for (answer, logits, _), (got_answer, got_logits, _) in zip(want, run_ranks(2, _greedy, four)[0]):
         assert got_answer == answer and torch.allclose(got_logits, logits, atol=1e-5)
+    rewrite(one, tmp_path / "int8", 4, bits=8, progress=False)  # the row scales follow the grouped rows
+    for tp in (4, 2):
+        for (_, logits, _), (_, got_logits, _) in zip(want, run_ranks(tp, _greedy, tmp_path / "int8")[0]):
+            assert (got_logits - logits).abs().max() < 0.15 * logits.std()
 
 
 def _greedy(tp, ckpt, kernels="fused"):
