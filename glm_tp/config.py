@@ -87,10 +87,16 @@ class ModelConfig:
     rotary_base: float = 10000.0
     special: SpecialTokens = field(default_factory=SpecialTokens)
     deepnorm_layers: int = 0  # depth the model was trained at, for alpha (0: num_layers); see with_layers
-    # the GLM family's variants (ChatGLM-6B: "2d", "gelu", untied, "chatglm")
-    position_encoding: str = "1d"  # "1d": one rotary over the head; "2d": position and block position, half each
-    mlp: str = "geglu"             # "geglu" (h->4h = value and gate rows) or "gelu" (tanh GeLU, no gate)
+    # the GLM family's variants (ChatGLM-6B: "2d", "gelu", untied, "chatglm"; ChatGLM2/3 and GLM-4: "half",
+    # "swiglu", untied, "rmsnorm", kv_groups 2, bias "qkv")
+    position_encoding: str = "1d"  # "1d": one rotary over the head; "2d": position and block position, half each;
+    #                                "half": 1D, rotary on the first half of the head in interleaved pairs
+    mlp: str = "geglu"             # "geglu" (h->4h = value and gate rows), "gelu" (tanh GeLU, no gate) or
+    #                                "swiglu" (h->4h = gate and up rows: silu(gate) * up)
     tied_lm_head: bool = True      # False: a separate vocab-parallel lm_head.weight
+    norm: str = "deepnorm"         # "deepnorm": post-LN LayerNorm with alpha; "rmsnorm": pre-LN RMSNorm
+    kv_groups: int = 0             # grouped-query attention's KV heads (multi_query_group_num); 0: one per head
+    bias: str = "all"              # which linears have a bias: "all", or "qkv" (the QKV projection only)
     chat_template: str = ""        # how chat messages become a prompt ("chatglm"; "": no chat format)
 
     @property
@@ -99,7 +105,17 @@ class ModelConfig:
 
     @property
     def glu(self) -> bool:
-        return self.mlp == "geglu"
+        """Whether h->4h holds two halves (GeGLU, SwiGLU), cut as partition's GLU layout."""
+        return self.mlp in ("geglu", "swiglu")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.kv_groups or self.num_heads
+
+    def kv_heads_per_rank(self, tp: int) -> int:
+        """The KV heads one rank holds (and caches): its share, or the one group its heads use when tp
+        exceeds the groups (see partition.GroupedQKV)."""
+        return max(1, self.kv_heads // tp)
 
     @property
     def deepnorm_alpha(self) -> float:
@@ -108,22 +124,28 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        for key, value, allowed in (("position_encoding", self.position_encoding, ("1d", "2d")),
-                                    ("mlp", self.mlp, ("geglu", "gelu")), ("chat_template", self.chat_template, ("", "chatglm"))):
+        for key, value, allowed in (("position_encoding", self.position_encoding, ("1d", "2d", "half")),
+                                    ("mlp", self.mlp, ("geglu", "gelu", "swiglu")), ("norm", self.norm, ("deepnorm", "rmsnorm")),
+                                    ("bias", self.bias, ("all", "qkv")), ("chat_template", self.chat_template, ("", "chatglm"))):
             if value not in allowed:
                 raise ValueError(f"model {key} {value!r} is not one of {', '.join(map(repr, allowed))}")
-        if self.position_encoding == "2d" and self.head_dim % 4:
-            raise ValueError(f"2D rotary needs a head dim divisible by 4, not {self.head_dim}")
+        if self.position_encoding in ("2d", "half") and self.head_dim % 4:
+            raise ValueError(f"{self.position_encoding} rotary needs a head dim divisible by 4, not {self.head_dim}")
+        if self.kv_groups < 0 or self.num_heads % self.kv_heads:
+            raise ValueError(f"kv_groups {self.kv_groups} does not divide num_heads {self.num_heads}")
 
     def valid_tp_sizes(self, limit: int = 64) -> list[int]:
+        """Sizes that divide every cut dimension; with KV groups, tp must also divide them or be a multiple
+        of them, so that each rank's heads use whole groups."""
         dims = (self.num_heads, self.hidden_size, self.inner_hidden_size, self.vocab_size)
-        return [n for n in range(1, limit + 1) if all(d % n == 0 for d in dims)]
+        g = self.kv_heads
+        return [n for n in range(1, limit + 1) if all(d % n == 0 for d in dims) and (g % n == 0 or n % g == 0)]
 
     def check_tp(self, tp: int) -> None:
         if tp not in self.valid_tp_sizes(max(64, tp)):
             raise ValueError(
-                f"tensor-parallel size {tp} does not divide this model (heads {self.num_heads}, hidden "
-                f"{self.hidden_size}, inner {self.inner_hidden_size}, vocab {self.vocab_size}); "
+                f"tensor-parallel size {tp} does not divide this model (heads {self.num_heads}, KV groups "
+                f"{self.kv_heads}, hidden {self.hidden_size}, inner {self.inner_hidden_size}, vocab {self.vocab_size}); "
                 f"valid sizes: {', '.join(map(str, self.valid_tp_sizes()))}"
             )
 
@@ -164,6 +186,10 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-chatglm": ModelConfig(num_layers=2, hidden_size=64, num_heads=8, inner_hidden_size=256,
                                 vocab_size=1024, max_seq_len=128, special=_TINY_SPECIAL, position_encoding="2d",
                                 mlp="gelu", tied_lm_head=False, chat_template="chatglm"),
+    # a small ChatGLM2/3 and GLM-4 architecture: 8 heads in 2 KV groups (TP 4 and 8 replicate KV heads)
+    "tiny-chatglm2": ModelConfig(num_layers=3, hidden_size=128, num_heads=8, inner_hidden_size=192,
+                                 vocab_size=1024, max_seq_len=128, special=_TINY_SPECIAL, position_encoding="half",
+                                 mlp="swiglu", tied_lm_head=False, norm="rmsnorm", kv_groups=2, bias="qkv"),
 }
 
 

@@ -24,10 +24,11 @@ from glm_tp.checkpoints.slices import full_shape, gather, gather_dequantized
 from glm_tp.checkpoints.sources import Part, Source
 from glm_tp.parallel.partition import (
     Copy,
+    Cut,
     Layout,
     copy_plan,
     is_ignored,
-    layout_of,
+    layout_for,
     merged_shape,
     short_name,
     single_source,
@@ -80,15 +81,15 @@ class RankLoader:
                           f"lossy; load the fp16 checkpoint for exact results")
         return self.report
 
-    def _plan(self, name: str, parts: list[Part], expected_full: tuple[int, ...]) -> tuple[Layout, list[Copy]]:
-        layout = layout_of(name, self.cfg.glu)
+    def _plan(self, name: str, parts: list[Part], expected_full: tuple[int, ...]) -> tuple[Cut, list[Copy]]:
+        layout = layout_for(name, self.cfg)
         found = full_shape(parts, layout, self.source.cut)
         if found != expected_full:
             raise CheckpointError(shape_message(name, expected_full, found))
         return layout, copy_plan(layout, found, len(parts) if self.source.cut else 1, self.tp, self.rank)
 
     def _expected_full(self, name: str, shard: tuple[int, ...]) -> tuple[int, ...]:
-        return merged_shape([shard] * self.tp, layout_of(name, self.cfg.glu))
+        return merged_shape([shard] * self.tp, layout_for(name, self.cfg))
 
     def _load_plain(self, name: str, param: torch.nn.Parameter) -> None:
         parts = self.source.parts(name)

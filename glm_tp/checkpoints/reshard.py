@@ -46,10 +46,11 @@ from glm_tp.kernels.formats import quantize_rows
 from glm_tp.parallel.partition import (
     QUANTIZED_WEIGHTS,
     Copy,
+    Cut,
     Layout,
     copy_plan,
     is_ignored,
-    layout_of,
+    layout_for,
     single_source,
 )
 
@@ -114,8 +115,9 @@ class Report:
 class Planner:
     """The `Slice` of every (tensor, output rank): `src_bits` what the source holds, `bits` what to write."""
 
-    def __init__(self, source: Source, tp: int, src_bits: int, bits: int, glu: bool):
-        self.source, self.tp, self.src_bits, self.bits, self.glu = source, tp, src_bits, bits, glu
+    def __init__(self, source: Source, tp: int, src_bits: int, bits: int, cfg: ModelConfig | None):
+        """cfg: the model's shape, which decides some cuts (None: GLM-130B's rules)."""
+        self.source, self.tp, self.src_bits, self.bits, self.cfg = source, tp, src_bits, bits, cfg
 
     @property
     def mapped(self) -> bool:
@@ -123,7 +125,7 @@ class Planner:
 
     def slice(self, name: str, rank: int) -> Slice:
         parts = self.source.parts(name)
-        layout = layout_of(name, self.glu)
+        layout = layout_for(name, self.cfg)
         full = full_shape(parts, layout, self.source.cut)
         plan = copy_plan(layout, full, len(parts), self.tp, rank)
         shape = planned_shape(full, plan)
@@ -143,7 +145,7 @@ class Planner:
         return self._quantized(name, values, torch.float16, lossy=True, fill_values=lambda v: gather_dequantized(
             v, parts, scales, plan, self.src_bits, self.mapped))
 
-    def _exact(self, name: str, layout: Layout, rank: int, parts: list[Part], scales: list[Part],
+    def _exact(self, name: str, layout: Cut, rank: int, parts: list[Part], scales: list[Part],
                plan: list[Copy]) -> Slice | None:
         """The quantized slice with its scales as they are, or None when a row-parallel slice joins several
         source shards (whose scales differ: it must be quantized again)."""
@@ -181,9 +183,9 @@ class Planner:
         return Slice({name: (packed, torch.int8), name + "_scale": ((values[0],), torch.float16)}, fill, lossy)
 
 
-def _check_replicated(name: str, parts: list[Part], glu: bool, mapped: bool, report: Report) -> None:
+def _check_replicated(name: str, parts: list[Part], cfg: ModelConfig | None, mapped: bool, report: Report) -> None:
     """Replicated tensors are written from source shard 0: say so when the shards' copies differ."""
-    if layout_of(name, glu) is not Layout.REPLICATED or len(parts) == 1:
+    if layout_for(name, cfg) is not Layout.REPLICATED or len(parts) == 1:
         return
     if any(not torch.equal(parts[0], p) for p in parts[1:]):
         report.mismatched.append(name)
@@ -221,9 +223,8 @@ def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int |
         cfg.check_tp(tp)
     src_bits = source_bits(source, cfg.hidden_size if cfg is not None else None)
     bits = src_bits if bits is None else bits
-    glu = cfg.glu if cfg is not None else True
     names = [n for n in source.names() if not is_ignored(n) and not n.endswith("_scale")]
-    planner = Planner(source, tp, src_bits, bits, glu)
+    planner = Planner(source, tp, src_bits, bits, cfg)
     specs: list[Specs] = [{} for _ in range(tp)]
     for name in names:  # every shape first (no data read): a cut that cannot be made fails before any file is written
         for rank in range(tp):
@@ -232,7 +233,7 @@ def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int |
     report = Report()
     writers = [ShardWriter(Path(dst) / source.iteration / shard_name(r), specs[r]) for r in range(tp)]
     for name in tqdm(names, desc=f"{source.shards} -> {tp} shards", unit="tensor", disable=not progress):
-        _check_replicated(name, source.parts(name), glu, source.mapped, report)
+        _check_replicated(name, source.parts(name), cfg, source.mapped, report)
         for rank, writer in enumerate(writers):
             piece = planner.slice(name, rank)
             writer.write(piece.specs, piece.fill)

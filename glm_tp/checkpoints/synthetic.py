@@ -11,7 +11,7 @@ import zlib
 import torch
 
 from glm_tp.config import ModelConfig
-from glm_tp.parallel.partition import full_shapes, layout_of, split
+from glm_tp.parallel.partition import full_shapes, layout_for, split
 
 BLOCK = 1 << 24  # values drawn at a time: a large tensor never exists in fp32 at once
 
@@ -44,5 +44,5 @@ def random_shard(cfg: ModelConfig, tp: int, rank: int, seed: int, dtype: torch.d
     out = {}
     for name, shape in full_shapes(cfg).items():
         full = random_tensor(name, shape, seed, cfg.hidden_size, dtype)
-        out[name] = split(full, layout_of(name, cfg.glu), tp)[rank].clone()
+        out[name] = split(full, layout_for(name, cfg), tp)[rank].clone()
     return out

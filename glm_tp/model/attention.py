@@ -32,12 +32,32 @@ def rotary_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | s
     """cos, sin of shape [max_seq_len, d] (d: the head dim, or half of it for 2D positions), as the reference
     computes them whatever the model's dtype: inverse frequencies rounded to fp16, then angles, cos and sin in
     fp16 (integer positions are exact in fp16 up to 2048). The GLM models were trained with these values, so
-    bf16/fp32 runs take them too."""
+    bf16/fp32 runs take them too. "half" (ChatGLM2): see `_half_tables`."""
+    if cfg.position_encoding == "half":
+        return _half_tables(cfg, dtype, device)
     d = cfg.head_dim // rotary_groups(cfg)
     inv_freq = (1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, device=device).float() / d))).half()
     t = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float16)
     emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _half_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ChatGLM2/GLM-4's rotary, for `apply_rotary_pairs`: the first half of the head dim rotates in pairs
+    (x0, x1), (x2, x3), ... (each pair's angle repeated twice), computed in fp32 as their code does; the
+    second half has cos 1 and sin 0, so it passes through exactly."""
+    rot = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, rot, 2, device=device).float() / rot))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, device=device).float(), inv_freq).repeat_interleave(2, dim=-1)
+    keep = torch.ones(cfg.max_seq_len, cfg.head_dim - rot, device=device)
+    return (torch.cat([angles.cos(), keep], dim=-1).to(dtype),
+            torch.cat([angles.sin(), keep * 0], dim=-1).to(dtype))
+
+
+def apply_rotary_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, heads, s, d]; cos/sin [b, 1, s, d]: dims (2i, 2i + 1) rotate together (interleaved pairs)."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return x * cos + torch.stack([-odd, even], dim=-1).flatten(-2) * sin
 
 
 def rotary_groups(cfg: ModelConfig) -> int:
@@ -61,10 +81,15 @@ def rotary_at(cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, layer_id: int) -> torch.Tensor:
-    """q [b, heads, s, d], keys/values [b, heads, window, d], mask [b, 1, s, window] -> [b, heads, s, d]."""
+    """q [b, heads, s, d], keys/values [b, kv heads, window, d], mask [b, 1, s, window] -> [b, heads, s, d].
+    With fewer KV heads (grouped-query attention) each serves heads/kv consecutive query heads."""
+    grouped = keys.shape[1] != q.shape[1]
     if q.device.type == "cpu":
         # converting a long window to fp32 for two batched matmuls cost 2.3x per step at 1k tokens
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=~mask, scale=1 / math.sqrt(q.shape[-1]))
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=~mask, scale=1 / math.sqrt(q.shape[-1]),
+                                              enable_gqa=grouped)
+    if grouped:
+        keys, values = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (keys, values))
     return reference_attention(q, keys, values, mask, layer_id)
 
 

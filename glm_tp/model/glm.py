@@ -1,14 +1,17 @@
-"""The GLM transformer (GLM-130B, ChatGLM-6B), one tensor-parallel rank of it.
+"""The GLM transformer (GLM-130B, ChatGLM-6B, ChatGLM2/3, GLM-4), one tensor-parallel rank of it.
 
 Per layer (DeepNorm, post-LN, alpha = sqrt(2 * num_layers)):
     h = LN_in(x);   x' = alpha*h + Attention(h)
     m = LN_post(x'); y = alpha*m + MLP(m)
+or (norm "rmsnorm", ChatGLM2 on): pre-LN with RMSNorm, x' = x + Attention(RMS_in(x)), y = x' + MLP(RMS_post(x')),
 and after the last layer: logits = LN_final(y) @ E^T with the tied, vocab-parallel embedding E
 (or a separate vocab-parallel `lm_head` when `tied_lm_head` is off).
 
-The config picks the family's variants: MLP GeGLU (GLM-130B) or tanh-GeLU without gate (ChatGLM-6B);
-rotary over the whole head dim at 1D positions [b, s], or 2D (ChatGLM-6B): positions [b, s, 2] as
-(position, block position), each rotating its own half of the head dim.
+The config picks the family's variants: MLP GeGLU (GLM-130B), tanh-GeLU without gate (ChatGLM-6B) or
+SwiGLU (ChatGLM2); rotary over the whole head dim at 1D positions [b, s], 2D (ChatGLM-6B): positions
+[b, s, 2] as (position, block position), each rotating its own half of the head dim, or "half" (ChatGLM2):
+1D, the first half of the head dim in interleaved pairs; grouped-query attention (`kv_groups`), whose
+QKV is [all q ; all k ; all v] and whose cache holds the rank's KV heads only; which linears have a bias.
 
 Attention: head-major fused QKV, NeoX-style rotary at caller-given position ids, softmax(q k^T / sqrt(d)) in
 fp32 (how each device computes it: attention.py). The mask is GLM's: every query sees the first
@@ -26,15 +29,23 @@ from torch import nn
 
 from glm_tp.config import ModelConfig
 from glm_tp.model import attention
-from glm_tp.model.attention import apply_rotary, rotary_at, rotary_groups, rotary_tables
+from glm_tp.model.attention import (
+    apply_rotary,
+    apply_rotary_pairs,
+    rotary_at,
+    rotary_groups,
+    rotary_tables,
+)
 from glm_tp.model.masks import glm_mask
 from glm_tp.parallel.dist import TPContext
 from glm_tp.parallel.layers import (
     ColumnParallelLinear,
     GLUColumnParallelLinear,
+    GroupedQKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from glm_tp.parallel.partition import GroupedQKV
 
 
 @dataclass
@@ -53,11 +64,11 @@ class SeqLayout:
 
 
 class KVCache:
-    """Keys (after rotary) and values for every layer: [layers, batch, heads, max_len, head_dim]."""
+    """Keys (after rotary) and values for every layer: [layers, batch, the rank's KV heads, max_len, head_dim]."""
 
     def __init__(self, cfg: ModelConfig, tp_size: int, batch: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (cfg.num_layers, batch, cfg.num_heads // tp_size, max_len, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.kv_heads_per_rank(tp_size), max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -93,17 +104,38 @@ class KVCache:
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPContext, dtype: torch.dtype, bits: int):
         super().__init__()
-        self.layer_id = layer_id
+        self.layer_id, self.dtype = layer_id, dtype
         self.rotary_groups = rotary_groups(cfg)
-        self.heads = cfg.num_heads // tp.size
+        self.pairs = cfg.position_encoding == "half"
+        self.heads, self.kv_heads = cfg.num_heads // tp.size, cfg.kv_heads_per_rank(tp.size)
         self.head_dim = cfg.head_dim
-        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp, dtype, bits)
-        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp, dtype, bits)
+        h, bias = cfg.hidden_size, cfg.bias == "all"
+        if cfg.kv_groups:
+            cut = GroupedQKV(cfg.num_heads, cfg.kv_groups, cfg.head_dim)
+            self.query_key_value = GroupedQKVParallelLinear(h, cut, tp, dtype, bits)
+        else:
+            self.query_key_value = ColumnParallelLinear(h, 3 * h, tp, dtype, bits)
+        self.dense = RowParallelLinear(h, h, tp, dtype, bits, bias=bias)
         self.decode_kernel: attention.DecodeKernel | None = None  # set by prepare_
 
     def prepare_(self, kernels: str = "fused") -> None:
-        """Choose how decode steps attend (see attention.decode_kernel); once, after loading."""
-        self.decode_kernel = attention.decode_kernel(kernels, self.dense.bias.dtype, self.dense.bias.device)
+        """Choose how decode steps attend (see attention.decode_kernel); once, after loading. The kernel
+        knows head-major QKV with NeoX rotary only: grouped or pair-rotary models keep the torch ops."""
+        if isinstance(self.query_key_value, GroupedQKVParallelLinear) or self.pairs:
+            return
+        self.decode_kernel = attention.decode_kernel(kernels, self.dtype, self.dense.weight.device)
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [b, heads, s, d] and k, v [b, kv heads, s, d]: head-major (MHA) or [q ; k ; v] (grouped)."""
+        b, s, _ = qkv.shape
+        d = self.head_dim
+        if isinstance(self.query_key_value, GroupedQKVParallelLinear):
+            q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+            return tuple(t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
+        return qkv.view(b, s, self.heads, 3 * d).transpose(1, 2).split(d, dim=-1)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rotary_pairs(x, cos, sin) if self.pairs else apply_rotary(x, cos, sin, self.rotary_groups)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None, slots: torch.Tensor, window: int) -> torch.Tensor:
@@ -112,8 +144,8 @@ class SelfAttention(nn.Module):
         if s == 1 and cache is not None and self.decode_kernel is not None:  # a CPU decode step: one call
             return self.dense(self.decode_kernel(qkv, cos, sin, slots, cache.k[self.layer_id],
                                                  cache.v[self.layer_id], mask, self.rotary_groups))
-        q, k, v = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, dim=-1)
-        q, k = apply_rotary(q, cos, sin, self.rotary_groups), apply_rotary(k, cos, sin, self.rotary_groups)
+        q, k, v = self.split_heads(qkv)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if cache is None:  # one-shot forward (training): nothing to keep
             ctx = attention.attend(q, k, v, mask, self.layer_id)
         else:  # write this call's keys/values at `slots` in place, attend over the first `window` slots
@@ -124,34 +156,61 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GeGLU (value * gelu(gate), exact GeLU) or, without a gate, the tanh-approximated GeLU of ChatGLM-6B."""
+    """GeGLU (value * gelu(gate), exact GeLU), SwiGLU (silu(gate) * up) or, without a gate, the
+    tanh-approximated GeLU of ChatGLM-6B."""
 
     def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype, bits: int):
         super().__init__()
-        self.glu = cfg.glu
-        h, f = cfg.hidden_size, cfg.inner_hidden_size
-        self.dense_h_to_4h = (GLUColumnParallelLinear(h, 2 * f, tp, dtype, bits) if self.glu
-                              else ColumnParallelLinear(h, f, tp, dtype, bits))
-        self.dense_4h_to_h = RowParallelLinear(f, h, tp, dtype, bits)
+        self.kind = cfg.mlp
+        h, f, bias = cfg.hidden_size, cfg.inner_hidden_size, cfg.bias == "all"
+        self.dense_h_to_4h = (GLUColumnParallelLinear(h, 2 * f, tp, dtype, bits, bias) if cfg.glu
+                              else ColumnParallelLinear(h, f, tp, dtype, bits, bias))
+        self.dense_4h_to_h = RowParallelLinear(f, h, tp, dtype, bits, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.glu:
+        if self.kind == "gelu":
             return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
-        value, gate = self.dense_h_to_4h(x).chunk(2, dim=-1)
-        return self.dense_4h_to_h(value * F.gelu(gate))
+        first, second = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        if self.kind == "swiglu":  # ChatGLM2's rows: gate, then up
+            return self.dense_4h_to_h(F.silu(first) * second)
+        return self.dense_4h_to_h(first * F.gelu(second))  # GeGLU's rows: value, then gate
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in fp32 and rounded to the input's dtype before the gain, as ChatGLM2
+    and transformers' GLM compute it."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden_size, cfg.layernorm_eps, dtype)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
 
 
 class GLMBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPContext, dtype: torch.dtype, bits: int):
         super().__init__()
+        self.pre_ln = cfg.norm == "rmsnorm"
         self.alpha = cfg.deepnorm_alpha
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
+        self.input_layernorm = make_norm(cfg, dtype)
         self.attention = SelfAttention(cfg, layer_id, tp, dtype, bits)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
+        self.post_attention_layernorm = make_norm(cfg, dtype)
         self.mlp = MLP(cfg, tp, dtype, bits)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None, slots: torch.Tensor, window: int) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache, slots, window)
+            return x + self.mlp(self.post_attention_layernorm(x))
         h = self.input_layernorm(x)
         x = self.alpha * h + self.attention(h, cos, sin, mask, cache, slots, window)
         m = self.post_attention_layernorm(x)
@@ -165,7 +224,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype)
         self.layers = nn.ModuleList(GLMBlock(cfg, i, tp, dtype, bits) for i in range(cfg.num_layers))
-        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, dtype=dtype)
+        self.final_layernorm = make_norm(cfg, dtype)
 
 
 class GLMModel(nn.Module):

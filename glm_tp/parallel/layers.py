@@ -5,6 +5,8 @@
 - ColumnParallelLinear: output features are split; no communication.
 - RowParallelLinear: input features are split; partial outputs are all-reduced, then the
   (replicated) bias is added once.
+- GroupedQKVParallelLinear: grouped-query attention's QKV, the rows `partition.GroupedQKV` gives a rank.
+A linear may have no bias (ChatGLM2: only QKV has one).
 
 Weights are stored [out, in] as in the checkpoint. A linear may hold an INT8/INT4 weight with
 per-row scales (`bits` 8 or 4), laid out as the release's quantized checkpoints store it;
@@ -22,7 +24,7 @@ from glm_tp.config import check_lm_head
 from glm_tp.kernels import quant
 from glm_tp.kernels.formats import quantize_rows
 from glm_tp.parallel.dist import TPContext
-from glm_tp.parallel.partition import Layout
+from glm_tp.parallel.partition import GroupedQKV, Layout
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -67,7 +69,8 @@ class VocabParallelEmbedding(nn.Module):
 class _ParallelLinear(nn.Module):
     layout: Layout
 
-    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, bits: int = 0):
+    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, bits: int = 0,
+                 bias: bool = True):
         super().__init__()
         self.tp = tp
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
@@ -77,7 +80,7 @@ class _ParallelLinear(nn.Module):
             self.weight_scale = _param(out_features, dtype=torch.float16)
         else:
             self.weight = _param(out_features, in_features, dtype=dtype)
-        self.bias = _param(out_features, dtype=dtype)
+        self.bias = _param(out_features, dtype=dtype) if bias else None
         self.prepared: quant.PreparedWeight | None = None
 
     def prepare_(self, kernels: str = "fused") -> None:
@@ -105,17 +108,21 @@ class _ParallelLinear(nn.Module):
             self.prepare_()
         return self.prepared.matmul(x)
 
+    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias
+
 
 class ColumnParallelLinear(_ParallelLinear):
     """y_r = x W_r^T + b_r: each rank computes its slice of the output features."""
 
     layout = Layout.COLUMN
 
-    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, bits: int = 0):
-        super().__init__(in_features, out_features // tp.size, tp, dtype, bits)
+    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, bits: int = 0,
+                 bias: bool = True):
+        super().__init__(in_features, out_features // tp.size, tp, dtype, bits, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x) + self.bias
+        return self.add_bias(self.matmul(x))
 
 
 class GLUColumnParallelLinear(ColumnParallelLinear):
@@ -129,8 +136,22 @@ class RowParallelLinear(_ParallelLinear):
 
     layout = Layout.ROW
 
-    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, bits: int = 0):
-        super().__init__(in_features // tp.size, out_features, tp, dtype, bits)
+    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, bits: int = 0,
+                 bias: bool = True):
+        super().__init__(in_features // tp.size, out_features, tp, dtype, bits, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.matmul(x)) + self.bias
+        return self.add_bias(self.tp.all_reduce(self.matmul(x)))
+
+
+class GroupedQKVParallelLinear(_ParallelLinear):
+    """Grouped-query QKV: the rank's output is [q of its heads ; k ; v of the KV groups those heads use]."""
+
+    def __init__(self, in_features: int, cut: GroupedQKV, tp: TPContext, dtype: torch.dtype, bits: int = 0,
+                 bias: bool = True):
+        rows = sum(p.length for p in cut.pieces(tp.size, tp.rank))
+        super().__init__(in_features, rows, tp, dtype, bits, bias)
+        self.layout = cut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_bias(self.matmul(x))

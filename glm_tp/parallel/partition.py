@@ -10,10 +10,15 @@ Layouts (weights are [out, in], as F.linear takes them):
   has no gate: its h->4h is plain COLUMN (`layout_of(..., glu=False)`).
 - ROW: contiguous cut along dim 1 (the input dim) of attention.dense and dense_4h_to_h weights.
 - REPLICATED: every rank holds the same tensor (LayerNorms, row-parallel biases).
+- `GroupedQKV` (ChatGLM2/GLM-4's grouped-query attention): dim 0 holds [all q ; all k ; all v], q by heads,
+  k and v by KV group. A rank takes its heads' q rows and the k/v rows of the groups those heads use: a
+  share of the groups when tp divides them, else the one group its heads sit in (replicated across the
+  tp / groups ranks that share it).
 
 Every rule is expressed once, by `pieces`: the ranges of the full tensor a rank's shard is made of.
 `copy_plan` intersects those ranges between any two cuts (N source shards, tp ranks, no integer
 ratio needed), so a rank can take its slice from any checkpoint without building the full tensor.
+`layout_for` is the rule for a model: every caller that knows the model's config asks it.
 """
 from __future__ import annotations
 
@@ -33,6 +38,43 @@ class Layout(enum.Enum):
     GLU = "glu"
     ROW = "row"
 
+
+@dataclass(frozen=True)
+class GroupedQKV:
+    """The fused QKV rows (weight, bias, row scales) of grouped-query attention: `heads` query heads and
+    `groups` KV heads of `head_dim` each."""
+
+    heads: int
+    groups: int
+    head_dim: int
+
+    @property
+    def rows(self) -> int:
+        return (self.heads + 2 * self.groups) * self.head_dim
+
+    def check_tp(self, tp: int) -> None:
+        if self.heads % tp or (self.groups % tp and tp % self.groups):
+            raise ValueError(f"{self.heads} heads in {self.groups} KV groups cannot be cut into {tp} parts: "
+                             f"tp must divide the heads, and divide or be a multiple of the groups")
+
+    def kv_groups(self, tp: int, rank: int) -> tuple[int, int]:
+        """(first group, groups held) of rank `rank`: its heads use those groups only."""
+        if tp <= self.groups:
+            return rank * (self.groups // tp), self.groups // tp
+        return rank * self.groups // tp, 1
+
+    def shard_rows(self, tp: int) -> list[int]:
+        return [sum(p.length for p in self.pieces(tp, rank)) for rank in range(tp)]
+
+    def pieces(self, tp: int, rank: int) -> list["Piece"]:
+        self.check_tp(tp)
+        d, q = self.head_dim, self.heads // tp
+        first, held = self.kv_groups(tp, rank)
+        k0, v0 = self.heads * d, (self.heads + self.groups) * d
+        return [Piece(0, rank * q * d, q * d), Piece(0, k0 + first * d, held * d), Piece(0, v0 + first * d, held * d)]
+
+
+Cut = Layout | GroupedQKV  # how one tensor is split
 
 # (suffix of the parameter name, layout of .weight, layout of .bias)
 _LINEARS: dict[str, tuple[Layout, Layout]] = {
@@ -77,7 +119,16 @@ def layout_of(name: str, glu: bool = True) -> Layout:
     return Layout.REPLICATED
 
 
-def split(t: torch.Tensor, layout: Layout, tp: int) -> list[torch.Tensor]:
+def layout_for(name: str, cfg: ModelConfig | None) -> Cut:
+    """The cut of `name` in a model of shape `cfg` (None: GLM-130B's rules)."""
+    if cfg is None:
+        return layout_of(name)
+    if cfg.kv_groups and short_name(name).startswith("attention.query_key_value."):
+        return GroupedQKV(cfg.num_heads, cfg.kv_groups, cfg.head_dim)
+    return layout_of(name, cfg.glu)
+
+
+def split(t: torch.Tensor, layout: Cut, tp: int) -> list[torch.Tensor]:
     """Cut a full tensor into `tp` rank shards (views where possible)."""
     if tp == 1 or layout is Layout.REPLICATED:
         return [t] * tp
@@ -96,10 +147,12 @@ class Piece(NamedTuple):
     length: int
 
 
-def pieces(layout: Layout, full_shape: tuple[int, ...], tp: int, rank: int) -> list[Piece]:
+def pieces(layout: Cut, full_shape: tuple[int, ...], tp: int, rank: int) -> list[Piece]:
     """The ranges of the full tensor that, joined in this order along their dim, make rank `rank`'s shard."""
     if layout is Layout.REPLICATED or not full_shape:
         return [Piece(0, 0, full_shape[0] if full_shape else 1)]
+    if isinstance(layout, GroupedQKV):
+        return layout.pieces(tp, rank)
     dim = _dim(layout, len(full_shape))
     n = full_shape[dim]
     if layout is Layout.GLU:
@@ -121,21 +174,29 @@ class Copy:
     length: int
 
 
-def copy_plan(layout: Layout, full_shape: tuple[int, ...], sources: int, tp: int, rank: int) -> list[Copy]:
+def copy_plan(layout: Cut, full_shape: tuple[int, ...], sources: int, tp: int, rank: int) -> list[Copy]:
     """How rank `rank` of `tp` builds its shard from a checkpoint cut into `sources` shards by the same
-    rule: only the overlaps, in order. A replicated tensor comes whole from source shard 0."""
+    rule: only the overlaps, in order, each range once (from the first source that holds it: grouped KV
+    rows may sit in several). A replicated tensor comes whole from source shard 0."""
     if layout is Layout.REPLICATED or not full_shape:
         return [Copy(0, 0, 0, 0, full_shape[0] if full_shape else 1)]
     held = [pieces(layout, full_shape, sources, s) for s in range(sources)]
     out, dst = [], 0
     for want in pieces(layout, full_shape, tp, rank):
+        found = []  # (lo, hi, source, offset of lo in that source's shard)
         for s, have in enumerate(held):
             src_offset = 0
             for p in have:
                 lo, hi = max(want.start, p.start), min(want.start + want.length, p.start + p.length)
                 if lo < hi:
-                    out.append(Copy(want.dim, s, src_offset + lo - p.start, dst + lo - want.start, hi - lo))
+                    found.append((lo, hi, s, src_offset + lo - p.start))
                 src_offset += p.length
+        done = want.start
+        for lo, hi, s, offset in sorted(found, key=lambda f: f[0]):
+            if hi > done:
+                skip = max(0, done - lo)
+                out.append(Copy(want.dim, s, offset + skip, dst + lo + skip - want.start, hi - lo - skip))
+                done = hi
         dst += want.length
     return out
 
@@ -148,42 +209,49 @@ def single_source(plan: list[Copy]) -> int | None:
     return sources.pop() if len(sources) == 1 else None
 
 
-def shard_views(t: torch.Tensor, layout: Layout, tp: int, rank: int) -> list[torch.Tensor]:
+def shard_views(t: torch.Tensor, layout: Cut, tp: int, rank: int) -> list[torch.Tensor]:
     """The views of `t` that, joined along the layout's dim, make rank `rank`'s shard."""
     if layout is Layout.REPLICATED:
         return [t]
     return [t.narrow(p.dim, p.start, p.length) for p in pieces(layout, tuple(t.shape), tp, rank)]
 
 
-def merged_shape(shapes: list[tuple[int, ...]], layout: Layout) -> tuple[int, ...]:
-    """The shape of the parts (given by their shapes) joined along the layout's split dim."""
+def merged_shape(shapes: list[tuple[int, ...]], layout: Cut) -> tuple[int, ...]:
+    """The shape of the parts (given by their shapes) joined along the layout's split dim. Grouped QKV
+    shards may repeat KV rows: shards of the expected sizes make its full rows (other sizes are summed, so
+    the mismatch shows)."""
     shape = list(shapes[0])
-    if layout is not Layout.REPLICATED and shape:
+    if isinstance(layout, GroupedQKV):
+        whole = [s[0] for s in shapes] == layout.shard_rows(len(shapes))
+        shape[0] = layout.rows if whole else sum(s[0] for s in shapes)
+    elif layout is not Layout.REPLICATED and shape:
         dim = _dim(layout, len(shape))
         shape[dim] = sum(s[dim] for s in shapes)
     return tuple(shape)
 
 
-def _dim(layout: Layout, ndim: int) -> int:
+def _dim(layout: Cut, ndim: int) -> int:
     return ndim - 1 if layout is Layout.ROW else 0
 
 
 def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every checkpoint tensor of an unquantized TP=1 model, in the release naming."""
     h, f = cfg.hidden_size, cfg.inner_hidden_size
-    up = 2 * f if cfg.glu else f  # GeGLU's h->4h holds value and gate rows
+    up = 2 * f if cfg.glu else f  # GeGLU's h->4h holds value and gate rows (SwiGLU's gate and up rows)
+    qkv = GroupedQKV(cfg.num_heads, cfg.kv_groups, cfg.head_dim).rows if cfg.kv_groups else 3 * h
+    norms = ("weight",) if cfg.norm == "rmsnorm" else ("weight", "bias")
     shapes: dict[str, tuple[int, ...]] = {"transformer.word_embeddings.weight": (cfg.vocab_size, h)}
     for i in range(cfg.num_layers):
         p = f"transformer.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
-            p + "attention.query_key_value.weight": (3 * h, h), p + "attention.query_key_value.bias": (3 * h,),
-            p + "attention.dense.weight": (h, h), p + "attention.dense.bias": (h,),
-            p + "post_attention_layernorm.weight": (h,), p + "post_attention_layernorm.bias": (h,),
-            p + "mlp.dense_h_to_4h.weight": (up, h), p + "mlp.dense_h_to_4h.bias": (up,),
-            p + "mlp.dense_4h_to_h.weight": (h, f), p + "mlp.dense_4h_to_h.bias": (h,),
-        })
-    shapes.update({"transformer.final_layernorm.weight": (h,), "transformer.final_layernorm.bias": (h,)})
+        linears = {"attention.query_key_value": (qkv, h), "attention.dense": (h, h),
+                   "mlp.dense_h_to_4h": (up, h), "mlp.dense_4h_to_h": (h, f)}
+        for linear, shape in linears.items():
+            shapes[f"{p}{linear}.weight"] = shape
+            if cfg.bias == "all" or linear == "attention.query_key_value":
+                shapes[f"{p}{linear}.bias"] = shape[:1]
+        shapes.update({f"{p}{norm}.{w}": (h,) for norm in ("input_layernorm", "post_attention_layernorm")
+                       for w in norms})
+    shapes.update({f"transformer.final_layernorm.{w}": (h,) for w in norms})
     if not cfg.tied_lm_head:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes

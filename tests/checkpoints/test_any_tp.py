@@ -11,9 +11,9 @@ import torch
 from glm_tp import load_model
 from glm_tp.checkpoints.reshard import rewrite
 from glm_tp.config import PRESETS, ModelConfig
-from glm_tp.parallel.partition import Layout, copy_plan, split
+from glm_tp.parallel.partition import GroupedQKV, Layout, copy_plan, split
 from glm_tp.text.blanks import next_blank
-from tests.support.checkpoints import load_rss, write_random_checkpoint
+from tests.support.checkpoints import identical, load_rss, write_random_checkpoint
 from tests.support.ranks import greedy_blank, run_ranks
 
 PROMPTS = ([5, 6, 7, 1000, 8, 9, 2], [11, 12, 13, 14, 15, 1001])  # a [MASK] and a [gMASK] context
@@ -33,6 +33,50 @@ def test_copy_plan_builds_every_cut_from_every_other(layout):
                 for c in copy_plan(layout, tuple(full.shape), sources, tp, rank):
                     out.narrow(c.dim, c.dst_offset, c.length).copy_(parts[c.src].narrow(c.dim, c.src_offset, c.length))
                 assert torch.equal(out, want), (layout, sources, tp, rank)
+
+
+def test_grouped_qkv_cut_builds_every_cut_from_every_other():
+    cut = GroupedQKV(heads=8, groups=2, head_dim=3)
+    full = torch.arange(cut.rows * 5, dtype=torch.float32).view(cut.rows, 5)
+    for sources in (1, 2, 4, 8):
+        parts = split(full, cut, sources)
+        for tp in (1, 2, 4, 8):
+            for rank, want in enumerate(split(full, cut, tp)):
+                _, k, _ = want.split([8 // tp * 3, max(1, 2 // tp) * 3, max(1, 2 // tp) * 3])
+                group = rank * 2 // tp  # the first KV group this rank's heads use
+                assert torch.equal(k[:3], full[24 + 3 * group:27 + 3 * group]), (tp, rank)
+                out = torch.empty_like(want)
+                plan = copy_plan(cut, tuple(full.shape), sources, tp, rank)
+                assert sum(c.length for c in plan) == want.shape[0]  # replicated KV rows are copied once
+                for c in plan:
+                    out.narrow(0, c.dst_offset, c.length).copy_(parts[c.src].narrow(0, c.src_offset, c.length))
+                assert torch.equal(out, want), (sources, tp, rank)
+
+
+def test_tp_sizes_follow_the_kv_groups():
+    cfg = PRESETS["tiny-chatglm2"]  # 8 heads, 2 KV groups
+    assert cfg.valid_tp_sizes(16) == [1, 2, 4, 8]
+    assert [cfg.kv_heads_per_rank(tp) for tp in (1, 2, 4, 8)] == [2, 1, 1, 1]
+    with pytest.raises(ValueError, match="KV groups"):
+        cfg.check_tp(3)
+
+
+def test_grouped_kv_checkpoints_repartition_and_load_at_any_tp(tmp_path):
+    """TP 4 on 2 KV groups repeats each group's rows in two shards: repartitioning and loading agree, and an
+    INT8 checkpoint cut so loads close to the float model."""
+    cfg = PRESETS["tiny-chatglm2"]
+    one = write_random_checkpoint(tmp_path / "tp1", cfg, 1, torch.float32)
+    four = write_random_checkpoint(tmp_path / "tp4", cfg, 4, torch.float32)
+    rewrite(four, tmp_path / "re1", 1, progress=False)
+    rewrite(one, tmp_path / "re4", 4, progress=False)
+    assert identical(tmp_path / "re1", one) and identical(tmp_path / "re4", four)
+    want = run_ranks(1, _greedy, one)[0]
+    for (answer, logits, _), (got_answer, got_logits, _) in zip(want, run_ranks(2, _greedy, four)[0]):
+        assert got_answer == answer and torch.allclose(got_logits, logits, atol=1e-5)
+    rewrite(one, tmp_path / "int8", 4, bits=8, progress=False)  # the row scales follow the grouped rows
+    for tp in (4, 2):
+        for (_, logits, _), (_, got_logits, _) in zip(want, run_ranks(tp, _greedy, tmp_path / "int8")[0]):
+            assert (got_logits - logits).abs().max() < 0.15 * logits.std()
 
 
 def _greedy(tp, ckpt, kernels="fused"):
