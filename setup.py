@@ -22,7 +22,7 @@ setup(
         "cpu": ["numba>=0.59"],
         # the server's tests drive it with the official client and a real browser (selenium + system chromium)
         "test": ["pytest>=7", "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "openai>=1.40",
-                 "httpx>=0.27", "selenium>=4.20", "numba>=0.59", "schemathesis>=4.0"],
+                 "httpx>=0.27", "selenium>=4.20", "numba>=0.59", "schemathesis>=4.0", "transformers>=4.46"],
         "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb", "einops", "transformers"],
         "plot": ["matplotlib"],
     },

@@ -37,7 +37,7 @@ from glm_tp.checkpoints.synthetic import random_tensor
 from glm_tp.cli.output import prepare_output
 from glm_tp.cli.settings import DEMO
 from glm_tp.config import ModelConfig, get_preset, parse_dtype
-from glm_tp.parallel.partition import copy_plan, full_shapes, layout_of, split
+from glm_tp.parallel.partition import copy_plan, full_shapes, layout_for, split
 from glm_tp.text.tokenizer import ICETK_TEXT_OFFSET, load_tokenizer
 
 DEMO_TOKENIZER = DEMO / "tokenizer.model"
@@ -48,7 +48,7 @@ def write_random(dst: Path, cfg: ModelConfig, tp: int, dtype: torch.dtype, seed:
     shapes = full_shapes(cfg)
     specs: list[dict] = [{} for _ in range(tp)]
     for name, shape in shapes.items():  # each rank's piece shapes, from shapes alone
-        for rank, piece in enumerate(split(torch.empty(shape, device="meta"), layout_of(name, cfg.glu), tp)):
+        for rank, piece in enumerate(split(torch.empty(shape, device="meta"), layout_for(name, cfg), tp)):
             specs[rank][name] = (tuple(piece.shape), dtype)
     writers = [ShardWriter(dst / iteration / shard_name(rank), specs[rank]) for rank in range(tp)]
     total = sum(torch.Size(s).numel() for s in shapes.values())
@@ -56,7 +56,7 @@ def write_random(dst: Path, cfg: ModelConfig, tp: int, dtype: torch.dtype, seed:
         for name, shape in shapes.items():
             full = random_tensor(name, shape, seed, cfg.hidden_size, dtype)
             for rank, writer in enumerate(writers):  # the full tensor is the one source of every rank's slice
-                plan = copy_plan(layout_of(name, cfg.glu), shape, 1, tp, rank)
+                plan = copy_plan(layout_for(name, cfg), shape, 1, tp, rank)
                 writer.write([name], lambda t, part=full, plan=plan: gather(t[name], [part], plan, mapped=False))
             bar.update(full.numel())
             del full

@@ -39,7 +39,8 @@ class Plan:
     @property
     def kv_bytes(self) -> int:
         c = self.cfg
-        return 2 * c.num_layers * self.batch * self.max_len * (c.hidden_size // self.tp) * self.dtype_bytes
+        width = c.kv_heads_per_rank(self.tp) * c.head_dim  # grouped-query models cache their KV groups only
+        return 2 * c.num_layers * self.batch * self.max_len * width * self.dtype_bytes
 
     @property
     def workspace_bytes(self) -> int:

@@ -64,3 +64,11 @@ def test_plan_knows_the_chatglm_presets_and_the_demo():
 def test_model_demo_loads_the_bundled_model():
     from glm_tp import load_model
     assert load_model(ROOT / "glm_tp" / "demo", model="demo", progress=False).cfg == PRESETS["demo"]
+
+
+def test_a_grouped_query_models_kv_cache_holds_its_groups_only():
+    cfg = PRESETS["tiny-chatglm2"]
+    assert cfg.kv_groups and cfg.kv_groups < cfg.num_heads
+    for tp in (1, 2, 4):
+        per_token = 2 * cfg.num_layers * max(1, cfg.kv_groups // tp) * cfg.head_dim * 2
+        assert Plan(cfg, tp, 2, 0, 3, 64).kv_bytes == 3 * 64 * per_token
