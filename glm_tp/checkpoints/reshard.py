@@ -41,7 +41,7 @@ from glm_tp.checkpoints.slices import (
     release_part,
 )
 from glm_tp.checkpoints.sources import Part, Source, open_source, source_bits
-from glm_tp.config import ModelConfig
+from glm_tp.config import ModelConfig, parse_dtype
 from glm_tp.kernels.formats import quantize_rows
 from glm_tp.parallel.partition import (
     QUANTIZED_WEIGHTS,
@@ -118,6 +118,8 @@ class Planner:
     def __init__(self, source: Source, tp: int, src_bits: int, bits: int, cfg: ModelConfig | None):
         """cfg: the model's shape, which decides some cuts (None: GLM-130B's rules)."""
         self.source, self.tp, self.src_bits, self.bits, self.cfg = source, tp, src_bits, bits, cfg
+        # dequantized weights take the checkpoint's float dtype, which its metadata says the weights have
+        self.float_dtype = parse_dtype((source.metadata or {}).get("dtype") or "fp16")
 
     @property
     def mapped(self) -> bool:
@@ -142,7 +144,7 @@ class Planner:
             if exact is not None:
                 return exact
         values = (shape[0], shape[1] * (8 // self.src_bits))  # INT4 holds two values per byte
-        return self._quantized(name, values, torch.float16, lossy=True, fill_values=lambda v: gather_dequantized(
+        return self._quantized(name, values, self.float_dtype, lossy=True, fill_values=lambda v: gather_dequantized(
             v, parts, scales, plan, self.src_bits, self.mapped))
 
     def _exact(self, name: str, layout: Cut, rank: int, parts: list[Part], scales: list[Part],

@@ -113,3 +113,14 @@ def test_the_lossy_warning_of_the_command_is_one_plain_line(tmp_path):
     said = [line for line in res.stderr.replace("\r", "\n").splitlines() if "lossy" in line]
     assert len(said) == 1 and said[0].startswith("warning: 4 quantized weights were dequantized"), res.stderr
     assert "warnings.warn" not in res.stderr and "UserWarning" not in res.stderr and ".py:" not in res.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_quantized_checkpoint_made_float_again_loads_in_the_sources_float_dtype(tmp_path, dtype):
+    src = write_random_checkpoint(tmp_path / "src", PRESETS["tiny"], 1, dtype)
+    rewrite(src, tmp_path / "q", 1, bits=4, progress=False)
+    rewrite(tmp_path / "q", tmp_path / "f", 2, bits=0, progress=False)
+    qkv = "transformer.layers.0.attention.query_key_value.weight"
+    assert {s[qkv].dtype for s in shards(tmp_path / "f")} == {dtype}
+    model = load_model(tmp_path / "f", model="tiny")  # the weights and the metadata agree
+    assert next(model.parameters()).dtype in (dtype, torch.float32)
