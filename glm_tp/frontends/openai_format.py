@@ -26,7 +26,7 @@ from glm_tp.engine.types import (
     TokenLogprob,
     short_repr,
 )
-from glm_tp.text.blanks import INVALID_PROMPT, MASK_PATTERN
+from glm_tp.text.blanks import INVALID_PROMPT, MASK_PATTERN, join_answer
 from glm_tp.text.chat import ChatFormat
 from glm_tp.text.unicode import TextError, check_strings
 
@@ -290,14 +290,10 @@ def answer_text(parsed: Parsed, choice: int, result: Result) -> str:
     p = parsed.prompt_of(choice)
     if parsed.infill[p]:
         return result.text
-    return (parsed.prompts[p] + echo_lead(parsed, p, result.leads[0] if result.leads else "") if parsed.echo
-            else "") + "".join(result.blanks)
-
-
-def echo_lead(parsed: Parsed, p: int, lead: str) -> str:
-    """What goes between an echoed prompt and its answer: the space the answer's first word carries in
-    context (an answer alone reads without it), unless the prompt ends with one."""
-    return "" if parsed.prompts[p][-1:].isspace() else lead
+    answer, lead = "".join(result.blanks), result.leads[0] if result.leads else ""
+    if not parsed.echo:
+        return answer
+    return join_answer(parsed.prompts[p], lead + answer) if lead else parsed.prompts[p] + answer
 
 
 def unsent_text(parsed: Parsed, choice: int, result: Result, sent: str) -> str:

@@ -31,6 +31,7 @@ from glm_tp.server.submission import (
     Submission,
     until_disconnected,
 )
+from glm_tp.text.blanks import join_answer
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
@@ -229,10 +230,10 @@ class Routes:
             async for i, ev in call.events(deadline):
                 if isinstance(ev, Delta) and (ev.text or ev.logprobs):
                     sent[i] += ev.text
-                    p = parsed.prompt_of(i)
-                    lead = oa.echo_lead(parsed, p, ev.lead) if parsed.echo and not parsed.infill[p] and \
-                        ev.blank == 0 else ""
-                    yield event([oa.chunk_choice(parsed, i, lead + ev.text, ev.logprobs, blank=ev.blank)])
+                    text, prompt = ev.text, parsed.prompts[parsed.prompt_of(i)]
+                    if parsed.echo and not parsed.infill[parsed.prompt_of(i)] and ev.lead:  # as the whole answer's
+                        text = join_answer(prompt, ev.lead + text)[len(prompt):]
+                    yield event([oa.chunk_choice(parsed, i, text, ev.logprobs, blank=ev.blank)])
                 elif isinstance(ev, Done):
                     failed = oa.result_error(parsed, ev.result)
                     if failed is not None:

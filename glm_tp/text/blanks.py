@@ -143,18 +143,21 @@ def answer_lead(tok: GLMTokenizer, before: list[int], answer: list[int]) -> str:
     return lead if not lead.strip() else ""
 
 
+def join_answer(before: str, answer: str) -> str:
+    """Text followed by an answer read in context: a space already at the end of the text is not doubled."""
+    return before + answer[1:] if before[-1:].isspace() and answer[:1] == " " else before + answer
+
+
 def filled_text(prompt: str, kind: int, special: SpecialTokens, answers: list[str]) -> str:
     """The prompt as the user gave it with the blanks of `kind` filled by `answers` (each read in context,
     see answer_lead), in order; a prompt without a mask continues with its first answer. The user's text is
     kept exactly (no re-decoding): a space already before a blank is not doubled."""
-    def join(before: str, answer: str) -> str:
-        return before + answer[1:] if before[-1:].isspace() and answer[:1] == " " else before + answer
     pieces = MASK_PATTERN.split(prompt)  # text, kind, text, kind, ..., text
     names = {v: k for k, v in mask_ids(special).items()}
     if len(pieces) == 1:
-        return join(prompt, answers[0]) if answers else prompt
+        return join_answer(prompt, answers[0]) if answers else prompt
     out, left = pieces[0], list(answers)
     for name, text in zip(pieces[1::2], pieces[2::2]):
-        out = join(out, left.pop(0)) if name == names[kind] and left else out + f"[{name}]"
+        out = join_answer(out, left.pop(0)) if name == names[kind] and left else out + f"[{name}]"
         out += text
     return out
