@@ -62,6 +62,18 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
+# chat formats (text/chat.py): ChatGLM-6B's rounds, ChatGLM2's rounds, ChatGLM3's and GLM-4's role tokens
+CHAT_TEMPLATES = ("", "chatglm", "chatglm2", "chatglm3", "glm4")
+# the special tokens ChatGLM2/3 append after their sentencepiece pieces, in order (ChatGLM3 adds the roles),
+# and those GLM-4 puts after its 151329 BPE ranks: the one home of their order, read by checkpoints/hf.py
+# (the model's SpecialTokens) and text/ (the tokenizer's names)
+CHATGLM2_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+CHATGLM3_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+GLM4_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                 "<|end_of_video|>")
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     """Ids of GLM's control tokens. The GLM-130B tokenizer's values are the defaults."""
@@ -97,7 +109,10 @@ class ModelConfig:
     norm: str = "deepnorm"         # "deepnorm": post-LN LayerNorm with alpha; "rmsnorm": pre-LN RMSNorm
     kv_groups: int = 0             # grouped-query attention's KV heads (multi_query_group_num); 0: one per head
     bias: str = "all"              # which linears have a bias: "all", or "qkv" (the QKV projection only)
-    chat_template: str = ""        # how chat messages become a prompt ("chatglm"; "": no chat format)
+    chat_template: str = ""        # how chat messages become a prompt (CHAT_TEMPLATES; "": no chat format)
+    causal: bool = False           # ChatGLM2/3, GLM-4: causal attention over the whole sequence, prompts begin
+    #                                [gMASK] sop, no blanks (a [MASK] in a prompt is an error)
+    stop_ids: tuple[int, ...] = () # ids besides eos/eop that end an answer (GLM-4: <|user|>, <|observation|>)
 
     @property
     def head_dim(self) -> int:
@@ -126,7 +141,7 @@ class ModelConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         for key, value, allowed in (("position_encoding", self.position_encoding, ("1d", "2d", "half")),
                                     ("mlp", self.mlp, ("geglu", "gelu", "swiglu")), ("norm", self.norm, ("deepnorm", "rmsnorm")),
-                                    ("bias", self.bias, ("all", "qkv")), ("chat_template", self.chat_template, ("", "chatglm"))):
+                                    ("bias", self.bias, ("all", "qkv")), ("chat_template", self.chat_template, CHAT_TEMPLATES)):
             if value not in allowed:
                 raise ValueError(f"model {key} {value!r} is not one of {', '.join(map(repr, allowed))}")
         if self.position_encoding in ("2d", "half") and self.head_dim % 4:
@@ -161,11 +176,18 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         special = SpecialTokens(**d.pop("special", {}))
+        d["stop_ids"] = tuple(int(i) for i in d.get("stop_ids", ()))  # JSON lists come back as lists
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(special=special, **{k: v for k, v in d.items() if k in known})
 
 
 _TINY_SPECIAL = SpecialTokens(mask=1000, gmask=1001, smask=1002, sop=1004, eop=1005, eos=2, pad=0)
+
+_CHATGLM2_SHAPE = dict(num_layers=28, hidden_size=4096, num_heads=32, inner_hidden_size=13696, vocab_size=65024,
+                       max_seq_len=32768, special=SpecialTokens(mask=64789, gmask=64790, smask=64791, sop=64792,
+                                                                eop=64793, eos=2, pad=0),
+                       position_encoding="half", mlp="swiglu", tied_lm_head=False, norm="rmsnorm", kv_groups=2,
+                       bias="qkv", causal=True)
 
 PRESETS: dict[str, ModelConfig] = {
     "glm-130b": ModelConfig(num_layers=70, hidden_size=12288, num_heads=96, inner_hidden_size=32768,
@@ -175,6 +197,15 @@ PRESETS: dict[str, ModelConfig] = {
                               vocab_size=130528, max_seq_len=2048, special=SpecialTokens(
                                   mask=130000, gmask=130001, smask=130002, sop=130004, eop=130005, eos=2, pad=3),
                               position_encoding="2d", mlp="gelu", tied_lm_head=False, chat_template="chatglm"),
+    # THUDM/chatglm2-6b, chatglm3-6b and glm-4-9b(-chat) as their config.json describe them (a clone's own
+    # config.json is read without a preset: checkpoints/hf.py); specials appended after the text vocabulary
+    "chatglm2-6b": ModelConfig(**_CHATGLM2_SHAPE, chat_template="chatglm2"),
+    "chatglm3-6b": ModelConfig(**_CHATGLM2_SHAPE, chat_template="chatglm3", stop_ids=(64795, 64797)),
+    "glm-4-9b": ModelConfig(num_layers=40, hidden_size=4096, num_heads=32, inner_hidden_size=13696, vocab_size=151552,
+                            max_seq_len=131072, layernorm_eps=1.5625e-07, rotary_base=10000.0 * 500, special=SpecialTokens(
+                                mask=151330, gmask=151331, smask=151332, sop=151333, eop=151334, eos=151329, pad=151329),
+                            position_encoding="half", mlp="swiglu", tied_lm_head=False, norm="rmsnorm", kv_groups=2,
+                            bias="qkv", causal=True, chat_template="glm4", stop_ids=(151336, 151338)),
     # the bundled demo model (glm_tp/demo, tools/train_demo.py); its glm_tp.json says the same
     "demo": ModelConfig(num_layers=4, hidden_size=192, num_heads=8, inner_hidden_size=384, vocab_size=128,
                         max_seq_len=96, special=SpecialTokens(mask=104, gmask=105, smask=106, sop=108, eop=109,
@@ -189,7 +220,8 @@ PRESETS: dict[str, ModelConfig] = {
     # a small ChatGLM2/3 and GLM-4 architecture: 8 heads in 2 KV groups (TP 4 and 8 replicate KV heads)
     "tiny-chatglm2": ModelConfig(num_layers=3, hidden_size=128, num_heads=8, inner_hidden_size=192,
                                  vocab_size=1024, max_seq_len=128, special=_TINY_SPECIAL, position_encoding="half",
-                                 mlp="swiglu", tied_lm_head=False, norm="rmsnorm", kv_groups=2, bias="qkv"),
+                                 mlp="swiglu", tied_lm_head=False, norm="rmsnorm", kv_groups=2, bias="qkv",
+                                 causal=True),
 }
 
 
