@@ -2,7 +2,7 @@
 and cut at the first stop string."""
 from __future__ import annotations
 
-from glm_tp.text.tokenizer import REPLACEMENT, GLMTokenizer
+from glm_tp.text.base import REPLACEMENT, BaseTokenizer
 
 
 class TextStream:
@@ -17,7 +17,7 @@ class TextStream:
 
     TRIES = 4
 
-    def __init__(self, tok: GLMTokenizer):
+    def __init__(self, tok: BaseTokenizer):
         self.tok, self.text = tok, ""
         self.points = [(0, 0)]  # committed points: (ids, characters of the text there); the last is now
 
@@ -27,7 +27,7 @@ class TextStream:
         text = None
         for start, chars in reversed(self.points[-1 - self.TRIES:-1]):
             head = self.tok.decode(ids[start:read])
-            if head == self.text[chars:]:
+            if _same_start(head, self.text[chars:]):
                 window = self.tok.decode(ids[start:])
                 if window.startswith(head):
                     text = self.text + window[len(head):]
@@ -43,7 +43,7 @@ class TextStream:
 class StopStream:
     """The text of one answer's ids as they grow, and where the first of `stops` begins in it."""
 
-    def __init__(self, tok: GLMTokenizer, stops: list[str]):
+    def __init__(self, tok: BaseTokenizer, stops: list[str]):
         self.tok, self.stops = tok, list(stops)
         self.text = TextStream(tok)
         self.cut: int | None = None  # where a stop string begins in the text, once one appeared
@@ -69,6 +69,12 @@ class StopStream:
         while keep and not text.startswith(self.tok.decode(ids[:keep])):
             keep -= 1
         return ids[:keep], text
+
+
+def _same_start(head: str, committed: str) -> bool:
+    """Whether `head` (ids decoded from a point) reads as the text committed there: the same, or (sentencepiece)
+    without the one word-boundary space a decode drops at its start; the ids after it read alike either way."""
+    return head == committed or (committed[:1] == " " and head == committed[1:])
 
 
 def find_stop(text: str, stops: list[str]) -> int | None:
