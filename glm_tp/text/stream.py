@@ -56,11 +56,11 @@ class StopStream:
         if cut is not None:
             self.cut = cut
             return text[:cut], cut
-        # an end that may still become a stop string, or a multi-byte character still being spelled, waits
-        hold = max([prefix_overlap(text, s) for s in self.stops] + [0])
-        if text.endswith(REPLACEMENT):
-            hold = max(hold, 1)
-        return text[:len(text) - hold], None
+        # a multi-byte character still being spelled waits (its bytes read as U+FFFD: one in all, or one each
+        # with sentencepiece's byte pieces), and so does an end before it that may still become a stop string
+        complete = text.rstrip(REPLACEMENT)
+        hold = max([prefix_overlap(complete, s) for s in self.stops] + [0])
+        return complete[:len(complete) - hold], None
 
     def trim(self, ids: list[int], cut: int) -> tuple[list[int], str]:
         """The leading ids whose text lies before character `cut`, and the text up to `cut`."""
