@@ -73,8 +73,9 @@ class StopStream:
 
 def _same_start(head: str, committed: str) -> bool:
     """Whether `head` (ids decoded from a point) reads as the text committed there: the same, or (sentencepiece)
-    without the one word-boundary space a decode drops at its start; the ids after it read alike either way."""
-    return head == committed or (committed[:1] == " " and head == committed[1:])
+    without the one word-boundary space a decode drops at its start. A decode drops the spaces it starts with
+    up to the first other character: when the head has one, the ids after it read as they do in context."""
+    return head == committed or (committed[:1] == " " and head == committed[1:] and not head.isspace() and head != "")
 
 
 def find_stop(text: str, stops: list[str]) -> int | None:

@@ -126,3 +126,25 @@ def test_sentencepiece_byte_pieces_and_word_boundaries_stream_incrementally(glm2
     counting = CountingTokenizer(tok)
     deltas, _ = _stream(counting, words)
     assert "".join(deltas) == tok.decode(words) and max(counting.lengths[8:]) <= 16
+
+
+@pytest.mark.parametrize("kind", ["chatglm2", "glm4"])
+def test_the_stream_reads_as_the_whole_decode_at_every_token(kind, glm2_tokenizer_file, glm4_files):
+    """Any ids (bytes cut anywhere, lone spaces, special tokens among them): at every token TextStream's text is
+    the whole list decoded."""
+    import random
+
+    from glm_tp.text.stream import TextStream
+    from glm_tp.text.tokenizer import load_tokenizer
+    tok = load_tokenizer(glm2_tokenizer_file, specials={"[MASK]": 400, "[gMASK]": 401, "[sMASK]": 402, "sop": 403,
+                                                        "eop": 404}) \
+        if kind == "chatglm2" else load_tokenizer(glm4_files / "tokenizer.model")
+    rng = random.Random(0)
+    specials = list(tok.names)
+    answers = [[rng.choice(range(tok.text_vocab_size)) for _ in range(30)] for _ in range(30)]
+    answers += [[rng.choice(specials + a) for _ in range(30)] for a in answers[:10]]
+    answers += [tok.encode("你好 😀  ok\n\n 🎉 hello  there  龘")]
+    for ids in answers:
+        stream = TextStream(tok)
+        for n in range(1, len(ids) + 1):
+            assert stream.update(ids[:n]) == tok.decode(ids[:n]), (ids, n)
