@@ -76,14 +76,14 @@ class BPETokenizer(BaseTokenizer):
 def read_ranks(path: Path) -> list[bytes]:
     """A tiktoken ranks file as each rank's bytes; ranks must be 0 .. n-1, each once."""
     ranks: dict[int, bytes] = {}
-    try:
-        for number, line in enumerate(path.read_text(encoding="ascii").splitlines(), 1):
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
             if line.strip():
                 token, rank = line.split()
                 ranks[int(rank)] = base64.b64decode(token, validate=True)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path} is not a tiktoken ranks file (line {number}: {e}): point tokenizer= at "
-                             f"GLM-4's tokenizer.model") from None
+        except (ValueError, binascii.Error) as e:
+            raise TokenizerError(f"{path} is not a tiktoken ranks file (line {number}: {e}): point tokenizer= at "
+                                 f"GLM-4's tokenizer.model") from None
     if sorted(ranks) != list(range(len(ranks))) or len(set(ranks.values())) != len(ranks):
         raise TokenizerError(f"{path}: the ranks are not 0 .. {len(ranks) - 1}, each with its own bytes")
     return [ranks[r] for r in range(len(ranks))]
