@@ -141,6 +141,7 @@ def load_hf_tokenizer(path: str | os.PathLike, special: SpecialTokens | None = N
     if sorted(pieces) != list(range(len(pieces))):
         raise TokenizerError(f"{path}: the text token ids are not 0 .. {len(pieces) - 1}")
     tokenizers = need("tokenizers")
-    encoder = tokenizers.Tokenizer.from_str(json.dumps({**spec, "added_tokens": [], "post_processor": None}))
+    plain = {**spec, "added_tokens": [], "post_processor": None, "truncation": None, "padding": None}  # BPE alone
+    encoder = tokenizers.Tokenizer.from_str(json.dumps(plain))
     return BPETokenizer([pieces[i] for i in range(len(pieces))],
                         lambda text: encoder.encode(text, add_special_tokens=False).ids, names, special)

@@ -6,6 +6,10 @@ models use any sentencepiece model, usually with offset 0, and declare their spe
 checkpoint metadata. Newlines are kept: they map to the `<n>` piece when the model has one.
 ChatGLM-6B's tokenizer (`whitespace=True`) also writes a tab as `<|tab|>` and a run of 2-80 spaces as
 `<|blank_N|>`, and reads them back.
+
+`load_tokenizer` picks the tokenizer a checkpoint's files and metadata describe: this one, ChatGLM2/3's
+(text/chatglm2_tokenizer.py: a sentencepiece model with its special tokens appended) or GLM-4's byte-level
+BPE (text/bpe.py).
 """
 from __future__ import annotations
 
