@@ -48,3 +48,16 @@ def appended_specials(names: tuple[str, ...], first: int, given: dict[str, int] 
     if given:
         return {int(i): str(n) for n, i in given.items()}
     return {first + k: n for k, n in enumerate(names)}
+
+
+def special_from_names(names: dict[int, str], sop: str, eop: str, eos: int | str, pad: int | str) -> SpecialTokens:
+    """The model's control ids as the tokenizer names them (sop/eop: their names; eos/pad: an id or a name),
+    for a tokenizer loaded without the model's."""
+    ids = {n: i for i, n in names.items()}
+    wanted = ["[MASK]", "[gMASK]", "[sMASK]", sop, eop] + [x for x in (eos, pad) if isinstance(x, str)]
+    missing = [n for n in wanted if n not in ids]
+    if missing:
+        raise TokenizerError(f"the tokenizer's special tokens lack {', '.join(missing)}: the checkpoint metadata's "
+                             f"tokenizer_specials should name them")
+    return SpecialTokens(mask=ids["[MASK]"], gmask=ids["[gMASK]"], smask=ids["[sMASK]"], sop=ids[sop], eop=ids[eop],
+                         eos=ids.get(eos, eos), pad=ids.get(pad, pad))

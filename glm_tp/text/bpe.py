@@ -14,11 +14,16 @@ import binascii
 import importlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from glm_tp.config import GLM4_SPECIALS, SpecialTokens
-from glm_tp.text.base import BaseTokenizer, TokenizerError, appended_specials
+from glm_tp.text.base import (
+    BaseTokenizer,
+    TokenizerError,
+    appended_specials,
+    special_from_names,
+)
 from glm_tp.text.unicode import check_text
 
 # GLM-4's pre-tokenizer split (its tokenization_chatglm.py): contractions, letter runs with one leading
@@ -41,13 +46,7 @@ class BPETokenizer(BaseTokenizer):
                  special: SpecialTokens | None = None):
         """pieces: each text id's bytes; encoder: plain text -> text ids; names: id -> special token name."""
         self.pieces, self._encode, self.names, self.offset = pieces, encoder, names, 0
-        self.special = special or self._special_from_names()
-
-    def _special_from_names(self) -> SpecialTokens:
-        ids = {n: i for i, n in self.names.items()}
-        eos = ids["<|endoftext|>"]
-        return SpecialTokens(mask=ids["[MASK]"], gmask=ids["[gMASK]"], smask=ids["[sMASK]"], sop=ids["<sop>"],
-                             eop=ids["<eop>"], eos=eos, pad=eos)
+        self.special = special or special_from_names(names, "<sop>", "<eop>", "<|endoftext|>", "<|endoftext|>")
 
     @property
     def text_vocab_size(self) -> int:

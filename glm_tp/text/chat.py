@@ -16,8 +16,8 @@ without content). The contents are plain text: a "<|user|>" typed in one is text
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, Union
 
 from glm_tp.text.base import BaseTokenizer
 from glm_tp.text.blanks import PromptError
@@ -29,7 +29,7 @@ ROLES = ("system", "user", "assistant", "observation")
 ROLE_ALIASES = {"tool": "observation"}  # OpenAI's name for a tool's result
 SOP_NAMES = {"chatglm2": "sop", "chatglm3": "sop", "glm4": "<sop>"}  # how each model's prefix is written
 
-Part = Union[str, tuple[str]]  # text, or (special token name,)
+Part = str | tuple[str]  # text, or (special token name,)
 
 
 def _turns(messages: list[dict]) -> tuple[list[tuple[str, str]], str]:

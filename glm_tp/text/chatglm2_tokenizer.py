@@ -13,7 +13,7 @@ import os
 import sentencepiece as spm
 
 from glm_tp.config import CHATGLM2_SPECIALS, SpecialTokens
-from glm_tp.text.base import BaseTokenizer, appended_specials
+from glm_tp.text.base import BaseTokenizer, appended_specials, special_from_names
 from glm_tp.text.unicode import check_text
 
 
@@ -25,12 +25,8 @@ class ChatGLM2Tokenizer(BaseTokenizer):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.offset = 0
         self.names = appended_specials(CHATGLM2_SPECIALS, self.sp.get_piece_size(), specials)
-        self.special = special or self._special_from_names()
-
-    def _special_from_names(self) -> SpecialTokens:
-        ids = {n: i for i, n in self.names.items()}
-        return SpecialTokens(mask=ids["[MASK]"], gmask=ids["[gMASK]"], smask=ids["[sMASK]"], sop=ids["sop"],
-                             eop=ids["eop"], eos=self.sp.eos_id(), pad=max(self.sp.unk_id(), 0))
+        self.special = special or special_from_names(self.names, "sop", "eop", self.sp.eos_id(),
+                                                     max(self.sp.unk_id(), 0))
 
     @property
     def text_vocab_size(self) -> int:

@@ -25,7 +25,7 @@ from glm_tp.text.base import REPLACEMENT, BaseTokenizer, TokenizerError
 from glm_tp.text.chatglm2_tokenizer import ChatGLM2Tokenizer
 from glm_tp.text.unicode import check_text
 
-__all__ = ["REPLACEMENT", "TokenizerError", "GLMTokenizer", "IdsOnlyTokenizer", "load_tokenizer", "find_model_file"]
+__all__ = ["REPLACEMENT", "GLMTokenizer", "IdsOnlyTokenizer", "TokenizerError", "find_model_file", "load_tokenizer"]
 
 ICETK_TEXT_OFFSET = 20000
 NEWLINE_PIECE = "<n>"

@@ -12,7 +12,12 @@ from glm_tp.config import CHATGLM2_SPECIALS, CHATGLM3_ROLES, GLM4_SPECIALS, PRES
 from glm_tp.text.base import TokenizerError
 from glm_tp.text.bpe import BPETokenizer
 from glm_tp.text.chatglm2_tokenizer import ChatGLM2Tokenizer
-from glm_tp.text.tokenizer import GLMTokenizer, IdsOnlyTokenizer, find_model_file, load_tokenizer
+from glm_tp.text.tokenizer import (
+    GLMTokenizer,
+    IdsOnlyTokenizer,
+    find_model_file,
+    load_tokenizer,
+)
 
 
 def _checkpoint(root, meta: dict, *files):
