@@ -78,8 +78,11 @@ def test_bytes_split_inside_a_character_wait_for_the_rest(glm4_files):
 def test_missing_library_and_bad_files_are_one_line(glm4_files, tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(TokenizerError, match=r"needs the tiktoken library: pip install 'glm-tp\[glm4\]'"):
         load_tokenizer(glm4_files / "tokenizer.model")
+    with pytest.raises(TokenizerError, match=r"needs the tokenizers library: pip install 'glm-tp\[glm4\]'"):
+        load_tokenizer(glm4_files / "tokenizer.json")
     monkeypatch.undo()
     (tmp_path / "tokenizer.model").write_text("aGk= 0\nnot base64! 1\n")
     with pytest.raises(TokenizerError, match="not a tiktoken ranks file") as e:
