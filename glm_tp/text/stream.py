@@ -1,5 +1,9 @@
 """A growing answer's text, streamed: decoded a few ids at a time, held back where it may still change,
-and cut at the first stop string."""
+and cut at the first stop string.
+
+With byte-level BPE (GLM-4) and sentencepiece's byte pieces (ChatGLM2/3) one character can take several ids:
+until its last byte comes its bytes read as U+FFFD, and that end waits, so a character never shows broken and
+the text sent so far is always the start of the final text."""
 from __future__ import annotations
 
 from glm_tp.text.base import REPLACEMENT, BaseTokenizer
