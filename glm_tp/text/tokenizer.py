@@ -165,6 +165,8 @@ def load_tokenizer(path: str | os.PathLike, special: SpecialTokens | None = None
         if specials:
             return ChatGLM2Tokenizer(model_file, special, specials)
         return GLMTokenizer(model_file, special, text_offset, whitespace)
+    except TokenizerError:
+        raise
     except (RuntimeError, OSError) as e:
         raise TokenizerError(f"{model_file} is not a readable sentencepiece model ({e}): "
                              f"point tokenizer= at the model's tokenizer file") from None

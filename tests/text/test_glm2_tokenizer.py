@@ -1,9 +1,11 @@
 """ChatGLM2/3's tokenizer: sentencepiece as the model's own code uses it, the special tokens after its pieces."""
 from __future__ import annotations
 
+import pytest
 import sentencepiece as spm
 
 from glm_tp.config import CHATGLM2_SPECIALS, CHATGLM3_ROLES
+from glm_tp.text.base import TokenizerError
 from glm_tp.text.chatglm2_tokenizer import ChatGLM2Tokenizer
 from glm_tp.text.tokenizer import GLMTokenizer, load_tokenizer
 
@@ -50,3 +52,8 @@ def test_typed_special_tokens_are_plain_text(glm2_tokenizer_file):
 def test_without_specials_a_sentencepiece_model_is_still_glm130b_s(glm2_tokenizer_file):
     tok = load_tokenizer(glm2_tokenizer_file)
     assert type(tok) is GLMTokenizer
+
+
+def test_specials_without_the_control_tokens_are_one_line(glm2_tokenizer_file):
+    with pytest.raises(TokenizerError, match="lack \\[sMASK\\], sop, eop: the checkpoint metadata's tokenizer_specials"):
+        load_tokenizer(glm2_tokenizer_file, specials={"[MASK]": 400, "[gMASK]": 401})
