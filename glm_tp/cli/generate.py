@@ -115,12 +115,14 @@ def first_text_line(path: Path, gen: GenerationConfig) -> int | None:
 
 
 def load_tokenizer_for(checkpoint: Path, special: SpecialTokens, file: Path | None) -> GLMTokenizer:
-    """`file` from tokenizer_file; None: the ids-only stand-in."""
+    """`file` from tokenizer_file; None: the ids-only stand-in. The checkpoint's metadata says which kind it is
+    (tokenizer_kind) and where its special tokens are (tokenizer_specials: ChatGLM2/3's, GLM-4's)."""
     if file is None:
         return IdsOnlyTokenizer(special)
     meta = open_source(checkpoint).metadata or {}
     return load_tokenizer(file, special, text_offset=meta.get("tokenizer_offset"),
-                          whitespace=bool(meta.get("tokenizer_whitespace")))
+                          whitespace=bool(meta.get("tokenizer_whitespace")), kind=meta.get("tokenizer_kind"),
+                          specials=meta.get("tokenizer_specials"))
 
 
 def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig, tokenizer: Path | None) -> Engine:

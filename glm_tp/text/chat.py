@@ -4,17 +4,32 @@ ChatGLM-6B ("chatglm"): a first question is sent as it is; with earlier turns, e
 `[Round i]\\n问：{question}\\n答：{answer}\\n` (i from 0) and the new one ends with `答：`; then [gMASK] and
 sop, so the answer is a long blank at the end. ChatGLM-6B has no system role: system messages are put
 before the first question.
+
+ChatGLM2 ("chatglm2"): every turn, the first too, is `[Round i]\\n\\n问：{question}\\n\\n答：{answer}\\n\\n`
+(i from 1), the new one ends with `答：`; the context is [gMASK] sop, then that text. No system role either.
+
+ChatGLM3 ("chatglm3") and GLM-4 ("glm4"): [gMASK] sop, then each message as its role token
+(<|system|> <|user|> <|assistant|> <|observation|>; a "tool" message is an observation), its metadata (usually
+none) and a newline, and its content; the context ends with <|assistant|>. ChatGLM3 encodes the metadata line
+and the content apart (its build_chat_input), GLM-4 as one text (its chat template, which skips a message
+without content). The contents are plain text: a "<|user|>" typed in one is text, not the role token.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
-from glm_tp.config import SpecialTokens
+from glm_tp.text.base import BaseTokenizer
 from glm_tp.text.blanks import PromptError
-from glm_tp.text.tokenizer import GLMTokenizer
 
-TEMPLATES = ("chatglm",)
+TEXT_TEMPLATES = ("chatglm", "chatglm2")
+ROLE_TEMPLATES = ("chatglm3", "glm4")
+TEMPLATES = TEXT_TEMPLATES + ROLE_TEMPLATES
+ROLES = ("system", "user", "assistant", "observation")
+ROLE_ALIASES = {"tool": "observation"}  # OpenAI's name for a tool's result
+SOP_NAMES = {"chatglm2": "sop", "chatglm3": "sop", "glm4": "<sop>"}  # how each model's prefix is written
+
+Part = str | tuple[str]  # text, or (special token name,)
 
 
 def _turns(messages: list[dict]) -> tuple[list[tuple[str, str]], str]:
@@ -42,28 +57,80 @@ def _turns(messages: list[dict]) -> tuple[list[tuple[str, str]], str]:
     return history, question
 
 
-def chat_prompt(messages: list[dict], template: str) -> str:
-    """The prompt text (without [gMASK] and sop) for `messages` in the model's chat format."""
-    if template not in TEMPLATES:
-        raise PromptError("this model has no chat format: send a completion prompt instead")
+def _rounds_text(messages: list[dict], template: str) -> str:
     history, question = _turns(messages)
+    if template == "chatglm2":
+        rounds = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, 1))
+        return f"{rounds}[Round {len(history) + 1}]\n\n问：{question}\n\n答："
     if not history:
         return question
     rounds = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
     return f"{rounds}[Round {len(history)}]\n问：{question}\n答："
 
 
-def chat_ids(messages: list[dict], tok: GLMTokenizer, template: str) -> list[int]:
-    """Context ids for a chat request: the prompt's text encoded as plain text (a "[MASK]" typed by a user is
-    not a blank), then [gMASK]; the engine adds sop."""
-    special: SpecialTokens = tok.special
-    masks = {special.mask, special.smask, special.gmask}
-    return [i for i in tok.encode(chat_prompt(messages, template)) if i not in masks] + [special.gmask]
+def _role_parts(messages: list[dict], template: str) -> list[Part]:
+    """ChatGLM3's and GLM-4's context: the prefix, each message's role token and text, <|assistant|>."""
+    parts: list[Part] = [("[gMASK]",), (SOP_NAMES[template],)]
+    last = ""
+    for i, m in enumerate(messages):
+        role = ROLE_ALIASES.get(str(m.get("role")), str(m.get("role")))
+        if role not in ROLES:
+            raise PromptError(f"unknown chat role {m.get('role')!r} in message {i}: use system, user, assistant "
+                              f"or observation (tool)")
+        content, metadata = str(m.get("content") or ""), str(m.get("metadata") or "")
+        last = role
+        if template == "glm4":
+            if content:  # GLM-4's template leaves a message without content out
+                parts += [(f"<|{role}|>",), f"{metadata}\n{content}"]
+        else:
+            parts += [(f"<|{role}|>",), f"{metadata}\n", content]
+    if last not in ("user", "observation"):
+        raise PromptError("chat messages must end with a user message (or a tool's observation)")
+    return parts + [("<|assistant|>",)]
+
+
+def _parts(messages: list[dict], template: str) -> list[Part]:
+    if template not in TEMPLATES:
+        raise PromptError("this model has no chat format: send a completion prompt instead")
+    if template in ROLE_TEMPLATES:
+        return _role_parts(messages, template)
+    text = _rounds_text(messages, template)
+    return [("[gMASK]",), ("sop",), text] if template == "chatglm2" else [text]
+
+
+def chat_prompt(messages: list[dict], template: str) -> str:
+    """The prompt as text, special tokens by name ("chatglm": without [gMASK] and sop, which the engine adds)."""
+    return "".join(p[0] if isinstance(p, tuple) else p for p in _parts(messages, template))
+
+
+def _special_id(tok: BaseTokenizer, name: str) -> int:
+    if name in ("[gMASK]", "sop", "<sop>"):  # the model's own ids, as the engine uses them
+        return tok.special.gmask if name == "[gMASK]" else tok.special.sop
+    i = tok.token_id(name)
+    if i is None:
+        raise PromptError(f"this model's tokenizer has no {name} token, which its chat format needs: its "
+                          f"checkpoint metadata's tokenizer_specials should name it")
+    return i
+
+
+def chat_ids(messages: list[dict], tok: BaseTokenizer, template: str) -> list[int]:
+    """Context ids for a chat request. ChatGLM2/3, GLM-4: the whole context, [gMASK] sop first, used as it is.
+    ChatGLM-6B: the prompt's text encoded as plain text (a "[MASK]" typed by a user is not a blank), then
+    [gMASK]; the engine adds sop."""
+    parts = _parts(messages, template)
+    if template == "chatglm":
+        special = tok.special
+        masks = {special.mask, special.smask, special.gmask}
+        return [i for i in tok.encode(parts[0]) if i not in masks] + [special.gmask]
+    ids: list[int] = []
+    for p in parts:
+        ids += [_special_id(tok, p[0])] if isinstance(p, tuple) else tok.encode(p)
+    return ids
 
 
 ChatFormat = Callable[[list[dict]], list[int]]
 
 
-def chat_format(template: str | None, tok: GLMTokenizer) -> ChatFormat | None:
+def chat_format(template: str | None, tok: BaseTokenizer) -> ChatFormat | None:
     """The messages -> context ids function of a model with a chat format (None: the model has none)."""
     return partial(chat_ids, tok=tok, template=template) if template else None

@@ -1,8 +1,12 @@
 """A growing answer's text, streamed: decoded a few ids at a time, held back where it may still change,
-and cut at the first stop string."""
+and cut at the first stop string.
+
+With byte-level BPE (GLM-4) and sentencepiece's byte pieces (ChatGLM2/3) one character can take several ids:
+until its last byte comes its bytes read as U+FFFD, and that end waits, so a character never shows broken and
+the text sent so far is always the start of the final text."""
 from __future__ import annotations
 
-from glm_tp.text.tokenizer import REPLACEMENT, GLMTokenizer
+from glm_tp.text.base import REPLACEMENT, BaseTokenizer
 
 
 class TextStream:
@@ -17,7 +21,7 @@ class TextStream:
 
     TRIES = 4
 
-    def __init__(self, tok: GLMTokenizer):
+    def __init__(self, tok: BaseTokenizer):
         self.tok, self.text = tok, ""
         self.points = [(0, 0)]  # committed points: (ids, characters of the text there); the last is now
 
@@ -27,7 +31,7 @@ class TextStream:
         text = None
         for start, chars in reversed(self.points[-1 - self.TRIES:-1]):
             head = self.tok.decode(ids[start:read])
-            if head == self.text[chars:]:
+            if _same_start(head, self.text[chars:]):
                 window = self.tok.decode(ids[start:])
                 if window.startswith(head):
                     text = self.text + window[len(head):]
@@ -43,7 +47,7 @@ class TextStream:
 class StopStream:
     """The text of one answer's ids as they grow, and where the first of `stops` begins in it."""
 
-    def __init__(self, tok: GLMTokenizer, stops: list[str]):
+    def __init__(self, tok: BaseTokenizer, stops: list[str]):
         self.tok, self.stops = tok, list(stops)
         self.text = TextStream(tok)
         self.cut: int | None = None  # where a stop string begins in the text, once one appeared
@@ -56,11 +60,11 @@ class StopStream:
         if cut is not None:
             self.cut = cut
             return text[:cut], cut
-        # an end that may still become a stop string, or a multi-byte character still being spelled, waits
-        hold = max([prefix_overlap(text, s) for s in self.stops] + [0])
-        if text.endswith(REPLACEMENT):
-            hold = max(hold, 1)
-        return text[:len(text) - hold], None
+        # a multi-byte character still being spelled waits (its bytes read as U+FFFD: one in all, or one each
+        # with sentencepiece's byte pieces), and so does an end before it that may still become a stop string
+        complete = text.rstrip(REPLACEMENT)
+        hold = max([prefix_overlap(complete, s) for s in self.stops] + [0])
+        return complete[:len(complete) - hold], None
 
     def trim(self, ids: list[int], cut: int) -> tuple[list[int], str]:
         """The leading ids whose text lies before character `cut`, and the text up to `cut`."""
@@ -69,6 +73,13 @@ class StopStream:
         while keep and not text.startswith(self.tok.decode(ids[:keep])):
             keep -= 1
         return ids[:keep], text
+
+
+def _same_start(head: str, committed: str) -> bool:
+    """Whether `head` (ids decoded from a point) reads as the text committed there: the same, or (sentencepiece)
+    without the one word-boundary space a decode drops at its start. A decode drops the spaces it starts with
+    up to the first other character: when the head has one, the ids after it read as they do in context."""
+    return head == committed or (committed[:1] == " " and head == committed[1:] and not head.isspace() and head != "")
 
 
 def find_stop(text: str, stops: list[str]) -> int | None:

@@ -6,6 +6,10 @@ models use any sentencepiece model, usually with offset 0, and declare their spe
 checkpoint metadata. Newlines are kept: they map to the `<n>` piece when the model has one.
 ChatGLM-6B's tokenizer (`whitespace=True`) also writes a tab as `<|tab|>` and a run of 2-80 spaces as
 `<|blank_N|>`, and reads them back.
+
+`load_tokenizer` picks the tokenizer a checkpoint's files and metadata describe: this one, ChatGLM2/3's
+(text/chatglm2_tokenizer.py: a sentencepiece model with its special tokens appended) or GLM-4's byte-level
+BPE (text/bpe.py).
 """
 from __future__ import annotations
 
@@ -16,20 +20,23 @@ from pathlib import Path
 import sentencepiece as spm
 
 from glm_tp.config import SpecialTokens
+from glm_tp.text import bpe
+from glm_tp.text.base import REPLACEMENT, BaseTokenizer, TokenizerError
+from glm_tp.text.chatglm2_tokenizer import ChatGLM2Tokenizer
 from glm_tp.text.unicode import check_text
+
+__all__ = ["REPLACEMENT", "GLMTokenizer", "IdsOnlyTokenizer", "TokenizerError", "find_model_file", "load_tokenizer"]
 
 ICETK_TEXT_OFFSET = 20000
 NEWLINE_PIECE = "<n>"
-REPLACEMENT = "\ufffd"  # what ids that end inside a multi-byte character decode to
-MODEL_FILES = ("ice_text.model", "tokenizer.model")
+# where a folder keeps its tokenizer: icetk's (GLM-130B, ChatGLM-6B), sentencepiece's or tiktoken's
+# tokenizer.model (ChatGLM2/3, GLM-4), the tokenizers library's tokenizer.json (glm-4-9b-chat-hf)
+MODEL_FILES = ("ice_text.model", "tokenizer.model", "tokenizer.json")
 SPACE_RUN = re.compile(r" {2,80}")
+KINDS = ("sentencepiece", "tiktoken", "tokenizers")
 
 
-class TokenizerError(FileNotFoundError):
-    """A missing or unreadable tokenizer model, with where it looked and how to point at one."""
-
-
-class GLMTokenizer:
+class GLMTokenizer(BaseTokenizer):
     def __init__(self, model_file: str | os.PathLike, special: SpecialTokens | None = None,
                  text_offset: int = ICETK_TEXT_OFFSET, whitespace: bool = False):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -120,19 +127,46 @@ def find_model_file(path: str | os.PathLike) -> Path:
         if c.is_file():
             return c
     looked = ", ".join(str(c) for c in candidates)
-    raise TokenizerError(f"no tokenizer model found (looked for {looked}): put icetk's ice_text.model there or "
-                         f"point tokenizer= at the folder or .model file that holds it")
+    raise TokenizerError(f"no tokenizer model found (looked for {looked}): put the model's tokenizer file "
+                         f"({', '.join(MODEL_FILES)}) there or point tokenizer= at the folder or file that holds it")
+
+
+def tokenizer_kind(model_file: Path, kind: str | None) -> str:
+    """The metadata's "tokenizer_kind", else what the file is: a tokenizer.json, tiktoken's text ranks or a
+    sentencepiece model."""
+    if kind:
+        if kind not in KINDS:
+            raise TokenizerError(f"unknown tokenizer_kind {kind!r}: use one of {', '.join(KINDS)}")
+        return kind
+    if model_file.suffix == ".json":
+        return "tokenizers"
+    return "tiktoken" if bpe.looks_like_ranks(model_file) else "sentencepiece"
 
 
 def load_tokenizer(path: str | os.PathLike, special: SpecialTokens | None = None,
-                   text_offset: int | None = None, whitespace: bool = False) -> GLMTokenizer:
-    """A folder holding ice_text.model (icetk layout, offset 20000; ChatGLM-6B's: offset 0, whitespace pieces)
-    or tokenizer.model, or a .model file."""
+                   text_offset: int | None = None, whitespace: bool = False, kind: str | None = None,
+                   specials: dict[str, int] | None = None) -> BaseTokenizer:
+    """A folder holding ice_text.model (icetk layout, offset 20000; ChatGLM-6B's: offset 0, whitespace pieces),
+    tokenizer.model or tokenizer.json, or one such file. kind and specials are the checkpoint metadata's
+    "tokenizer_kind" and "tokenizer_specials": a sentencepiece model with appended specials is ChatGLM2/3's,
+    tiktoken ranks or a tokenizer.json GLM-4's byte-level BPE."""
     model_file = find_model_file(path)
+    kind = tokenizer_kind(model_file, kind)
+    if kind != "sentencepiece" or specials:  # ChatGLM2/3, GLM-4: text ids from 0, specials after them
+        if text_offset:
+            raise TokenizerError(f"tokenizer_offset {text_offset}: {model_file.name}'s text ids begin at 0")
+        if kind == "tiktoken":
+            return bpe.load_tiktoken(model_file, special, specials)
+        if kind == "tokenizers":
+            return bpe.load_hf_tokenizer(model_file, special, specials)
     if text_offset is None:
         text_offset = ICETK_TEXT_OFFSET if model_file.name == "ice_text.model" else 0
     try:
+        if specials:
+            return ChatGLM2Tokenizer(model_file, special, specials)
         return GLMTokenizer(model_file, special, text_offset, whitespace)
+    except TokenizerError:
+        raise
     except (RuntimeError, OSError) as e:
         raise TokenizerError(f"{model_file} is not a readable sentencepiece model ({e}): "
-                             f"point tokenizer= at a valid ice_text.model") from None
+                             f"point tokenizer= at the model's tokenizer file") from None

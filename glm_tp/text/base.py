@@ -1,0 +1,63 @@
+"""What every tokenizer gives its callers (the engine, prompts, chat formats, streaming), and its errors.
+
+A tokenizer has text ids `offset .. offset + text_vocab_size - 1` (the ids a model may generate, with its
+end tokens), the model's control ids (`special`), and named special tokens appended after the text
+vocabulary (`names`: id -> name, decoded as their names; `token_id` reads them by name). Text given to
+`encode` is always plain text: a user typing "<|user|>" or "[gMASK]" gets text tokens, never the control id.
+"""
+from __future__ import annotations
+
+from glm_tp.config import SpecialTokens
+
+REPLACEMENT = "\ufffd"  # what ids that end inside a multi-byte character decode to
+
+
+class TokenizerError(FileNotFoundError):
+    """A missing or unreadable tokenizer model (or a missing library), in one line that names it."""
+
+
+class BaseTokenizer:
+    special: SpecialTokens
+    offset: int
+    names: dict[int, str]
+
+    @property
+    def text_vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def token_id(self, name: str) -> int | None:
+        """The id of the special token `name` ("<|user|>", "[gMASK]"), None when this tokenizer has none."""
+        for i, n in self.names.items():
+            if n == name:
+                return i
+        return None
+
+    def is_text(self, i: int) -> bool:
+        return 0 <= i - self.offset < self.text_vocab_size
+
+
+def appended_specials(names: tuple[str, ...], first: int, given: dict[str, int] | None) -> dict[int, str]:
+    """id -> name of the special tokens after the text vocabulary: the checkpoint's ids where its metadata
+    gives them ("tokenizer_specials"), else `names` in order from `first`, the layout the models use."""
+    if given:
+        return {int(i): str(n) for n, i in given.items()}
+    return {first + k: n for k, n in enumerate(names)}
+
+
+def special_from_names(names: dict[int, str], sop: str, eop: str, eos: int | str, pad: int | str) -> SpecialTokens:
+    """The model's control ids as the tokenizer names them (sop/eop: their names; eos/pad: an id or a name),
+    for a tokenizer loaded without the model's."""
+    ids = {n: i for i, n in names.items()}
+    wanted = ["[MASK]", "[gMASK]", "[sMASK]", sop, eop] + [x for x in (eos, pad) if isinstance(x, str)]
+    missing = [n for n in wanted if n not in ids]
+    if missing:
+        raise TokenizerError(f"the tokenizer's special tokens lack {', '.join(missing)}: the checkpoint metadata's "
+                             f"tokenizer_specials should name them")
+    return SpecialTokens(mask=ids["[MASK]"], gmask=ids["[gMASK]"], smask=ids["[sMASK]"], sop=ids[sop], eop=ids[eop],
+                         eos=ids.get(eos, eos), pad=ids.get(pad, pad))
