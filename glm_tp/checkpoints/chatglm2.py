@@ -16,6 +16,11 @@ each head in interleaved pairs, QKV bias only, an untied output layer):
   rms_norm_eps, rope_theta and partial_rotary_factor (or rope_parameters holding them), attention_bias,
   tie_word_embeddings, eos_token_id, pad_token_id, hidden_act.
 
+chatglm2-6b-int4 stores its linears as chatglm-6b-int4 does, which is glm-tp's own INT4 format (kernels/formats.py):
+`weight` int8 [out, in/2] with two two's-complement 4-bit values per byte, the even input column in the high
+nibble, and `weight_scale` fp16 [out] = the row's absmax / 7, w = q x scale. Its tensors are loaded as they are,
+cut per rank like any quantized checkpoint (loader.py); the embedding and output layer stay float.
+
 The special ids and the chat format come from the tokenizer files (tokenizer_files.py). What glm-tp's model
 does not compute (a post-LN or LayerNorm variant, no QKV bias, other rotary shares) is refused in one line.
 """

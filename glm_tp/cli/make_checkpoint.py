@@ -137,7 +137,7 @@ def model_for(args: argparse.Namespace) -> ModelConfig:
     cfg = get_preset(args.preset)
     if args.layout == "release":
         if args.files is not None:
-            raise ValueError("--files is for the Hugging Face layouts (the release layout has one file per --tp shard)")
+            raise ValueError("--files is for --layout hf, chatglm2 and glm-hf (the release layout has one file per --tp shard)")
         if args.quant or args.chat:
             raise ValueError("--quant and --chat are for the Hugging Face layouts (glm-tp-quantize quantizes shards)")
         cfg = cfg.with_layers(args.layers) if args.layers else cfg
