@@ -41,8 +41,9 @@ _TORCH_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.flo
 
 
 def is_chatglm2(conf: dict[str, Any]) -> bool:
-    """ChatGLM2's keys (ChatGLM-6B's config.json has inner_hidden_size, vocab_size and mask_token_id instead)."""
-    return conf.get("model_type") == "chatglm" and ("padded_vocab_size" in conf or "ffn_hidden_size" in conf)
+    """ChatGLM2's keys (ChatGLM-6B's config.json, also model_type chatglm, has inner_hidden_size, vocab_size and
+    mask_token_id instead)."""
+    return any(key in conf for key in ("padded_vocab_size", "ffn_hidden_size", "multi_query_attention"))
 
 
 def _need(conf: dict[str, Any], keys: tuple[str, ...], path: Path, what: str) -> None:

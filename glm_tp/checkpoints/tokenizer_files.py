@@ -176,6 +176,17 @@ def write_bpe_files(dst: Path, kind: str) -> None:
     (dst / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 
+def write_released_names(dst: Path, template: str) -> None:
+    """For a model of the released size without its tokenizer: a tokenizer_config.json naming the specials at the
+    released tokenizer's ids (ChatGLM3's roles, GLM-4's all), so the chat format is known; ChatGLM2 needs none."""
+    if template == "chatglm2":
+        return
+    names = CHATGLM3_ROLES if template == "chatglm3" else GLM4_SPECIALS
+    first = RELEASED_TEXT_IDS[template] + (len(CHATGLM2_SPECIALS) if template == "chatglm3" else 0)
+    (dst / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": _decoder(names, first)}, indent=2)
+                                               + "\n")
+
+
 def _decoder(names: tuple[str, ...], first: int) -> dict[str, dict[str, Any]]:
     return {str(first + i): {"content": name, "special": True} for i, name in enumerate(names)}
 

@@ -47,6 +47,7 @@ from glm_tp.checkpoints.tokenizer_files import (
     appended,
     read_tokenizer,
     write_bpe_files,
+    write_released_names,
     write_sentencepiece_files,
 )
 from glm_tp.cli.output import prepare_output
@@ -103,20 +104,23 @@ def write_random_hf(dst: Path, cfg: ModelConfig, dtype: torch.dtype, seed: int, 
 
 
 def write_tokenizer_files(dst: Path, cfg: ModelConfig, layout: str, chat: str) -> str | None:
-    """The tokenizer files a clone of this small model holds (None: a model too large for them, or whose
-    control ids would fall among their text ids): what was written."""
+    """The tokenizer files a clone of this small model holds: what was written (None: a model too large for them,
+    or whose control ids would fall among their text ids; a large one gets the released specials' names)."""
     if layout == "hf":
         tokenizer = bundled_tokenizer(cfg)
         if tokenizer:
             shutil.copy(tokenizer, dst / "ice_text.model")  # where a clone keeps it (hf.config_metadata)
         return "the demo tokenizer" if tokenizer else None
+    if cfg.vocab_size >= ICETK_TEXT_OFFSET:
+        template = "glm4" if layout == "glm-hf" else chat
+        write_released_names(dst, template)
+        return None if template == "chatglm2" else "the released specials' names (tokenizer_config.json)"
     if layout == "glm-hf" or chat == "glm4":
-        if cfg.vocab_size >= ICETK_TEXT_OFFSET or BYTE_TOKENS + len(appended("glm4")) > cfg.vocab_size:
+        if BYTE_TOKENS + len(appended("glm4")) > cfg.vocab_size:
             return None
         write_bpe_files(dst, "tokenizers" if layout == "glm-hf" else "tiktoken")
         return "a byte-level BPE tokenizer"
-    pieces = load_tokenizer(DEMO_TOKENIZER).text_vocab_size
-    if cfg.vocab_size >= ICETK_TEXT_OFFSET or pieces + len(appended(chat)) > cfg.vocab_size:
+    if load_tokenizer(DEMO_TOKENIZER).text_vocab_size + len(appended(chat)) > cfg.vocab_size:
         return None
     write_sentencepiece_files(dst, DEMO_TOKENIZER, chat)
     return "the demo tokenizer"
