@@ -186,3 +186,21 @@ def test_repartition_of_a_chatglm2_clone_gives_the_same_logits(options, tmp_path
         a, b = (dict(load_model(c, tp=simulated_rank(2, rank), progress=False, kernels="dequant").named_parameters())
                 for c in (out, ckpt))
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("naming", ["chatglm2", "glm"])
+def test_bin_shards_with_their_rotary_buffer_load_as_the_release_layout(naming, tmp_path):
+    """pytorch_model-0000X-of-00003.bin with their index, as the clones ship them; the stored inv_freq is dropped."""
+    from glm_tp.checkpoints.hf import write_hf_checkpoint
+    from glm_tp.checkpoints.synthetic import random_shard
+    from tests.support.checkpoints import write_random_checkpoint
+    cfg = PRESETS["tiny-chatglm2"]
+    state = random_shard(cfg, 1, 0, 2, torch.float32)
+    buffer = "transformer.rotary_pos_emb.inv_freq" if naming == "chatglm2" else "model.layers.0.self_attn.rotary_emb.inv_freq"
+    ckpt = write_hf_checkpoint(tmp_path / "c", cfg, {**state, buffer: torch.ones(4)}, files=3, fmt="bin", naming=naming)
+    assert (ckpt / "pytorch_model.bin.index.json").is_file() and (ckpt / "pytorch_model-00003-of-00003.bin").is_file()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = _logits(ckpt)
+    assert not [w for w in seen if "does not use" in str(w.message)]
+    assert torch.equal(got, _logits(write_random_checkpoint(tmp_path / "release", cfg, 1, torch.float32, seed=2)))
