@@ -186,6 +186,10 @@ def test_repartition_of_a_chatglm2_clone_gives_the_same_logits(options, tmp_path
         a, b = (dict(load_model(c, tp=simulated_rank(2, rank), progress=False, kernels="dequant").named_parameters())
                 for c in (out, ckpt))
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    if not options:  # glm-tp-quantize of the float clone: INT4 shards that load as such
+        rewrite(ckpt, tmp_path / "int4", 2, bits=4, progress=False)
+        model = load_model(tmp_path / "int4", tp=simulated_rank(2, 1), progress=False, kernels="dequant")
+        assert model.quant_bits == 4 and model.cfg == open_source(ckpt).model_config()
 
 
 @pytest.mark.parametrize("naming", ["chatglm2", "glm"])
