@@ -148,7 +148,6 @@ class Source:
                 raise CheckpointError(f"{self.files[holes[0][1]]} lacks {holes[0][0]}, which the other shards hold: "
                                       f"the shards do not belong together (re-copy or re-create it)")
 
-
     def _fuse(self, fused: dict[str, dict[int, Part]]) -> None:
         for name, blocks in fused.items():
             if len(blocks) < len(tensor_names.GLM_QKV):

@@ -150,6 +150,17 @@ def test_a_missing_weight_file_is_one_line_naming_it(tmp_path):
     assert "model-00002-of-00002.safetensors is missing" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_missing_projection_is_one_line_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+    ckpt = write_clone(tmp_path / "c", "glm-hf", "tiny-chatglm2")
+    state = load_file(str(ckpt / "model.safetensors"))
+    del state["model.layers.1.self_attn.k_proj.bias"]
+    save_file(state, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        load_model(ckpt, progress=False)
+    assert "lacks model.layers.1.self_attn.k_proj.bias" in str(e.value) and "\n" not in str(e.value)
+
+
 def _logits(ckpt, **kwargs) -> torch.Tensor:
     model = load_model(ckpt, dtype="fp32", progress=False, **kwargs)
     with torch.inference_mode():
