@@ -61,7 +61,7 @@ class FusedRows:
     """Tensors stored apart and served as one, joined along dim 0 (GlmForCausalLM's q, k and v projections as
     glm-tp's fused QKV): a slice of rows reads only the stored tensors it covers."""
 
-    def __init__(self, parts: list["Part"]):
+    def __init__(self, parts: list[Part]):
         self.parts = parts
         self.shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
         self.dtype = parts[0].dtype

@@ -37,7 +37,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from glm_tp.checkpoints.hf import config_metadata, config_model, hf_config, write_hf_layout
+from glm_tp.checkpoints.hf import (
+    config_metadata,
+    config_model,
+    hf_config,
+    write_hf_layout,
+)
 from glm_tp.checkpoints.release import make_metadata, shard_name, write_latest
 from glm_tp.checkpoints.reshard import ShardWriter
 from glm_tp.checkpoints.slices import gather
@@ -54,7 +59,13 @@ from glm_tp.cli.output import prepare_output
 from glm_tp.cli.settings import DEMO
 from glm_tp.config import ModelConfig, get_preset, parse_dtype, parse_quant
 from glm_tp.kernels.formats import quantize_rows
-from glm_tp.parallel.partition import QUANTIZED_WEIGHTS, copy_plan, full_shapes, layout_for, split
+from glm_tp.parallel.partition import (
+    QUANTIZED_WEIGHTS,
+    copy_plan,
+    full_shapes,
+    layout_for,
+    split,
+)
 from glm_tp.text.tokenizer import ICETK_TEXT_OFFSET, load_tokenizer
 
 DEMO_TOKENIZER = DEMO / "tokenizer.model"
