@@ -59,7 +59,7 @@ def appended(template: str) -> tuple[str, ...]:
 
 def read_tokenizer(root: Path, vocab_size: int, prefer_json: bool = False) -> TokenizerFacts:
     """The tokenizer facts of the clone at `root` (a model of `vocab_size` embedding rows). prefer_json:
-    transformers' layout, whose tokenizer is tokenizer.json."""
+    transformers' layout, whose tokenizer is tokenizer.json (and whose models are GLM-4's)."""
     order = ("tokenizer.json", "tokenizer.model") if prefer_json else ("tokenizer.model", "tokenizer.json")
     file = next((name for name in order if (root / name).is_file()), None)
     kind, text_ids, added = "sentencepiece", None, _config_added(root)
@@ -69,7 +69,7 @@ def read_tokenizer(root: Path, vocab_size: int, prefer_json: bool = False) -> To
     elif file == "tokenizer.model":
         lines = _tiktoken_lines(root / file)
         kind, text_ids = ("tiktoken", lines) if lines is not None else ("sentencepiece", _pieces(root / file))
-    template = _template(root, kind, file, added, vocab_size)
+    template = _template(root, kind, file, added, vocab_size, "glm4" if prefer_json else "chatglm2")
     names = appended(template)
     if text_ids is None:  # no tokenizer: the released one's text ids, or (a smaller model) the top of the vocabulary
         released = RELEASED_TEXT_IDS[template]
@@ -79,16 +79,19 @@ def read_tokenizer(root: Path, vocab_size: int, prefer_json: bool = False) -> To
     return TokenizerFacts(file, kind, text_ids, specials, template)
 
 
-def _template(root: Path, kind: str, file: str | None, added: dict[str, int], vocab_size: int) -> str:
+def _template(root: Path, kind: str, file: str | None, added: dict[str, int], vocab_size: int, default: str) -> str:
     """The chat format, from the files: GLM-4 ships a BPE tokenizer (tiktoken ranks or tokenizer.json) with
     `<sop>`-style specials and a 151552-row vocabulary; ChatGLM2 and ChatGLM3 share a sentencepiece model, and
     ChatGLM3's files name its role tokens (tokenizer_config.json's added tokens or chat template, its
-    tokenization_chatglm.py), ChatGLM2's do not."""
-    if kind != "sentencepiece" or "<sop>" in added or (file is None and vocab_size == GLM4_VOCAB):
+    tokenization_chatglm.py), ChatGLM2's do not. No tokenizer file and nothing named: the vocabulary's size,
+    else `default` (the layout's family)."""
+    if kind != "sentencepiece" or "<sop>" in added:
         return "glm4"
     texts = [_text(root / name) for name in ("tokenizer_config.json", "tokenization_chatglm.py")]
     if any(role in added or any(role in t for t in texts) for role in CHATGLM3_ROLES):
         return "chatglm3"
+    if file is None:
+        return "glm4" if vocab_size == GLM4_VOCAB else default
     return "chatglm2"
 
 
@@ -109,7 +112,8 @@ def _json(path: Path) -> Any:
 def _config_added(root: Path) -> dict[str, int]:
     """tokenizer_config.json's added_tokens_decoder: {id: {"content": token}} -> {token: id}."""
     path = root / "tokenizer_config.json"
-    decoder = _json(path).get("added_tokens_decoder") if path.is_file() else None
+    conf = _json(path) if path.is_file() else None
+    decoder = conf.get("added_tokens_decoder") if isinstance(conf, dict) else None
     if not isinstance(decoder, dict):
         return {}
     try:
@@ -121,11 +125,14 @@ def _config_added(root: Path) -> dict[str, int]:
 def _tokenizers_json(path: Path) -> tuple[int, dict[str, int]]:
     """tokenizer.json's text ids (its model's vocabulary) and added tokens."""
     data = _json(path)
-    vocab = (data.get("model") or {}).get("vocab")
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path} has no model: not a tokenizers file (re-copy it)")
+    vocab = data["model"].get("vocab")
     added = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or [] if "content" in t and "id" in t}
     if not isinstance(vocab, dict) or not vocab:
         raise CheckpointError(f"{path} has no model vocabulary: not a tokenizers BPE file (re-copy it)")
-    text = [i for i in vocab.values() if i not in added.values()]  # some files list the specials in both
+    special_ids = set(added.values())
+    text = [i for i in vocab.values() if i not in special_ids]  # some files list the specials in both
     return max(text) + 1, added
 
 

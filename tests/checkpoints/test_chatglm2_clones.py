@@ -168,16 +168,17 @@ def _logits(ckpt, **kwargs) -> torch.Tensor:
                      SeqLayout(torch.tensor([0]), torch.tensor([4])), model.new_cache(1, 8))
 
 
-def test_a_clone_of_config_json_and_weights_alone_loads_with_no_preset(tmp_path):
-    ckpt = write_clone(tmp_path / "c", "chatglm2", "tiny-chatglm2")
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        (ckpt / name).unlink()
+@pytest.mark.parametrize("layout, chat, gmask", [("chatglm2", "chatglm2", 1020), ("glm-hf", "glm4", 1012)])
+def test_a_clone_of_config_json_and_weights_alone_loads_with_no_preset(layout, chat, gmask, tmp_path):
+    ckpt = write_clone(tmp_path / "c", layout, "tiny-chatglm2")
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        (ckpt / name).unlink(missing_ok=True)
     assert read_metadata(ckpt) is None and sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors"]
     model = load_model(ckpt, progress=False)
     cfg = model.cfg
-    assert cfg.kv_groups == 2 and cfg.causal and cfg.chat_template == "chatglm2"
-    # no tokenizer to say where the specials are: they take the top ids of the vocabulary, in ChatGLM2's order
-    assert (cfg.special.mask, cfg.special.gmask, cfg.special.sop, cfg.special.eop) == (1019, 1020, 1022, 1023)
+    assert cfg.kv_groups == 2 and cfg.causal and cfg.chat_template == chat
+    # no tokenizer to say where the specials are: they take the top ids of the vocabulary, in the family's order
+    assert cfg.special.gmask == gmask and cfg.special.mask == gmask - 1
 
 
 @pytest.mark.parametrize("options", [(), ("--quant", "int4")], ids=["fp32", "int4"])
