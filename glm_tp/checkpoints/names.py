@@ -7,7 +7,7 @@ glm-tp-make-checkpoint writes each layout with its inverse.
 - "chatglm2" (THUDM's ChatGLM2/3 and GLM-4 files): transformer.embedding.word_embeddings,
   transformer.encoder.layers.N.self_attention.*, transformer.encoder.final_layernorm, transformer.output_layer.
   The fused QKV is already [all q ; all k ; all v], glm-tp's grouped layout; -int4's weight_scale follow their
-  weights. transformer.rotary_pos_emb.inv_freq is a buffer the model recomputes: dropped.
+  weights. transformer.rotary_pos_emb.inv_freq is a buffer the loader ignores (partition.IGNORED_SUFFIXES).
 - "glm" (transformers' GlmForCausalLM, glm-4-9b-chat-hf): model.embed_tokens, model.layers.N.self_attn.
   {q,k,v,o}_proj, mlp.gate_up_proj, mlp.down_proj, model.norm, lm_head. q, k and v are stored apart: they are
   the three row blocks of glm-tp's fused QKV, in that order (`fused_part`).
@@ -36,7 +36,6 @@ _RULES: dict[str, tuple[tuple[tuple[str, str], ...], str, tuple[tuple[str, str],
                               ("mlp.down_proj.", "mlp.dense_4h_to_h."))),
 }
 _OUR_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
-DROPPED_SUFFIXES = ("inv_freq",)  # rotary tables stored as buffers: the model computes its own
 
 
 def _swap(name: str, pairs: tuple[tuple[str, str], ...], reverse: bool) -> str:
@@ -47,13 +46,11 @@ def _swap(name: str, pairs: tuple[tuple[str, str], ...], reverse: bool) -> str:
     return name
 
 
-def ours(name: str, layout: str) -> str | None:
-    """glm-tp's name for a tensor stored as `name` in `layout`; None for a buffer to drop. Names the rules do
-    not know come back as they are (the loader reports them as unused). glm's q/k/v: see fused_part."""
+def ours(name: str, layout: str) -> str:
+    """glm-tp's name for a tensor stored as `name` in `layout`. Names the rules do not know come back as they
+    are (the loader reports them as unused). glm's q/k/v: see fused_part."""
     if layout == "chatglm":
         return name
-    if name.endswith(DROPPED_SUFFIXES):
-        return None
     outer, layers, inner = _RULES[layout]
     if name.startswith(layers):
         index, _, rest = name[len(layers):].partition(".")

@@ -130,8 +130,6 @@ class Source:
         for index, path in enumerate(self.files):
             for stored, part in open_tensors(path, self).items():
                 name = tensor_names.ours(stored, self.naming)
-                if name is None:
-                    continue
                 self._files.setdefault(name, path)
                 block = tensor_names.fused_part(stored, self.naming)
                 if block is not None:

@@ -18,7 +18,7 @@ from glm_tp.checkpoints.reshard import rewrite
 from glm_tp.checkpoints.sources import FusedRows, open_source
 from glm_tp.config import GLM4_SPECIALS, PRESETS, ModelConfig
 from glm_tp.parallel.dist import simulated_rank
-from glm_tp.parallel.partition import full_shapes
+from glm_tp.parallel.partition import full_shapes, is_ignored
 from tests.support.checkpoints import write_clone
 
 # the released config.json files (their keys that glm-tp reads, and a few it does not)
@@ -97,7 +97,7 @@ def test_the_tokenizer_files_give_the_special_ids_and_the_chat_format(layout, ch
     assert shape == PRESETS["tiny-chatglm2"]
 
 
-def test_every_name_maps_back_and_the_rotary_buffer_is_dropped():
+def test_every_name_maps_back_and_the_rotary_buffers_are_ignored():
     cfg = PRESETS["tiny-chatglm2"]
     for layout in names.LAYOUTS:
         for name in full_shapes(cfg):
@@ -108,7 +108,9 @@ def test_every_name_maps_back_and_the_rotary_buffer_is_dropped():
         ["transformer.encoder.layers.2.self_attention.query_key_value.weight"]
     assert names.theirs("lm_head.weight", "chatglm2") == ["transformer.output_layer.weight"]
     assert names.theirs("transformer.layers.0.mlp.dense_h_to_4h.weight", "glm") == ["model.layers.0.mlp.gate_up_proj.weight"]
-    assert names.ours("transformer.rotary_pos_emb.inv_freq", "chatglm2") is None
+    for layout, buffer in (("chatglm2", "transformer.rotary_pos_emb.inv_freq"),
+                           ("glm", "model.layers.0.self_attn.rotary_emb.inv_freq")):
+        assert is_ignored(names.ours(buffer, layout))
 
 
 class _Refuses:
