@@ -1,7 +1,8 @@
-"""The Hugging Face layout of ChatGLM-6B: its `config.json` read into a `ModelConfig`, and (for tests and
-for users who want one: `glm-tp-make-checkpoint --layout hf`) a writer of that layout.
+"""The Hugging Face layouts: `config_metadata` reads any clone's config.json (ChatGLM-6B's here; ChatGLM2/3 and
+GLM-4, THUDM's or transformers', in chatglm2.py: told apart by their keys), and `write_hf_layout` writes the
+files of a clone in any of them (for tests and for users who want one: `glm-tp-make-checkpoint --layout ...`).
 
-config.json keys read: num_layers, hidden_size, num_attention_heads, inner_hidden_size, vocab_size,
+ChatGLM-6B's config.json keys read: num_layers, hidden_size, num_attention_heads, inner_hidden_size, vocab_size,
 max_sequence_length, layernorm_epsilon, position_encoding_2d, mask/gmask/bos/eos/pad_token_id,
 quantization_bit (chatglm-6b-int4: 4) and quantization_embeddings (not supported). The tokenizer is
 `ice_text.model` (icetk's sentencepiece model without its 20000 image tokens: text ids start at 0).
@@ -14,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from glm_tp.checkpoints import chatglm2
+from glm_tp.checkpoints import names as tensor_names
 from glm_tp.checkpoints.release import CheckpointError
 from glm_tp.config import ModelConfig, SpecialTokens, dtype_name, parse_dtype
 
@@ -23,12 +26,18 @@ ICE_MASK_PIECE = 130000  # [MASK]'s sentencepiece id in ice_text.model; image to
 
 
 def config_metadata(root: Path) -> dict[str, Any]:
-    """glm_tp.json-style metadata for a Hugging Face ChatGLM-6B folder, from its config.json."""
+    """glm_tp.json-style metadata for a Hugging Face folder, from its config.json (and the tokenizer files)."""
     path = root / "config.json"
     try:
         conf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}): re-copy it") from None
+    if not isinstance(conf, dict):
+        raise CheckpointError(f"{path} is not a JSON object: re-copy it")
+    if conf.get("model_type") == "glm":
+        return chatglm2.glm_metadata(root, conf)
+    if chatglm2.is_chatglm2(conf):
+        return chatglm2.chatglm2_metadata(root, conf)
     missing = [k for k in list(CONFIG_KEYS) + ["mask_token_id", "gmask_token_id", "bos_token_id", "eos_token_id"]
                if k not in conf]
     if missing:
@@ -84,35 +93,48 @@ def hf_config(cfg: ModelConfig, quant_bits: int = 0, dtype: torch.dtype = torch.
 
 
 def write_hf_checkpoint(dst: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], files: int = 1,
-                        fmt: str = "bin", quant_bits: int = 0, num_image_tokens: int = 0) -> Path:
-    """Save full tensors in the Hugging Face layout (see write_hf_layout)."""
+                        fmt: str = "bin", quant_bits: int = 0, num_image_tokens: int = 0,
+                        naming: str = "chatglm") -> Path:
+    """Save full tensors (glm-tp's names) in a Hugging Face layout (see write_hf_layout)."""
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
     return write_hf_layout(dst, cfg, list(state), lambda names: {n: state[n] for n in names}, dtype, files, fmt,
-                           quant_bits, num_image_tokens)
+                           quant_bits, num_image_tokens, naming)
+
+
+def layout_config(cfg: ModelConfig, naming: str, quant_bits: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The config.json of a clone whose tensors are named as `naming` (names.LAYOUTS) says."""
+    if naming == "chatglm2":
+        return chatglm2.chatglm2_config(cfg, quant_bits, dtype)
+    if naming == "glm":
+        return chatglm2.glm_config(cfg, dtype)
+    return hf_config(cfg, quant_bits, dtype)
 
 
 def write_hf_layout(dst: Path, cfg: ModelConfig, names: list[str],
                     tensors: Callable[[list[str]], dict[str, torch.Tensor]], dtype: torch.dtype, files: int = 1,
-                    fmt: str = "safetensors", quant_bits: int = 0, num_image_tokens: int = 0) -> Path:
-    """config.json, tokenizer_config.json and `files` weight files (`fmt` "bin" or "safetensors") with their
-    index when there is more than one. `tensors(names)` gives one file's tensors: only one file's are ever
-    in memory."""
+                    fmt: str = "safetensors", quant_bits: int = 0, num_image_tokens: int = 0,
+                    naming: str = "chatglm") -> Path:
+    """config.json and `files` weight files (`fmt` "bin" or "safetensors") with their index when there is more
+    than one, the tensors under the names of `naming` (ChatGLM-6B's also get its tokenizer_config.json).
+    `names` and `tensors(names)`, which gives one file's tensors, speak glm-tp's names: only one file's tensors
+    are ever in memory."""
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").write_text(json.dumps(hf_config(cfg, quant_bits, dtype), indent=2) + "\n")
-    (dst / "tokenizer_config.json").write_text(json.dumps({"num_image_tokens": num_image_tokens}) + "\n")
+    (dst / "config.json").write_text(json.dumps(layout_config(cfg, naming, quant_bits, dtype), indent=2) + "\n")
+    if naming == "chatglm":
+        (dst / "tokenizer_config.json").write_text(json.dumps({"num_image_tokens": num_image_tokens}) + "\n")
     groups = [names[i::files] for i in range(files)] if files > 1 else [names]
     suffix = ".safetensors" if fmt == "safetensors" else ".bin"
     stem = "model" if fmt == "safetensors" else "pytorch_model"
     weight_map, total = {}, 0
     for i, group in enumerate(groups):
         name = f"{stem}-{i + 1:05d}-of-{files:05d}{suffix}" if files > 1 else f"{stem}{suffix}"
-        part = {n: t.contiguous() for n, t in tensors(group).items()}
+        part = {n: t.contiguous() for n, t in tensor_names.stored(tensors(group), cfg, naming).items()}
         if fmt == "safetensors":
             from safetensors.torch import save_file
             save_file(part, str(dst / name))
         else:
             torch.save(part, dst / name)
-        weight_map.update({n: name for n in group})
+        weight_map.update({n: name for n in part})
         total += sum(t.numel() * t.element_size() for t in part.values())
         del part
     if files > 1:

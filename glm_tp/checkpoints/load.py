@@ -40,7 +40,8 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
                tp: TPContext | None = None, progress: bool = True, kernels: str = "fused",
                lm_head: str = "model", verify: bool = False) -> GLMModel:
     """Load this rank's share of a checkpoint: the GLM-130B release layout with any number of shards, one
-    unsharded file, or a Hugging Face ChatGLM-6B folder, at any TP size that divides the model.
+    unsharded file, or a Hugging Face clone (ChatGLM-6B; ChatGLM2/3 and GLM-4 in THUDM's or transformers' layout,
+    -int4 included), at any TP size that divides the model.
 
     Single process: `load_model("ckpt")`. Under `torchrun --nproc_per_node N` every rank calls the
     same line and gets its own slice (the process group is set up on first use). kernels: "fused" (the

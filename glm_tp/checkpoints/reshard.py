@@ -200,6 +200,7 @@ def _write_metadata(source: Source, dst: str | os.PathLike, tp: int, bits: int, 
     meta = dict(source.metadata or {})
     meta.update(format="glm-130b-release", layout_version=LAYOUT_VERSION, tp=tp, quant_bits=bits)
     meta.pop("files", None)  # the source's file records; write_latest records the new shards
+    meta.pop("tensor_names", None)  # a Hugging Face clone's naming: the shards use glm-tp's names
     if cfg is not None:
         meta["model"] = cfg.to_dict()
     if "tokenizer" in meta and (source.root / meta["tokenizer"]).is_file():  # small models carry their tokenizer

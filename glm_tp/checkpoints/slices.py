@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from glm_tp.checkpoints.release import release_pages
-from glm_tp.checkpoints.sources import Part
+from glm_tp.checkpoints.sources import FusedRows, Part
 from glm_tp.kernels.formats import dequantize
 from glm_tp.parallel.partition import Copy, Layout, merged_shape
 
@@ -28,7 +28,10 @@ def planned_shape(full: tuple[int, ...], plan: list[Copy]) -> tuple[int, ...]:
 
 
 def release_part(part: Part, mapped: bool) -> None:
-    if mapped and isinstance(part, torch.Tensor):
+    if isinstance(part, FusedRows):
+        for stored in part.parts:
+            release_part(stored, mapped)
+    elif mapped and isinstance(part, torch.Tensor):
         release_pages(part)
 
 

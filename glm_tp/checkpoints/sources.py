@@ -3,9 +3,11 @@
 - the GLM-130B release layout (`latest`, `<iter>/mp_rank_XX_model_states.pt`), any number of shards:
   every split tensor is cut across the shards by partition.py's rule (`Source.cut`);
 - one unsharded file (`.pt`, `.bin` or `.safetensors`): every tensor whole;
-- the Hugging Face layout of ChatGLM-6B: `config.json` and `pytorch_model-0000X-of-0000N.bin` with
-  `pytorch_model.bin.index.json`, or `.safetensors` shards with `model.safetensors.index.json`, or one
-  `pytorch_model.bin` / `model.safetensors`: every tensor whole, in the file the index names.
+- the Hugging Face layouts of ChatGLM-6B, ChatGLM2/3 and GLM-4 (THUDM's and transformers' GlmForCausalLM):
+  `config.json` and `pytorch_model-0000X-of-0000N.bin` with `pytorch_model.bin.index.json`, or `.safetensors`
+  shards with `model.safetensors.index.json`, or one `pytorch_model.bin` / `model.safetensors`: every tensor
+  whole, in the file the index names, served under glm-tp's names (names.py); GlmForCausalLM's separate q, k
+  and v projections are served as one fused QKV (`FusedRows`) that reads only the rows a slice covers.
 
 Nothing is read until a rank asks for a slice (`Part.narrow`); then only the pages of that slice are
 touched. Nothing is ever downloaded: a missing file is a one-line `CheckpointError` naming it.
@@ -21,6 +23,7 @@ from typing import Any, Union
 
 import torch
 
+from glm_tp.checkpoints import names as tensor_names
 from glm_tp.checkpoints.hf import config_metadata
 from glm_tp.checkpoints.release import (
     CheckpointError,
@@ -54,7 +57,28 @@ class SafetensorsPart:
         return self._slice[tuple(index)]
 
 
-Part = Union[torch.Tensor, SafetensorsPart]
+class FusedRows:
+    """Tensors stored apart and served as one, joined along dim 0 (GlmForCausalLM's q, k and v projections as
+    glm-tp's fused QKV): a slice of rows reads only the stored tensors it covers."""
+
+    def __init__(self, parts: list[Part]):
+        self.parts = parts
+        self.shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if dim != 0:
+            return torch.cat([p.narrow(dim, start, length) for p in self.parts])
+        pieces, offset = [], 0
+        for p in self.parts:
+            lo, hi = max(start, offset), min(start + length, offset + p.shape[0])
+            if lo < hi:
+                pieces.append(p.narrow(0, lo - offset, hi - lo))
+            offset += p.shape[0]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+Part = Union[torch.Tensor, SafetensorsPart, FusedRows]
 
 
 @dataclass
@@ -71,6 +95,7 @@ class Source:
     _files: dict[str, Path] = field(default_factory=dict)
     mapped: bool = True
     iteration: str = "release"  # the release layout's iteration folder (what `latest` names)
+    naming: str = "chatglm"  # how the files name the tensors (names.LAYOUTS): they are served under glm-tp's names
 
     @property
     def shards(self) -> int:
@@ -101,18 +126,34 @@ class Source:
     def _open(self) -> None:
         if self._parts:
             return
+        fused: dict[str, dict[int, Part]] = {}
         for index, path in enumerate(self.files):
-            for name, part in open_tensors(path, self).items():
+            for stored, part in open_tensors(path, self).items():
+                name = tensor_names.ours(stored, self.naming)
                 self._files.setdefault(name, path)
+                block = tensor_names.fused_part(stored, self.naming)
+                if block is not None:
+                    fused.setdefault(name, {})[block] = part
+                    continue
                 if self.cut:
                     self._parts.setdefault(name, [None] * len(self.files))[index] = part
                 else:
                     self._parts[name] = [part]
+        self._fuse(fused)
         if self.cut:
             holes = [(n, i) for n, ps in self._parts.items() for i, p in enumerate(ps) if p is None]
             if holes:
                 raise CheckpointError(f"{self.files[holes[0][1]]} lacks {holes[0][0]}, which the other shards hold: "
                                       f"the shards do not belong together (re-copy or re-create it)")
+
+    def _fuse(self, fused: dict[str, dict[int, Part]]) -> None:
+        for name, blocks in fused.items():
+            if len(blocks) < len(tensor_names.GLM_QKV):
+                lacking = next(i for i in range(len(tensor_names.GLM_QKV)) if i not in blocks)
+                stored = tensor_names.theirs(name, self.naming)[lacking]
+                raise CheckpointError(f"{self.root} lacks {stored} (its other projections are there): the "
+                                      f"checkpoint is incomplete (re-copy it)")
+            self._parts[name] = [FusedRows([blocks[i] for i in sorted(blocks)])]
 
 
 def open_tensors(path: Path, source: Source) -> dict[str, Part]:
@@ -170,7 +211,8 @@ def _hf_source(root: Path) -> Source:
         files = [single]
     own = read_metadata(root) or {}
     meta.update({k: v for k, v in own.items() if k == "files"})
-    return Source(root, files, False, meta, f"Hugging Face, {len(files)} file(s)")
+    return Source(root, files, False, meta, f"Hugging Face, {len(files)} file(s)",
+                  naming=meta.get("tensor_names", "chatglm"))
 
 
 def source_bits(source: Source, hidden_size: int | None, *, open_weights: bool = True) -> int:

@@ -4,9 +4,11 @@ The same arithmetic answers "does it fit?" and "what would?": more ranks, INT8/I
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from glm_tp.config import ModelConfig
+from glm_tp.parallel.partition import QUANTIZED_WEIGHTS, full_shapes, layout_for, pieces
 
 GiB = 1024 ** 3
 
@@ -22,19 +24,21 @@ class Plan:
 
     @property
     def weight_bytes(self) -> int:
-        """One rank's weights: quantized linears hold bits/8 bytes per value plus an fp16 scale per row."""
-        c, tp, e = self.cfg, self.tp, self.dtype_bytes
-        h, f = c.hidden_size, c.inner_hidden_size
-        up = 2 * f if c.glu else f  # h->4h rows: GeGLU's value and gate, or GeLU's one
-        linear_values = (3 * h * h + h * h + up * h + f * h) // tp
-        linear_rows = (3 * h + up) // tp + 2 * h  # output rows: column layers split, row layers whole
-        if self.quant_bits:
-            linear = linear_values * self.quant_bits // 8 + 2 * linear_rows
-        else:
-            linear = linear_values * e
-        biases_norms = (linear_rows + 4 * h) * e
-        heads = 1 if c.tied_lm_head else 2  # an untied LM head is a second vocab-parallel matrix
-        return c.num_layers * (linear + biases_norms) + (heads * c.vocab_size // tp * h + 2 * h) * e
+        """One rank's weights (rank 0's), tensor by tensor as partition.py cuts them (grouped-query QKV rows,
+        KV groups replicated past their count): quantized linears hold bits/8 bytes per value plus an fp16
+        scale per row of the rank's shard, everything else the model's dtype."""
+        total = 0
+        for name, shape in full_shapes(self.cfg).items():
+            cut = pieces(layout_for(name, self.cfg), shape, self.tp, 0)
+            shard = list(shape)
+            if shard:
+                shard[cut[0].dim] = sum(p.length for p in cut)
+            values = math.prod(shard)
+            if self.quant_bits and name.endswith(QUANTIZED_WEIGHTS):
+                total += values * self.quant_bits // 8 + 2 * shard[0]
+            else:
+                total += values * self.dtype_bytes
+        return total
 
     @property
     def kv_bytes(self) -> int:

@@ -86,7 +86,8 @@ _LINEARS: dict[str, tuple[Layout, Layout]] = {
 QUANTIZED_LINEARS: tuple[str, ...] = tuple(_LINEARS)
 QUANTIZED_WEIGHTS: tuple[str, ...] = tuple(f"{linear}.weight" for linear in _LINEARS)
 PRECISION_PROBE = "transformer.layers.0.attention.query_key_value.weight"  # tells a checkpoint's precision
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # the reference ignores it too; tables are recomputed
+# rotary tables stored as buffers (ChatGLM-6B's, GlmForCausalLM's; ChatGLM2's rotary_pos_emb): the model computes its own
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
 _LAYER_RE = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
 
 

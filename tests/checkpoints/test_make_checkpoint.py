@@ -96,6 +96,10 @@ def test_the_hugging_face_layout_generates_as_the_release_layout_of_the_same_see
     (["--preset", "tiny", "--layout", "hf"], "the Hugging Face layout is ChatGLM-6B's"),
     (["--preset", "tiny-chatglm", "--layout", "hf", "--tp", "2"], "holds whole tensors"),
     (["--preset", "tiny", "--files", "2"], "--files is for --layout hf"),
+    (["--preset", "tiny-chatglm", "--layout", "chatglm2"], "--layout chatglm2 holds the ChatGLM2/3 and GLM-4 architecture"),
+    (["--preset", "tiny-chatglm2", "--layout", "glm-hf", "--quant", "int4"], "--quant is for --layout hf and chatglm2"),
+    (["--preset", "tiny-chatglm2", "--layout", "glm-hf", "--chat", "chatglm3"], "--chat is for --layout chatglm2"),
+    (["--preset", "tiny-chatglm2", "--quant", "int4"], "--quant and --chat are for the Hugging Face layouts"),
 ])
 def test_a_layout_that_cannot_hold_the_model_is_refused(args, says, tmp_path, capsys):
     with pytest.raises(SystemExit):

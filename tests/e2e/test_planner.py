@@ -72,3 +72,34 @@ def test_a_grouped_query_models_kv_cache_holds_its_groups_only():
     for tp in (1, 2, 4):
         per_token = 2 * cfg.num_layers * max(1, cfg.kv_groups // tp) * cfg.head_dim * 2
         assert Plan(cfg, tp, 2, 0, 3, 64).kv_bytes == 3 * 64 * per_token
+
+
+def test_chatglm2_6b_int4_fits_a_6gb_gpu_and_its_fp16_does_not():
+    args = ("model=chatglm2-6b", "ranks=1", "device_memory_gib=6", "batch_size=1", "dtype=fp16", "max_len=2048")
+    res = _plan(*args, "quant=int4")
+    assert res.returncode == 0 and "28 layers x 4096, TP=1, int4" in res.stdout and "-> fits" in res.stdout, res.stdout
+    res = _plan(*args)
+    assert "does NOT fit" in res.stdout and "quant=int4" in res.stdout
+
+
+def test_the_plan_of_a_clone_reads_its_config_json(tmp_path):
+    from tests.support.checkpoints import write_clone
+    ckpt = write_clone(tmp_path / "q", "chatglm2", "tiny-chatglm2", "--quant", "int4")
+    for weights in ckpt.glob("*.safetensors"):  # plan=true reads no weight file
+        weights.write_bytes(b"")
+    res = _plan(f"checkpoint={ckpt}", "ranks=2", "device_memory_gib=6", "batch_size=1", "max_len=64")
+    assert res.returncode == 0 and "3 layers x 128, TP=2, int4" in res.stdout and "-> fits" in res.stdout, res.stderr
+
+
+def test_the_weight_bytes_are_what_a_grouped_query_rank_holds(tmp_path):
+    """Grouped QKV rows (KV groups replicated past TP 2), QKV bias only, INT4 scales: per rank, as loaded."""
+    from glm_tp import load_model
+    from glm_tp.parallel.dist import simulated_rank
+    from tests.support.checkpoints import write_clone
+    cfg = PRESETS["tiny-chatglm2"]
+    for options, bits in (((), 0), (("--quant", "int4"), 4)):
+        ckpt = write_clone(tmp_path / f"c{bits}", "chatglm2", "tiny-chatglm2", *options)
+        for tp in (1, 2, 4):
+            model = load_model(ckpt, tp=simulated_rank(tp, 0), dtype="fp32", progress=False, kernels="dequant")
+            held = sum(p.numel() * p.element_size() for p in model.parameters())
+            assert held == Plan(cfg, tp, 4, bits, 1, 1).weight_bytes, (bits, tp)

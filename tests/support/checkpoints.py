@@ -85,3 +85,13 @@ def load_rss(ckpt: Path, dtype: str, rank_of: tuple[int, int] | None = None, for
     out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(ROOT), str(ckpt), dtype, size, rank, str(int(forward))],
                          capture_output=True, text=True, check=True, timeout=300)
     return json.loads(out.stdout)
+
+
+def write_clone(dst: Path, layout: str, preset: str = "tiny-chatglm2", *options: str, dtype: str = "fp32",
+                seed: int = 0) -> Path:
+    """A random Hugging Face clone in `layout` (glm-tp-make-checkpoint --layout: hf, chatglm2, glm-hf), with the
+    tokenizer files such a clone holds; `options`: more of its flags (--quant int4, --chat chatglm3, --files 2)."""
+    from glm_tp.cli import make_checkpoint
+    make_checkpoint.main([str(dst), "--preset", preset, "--layout", layout, "--dtype", dtype, "--seed", str(seed),
+                          *options])
+    return dst
