@@ -60,6 +60,13 @@ class Coordinator:
         """Chat messages -> context ids in the model's chat format (None: the model has none)."""
         return chat_format(self.engine.model.cfg.chat_template, self.engine.tok)
 
+    @property
+    def features(self) -> dict[str, bool]:
+        """What the model offers front ends: a chat format, blank infilling (GLM-130B, ChatGLM-6B; a causal
+        model only continues its prompt)."""
+        cfg = self.engine.model.cfg
+        return {"chat": bool(cfg.chat_template), "blank_infilling": not cfg.causal}
+
     def decode(self, ids: list[int]) -> str:
         """The text of token ids (a prompt sent as ids, echoed back)."""
         return self.engine.tok.decode(ids)
