@@ -22,6 +22,7 @@ from glm_tp.engine.types import (
     RequestHandle,
     Result,
 )
+from glm_tp.text.blanks import shown_ids
 from glm_tp.text.chat import ChatFormat, chat_format
 
 
@@ -68,8 +69,9 @@ class Coordinator:
         return {"chat": bool(cfg.chat_template), "blank_infilling": not cfg.causal}
 
     def decode(self, ids: list[int]) -> str:
-        """The text of token ids (a prompt sent as ids, echoed back)."""
-        return self.engine.tok.decode(ids)
+        """The text of token ids (a prompt sent as ids, echoed back; a causal model's without its prefix)."""
+        tok = self.engine.tok
+        return tok.decode(shown_ids(list(ids), tok.special, self.engine.model.cfg.causal))
 
     @property
     def default(self) -> GenerationConfig:
