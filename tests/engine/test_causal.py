@@ -201,3 +201,14 @@ def test_cancelling_a_causal_request_frees_its_row(ckpts, tiny_tokenizer_file):
     while not second.done:
         coordinator.step()
     assert second.result().token_ids == engine.generate([Request("b", PROMPTS[1])])[0].token_ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: CUDA graphs are checked on a GPU machine")
+def test_cuda_graphs_give_the_eager_tokens_on_a_causal_model(ckpts, tiny_tokenizer_file):
+    results = {}
+    for graphs in (False, True):
+        engine = engine_for(ckpts[1], tiny_tokenizer_file, device="cuda", dtype="fp16",
+                            default=GenerationConfig(max_new_tokens=12), cuda_graphs=graphs)
+        results[graphs] = [r.token_ids for r in engine.generate([Request(str(i), p) for i, p in enumerate(PROMPTS)])]
+        assert bool(engine.decoder._graphs) == graphs
+    assert results[True] == results[False]
