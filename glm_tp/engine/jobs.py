@@ -1,9 +1,9 @@
 """One request on rank 0, on its way through its blanks.
 
 A `Job` knows the fill it needs next (GLM fills blanks left to right, each as a fresh prefill with the
-earlier answers spliced in), takes the tokens the scheduler chooses for its rows, ends a fill on an end
-token, its token cap or a stop string, and emits what it generated as events; `result_of` builds its
-`Result`.
+earlier answers spliced in; a causal model's prompt is one fill that continues it), takes the tokens the
+scheduler chooses for its rows, ends a fill on an end token (eos, eop, the model's stop ids), its token cap
+or a stop string, and emits what it generated as events; `result_of` builds its `Result`.
 """
 from __future__ import annotations
 
@@ -190,7 +190,8 @@ class Job:
             eos = self.tok.special.eos
             full = [shown_ids(splice(self.ids, self.fill.mask_index, a), self.tok.special, self.causal)
                     for a in answers]
-            self.beam_texts = [self.tok.decode(f[:-1] if f and f[-1] == eos else f) for f in full]
+            self.beam_texts = [self.tok.decode(f[:-1] if f and f[-1] == eos and not self.causal else f)
+                               for f in full]
         best = answers[0] if answers else []
         text = self.tok.decode(best)
         return best, text[:find_stop(text, self.config.stop)]
@@ -211,7 +212,7 @@ def result_of(job: Job) -> Result:
     if job.error is not None and not job.blank_ids:
         return Result.failed(job.handle.id, job.error)
     ids, origin = list(job.ids), list(job.origin)
-    if ids and ids[-1] == job.tok.special.eos:
+    if not job.causal and ids and ids[-1] == job.tok.special.eos:  # the eos a blank prompt got appended
         ids, origin = ids[:-1], origin[:-1]
     shown = shown_ids(ids, job.tok.special, job.causal)  # without a causal model's [gMASK] sop prefix
     given = job.handle.request.text
