@@ -89,3 +89,31 @@ def test_a_chat_model_gets_the_chat_view_and_streamed_replies(tmp_path, tiny_tok
     finally:
         browser.quit()
         live.close()
+
+
+def test_a_causal_model_without_a_chat_format_gets_the_completion_view_without_blanks(tmp_path, tiny_tokenizer_file):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    live = start(causal_engine(tmp_path, tiny_tokenizer_file, chat_template=""))
+    browser = _browser()
+    try:
+        browser.get(live.url + "/")
+        WebDriverWait(browser, 60).until(
+            lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-view") == "completion")
+        assert not browser.find_element(By.ID, "views").is_displayed()  # no chat view to switch to
+        assert not browser.find_element(By.ID, "mask-buttons").is_displayed()
+        assert browser.find_element(By.ID, "causal-help").is_displayed()
+        box = browser.find_element(By.ID, "prompt")
+        box.clear()
+        box.send_keys("one two three")
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 60).until(lambda b: "tokens in" in b.find_element(By.ID, "stats").text)
+        body = {"prompt": "one two three", "max_tokens": 32, "seed": 1234, "temperature": 0, "top_p": 1}
+        answer = httpx.post(live.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        echoed = httpx.post(live.url + "/v1/completions", json={**body, "echo": True}, timeout=60).json()
+        assert browser.find_element(By.ID, "output").text == echoed["choices"][0]["text"].strip()
+        assert [m.text for m in browser.find_elements(By.CSS_SELECTOR, "#output mark.blank")] == [answer.strip()]
+    finally:
+        browser.quit()
+        live.close()
