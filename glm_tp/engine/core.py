@@ -1,4 +1,5 @@
-"""The generation engine: continuous batching of blank fills over a tensor-parallel model.
+"""The generation engine: continuous batching of fills (GLM blanks, or a causal model's continuation) over a
+tensor-parallel model.
 
 Every rank holds an `Engine` and runs the same forward passes; rank 0 alone decides. An iteration:
 rank 0's sampler (sampler.py) chooses the rows' tokens from the last logits, its scheduler

@@ -32,7 +32,8 @@ def engine_for(checkpoint_or_model: str | os.PathLike | GLMModel, tokenizer: str
 def causal_checkpoint(root: Path, tp: int = 1, **changes: Any) -> Path:
     """A random fp32 'tiny-chatglm2' checkpoint (causal, 2 KV groups) cut for `tp` under `root`, written once;
     `changes` replace config fields (e.g. stop_ids, chat_template)."""
-    dst = root / ("tiny-chatglm2-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items())) + f"-tp{tp}")
+    named = "".join(f"-{k}-{''.join(c for c in str(v) if c.isalnum()) or 'none'}" for k, v in sorted(changes.items()))
+    dst = root / f"tiny-chatglm2{named}-tp{tp}"
     if not dst.exists():
         cfg = dataclasses.replace(PRESETS["tiny-chatglm2"], **changes)
         write_random_checkpoint(dst, cfg, tp, torch.float32)
