@@ -203,7 +203,8 @@ def test_cancelling_a_causal_request_frees_its_row(ckpts, tiny_tokenizer_file):
     assert second.result().token_ids == engine.generate([Request("b", PROMPTS[1])])[0].token_ids
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: CUDA graphs are checked on a GPU machine")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device here: CUDA graphs are checked on a GPU machine")
 def test_cuda_graphs_give_the_eager_tokens_on_a_causal_model(ckpts, tiny_tokenizer_file):
     results = {}
     for graphs in (False, True):

@@ -85,7 +85,8 @@ def test_a_chat_model_gets_the_chat_view_and_streamed_replies(tmp_path, tiny_tok
         assert shown == [(m["role"], m["content"].strip()) for m in said]
         assert all(m["content"] for m in said)
         browser.find_element(By.ID, "view-completion").click()  # the completion view stays at hand
-        assert browser.find_element(By.ID, "prompt").is_displayed() and not browser.find_element(By.ID, "send").is_displayed()
+        assert browser.find_element(By.ID, "prompt").is_displayed()
+        assert not browser.find_element(By.ID, "send").is_displayed()
     finally:
         browser.quit()
         live.close()
