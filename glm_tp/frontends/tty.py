@@ -49,15 +49,16 @@ BLANK_STYLE, RESET = "\033[1;32m\033[4m", "\033[0m"
 CTRL_C = b"\x03"
 
 
-def render(result: Result, color: bool, interrupted: bool = False) -> str:
+def render(result: Result, color: bool, interrupted: bool = False, label: str = "blanks") -> str:
     """The answer as shown. An answer that ended on the cache's length before max_new_tokens was cut short
-    by max_len, which the user should know (a max_new_tokens end is what they asked for)."""
+    by max_len, which the user should know (a max_new_tokens end is what they asked for). label: what the
+    plain output calls the generated part (a causal model's is its answer, not blanks)."""
     if result.error:
         return f"error: {result.error}"
     text = "".join(f"{BLANK_STYLE}{t}{RESET}" if blank and color else t for t, blank in result.pieces)
     lines = [text]
     if not color:  # no highlighting: name the filled blanks instead
-        lines.append("  blanks: " + " | ".join(b.strip() for b in result.blanks))
+        lines.append(f"  {label}: " + " | ".join(b.strip() for b in result.blanks))
     if result.beams and len(result.beams) > 1:
         lines += [f"  beam {i}: {b}" for i, b in enumerate(result.beams)]
     if result.logprobs:  # /set logprobs N: each generated token, its logprob, and the top N
@@ -297,6 +298,7 @@ def run_tty(coordinator: Coordinator, color: str = "auto") -> None:
 
 def _loop(coordinator: Coordinator, terminal: _Terminal, signals: _Signals, interactive: bool, color: bool) -> None:
     count, chat = 0, ChatMode(coordinator)
+    label = "blanks" if coordinator.features["blank_infilling"] else "answer"
     while signals.reason is None:
         terminal.prompting()
         try:
@@ -332,7 +334,7 @@ def _loop(coordinator: Coordinator, terminal: _Terminal, signals: _Signals, inte
             print(f"error: {e}", flush=True)
             continue
         result = coordinator.generate([request], interrupt=interrupt)[0]
-        shown = chat.answered(text, result) if chat.on else render(result, color, interrupted=bool(stopped))
+        shown = chat.answered(text, result) if chat.on else render(result, color, bool(stopped), label)
         print(shown, flush=True)
     if signals.failure is not None:
         print(flush=True)  # off the prompt's line

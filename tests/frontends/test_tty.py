@@ -146,7 +146,8 @@ def test_piped_tty_continues_a_causal_models_text_and_chats_in_its_format(monkey
     run_tty(Coordinator(engine.tp, engine), color="never")
     out = capsys.readouterr().out.splitlines()
     plain = direct.generate([Request("p", "one two three")])[0]
-    assert out[0] == plain.text and out[0].startswith("one two three") and out[1].startswith("  blanks: ")
+    assert out[0] == plain.text and out[0].startswith("one two three")
+    assert out[1] == "  answer: " + plain.blanks[0].strip()
 
     def reply(messages: list[dict]) -> str:
         return "".join(direct.generate([Request("c", token_ids=chat(messages))])[0].blanks).strip()
