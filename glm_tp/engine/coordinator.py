@@ -22,6 +22,7 @@ from glm_tp.engine.types import (
     RequestHandle,
     Result,
 )
+from glm_tp.text.blanks import shown_ids
 from glm_tp.text.chat import ChatFormat, chat_format
 
 
@@ -60,9 +61,17 @@ class Coordinator:
         """Chat messages -> context ids in the model's chat format (None: the model has none)."""
         return chat_format(self.engine.model.cfg.chat_template, self.engine.tok)
 
+    @property
+    def features(self) -> dict[str, bool]:
+        """What the model offers front ends: a chat format, blank infilling (GLM-130B, ChatGLM-6B; a causal
+        model only continues its prompt)."""
+        cfg = self.engine.model.cfg
+        return {"chat": bool(cfg.chat_template), "blank_infilling": not cfg.causal}
+
     def decode(self, ids: list[int]) -> str:
-        """The text of token ids (a prompt sent as ids, echoed back)."""
-        return self.engine.tok.decode(ids)
+        """The text of token ids (a prompt sent as ids, echoed back; a causal model's without its prefix)."""
+        tok = self.engine.tok
+        return tok.decode(shown_ids(list(ids), tok.special, self.engine.model.cfg.causal))
 
     @property
     def default(self) -> GenerationConfig:

@@ -1,4 +1,5 @@
-"""The generation engine: continuous batching of blank fills over a tensor-parallel model.
+"""The generation engine: continuous batching of fills (GLM blanks, or a causal model's continuation) over a
+tensor-parallel model.
 
 Every rank holds an `Engine` and runs the same forward passes; rank 0 alone decides. An iteration:
 rank 0's sampler (sampler.py) chooses the rows' tokens from the last logits, its scheduler
@@ -52,8 +53,8 @@ class Engine:
         # prefill tokens per step (padded): at least one whole prompt, and room to batch several
         budget = prefill_budget or max(2048, self.decoder.max_len)
         self.scheduler = Scheduler(max_batch, budget) if self.tp.is_first else None
-        self.sampler = Sampler(banned_tokens(model.cfg.vocab_size, tokenizer), tokenizer.decode) \
-            if self.tp.is_first else None
+        banned = banned_tokens(model.cfg.vocab_size, tokenizer, model.cfg.stop_ids)
+        self.sampler = Sampler(banned, tokenizer.decode) if self.tp.is_first else None
         self.logits: torch.Tensor | None = None
 
     @property
@@ -65,8 +66,9 @@ class Engine:
         handle is already done with the error (a PromptError's code; a bad setting is an invalid prompt)."""
         handle = RequestHandle(request, listener)
         try:
-            job = Job(handle, self.default, self.tok, self.model.cfg.vocab_size, self.max_len,
-                      self.model.cfg.position_encoding)
+            cfg = self.model.cfg
+            job = Job(handle, self.default, self.tok, cfg.vocab_size, self.max_len, cfg.position_encoding,
+                      cfg.causal, cfg.stop_ids)
         except ValueError as e:
             return RequestHandle.refused(request, str(e), getattr(e, "code", INVALID_PROMPT), listener), None
         if job.beams > self.max_batch:

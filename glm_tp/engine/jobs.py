@@ -1,9 +1,9 @@
 """One request on rank 0, on its way through its blanks.
 
 A `Job` knows the fill it needs next (GLM fills blanks left to right, each as a fresh prefill with the
-earlier answers spliced in), takes the tokens the scheduler chooses for its rows, ends a fill on an end
-token, its token cap or a stop string, and emits what it generated as events; `result_of` builds its
-`Result`.
+earlier answers spliced in; a causal model's prompt is one fill that continues it), takes the tokens the
+scheduler chooses for its rows, ends a fill on an end token (eos, eop, the model's stop ids), its token cap
+or a stop string, and emits what it generated as events; `result_of` builds its `Result`.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from glm_tp.engine.types import (
     Delta,
     Done,
     GenerationConfig,
+    Request,
     RequestHandle,
     Result,
     TokenLogprob,
@@ -24,11 +25,14 @@ from glm_tp.text.blanks import (
     BlankInput,
     PromptError,
     answer_lead,
+    causal_fill,
+    causal_prompt,
     check_length,
     complete_context,
     fill_kind,
     filled_text,
     next_blank,
+    shown_ids,
     splice,
     tokenize_prompt,
 )
@@ -38,36 +42,29 @@ from glm_tp.text.tokenizer import GLMTokenizer
 
 class Job:
     def __init__(self, handle: RequestHandle, default: GenerationConfig, tok: GLMTokenizer, vocab_size: int,
-                 max_len: int, position_encoding: str = "1d"):
+                 max_len: int, position_encoding: str = "1d", causal: bool = False, stop_ids: tuple[int, ...] = ()):
         """Tokenizes and checks the request; raises PromptError/ValueError for one that can never run.
-        position_encoding: the model's ("2d": ChatGLM-6B's position and block position)."""
-        self.position_encoding = position_encoding
+        position_encoding: the model's ("2d": ChatGLM-6B's position and block position); causal: the model
+        continues a causal context instead of filling blanks (ChatGLM2/3, GLM-4); stop_ids: the model's end
+        tokens besides eos and eop."""
+        self.position_encoding, self.causal = position_encoding, causal
         self.handle, self.tok, self.max_len = handle, tok, max_len
         request = handle.request
         self.config = request.config or default
         self.config.validate()
-        if request.token_ids is not None:
-            if not request.token_ids:
-                raise PromptError("prompt_token_ids is empty: give the prompt's token ids")
-            bad = [t for t in request.token_ids if not 0 <= int(t) < vocab_size]
-            if bad:
-                raise PromptError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-            self.ids = complete_context([int(t) for t in request.token_ids], tok.special)
-        elif request.text is not None:
-            if not request.text.strip():  # the model would make up an answer to nothing
-                raise PromptError("the prompt is empty: give some text (with [MASK] or [gMASK] blanks)")
-            self.ids = tokenize_prompt(request.text, tok)
-        else:
-            raise PromptError("request has neither text nor token_ids")
-        check_length(self.ids, max_len)
-        if len(self.ids) + 1 + self.config.max_new_tokens > max_len:
-            raise PromptError(f"prompt is {len(self.ids) + 1} tokens with sop and asks for up to "
+        self.ids = self._prompt_ids(request, vocab_size)
+        check_length(self.ids, max_len, causal)
+        size = len(self.ids) + (0 if causal else 1)
+        if size + self.config.max_new_tokens > max_len:
+            with_sop = "" if causal else " with sop"
+            raise PromptError(f"prompt is {size} tokens{with_sop} and asks for up to "
                               f"{self.config.max_new_tokens} new tokens: more than max_len {max_len}; shorten the "
                               f"prompt or lower max_new_tokens", CONTEXT_LENGTH)
         self.origin = [0] * len(self.ids)  # 0 = prompt token, k = token of blank k
         self.kind = fill_kind(self.ids, tok.special)
         self.prompt_tokens = len(self.ids)
-        self.end_tokens = [tok.special.eop, tok.special.eos]
+        # the model's end tokens: eop, eos and its own stop ids (GLM-4's <|user|>), none named by the user
+        self.end_tokens = list(dict.fromkeys([tok.special.eop, tok.special.eos, *stop_ids]))
         self.blank_ids: list[list[int]] = []
         self.blank_texts: list[str] = []
         self.blank_leads: list[str] = []  # each answer's leading space in context (answer_lead)
@@ -82,13 +79,32 @@ class Job:
         self.queued_at = 0  # the scheduler step at which it began waiting
         self.fill: BlankInput | None = None
 
+    def _prompt_ids(self, request: Request, vocab_size: int) -> list[int]:
+        """The context ids: given ids checked (a causal model's used verbatim, a blank model's completed),
+        or the text tokenized by the model's kind."""
+        if request.token_ids is not None:
+            if not request.token_ids:
+                raise PromptError("prompt_token_ids is empty: give the prompt's token ids")
+            bad = [t for t in request.token_ids if not 0 <= int(t) < vocab_size]
+            if bad:
+                raise PromptError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+            ids = [int(t) for t in request.token_ids]
+            return ids if self.causal else complete_context(ids, self.tok.special)
+        if request.text is None:
+            raise PromptError("request has neither text nor token_ids")
+        if not request.text.strip():  # the model would make up an answer to nothing
+            blanks = "" if self.causal else " (with [MASK] or [gMASK] blanks)"
+            raise PromptError(f"the prompt is empty: give some text{blanks}")
+        return causal_prompt(request.text, self.tok) if self.causal else tokenize_prompt(request.text, self.tok)
+
     # -- the current fill ---------------------------------------------------------------------------
     @property
     def beams(self) -> int:
         return self.config.num_beams if self.config.strategy == "beam" else 1
 
     def start_fill(self) -> BlankInput:
-        inp = next_blank(self.ids, self.kind, self.tok.special, self.position_encoding)
+        inp = causal_fill(self.ids) if self.causal else \
+            next_blank(self.ids, self.kind, self.tok.special, self.position_encoding)
         assert inp is not None
         self.fill, self.sent = inp, ""  # sent: the text emitted so far
         self.stream = StopStream(self.tok, self.config.stop)
@@ -150,7 +166,7 @@ class Job:
         if reason == "length" and self.cap < self.config.max_new_tokens:
             self.cut_by_max_len = True
         self.finish, self.fill, self.rows = reason, None, []
-        if self.kind not in self.ids:
+        if inp.causal or self.kind not in self.ids:  # a causal model's answer is its one fill
             return False
         if len(self.ids) + 1 + 1 > self.max_len:
             self.finish, self.cut_by_max_len = "length", True  # no room for the next blank's sop and a token
@@ -172,8 +188,10 @@ class Job:
         self.completion_tokens += len(answers[0]) if answers else 0
         if self.config.return_all_beams:  # each beam as the whole text, as the reference prints them
             eos = self.tok.special.eos
-            full = [splice(self.ids, self.fill.mask_index, a) for a in answers]
-            self.beam_texts = [self.tok.decode(f[:-1] if f and f[-1] == eos else f) for f in full]
+            full = [shown_ids(splice(self.ids, self.fill.mask_index, a), self.tok.special, self.causal)
+                    for a in answers]
+            self.beam_texts = [self.tok.decode(f[:-1] if f and f[-1] == eos and not self.causal else f)
+                               for f in full]
         best = answers[0] if answers else []
         text = self.tok.decode(best)
         return best, text[:find_stop(text, self.config.stop)]
@@ -194,17 +212,18 @@ def result_of(job: Job) -> Result:
     if job.error is not None and not job.blank_ids:
         return Result.failed(job.handle.id, job.error)
     ids, origin = list(job.ids), list(job.origin)
-    if ids and ids[-1] == job.tok.special.eos:
+    if not job.causal and ids and ids[-1] == job.tok.special.eos:  # the eos a blank prompt got appended
         ids, origin = ids[:-1], origin[:-1]
+    shown = shown_ids(ids, job.tok.special, job.causal)  # without a causal model's [gMASK] sop prefix
     given = job.handle.request.text
-    text = job.tok.decode(ids) if given is None else \
+    text = job.tok.decode(shown) if given is None else \
         filled_text(given, job.kind, job.tok.special, [a + t for a, t in zip(job.blank_leads, job.blank_texts)])
     return Result(id=job.handle.id, text=text, blanks=list(job.blank_texts),
                   blanks_token_ids=[list(b) for b in job.blank_ids], token_ids=ids,
                   finish_reason=job.finish or "stop", prompt_tokens=job.prompt_tokens,
                   completion_tokens=job.completion_tokens, beams=job.beam_texts, error=job.error,
-                  pieces=_pieces(job.tok, ids, origin), logprobs=job.logprobs, cut_by_max_len=job.cut_by_max_len,
-                  leads=list(job.blank_leads))
+                  pieces=_pieces(job.tok, shown, origin[len(ids) - len(shown):]), logprobs=job.logprobs,
+                  cut_by_max_len=job.cut_by_max_len, leads=list(job.blank_leads))
 
 
 def _pieces(tok: GLMTokenizer, ids: list[int], origin: list[int]) -> list[tuple[str, bool]]:

@@ -18,12 +18,13 @@ from glm_tp.engine.types import LOGPROB_FLOOR, TokenLogprob
 from glm_tp.text.tokenizer import GLMTokenizer
 
 
-def banned_tokens(vocab_size: int, tok: GLMTokenizer) -> torch.Tensor:
-    """True for the ids never generated: only text tokens and the end tokens may be (no masks, sop, padding)."""
+def banned_tokens(vocab_size: int, tok: GLMTokenizer, stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """True for the ids never generated: only text tokens and the end tokens may be (eos, eop and the model's
+    stop ids such as GLM-4's <|user|>, which end an answer; no masks, sop, other roles, padding)."""
     banned = torch.ones(vocab_size, dtype=torch.bool)
     lo = tok.offset
     banned[lo:min(lo + tok.text_vocab_size, vocab_size)] = False
-    banned[[tok.special.eop, tok.special.eos]] = False
+    banned[[t for t in (tok.special.eop, tok.special.eos, *stop_ids) if 0 <= t < vocab_size]] = False
     return banned
 
 

@@ -30,6 +30,8 @@ from typing import Callable
 from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.core import KEEPALIVE_S
 from glm_tp.engine.types import GenerationConfig, Request, Result
+from glm_tp.frontends.tty_chat import CHAT_HELP, ChatMode
+from glm_tp.text.blanks import PromptError
 from glm_tp.text.unicode import TextError, check_text
 
 HELP = """commands:
@@ -39,21 +41,24 @@ HELP = """commands:
   /sample          sampling (temperature, top_k, top_p)
   /show            print the current settings       /help     this text
   /quit            exit (so does Ctrl-D)
-prompts: put [MASK] (short blank), [sMASK] or [gMASK] (long blank, at the end) in the text; without a mask,
-[gMASK] is appended. End a line with \\ to continue the prompt on the next line."""
+{chat}prompts: {prompts} End a line with \\ to continue the prompt on the next line."""
+BLANK_PROMPTS = """put [MASK] (short blank), [sMASK] or [gMASK] (long blank, at the end) in the text; without a mask,
+[gMASK] is appended."""
+CAUSAL_PROMPTS = "the model continues the text (it has no blank infilling)."
 BLANK_STYLE, RESET = "\033[1;32m\033[4m", "\033[0m"
 CTRL_C = b"\x03"
 
 
-def render(result: Result, color: bool, interrupted: bool = False) -> str:
+def render(result: Result, color: bool, interrupted: bool = False, label: str = "blanks") -> str:
     """The answer as shown. An answer that ended on the cache's length before max_new_tokens was cut short
-    by max_len, which the user should know (a max_new_tokens end is what they asked for)."""
+    by max_len, which the user should know (a max_new_tokens end is what they asked for). label: what the
+    plain output calls the generated part (a causal model's is its answer, not blanks)."""
     if result.error:
         return f"error: {result.error}"
     text = "".join(f"{BLANK_STYLE}{t}{RESET}" if blank and color else t for t, blank in result.pieces)
     lines = [text]
     if not color:  # no highlighting: name the filled blanks instead
-        lines.append("  blanks: " + " | ".join(b.strip() for b in result.blanks))
+        lines.append(f"  {label}: " + " | ".join(b.strip() for b in result.blanks))
     if result.beams and len(result.beams) > 1:
         lines += [f"  beam {i}: {b}" for i, b in enumerate(result.beams)]
     if result.logprobs:  # /set logprobs N: each generated token, its logprob, and the top N
@@ -244,7 +249,9 @@ def handle_command(line: str, coordinator: Coordinator) -> bool:
     if name == "/quit":
         return False
     if name == "/help":
-        print(HELP)
+        features = coordinator.features
+        print(HELP.format(chat=CHAT_HELP + "\n" if features["chat"] else "",
+                          prompts=BLANK_PROMPTS if features["blank_infilling"] else CAUSAL_PROMPTS))
     elif name == "/show":
         print("  " + ", ".join(f"{k}={v}" for k, v in vars(coordinator.default).items()))
     else:
@@ -278,7 +285,10 @@ def run_tty(coordinator: Coordinator, color: str = "auto") -> None:
                 readline.parse_and_bind(r'"\C-c": kill-whole-line')
             except ImportError:
                 pass
-            print("glm-tp: type a prompt with [MASK] or [gMASK] blanks, /help for commands, Ctrl-D to quit")
+            features = coordinator.features
+            what = "a prompt with [MASK] or [gMASK] blanks" if features["blank_infilling"] else "a text to continue"
+            chat = " (/chat to chat)" if features["chat"] else ""
+            print(f"glm-tp: type {what}{chat}, /help for commands, Ctrl-D to quit")
         _loop(coordinator, terminal, signals, interactive, use_color)
     finally:
         if terminal is not None:
@@ -287,7 +297,8 @@ def run_tty(coordinator: Coordinator, color: str = "auto") -> None:
 
 
 def _loop(coordinator: Coordinator, terminal: _Terminal, signals: _Signals, interactive: bool, color: bool) -> None:
-    count = 0
+    count, chat = 0, ChatMode(coordinator)
+    label = "blanks" if coordinator.features["blank_infilling"] else "answer"
     while signals.reason is None:
         terminal.prompting()
         try:
@@ -305,7 +316,7 @@ def _loop(coordinator: Coordinator, terminal: _Terminal, signals: _Signals, inte
             print(f"error: {e}", flush=True)
             continue
         if text.startswith("/"):
-            if not handle_command(text.strip(), coordinator):
+            if not chat.command(text.strip()) and not handle_command(text.strip(), coordinator):
                 break
             continue
         count += 1
@@ -317,8 +328,14 @@ def _loop(coordinator: Coordinator, terminal: _Terminal, signals: _Signals, inte
                 stopped.append(True)
             return bool(stopped)
 
-        result = coordinator.generate([Request(f"tty-{count}", text)], interrupt=interrupt)[0]
-        print(render(result, color, interrupted=bool(stopped)), flush=True)
+        try:
+            request = chat.request(f"tty-{count}", text) if chat.on else Request(f"tty-{count}", text)
+        except PromptError as e:  # messages the chat format cannot write
+            print(f"error: {e}", flush=True)
+            continue
+        result = coordinator.generate([request], interrupt=interrupt)[0]
+        shown = chat.answered(text, result) if chat.on else render(result, color, bool(stopped), label)
+        print(shown, flush=True)
     if signals.failure is not None:
         print(flush=True)  # off the prompt's line
         raise signals.failure

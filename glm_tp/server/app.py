@@ -254,9 +254,10 @@ class Routes:
 
     # -- the rest -----------------------------------------------------------------------------------
     def models(self, request: Request) -> dict:
+        """The one model; its "glm" field says what it offers (the playground picks its view by it)."""
         self._authorize(request)
-        return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model",
-                                            "created": 0, "owned_by": "glm-tp"}]}
+        return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "glm-tp", "glm": dict(self.backend.features)}]}
 
     def health(self) -> Response:
         if self.state.failure or self.state.draining:

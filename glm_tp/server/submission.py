@@ -26,6 +26,9 @@ class Backend(Protocol):
     @property
     def chat_format(self) -> ChatFormat | None: ...
 
+    @property
+    def features(self) -> dict[str, bool]: ...
+
 
 class EngineFailed(RuntimeError):
     """The engine loop stopped (a rank was lost): every open request ends with this."""

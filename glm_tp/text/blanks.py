@@ -12,6 +12,10 @@ The rules are the reference's (GLM-130B generate.py):
 - 2D positions (ChatGLM-6B, `position_encoding="2d"`): each position is a pair (position, block position).
   The context is (0, 0) .. (n-1, 0); from sop on the position stays at the mask's index for every mask kind
   and the block position counts 1, 2, ...
+- Causal models (ChatGLM2/3, GLM-4: `ModelConfig.causal`) have no blanks: a text prompt is [gMASK] sop and
+  the text's ids (as their own code builds it), attention causal over the whole sequence, positions
+  0..n-1, and the one answer continues from position n. Ids given by the caller are used verbatim. It is
+  still one fill (`causal_fill`), so the engine runs both kinds the same way.
 """
 from __future__ import annotations
 
@@ -89,6 +93,7 @@ class BlankInput:
     mask_index: int            # where the blank is in the context
     next_position: Position    # position of the first generated token
     counting: Position         # 1D: 0 pinned ([MASK]/[sMASK]) or 1 ([gMASK]); 2D: (0, 1)
+    causal: bool = False       # a causal model's continuation: the answer goes after the whole context
 
     def position_after(self, generated: int) -> Position:
         """Position of generated token number `generated` (0-based)."""
@@ -111,15 +116,40 @@ def next_blank(ids: list[int], kind: int, special: SpecialTokens, position_encod
                       mask_index=m, next_position=m if pinned else n + 1, counting=0 if pinned else 1)
 
 
+def causal_prompt(text: str, tok: GLMTokenizer) -> list[int]:
+    """A causal model's prompt: [gMASK] sop, then the text as plain text. A mask marker in it is refused:
+    such a model was not trained to fill blanks, and guessing what was meant would answer something else."""
+    marker = MASK_PATTERN.search(text)
+    if marker:
+        raise PromptError(f"this model has no blank infilling, so {marker.group()} cannot be filled: send the "
+                          f"text to continue, without [MASK], [sMASK] or [gMASK]")
+    return [tok.special.gmask, tok.special.sop] + tok.encode(text)
+
+
+def causal_fill(ids: list[int]) -> BlankInput:
+    """The one fill of a causal model: the context as it is, causal throughout, positions counting on."""
+    n = len(ids)
+    return BlankInput(tokens=list(ids), positions=list(range(n)), bidirectional=0, mask_index=n,
+                      next_position=n, counting=1, causal=True)
+
+
+def shown_ids(ids: list[int], special: SpecialTokens, causal: bool) -> list[int]:
+    """The ids a causal model's text is read from: without the [gMASK] sop prefix every prompt begins with
+    (the model's, not the user's text); other models' ids as they are."""
+    return ids[2:] if causal and ids[:2] == [special.gmask, special.sop] else ids
+
+
 def splice(ids: list[int], mask_index: int, generated: list[int]) -> list[int]:
     """Put a blank's answer where its mask was."""
     return ids[:mask_index] + list(generated) + ids[mask_index + 1:]
 
 
-def check_length(ids: list[int], max_len: int) -> None:
-    if len(ids) + 1 > max_len:
-        raise PromptError(f"prompt is {len(ids) + 1} tokens with sop, more than the model's max length {max_len}: "
-                          f"shorten it", CONTEXT_LENGTH)
+def check_length(ids: list[int], max_len: int, causal: bool = False) -> None:
+    """A prompt must fit the model: with the sop a blank fill adds, a causal prompt as it is."""
+    size, what = (len(ids), "tokens") if causal else (len(ids) + 1, "tokens with sop")
+    if size > max_len:
+        raise PromptError(f"prompt is {size} {what}, more than the model's max length {max_len}: shorten it",
+                          CONTEXT_LENGTH)
 
 
 LEAD_CONTEXT = 8  # prompt tokens before a blank decoded with its answer, to read the answer in context

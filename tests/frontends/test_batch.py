@@ -1,5 +1,5 @@
 """The JSONL batch runner in process, on the bundled demo model: duplicate ids, a rerun after a kill, a line
-cut by a crash, and the output path checked before anything runs."""
+cut by a crash, and the output path checked before anything runs; a causal model's job."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,11 @@ import pytest
 
 from glm_tp.dev.demo_corpus import held_out
 from glm_tp.engine.coordinator import Coordinator
+from glm_tp.engine.types import GenerationConfig, Request
 from glm_tp.frontends.batch import run_batch
 from glm_tp.frontends.results_file import check_output, claim_output, done_keys
 from tests.support import ROOT
-from tests.support.server import demo_engine
+from tests.support.server import causal_engine, demo_engine
 
 
 def test_batch_answers_duplicate_ids_and_a_rerun_after_a_kill_loses_neither(tmp_path, capsys):
@@ -228,3 +229,29 @@ def test_logprobs_asked_for_in_a_plain_line_are_in_its_record(tmp_path):
     assert len(tokens) == asked["completion_tokens"] and "".join(t["token"] for t in tokens) == asked["blanks"][0]
     assert all(len(t["top"]) == 2 and t["logprob"] <= 0 for t in tokens)
     assert "logprobs" not in plain
+
+
+def test_a_batch_job_on_a_causal_model_continues_prompts_runs_ids_verbatim_and_chats(tmp_path, tiny_tokenizer_file):
+    engine, direct = (causal_engine(tmp_path, tiny_tokenizer_file, max_batch=2) for _ in range(2))
+    chat = Coordinator(direct.tp, direct).chat_format
+    messages = [{"role": "user", "content": "one two"}]
+    plain = [{"id": "a", "prompt": "the quick brown"}, {"id": "b", "prompt_token_ids": [5, 6, 7]},
+             {"id": "c", "prompt": "one [MASK] three"}, {"id": "d", "prompt": "monday tuesday"}]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in plain))
+    run_batch(Coordinator(engine.tp, engine), src, out)
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    for line in (plain[0], plain[1], plain[3]):
+        want = direct.generate([Request("x", line.get("prompt"), token_ids=line.get("prompt_token_ids"))])[0]
+        got = records[line["id"]]
+        assert (got["text"], got["blanks"], got["token_ids"]) == (want.text, want.blanks, want.token_ids)
+        assert got["error"] is None and got["completion_tokens"] > 0
+    assert records["b"]["token_ids"][:3] == [5, 6, 7] and records["a"]["token_ids"][:2] == [1001, 1004]
+    assert records["c"]["error"].startswith("line 3: ") and "no blank infilling" in records["c"]["error"]
+    openai = tmp_path / "chat.jsonl"
+    openai.write_text(json.dumps({"custom_id": "q", "method": "POST", "url": "/v1/chat/completions",
+                                  "body": {"messages": messages, "max_tokens": 8}}) + "\n")
+    run_batch(Coordinator(engine.tp, engine), openai, tmp_path / "chat.out.jsonl")
+    answer = json.loads((tmp_path / "chat.out.jsonl").read_text())["response"]["body"]["choices"][0]
+    want = direct.generate([Request("q", token_ids=chat(messages), config=GenerationConfig(max_new_tokens=8))])[0]
+    assert answer["message"]["content"] == want.blanks[0] != ""

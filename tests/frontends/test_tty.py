@@ -1,5 +1,6 @@
 """The TTY's own pieces: /set and /beam refuse bad values in one line and keep the settings, and answers are
-marked when interrupted or cut by the cache (rendered, and on a real pseudo-terminal)."""
+marked when interrupted or cut by the cache (rendered, and on a real pseudo-terminal); on a causal model
+prompts are continued and /chat chats in the model's chat format."""
 from __future__ import annotations
 
 import io
@@ -8,9 +9,9 @@ import sys
 import pytest
 
 from glm_tp.engine.coordinator import Coordinator
-from glm_tp.engine.types import GenerationConfig, Result, TokenLogprob
+from glm_tp.engine.types import GenerationConfig, Request, Result, TokenLogprob
 from glm_tp.frontends.tty import handle_command, render, run_tty
-from tests.support.server import demo_engine
+from tests.support.server import causal_engine, demo_engine
 from tests.support.terminal import Terminal, launch_cmd
 
 
@@ -134,3 +135,37 @@ def test_render_shows_logprobs_when_asked():
     result.logprobs = [TokenLogprob(5, " b", -0.25, [(5, " b", -0.25), (6, " c", -1.5)])]
     shown = render(result, color=False).splitlines()
     assert shown[-1] == "  ' b' -0.250   top: ' b' -0.250, ' c' -1.500"
+
+
+def test_piped_tty_continues_a_causal_models_text_and_chats_in_its_format(monkeypatch, capsys, tmp_path,
+                                                                          tiny_tokenizer_file):
+    engine, direct = (causal_engine(tmp_path, tiny_tokenizer_file) for _ in range(2))
+    chat = Coordinator(direct.tp, direct).chat_format
+    typed = "one two three\n/chat be brief\nfour five\nsix\n/new\nseven\n/chat off\nseven [MASK]\n/help\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+    run_tty(Coordinator(engine.tp, engine), color="never")
+    out = capsys.readouterr().out.splitlines()
+    plain = direct.generate([Request("p", "one two three")])[0]
+    assert out[0] == plain.text and out[0].startswith("one two three")
+    assert out[1] == "  answer: " + plain.blanks[0].strip()
+
+    def reply(messages: list[dict]) -> str:
+        return "".join(direct.generate([Request("c", token_ids=chat(messages))])[0].blanks).strip()
+    system = {"role": "system", "content": "be brief"}
+    first = reply([system, {"role": "user", "content": "four five"}])
+    second = reply([system, {"role": "user", "content": "four five"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "six"}])
+    again = reply([system, {"role": "user", "content": "seven"}])  # /new kept the system message only
+    assert out[2:8] == ["  chatting (with that system message): /chat off ends it", first, second,
+                        "  new conversation", again, "  plain prompts"]
+    assert out[8].startswith("error: this model has no blank infilling")
+    assert "/chat [SYSTEM]" in "\n".join(out[9:]) and "continues the text" in out[-1]
+
+
+def test_chat_is_refused_in_one_line_without_a_chat_format(monkeypatch, capsys):
+    engine = demo_engine(max_new_tokens=4)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/chat\n/help\n"))
+    run_tty(Coordinator(engine.tp, engine), color="never")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "error: this model has no chat format: type prompts to continue or fill"
+    assert "/chat" not in "\n".join(out[1:]) and "[gMASK] is appended" in out[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
@@ -14,7 +15,7 @@ from glm_tp.engine.types import GenerationConfig
 from glm_tp.server.app import ServerSettings, build_app
 from glm_tp.server.slow_clients import protocol
 from tests.support import ROOT
-from tests.support.engines import engine_for
+from tests.support.engines import causal_checkpoint, engine_for
 from tests.support.wait import wait_until
 
 DEMO = ROOT / "glm_tp" / "demo"
@@ -23,6 +24,12 @@ DEMO = ROOT / "glm_tp" / "demo"
 def demo_engine(max_batch: int = 8, **defaults: object) -> Engine:
     return engine_for(DEMO, DEMO / "tokenizer.model", default=GenerationConfig(max_new_tokens=16).updated(**defaults),
                       max_batch=max_batch)
+
+
+def causal_engine(root: Path, tokenizer: Path, chat_template: str = "chatglm", max_batch: int = 8) -> Engine:
+    """An engine on a random causal 'tiny-chatglm2' with a chat format (written under `root` once)."""
+    return engine_for(causal_checkpoint(root, 1, chat_template=chat_template), tokenizer,
+                      default=GenerationConfig(max_new_tokens=16), max_batch=max_batch)
 
 
 def slowed(engine: Engine, step_s: float) -> Engine:
