@@ -13,6 +13,9 @@ ChatGLM3 ("chatglm3") and GLM-4 ("glm4"): [gMASK] sop, then each message as its 
 none) and a newline, and its content; the context ends with <|assistant|>. ChatGLM3 encodes the metadata line
 and the content apart (its build_chat_input), GLM-4 as one text (its chat template, which skips a message
 without content). The contents are plain text: a "<|user|>" typed in one is text, not the role token.
+The context ends with <|assistant|> and the newline of a plain reply's empty metadata line: the model's reply
+is then its content alone (its own code strips that line from what it generates; a tool call, whose
+metadata line names the function, is the only reason to let the model write it).
 """
 from __future__ import annotations
 
@@ -69,7 +72,8 @@ def _rounds_text(messages: list[dict], template: str) -> str:
 
 
 def _role_parts(messages: list[dict], template: str) -> list[Part]:
-    """ChatGLM3's and GLM-4's context: the prefix, each message's role token and text, <|assistant|>."""
+    """ChatGLM3's and GLM-4's context: the prefix, each message's role token and text, <|assistant|> and the
+    newline that opens a plain reply."""
     parts: list[Part] = [("[gMASK]",), (SOP_NAMES[template],)]
     last = ""
     for i, m in enumerate(messages):
@@ -86,7 +90,7 @@ def _role_parts(messages: list[dict], template: str) -> list[Part]:
             parts += [(f"<|{role}|>",), f"{metadata}\n", content]
     if last not in ("user", "observation"):
         raise PromptError("chat messages must end with a user message (or a tool's observation)")
-    return parts + [("<|assistant|>",)]
+    return parts + [("<|assistant|>",), "\n"]  # a plain reply: empty metadata line
 
 
 def _parts(messages: list[dict], template: str) -> list[Part]:

@@ -17,11 +17,12 @@ CONVERSATION = [{"role": "system", "content": "You are a helpful assistant"}, {"
                 {"role": "assistant", "content": "Hi there"}, {"role": "user", "content": "Who are you"},
                 {"role": "assistant", "content": "   I am an assistant   "},
                 {"role": "user", "content": "Another question"}]
-# ... and what ChatGLM3's and GLM-4's tokenizer_config.json chat templates render for it
+# ... and what ChatGLM3's and GLM-4's tokenizer_config.json chat templates render for it (with the generation
+# prompt), followed by the newline of a plain reply's empty metadata line, which glm-tp puts in the context
 CHATGLM3_RENDERED = ("[gMASK]sop<|system|>\n You are a helpful assistant<|user|>\n Hello<|assistant|>\n Hi there"
-                     "<|user|>\n Who are you<|assistant|>\n    I am an assistant   <|user|>\n Another question<|assistant|>")
+                     "<|user|>\n Who are you<|assistant|>\n    I am an assistant   <|user|>\n Another question<|assistant|>\n")
 GLM4_RENDERED = ("[gMASK]<sop><|system|>\nYou are a helpful assistant<|user|>\nHello<|assistant|>\nHi there<|user|>\n"
-                 "Who are you<|assistant|>\n   I am an assistant   <|user|>\nAnother question<|assistant|>")
+                 "Who are you<|assistant|>\n   I am an assistant   <|user|>\nAnother question<|assistant|>\n")
 SPECIAL = re.compile(r"(\[gMASK\]|<sop>|sop(?=<)|<\|\w+\|>)")
 
 
@@ -60,7 +61,7 @@ def test_chatglm3_roles_as_build_chat_input_and_its_template(glm3):
     by_hand = [glm3.special.gmask, glm3.special.sop]
     for m in CONVERSATION:  # each message: its role token, encode("\n"), encode(content)
         by_hand += [role[f"<|{m['role']}|>"]] + sp.encode("\n") + sp.encode(m["content"])
-    assert ids == by_hand + [role["<|assistant|>"]]
+    assert ids == by_hand + [role["<|assistant|>"]] + sp.encode("\n")  # a plain reply's empty metadata line
     names = {**{n: i for n, i in role.items()}, "[gMASK]": glm3.special.gmask, "sop": glm3.special.sop}
     assert ids == _rendered_ids(CHATGLM3_RENDERED, sp.encode, names.__getitem__)
 
@@ -70,7 +71,8 @@ def test_chatglm3_observations_and_typed_role_tokens(glm3):
                 {"role": "tool", "content": "<|user|> sunny"}]
     ids = chat_ids(messages, glm3, "chatglm3")
     obs, user = glm3.token_id("<|observation|>"), glm3.token_id("<|user|>")
-    tail = [obs] + glm3.sp.encode("\n") + glm3.sp.encode("<|user|> sunny") + [glm3.token_id("<|assistant|>")]
+    tail = [obs] + glm3.sp.encode("\n") + glm3.sp.encode("<|user|> sunny") + [glm3.token_id("<|assistant|>")] + \
+        glm3.sp.encode("\n")
     assert ids[-len(tail):] == tail and ids.count(user) == 1  # the typed <|user|> is text
     assert chat_ids([{"role": "observation", "content": "<|user|> sunny"}], glm3, "chatglm3")[-len(tail):] == tail
 
@@ -85,11 +87,11 @@ def test_glm4_template(glm4_files):
         assert chat_prompt(CONVERSATION, "glm4") == GLM4_RENDERED
         assert chat_format("glm4", tok)(CONVERSATION) == expected
     empty = [{"role": "system", "content": ""}, {"role": "user", "content": "Hello"}]  # no content: left out
-    assert chat_prompt(empty, "glm4") == "[gMASK]<sop><|user|>\nHello<|assistant|>"
+    assert chat_prompt(empty, "glm4") == "[gMASK]<sop><|user|>\nHello<|assistant|>\n"
     tool = [{"role": "user", "content": "q"}, {"role": "assistant", "metadata": "get_weather", "content": "{}"},
             {"role": "tool", "content": "sunny"}]
     assert chat_prompt(tool, "glm4") == \
-        "[gMASK]<sop><|user|>\nq<|assistant|>get_weather\n{}<|observation|>\nsunny<|assistant|>"
+        "[gMASK]<sop><|user|>\nq<|assistant|>get_weather\n{}<|observation|>\nsunny<|assistant|>\n"
 
 
 def test_chat_errors(glm2_tokenizer_file, glm3):
