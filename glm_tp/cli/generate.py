@@ -74,7 +74,7 @@ def make_plan(cfg: DictConfig, model_cfg: ModelConfig, tp_size: int, device_type
         bits = source_bits(source, model_cfg.hidden_size, open_weights=False) if source else 0
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else default_dtype(device_type)
     return Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
-                int(cfg.max_len or model_cfg.max_seq_len))
+                int(cfg.max_len or model_cfg.max_seq_len), "cuda" if device_type == "cuda" else "cpu")
 
 
 def device_bytes(cfg: DictConfig, device: torch.device) -> float | None:
@@ -82,7 +82,18 @@ def device_bytes(cfg: DictConfig, device: torch.device) -> float | None:
         return float(cfg.device_memory_gib) * GiB
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory)
-    return None
+    return cpu_memory_bytes()
+
+
+def cpu_memory_bytes() -> float | None:
+    """This rank's share of the memory the host has available now (Linux: MemAvailable, split between the
+    host's ranks), so a CPU run that cannot fit (a 128k-context KV cache, say) is one line, not an OOM kill."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib * 1024 / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def tokenizer_file(cfg: DictConfig, gen: GenerationConfig) -> Path | None:

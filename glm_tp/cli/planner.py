@@ -21,6 +21,7 @@ class Plan:
     quant_bits: int
     batch: int
     max_len: int
+    device: str = "cuda"  # which attention the prefill runs (model/attention.py): it decides the workspace
 
     @property
     def weight_bytes(self) -> int:
@@ -48,14 +49,18 @@ class Plan:
 
     @property
     def workspace_bytes(self) -> int:
-        """Activations of the widest step (a full-length prefill of the batch), full-vocab logits of the
-        batch on rank 0, and the runtime's own overhead (CUDA context, allocator slack: ~1 GiB)."""
+        """Activations of the widest step (a full-length prefill of the batch), its attention, full-vocab
+        logits of the batch on rank 0, and the runtime's own overhead (CUDA context, allocator slack: ~1 GiB).
+        The attention: the bool mask of every query and key, and on CUDA the fp32 scores the reference's recipe
+        holds; torch's fused attention on CPU never holds them (measured: 0.2 GB over the inputs at 8k tokens
+        and 8 heads, where the scores would be 2 GiB)."""
         c = self.cfg
         tokens = self.batch * self.max_len
         activations = tokens * (3 * c.hidden_size + (2 if c.glu else 1) * c.inner_hidden_size) // self.tp * self.dtype_bytes
-        scores = self.batch * (c.num_heads // self.tp) * self.max_len * self.max_len * 4
+        scores = self.batch * (c.num_heads // self.tp) * self.max_len * self.max_len * 4 if self.device == "cuda" else 0
+        mask = self.batch * self.max_len * self.max_len
         logits = self.batch * c.vocab_size * 4
-        return activations + scores + logits + GiB
+        return activations + scores + mask + logits + GiB
 
     @property
     def total_bytes(self) -> int:
@@ -78,22 +83,33 @@ class Plan:
         return "\n".join(lines)
 
 
+def _shorter(max_len: int) -> list[int]:
+    """Shorter contexts to offer (long-context models default to 32k-128k): halves down to 2048."""
+    out, n = [], max_len // 2
+    while n >= 2048:
+        out.append(n)
+        n //= 2
+    return out
+
+
 def alternatives(plan: Plan, device_bytes: float, max_ranks: int = 8, limit: int = 3) -> list[str]:
-    """Settings that would fit, fewest changes first: more ranks, INT8/INT4, a smaller batch, or a mix."""
+    """Settings that would fit, fewest changes first: more ranks, INT8/INT4, a smaller batch, a shorter
+    max_len, or a mix (for each (ranks, quant), the largest batch and then the longest max_len that fit)."""
     ranks = [t for t in plan.cfg.valid_tp_sizes(max_ranks) if t >= plan.tp]
     bits = [plan.quant_bits] + [b for b in (8, 4) if not plan.quant_bits or b < plan.quant_bits]
     batches = [plan.batch] + [b for b in (plan.batch // 2, plan.batch // 4, 1) if 1 <= b < plan.batch]
+    lengths = [plan.max_len] + _shorter(plan.max_len)
     found: list[tuple[int, str]] = []
     for tp in ranks:
         for q in bits:
-            for batch in dict.fromkeys(batches):
-                if (tp, q, batch) == (plan.tp, plan.quant_bits, plan.batch):
-                    continue
-                if Plan(plan.cfg, tp, plan.dtype_bytes, q, batch, plan.max_len).fits(device_bytes):
-                    changes = [f"{tp} ranks"] * (tp != plan.tp) + [f"quant=int{q}"] * (q != plan.quant_bits) \
-                        + [f"batch_size={batch}"] * (batch != plan.batch)
-                    found.append((len(changes), " with ".join(changes)))
-                    break  # the largest batch that fits for this (ranks, quant)
+            fit = next(((batch, n) for n in lengths for batch in dict.fromkeys(batches)
+                        if (tp, q, batch, n) != (plan.tp, plan.quant_bits, plan.batch, plan.max_len)
+                        and Plan(plan.cfg, tp, plan.dtype_bytes, q, batch, n, plan.device).fits(device_bytes)), None)
+            if fit is not None:
+                batch, n = fit
+                changes = [f"{tp} ranks"] * (tp != plan.tp) + [f"quant=int{q}"] * (q != plan.quant_bits) \
+                    + [f"batch_size={batch}"] * (batch != plan.batch) + [f"max_len={n}"] * (n != plan.max_len)
+                found.append((len(changes), " with ".join(changes)))
     found.sort(key=lambda f: f[0])
     return [text for _, text in found[:limit]]
 
@@ -103,5 +119,6 @@ def refusal(plan: Plan, device_bytes: float) -> str:
     short = (plan.total_bytes - device_bytes) / GiB
     options = alternatives(plan, device_bytes)
     fix = f"try {' or '.join(options)}" if options else "use more or larger devices"
-    return (f"the model needs {plan.total_bytes / GiB:.1f} GiB per rank but the device has "
+    has = "the device has" if plan.device == "cuda" else "this rank's share of the host's available memory is"
+    return (f"the model needs {plan.total_bytes / GiB:.1f} GiB per rank but {has} "
             f"{device_bytes / GiB:.1f} GiB ({short:.1f} GiB short): {fix}")

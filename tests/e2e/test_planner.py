@@ -103,3 +103,43 @@ def test_the_weight_bytes_are_what_a_grouped_query_rank_holds(tmp_path):
             model = load_model(ckpt, tp=simulated_rank(tp, 0), dtype="fp32", progress=False, kernels="dequant")
             held = sum(p.numel() * p.element_size() for p in model.parameters())
             assert held == Plan(cfg, tp, 4, bits, 1, 1).weight_bytes, (bits, tp)
+
+
+def _settings(option: str) -> dict[str, int]:
+    """'2 ranks with quant=int8 with max_len=16384' -> {'ranks': 2, 'quant': 8, 'max_len': 16384}."""
+    out = {}
+    for change in option.split(" with "):
+        if change.endswith(" ranks"):
+            out["ranks"] = int(change.split()[0])
+        else:
+            key, value = change.split("=")
+            out[key] = int(value.removeprefix("int"))
+    return out
+
+
+def test_a_long_context_model_is_offered_a_max_len_that_fits():
+    glm4 = PRESETS["glm-4-9b"]  # 131072 tokens by default: its KV cache alone is 40 GiB at batch 8 in bf16
+    line = refusal(Plan(glm4, 1, 2, 0, 8, glm4.max_seq_len, "cpu"), 24 * GiB)
+    assert "host's available memory" in line
+    options = [_settings(o) for o in line.split(": try ")[1].split(" or ")]
+    assert any("max_len" in o for o in options)
+    for o in options:  # each offer fits as it is written
+        assert Plan(glm4, o.get("ranks", 1), 2, o.get("quant", 0), o.get("batch_size", 8),
+                    o.get("max_len", glm4.max_seq_len), "cpu").fits(24 * GiB), o
+
+
+def test_the_cpu_attention_holds_no_scores_where_cuda_does():
+    cfg = PRESETS["chatglm2-6b"]
+    cpu, cuda = (Plan(cfg, 1, 2, 4, 1, 8192, device) for device in ("cpu", "cuda"))
+    assert cuda.workspace_bytes - cpu.workspace_bytes == cfg.num_heads * 8192 * 8192 * 4
+
+
+def test_a_cpu_run_that_cannot_fit_the_hosts_memory_is_one_line(tmp_path):
+    job = tmp_path / "job.jsonl"
+    job.write_text('{"prompt": "monday [MASK]"}\n')
+    # split the host's available memory between a billion local ranks: no plan fits that share
+    env = {**__import__("os").environ, "LOCAL_WORLD_SIZE": str(10 ** 9)}
+    res = subprocess.run([sys.executable, "-m", "glm_tp.generate", f"input={job}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert res.returncode == 2 and "host's available memory" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "job.results.jsonl").exists() or not (tmp_path / "job.results.jsonl").read_text()
