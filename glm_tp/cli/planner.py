@@ -60,7 +60,8 @@ class Plan:
         scores = self.batch * (c.num_heads // self.tp) * self.max_len * self.max_len * 4 if self.device == "cuda" else 0
         mask = self.batch * self.max_len * self.max_len
         logits = self.batch * c.vocab_size * 4
-        return activations + scores + mask + logits + GiB
+        runtime = GiB if self.device == "cuda" else GiB // 2  # CPU: the interpreter and torch, about 0.4 GB
+        return activations + scores + mask + logits + runtime
 
     @property
     def total_bytes(self) -> int:
