@@ -131,7 +131,8 @@ def test_a_long_context_model_is_offered_a_max_len_that_fits():
 def test_the_cpu_attention_holds_no_scores_where_cuda_does():
     cfg = PRESETS["chatglm2-6b"]
     cpu, cuda = (Plan(cfg, 1, 2, 4, 1, 8192, device) for device in ("cpu", "cuda"))
-    assert cuda.workspace_bytes - cpu.workspace_bytes == cfg.num_heads * 8192 * 8192 * 4
+    runtime = GiB - GiB // 2  # a CUDA context's overhead over an interpreter's
+    assert cuda.workspace_bytes - cpu.workspace_bytes == cfg.num_heads * 8192 * 8192 * 4 + runtime
 
 
 def test_a_cpu_run_that_cannot_fit_the_hosts_memory_is_one_line(tmp_path):
