@@ -114,3 +114,22 @@ def test_each_layout_matches_transformers_glm_at_tp_1_2_4(layout, options, bits,
             diff = (steps - ref_steps).abs().max().item()
             print(f"{layout} INT{bits} TP={tp}: max |logit diff| {diff:.2e}; transformers {ref_tokens}, glm-tp {tokens}")
             assert diff < 1e-4 and tokens == ref_tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device here: the -int4 clone on a GPU is checked on a GPU machine")
+def test_an_int4_clone_loads_quantized_on_cuda_and_matches_the_cpu(tmp_path):
+    ckpt = write_clone(tmp_path / "clone", "chatglm2", "tiny-chatglm2", "--quant", "int4", seed=4)
+    ids = list(PROMPTS[1])
+    prompt = SimpleNamespace(tokens=ids, positions=list(range(len(ids))), bidirectional=0, next_position=len(ids),
+                             counting=1)
+    runs = []
+    for device, dtype in (("cpu", "fp32"), ("cuda", "fp16")):
+        model = load_model(ckpt, dtype=dtype, device=device, progress=False)
+        assert model.quant_bits == 4 and model.device.type == device
+        with torch.inference_mode():
+            answer, seen, _ = greedy_blank(model, prompt, STEPS, pick=lambda logits, seq: _pick(logits.cpu(), seq))
+        runs.append((answer, torch.stack(seen).float().cpu()))
+    (cpu_tokens, cpu_logits), (cuda_tokens, cuda_logits) = runs
+    assert (cpu_logits[0] - cuda_logits[0]).abs().max().item() < 5e-2  # fp16 against fp32, the same INT4 weights
+    assert cuda_tokens[0] == cpu_tokens[0]
