@@ -114,15 +114,24 @@ def quantize_q8(x: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, 
     return xq, dx[:, ::8].contiguous()
 
 
-def q8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """The kernels' computation in torch (float64 sums): x [m, k] quantized per block of 32 (scale absmax/127,
-    round half to even), exact int dot products per block, times the block scales, summed, times the row scale."""
+def q8_quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 in torch: x [m, k] -> int8 [m, k/32, 32] and fp32 scales [m, k/32] (absmax/127, round half to even)."""
     blocks = x.float().reshape(x.shape[0], -1, Q8_BLOCK)
     d = blocks.abs().amax(-1) / 127
-    xq = torch.round(blocks / torch.where(d == 0, 1, d)[..., None])
+    return torch.round(blocks / torch.where(d == 0, 1, d)[..., None]).to(torch.int8), d
+
+
+def q8_block_terms(x: torch.Tensor, q: torch.Tensor, bits: int) -> torch.Tensor:
+    """[m, n, k/32] float64: each block's exact int dot product times its activation scale."""
+    xq, d = q8_quantize_reference(x)
     w = int_values(q, bits).double().reshape(q.shape[0], -1, Q8_BLOCK)
     dots = torch.einsum("mbj,nbj->mnb", xq.double(), w)  # exact: integers below 2^53
-    return (dots * d.double()[:, None, :]).sum(-1) * scale.double()
+    return dots * d.double()[:, None, :]
+
+
+def q8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The kernels' computation in torch, summed in float64: x [m, k] @ W^T with Q8_0 activations."""
+    return q8_block_terms(x, q, bits).sum(-1) * scale.double()
 
 
 class NativeMatmul:

@@ -16,7 +16,9 @@
 
 /* ---- the portable path ---- */
 
-static void scalar_int8_tile(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, int mt, float *res) {
+static void scalar_int8_tile(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, const int32_t *corr,
+                             int mt, float *res) {
+    (void)corr;
     const int8_t *ws = (const int8_t *)w;
     for (int r = 0; r < mt; r++) {
         const int8_t *x = xq + r * k;
@@ -30,7 +32,9 @@ static void scalar_int8_tile(const uint8_t *w, int64_t k, const int8_t *xq, cons
     }
 }
 
-static void scalar_int4_tile(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, int mt, float *res) {
+static void scalar_int4_tile(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, const int32_t *corr,
+                             int mt, float *res) {
+    (void)corr;
     const int64_t half = k / 2;
     for (int r = 0; r < mt; r++) {
         const int8_t *x = xq + r * k;
@@ -48,7 +52,7 @@ static void scalar_int4_tile(const uint8_t *w, int64_t k, const int8_t *xq, cons
     }
 }
 
-static const isa_ops SCALAR = {scalar_int8_tile, scalar_int4_tile, 8};
+static const isa_ops SCALAR = {scalar_int8_tile, scalar_int4_tile, 8, 0, 0};
 const isa_ops *gemv_ops_scalar(void) { return &SCALAR; }
 
 /* ---- activation quantization (one definition, compiled per target so it vectorizes) ---- */
@@ -98,6 +102,7 @@ typedef struct {
     int bits, out_bf16;
     const int8_t *xq;
     const float *dx;
+    const int32_t *corr;
     void *out;
 } job;
 
@@ -119,7 +124,8 @@ static void run_rows(void *ctx, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n++) {
         for (int64_t r0 = 0; r0 < jb->m; r0 += jb->ops->max_rows) {
             const int mt = (int)(jb->m - r0 < jb->ops->max_rows ? jb->m - r0 : jb->ops->max_rows);
-            tile(jb->w + n * jb->row_bytes, jb->k, jb->xq + r0 * jb->k, jb->dx + r0 * (jb->k / 4), mt, res);
+            tile(jb->w + n * jb->row_bytes, jb->k, jb->xq + r0 * jb->k, jb->dx + r0 * (jb->k / 4),
+                 jb->corr + r0 * (jb->k / 4), mt, res);
             for (int r = 0; r < mt; r++) store(jb->out, jb->out_bf16, (r0 + r) * jb->n + n, res[r] * jb->rs[n]);
         }
     }
@@ -149,9 +155,16 @@ int glm_quantize_q8(int isa, const void *x, int x_bf16, int64_t m, int64_t k, in
     return quantize_rows_scalar(x, x_bf16, m, k, xq, dx), 0;
 }
 
+/* corr[i] = -factor * (xq[4i] + ... + xq[4i + 3]) */
+static void lane_corrections(const int8_t *xq, int64_t count, int32_t factor, int32_t *corr) {
+    for (int64_t i = 0; i < count / 4; i++)
+        corr[i] = -factor * (xq[4 * i] + xq[4 * i + 1] + xq[4 * i + 2] + xq[4 * i + 3]);
+}
+
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
 static int8_t *scratch_q;
 static float *scratch_d;
+static int32_t *scratch_c;
 static int64_t scratch_cols;
 
 /* out[m, n] = x[m, k] @ W^T as described at the top. bits 8: w int8 [n, k]; bits 4: halves [n, k / 2].
@@ -163,13 +176,16 @@ int glm_gemv(int isa, int bits, const void *w, const float *rs, int64_t n, int64
     if (!ops || k <= 0 || k % Q8_BLOCK || (bits == 4 && k % (2 * Q8_BLOCK)) || (bits != 8 && bits != 4)) return -1;
     pthread_mutex_lock(&call_lock); /* one call at a time: the scratch and the pool are shared */
     if (scratch_cols < m * k) {
-        free(scratch_q), free(scratch_d);
+        free(scratch_q), free(scratch_d), free(scratch_c);
         scratch_q = malloc((size_t)(m * k)), scratch_d = malloc((size_t)(m * k / 4) * sizeof(float));
-        scratch_cols = scratch_q && scratch_d ? m * k : 0;
+        scratch_c = malloc((size_t)(m * k / 4) * sizeof(int32_t));
+        scratch_cols = scratch_q && scratch_d && scratch_c ? m * k : 0;
         if (!scratch_cols) return pthread_mutex_unlock(&call_lock), -1;
     }
     glm_quantize_q8(isa, x, x_bf16, m, k, scratch_q, scratch_d);
-    job jb = {ops, w, rs, n, k, m, bits == 8 ? k : k / 2, bits, out_bf16, scratch_q, scratch_d, out};
+    const int factor = bits == 8 ? ops->corr_int8 : ops->corr_int4;
+    if (factor) lane_corrections(scratch_q, m * k, factor, scratch_c);
+    job jb = {ops, w, rs, n, k, m, bits == 8 ? k : k / 2, bits, out_bf16, scratch_q, scratch_d, scratch_c, out};
     /* a thread's rows: a multiple of 16 (whole cache lines of fp32 output) */
     pool_run(nthreads < 1 ? 1 : nthreads, run_rows, &jb, n, 16);
     pthread_mutex_unlock(&call_lock);

@@ -12,12 +12,15 @@ enum { ISA_NONE = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_VNNI512 = 3 };
 
 /* One output row against `mt` batch rows: res[r] = sum over blocks b of
  * dot(w[b], xq[r][b]) * dx[r][b]. w: the row (int8 [k], or INT4 halves [k/2]); xq: int8 rows, stride k;
- * dx: expanded block scales, stride k / 4 (SCALE_COPIES per block of Q8_BLOCK). */
-typedef void (*tile_fn)(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, int mt, float *res);
+ * dx: expanded block scales, stride k / 4 (SCALE_COPIES per block of Q8_BLOCK); corr: for paths that set
+ * `corr_int8`/`corr_int4`, -factor * (sum of each 4 consecutive xq), stride k / 4 (see gemv_x86.c). */
+typedef void (*tile_fn)(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, const int32_t *corr,
+                        int mt, float *res);
 
 typedef struct {
     tile_fn int8_tile, int4_tile;
-    int max_rows; /* the most batch rows one tile call takes */
+    int max_rows;            /* the most batch rows one tile call takes */
+    int corr_int8, corr_int4; /* the factor of the lane corrections the tiles need, 0: none */
 } isa_ops;
 
 int gemv_isa_supported(int isa);

@@ -2,10 +2,10 @@
  * own target attribute, so the file builds with the compiler's default flags and the dispatcher (gemv.c)
  * calls only what the CPU has.
  *
- * vpdpbusd multiplies unsigned by signed bytes. The activations are stored signed (Q8_0), so the VNNI tiles
- * flip their sign bit (u = x + 128, exact in a byte) and start each accumulator at -128 * sum(w) over the
- * same four bytes, computed once per weight vector for all batch rows: the int32 lanes are exact dot
- * products. The AVX2 tiles move the activation's sign onto the weight (|x| * sign(x) w), as vpmaddubsw's
+ * vpdpbusd multiplies unsigned by signed bytes. The activations stay signed (Q8_0); the weights become
+ * the unsigned operand: INT8 with its sign bit flipped (w + 128, one xor per weight vector for all batch
+ * rows), INT4's nibbles as stored (q + 8). Each accumulator starts at -128 (or -8) times the sum of the
+ * same four activations (gemv.c computes them once per call), so the int32 lanes are exact dot products. The AVX2 tiles move the activation's sign onto the weight (|x| * sign(x) w), as vpmaddubsw's
  * int16 pairs then stay below 2 * 127 * 127 (weights are in [-127, 127], the format's range). */
 #include "gemv.h"
 
@@ -18,75 +18,80 @@
 
 /* ---- AVX-512 VNNI: 64 weight bytes (two blocks) per step, a 32-byte tail by masked loads ---- */
 
-ALWAYS T512 __m512i vnni_offset(__m512i w) {
-    const __m512i zero = _mm512_setzero_si512();
-    return _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8((char)0x80), w));
+/* acc += float(corr + dot lanes of w_u8 . x) * block scales */
+ALWAYS T512 __m512 vnni_step(__m512 acc, __m512i corr, __m512i w, __m512i x, __m512 d) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, w, x)), d, acc);
 }
 
-/* acc += float(dot lanes of (x + 128) . w, started at off) * block scales */
-ALWAYS T512 __m512 vnni_step(__m512 acc, __m512i off, __m512i w, __m512i x, __m512 d) {
-    __m512i u = _mm512_xor_si512(x, _mm512_set1_epi8((char)0x80));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(off, u, w)), d, acc);
-}
-
+/* INT8: w ^ 0x80 = w + 128 as unsigned bytes; corr = -128 * (sum of 4 x) takes the 128 off again */
 ALWAYS T512 void vnni_int8_body(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx,
-                                const int mt, float *res) {
+                                const int32_t *corr, const int mt, float *res) {
     __m512 acc[8];
     const int64_t ds = k / 4;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int r = 0; r < mt; r++) acc[r] = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 64 <= k; j += 64) {
-        __m512i wv = _mm512_loadu_si512(w + j), off = vnni_offset(wv);
+        __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + j), flip);
         for (int r = 0; r < mt; r++)
-            acc[r] = vnni_step(acc[r], off, wv, _mm512_loadu_si512(xq + r * k + j), _mm512_loadu_ps(dx + r * ds + j / 4));
+            acc[r] = vnni_step(acc[r], _mm512_loadu_si512(corr + r * ds + j / 4), wv,
+                               _mm512_loadu_si512(xq + r * k + j), _mm512_loadu_ps(dx + r * ds + j / 4));
     }
     if (j < k) { /* one block left: the upper half of each vector loads as zeros */
-        __m512i wv = _mm512_maskz_loadu_epi8(0xFFFFFFFFull, w + j), off = vnni_offset(wv);
+        __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(0xFFFFFFFFull, w + j), flip);
         for (int r = 0; r < mt; r++)
-            acc[r] = vnni_step(acc[r], off, wv, _mm512_maskz_loadu_epi8(0xFFFFFFFFull, xq + r * k + j),
+            acc[r] = vnni_step(acc[r], _mm512_maskz_loadu_epi32(0x00FF, corr + r * ds + j / 4), wv,
+                               _mm512_maskz_loadu_epi8(0xFFFFFFFFull, xq + r * k + j),
                                _mm512_maskz_loadu_ps(0x00FF, dx + r * ds + j / 4));
     }
     for (int r = 0; r < mt; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-/* INT4 halves: packed byte j holds column j (low nibble) and column k/2 + j (high), both + 8 */
-ALWAYS T512 void vnni_int4_body(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx,
-                                const int mt, float *res) {
-    __m512 acc[8];
+/* INT4 halves: packed byte j holds column j (low nibble) and column k/2 + j (high), both q + 8: the
+ * nibbles are the unsigned operand as they are, and corr = -8 * (sum of 4 x) takes the 8 off */
+ALWAYS T512 void vnni_int4_chunk(__m512 *acc, __m512i v, const int8_t *xq, const float *dx, const int32_t *corr,
+                                 int64_t k, int64_t j, __mmask64 m, __mmask16 mf, const int mt) {
     const int64_t ds = k / 4, half = k / 2;
-    const __m512i nib = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-    for (int r = 0; r < mt; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < half; j += 64) {
-        const __mmask64 m = half - j >= 64 ? ~0ull : 0xFFFFFFFFull;
-        const __mmask16 mf = half - j >= 64 ? 0xFFFF : 0x00FF;
-        __m512i v = _mm512_maskz_loadu_epi8(m, w + j);
-        __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, nib), eight);
-        __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib), eight);
-        lo = _mm512_maskz_mov_epi8(m, lo), hi = _mm512_maskz_mov_epi8(m, hi);
-        __m512i off_lo = vnni_offset(lo), off_hi = vnni_offset(hi);
-        for (int r = 0; r < mt; r++) {
-            const int8_t *x = xq + r * k;
-            const float *d = dx + r * ds;
-            acc[r] = vnni_step(acc[r], off_lo, lo, _mm512_maskz_loadu_epi8(m, x + j), _mm512_maskz_loadu_ps(mf, d + j / 4));
-            acc[r] = vnni_step(acc[r], off_hi, hi, _mm512_maskz_loadu_epi8(m, x + half + j),
-                               _mm512_maskz_loadu_ps(mf, d + (half + j) / 4));
-        }
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+    for (int r = 0; r < mt; r++) {
+        const int8_t *x = xq + r * k;
+        const float *d = dx + r * ds;
+        const int32_t *c = corr + r * ds;
+        acc[r] = vnni_step(acc[r], _mm512_maskz_loadu_epi32(mf, c + j / 4), lo, _mm512_maskz_loadu_epi8(m, x + j),
+                           _mm512_maskz_loadu_ps(mf, d + j / 4));
+        acc[r] = vnni_step(acc[r], _mm512_maskz_loadu_epi32(mf, c + (half + j) / 4), hi,
+                           _mm512_maskz_loadu_epi8(m, x + half + j), _mm512_maskz_loadu_ps(mf, d + (half + j) / 4));
     }
+}
+
+ALWAYS T512 void vnni_int4_body(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx,
+                                const int32_t *corr, const int mt, float *res) {
+    __m512 acc[8];
+    const int64_t half = k / 2;
+    for (int r = 0; r < mt; r++) acc[r] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 64 <= half; j += 64) /* full masks: the compiler drops the masking */
+        vnni_int4_chunk(acc, _mm512_loadu_si512(w + j), xq, dx, corr, k, j, ~0ull, 0xFFFF, mt);
+    if (j < half) /* a 32-byte tail: masked-off weight bytes load as 0 and meet zero activations */
+        vnni_int4_chunk(acc, _mm512_maskz_loadu_epi8(0xFFFFFFFFull, w + j), xq, dx, corr, k, j, 0xFFFFFFFFull,
+                        0x00FF, mt);
     for (int r = 0; r < mt; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 /* a tile size known at compile time keeps the accumulators in registers */
 #define TILES(name, body, T)                                                                                 \
-    static T void name(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, int mt, float *res) { \
+    static T void name(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, const int32_t *corr, int mt,   \
+                     float *res) {                                                               \
         switch (mt) {                                                                                        \
-        case 1: body(w, k, xq, dx, 1, res); break;                                                          \
-        case 2: body(w, k, xq, dx, 2, res); break;                                                          \
-        case 3: body(w, k, xq, dx, 3, res); break;                                                          \
-        case 4: body(w, k, xq, dx, 4, res); break;                                                          \
-        case 5: body(w, k, xq, dx, 5, res); break;                                                          \
-        case 6: body(w, k, xq, dx, 6, res); break;                                                          \
-        case 7: body(w, k, xq, dx, 7, res); break;                                                          \
-        default: body(w, k, xq, dx, 8, res); break;                                                         \
+        case 1: body(w, k, xq, dx, corr, 1, res); break;                                                          \
+        case 2: body(w, k, xq, dx, corr, 2, res); break;                                                          \
+        case 3: body(w, k, xq, dx, corr, 3, res); break;                                                          \
+        case 4: body(w, k, xq, dx, corr, 4, res); break;                                                          \
+        case 5: body(w, k, xq, dx, corr, 5, res); break;                                                          \
+        case 6: body(w, k, xq, dx, corr, 6, res); break;                                                          \
+        case 7: body(w, k, xq, dx, corr, 7, res); break;                                                          \
+        default: body(w, k, xq, dx, corr, 8, res); break;                                                         \
         }                                                                                                    \
     }
 
@@ -107,7 +112,8 @@ ALWAYS T256 float avx2_sum(__m256 v) {
 }
 
 ALWAYS T256 void avx2_int8_body(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx,
-                                const int mt, float *res) {
+                                const int32_t *corr, const int mt, float *res) {
+    (void)corr;
     __m256 acc[4];
     const int64_t ds = k / 4;
     for (int r = 0; r < mt; r++) acc[r] = _mm256_setzero_ps();
@@ -121,7 +127,8 @@ ALWAYS T256 void avx2_int8_body(const uint8_t *w, int64_t k, const int8_t *xq, c
 }
 
 ALWAYS T256 void avx2_int4_body(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx,
-                                const int mt, float *res) {
+                                const int32_t *corr, const int mt, float *res) {
+    (void)corr;
     __m256 acc[4];
     const int64_t ds = k / 4, half = k / 2;
     const __m256i nib = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
@@ -142,20 +149,21 @@ ALWAYS T256 void avx2_int4_body(const uint8_t *w, int64_t k, const int8_t *xq, c
 }
 
 #define TILES4(name, body, T)                                                                                \
-    static T void name(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, int mt, float *res) { \
+    static T void name(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, const int32_t *corr, int mt,   \
+                     float *res) {                                                               \
         switch (mt) {                                                                                        \
-        case 1: body(w, k, xq, dx, 1, res); break;                                                          \
-        case 2: body(w, k, xq, dx, 2, res); break;                                                          \
-        case 3: body(w, k, xq, dx, 3, res); break;                                                          \
-        default: body(w, k, xq, dx, 4, res); break;                                                         \
+        case 1: body(w, k, xq, dx, corr, 1, res); break;                                                          \
+        case 2: body(w, k, xq, dx, corr, 2, res); break;                                                          \
+        case 3: body(w, k, xq, dx, corr, 3, res); break;                                                          \
+        default: body(w, k, xq, dx, corr, 4, res); break;                                                         \
         }                                                                                                    \
     }
 
 TILES4(avx2_int8_tile, avx2_int8_body, T256)
 TILES4(avx2_int4_tile, avx2_int4_body, T256)
 
-static const isa_ops VNNI512 = {vnni_int8_tile, vnni_int4_tile, 8};
-static const isa_ops AVX2 = {avx2_int8_tile, avx2_int4_tile, 4};
+static const isa_ops VNNI512 = {vnni_int8_tile, vnni_int4_tile, 8, 128, 8};
+static const isa_ops AVX2 = {avx2_int8_tile, avx2_int4_tile, 4, 0, 0};
 const isa_ops *gemv_ops_vnni512(void) { return &VNNI512; }
 const isa_ops *gemv_ops_avx2(void) { return &AVX2; }
 
