@@ -15,7 +15,8 @@ import os
 
 import torch
 
-from glm_tp.kernels.formats import int_values, pack_int4_halves, unpack_int4
+from glm_tp.kernels import probe
+from glm_tp.kernels.formats import dequantize, int_values, pack_int4_halves, quantize_rows, unpack_int4
 
 Q8_BLOCK = 32
 ISAS = {"scalar": 1, "avx2": 2, "vnni": 3}  # the C library's ids (gemv.h)
@@ -151,6 +152,8 @@ class NativeMatmul:
         self.max_threads = max(1, self.w.numel() // MIN_BYTES_PER_THREAD)
 
     def __call__(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.bfloat16):  # e.g. fp16: the kernel's own dtypes around it
+            return self(x.float(), threads).to(x.dtype)
         flat = _activations(x)
         if flat.shape[1] != self.k:
             raise ValueError(f"activations have {flat.shape[1]} columns, the weight {self.k}")
@@ -161,3 +164,28 @@ class NativeMatmul:
                                int(out.dtype == torch.bfloat16), t):
             raise RuntimeError("glm_gemv refused its arguments")
         return out.view(*x.shape[:-1], self.n)
+
+
+def _check(bits: int) -> bool:
+    """The path at hand on a small case (a partial 16-row part, a 32-column tail, 3 and 19 batch rows)
+    against dequantization, within Q8 activation rounding."""
+    gen = torch.Generator().manual_seed(0)
+    q, scale = quantize_rows(torch.randn(72, 192, generator=gen), bits)
+    mm, dense = NativeMatmul(q, scale, bits), dequantize(q, scale, bits, torch.float32)
+    for rows in (3, 19):
+        x = torch.randn(rows, 192, generator=gen)
+        want = x @ dense.t()
+        if not (mm(x) - want).abs().max() <= 0.05 * want.abs().max() + 1e-3:
+            return False
+    return True
+
+
+def small_kernel(q: torch.Tensor, scale: torch.Tensor, bits: int) -> NativeMatmul | None:
+    """The native GEMV for a CPU weight, or None where it cannot serve it: the library not built, a shape
+    it refuses, or the path failing its check against dequantization here (checked once per process)."""
+    isa = best_isa() if available() else None
+    if isa is None or q.device.type != "cpu" or q.shape[1] * (2 if bits == 4 else 1) % (64 if bits == 4 else 32):
+        return None
+    if not probe.works(f"native-{isa}", q.device, f"int{bits}", lambda: _check(bits)):
+        return None
+    return NativeMatmul(q, scale, bits, isa)
