@@ -121,8 +121,8 @@ def test_shapes_and_types_it_cannot_take_are_refused():
     mm = native.NativeMatmul(q, s, 8)
     with pytest.raises(ValueError, match="columns"):
         mm(torch.randn(2, 96))
-    with pytest.raises(TypeError):
-        mm(torch.randn(2, 64, dtype=torch.float16))
+    with pytest.raises(TypeError):  # the library's own dtypes (NativeMatmul widens others to fp32 first)
+        native.quantize_q8(torch.randn(2, 64, dtype=torch.float16))
     with pytest.raises(TypeError):
         native.NativeMatmul(int_values(q, 8).to(torch.int16), s, 8)
     # the library refuses what the wrapper would (a caller going around it gets -1, not a wrong answer)
@@ -147,3 +147,20 @@ def test_the_path_is_chosen_by_environment_and_said_in_one_line(monkeypatch):
     monkeypatch.setattr(native, "_lib", [])
     monkeypatch.delenv(native.ENV)
     assert native.available()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_q8_option_sends_small_batches_to_the_native_kernel(bits):
+    pytest.importorskip("numba", reason="kernels=q8 needs numba: pip install -e '.[cpu]' (the [test] extra has it)")
+    from glm_tp.kernels import quant
+
+    q, scale = _weight(64, 256, bits, 11)
+    p = quant.prepare(q, scale, bits, kernels="q8")
+    assert isinstance(p.small, native.NativeMatmul)
+    x = _activations(quant.SMALL_ROWS, 256, 11)
+    want = native.q8_reference(x, q, scale, bits)
+    assert ((p.matmul(x).double() - want).abs() <= _summation_bound(x, q, scale, bits)).all()
+    assert p.matmul(x.half()).dtype == torch.float16  # other dtypes go through fp32
+    assert not isinstance(quant.prepare(q, scale, bits).small, native.NativeMatmul)  # the default: unchanged
+    odd, odd_scale = _weight(64, 96, 4, 0)  # INT4 halves of 48 columns: the numba kernel serves it
+    assert native.small_kernel(odd, odd_scale, 4) is None
