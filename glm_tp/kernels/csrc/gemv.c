@@ -86,10 +86,6 @@ __attribute__((target("avx2,fma"))) void quantize_rows_avx2(const void *x, int x
                                                             int8_t *xq, float *dx) {
     quantize_body(x, x_bf16, m, k, xq, dx);
 }
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void quantize_rows_avx512(
-    const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx) {
-    quantize_body(x, x_bf16, m, k, xq, dx);
-}
 #endif
 
 /* ---- the call: quantize once, then output rows over the pool ---- */

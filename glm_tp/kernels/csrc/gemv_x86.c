@@ -16,6 +16,9 @@
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #define T256 __attribute__((target("avx2,fma")))
 
+/* weight bytes ahead to prefetch: the hardware prefetcher alone left ~8 % of the read speed (measured) */
+#define PREFETCH 1024
+
 /* ---- AVX-512 VNNI: 64 weight bytes (two blocks) per step, a 32-byte tail by masked loads ---- */
 
 /* acc += float(corr + dot lanes of w_u8 . x) * block scales */
@@ -32,6 +35,7 @@ ALWAYS T512 void vnni_int8_body(const uint8_t *w, int64_t k, const int8_t *xq, c
     for (int r = 0; r < mt; r++) acc[r] = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 64 <= k; j += 64) {
+        _mm_prefetch((const char *)(w + j + PREFETCH), _MM_HINT_T0);
         __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + j), flip);
         for (int r = 0; r < mt; r++)
             acc[r] = vnni_step(acc[r], _mm512_loadu_si512(corr + r * ds + j / 4), wv,
@@ -71,12 +75,36 @@ ALWAYS T512 void vnni_int4_body(const uint8_t *w, int64_t k, const int8_t *xq, c
     const int64_t half = k / 2;
     for (int r = 0; r < mt; r++) acc[r] = _mm512_setzero_ps();
     int64_t j = 0;
-    for (; j + 64 <= half; j += 64) /* full masks: the compiler drops the masking */
+    for (; j + 64 <= half; j += 64) { /* full masks: the compiler drops the masking */
+        _mm_prefetch((const char *)(w + j + PREFETCH), _MM_HINT_T0);
         vnni_int4_chunk(acc, _mm512_loadu_si512(w + j), xq, dx, corr, k, j, ~0ull, 0xFFFF, mt);
+    }
     if (j < half) /* a 32-byte tail: masked-off weight bytes load as 0 and meet zero activations */
         vnni_int4_chunk(acc, _mm512_maskz_loadu_epi8(0xFFFFFFFFull, w + j), xq, dx, corr, k, j, 0xFFFFFFFFull,
                         0x00FF, mt);
     for (int r = 0; r < mt; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/* Q8_0 as quantize_body (gemv.c) defines it, 16 columns per vector: IEEE division and round half to even
+ * (the MXCSR default), so it equals the scalar code and torch's definition bit for bit */
+ALWAYS T512 __m512 load16(const void *x, int x_bf16, int64_t i) {
+    if (!x_bf16) return _mm512_loadu_ps((const float *)x + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+T512 void quantize_rows_avx512(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx) {
+    for (int64_t b = 0; b < m * k / Q8_BLOCK; b++) {
+        __m512 v0 = load16(x, x_bf16, b * Q8_BLOCK), v1 = load16(x, x_bf16, b * Q8_BLOCK + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float d = amax / 127.0f;
+        __m512 dv = _mm512_set1_ps(d == 0.0f ? 1.0f : d); /* an all-zero block divides 0 by 1 */
+        __m128i q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(v0, dv)));
+        __m128i q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(v1, dv)));
+        _mm_storeu_si128((__m128i *)(xq + b * Q8_BLOCK), q0);
+        _mm_storeu_si128((__m128i *)(xq + b * Q8_BLOCK + 16), q1);
+        _mm256_storeu_ps(dx + b * SCALE_COPIES, _mm256_set1_ps(d));
+    }
 }
 
 /* a tile size known at compile time keeps the accumulators in registers */
@@ -118,6 +146,7 @@ ALWAYS T256 void avx2_int8_body(const uint8_t *w, int64_t k, const int8_t *xq, c
     const int64_t ds = k / 4;
     for (int r = 0; r < mt; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t j = 0; j < k; j += 32) {
+        _mm_prefetch((const char *)(w + j + PREFETCH), _MM_HINT_T0);
         __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j));
         for (int r = 0; r < mt; r++)
             acc[r] = avx2_step(acc[r], wv, _mm256_loadu_si256((const __m256i *)(xq + r * k + j)),
@@ -134,6 +163,7 @@ ALWAYS T256 void avx2_int4_body(const uint8_t *w, int64_t k, const int8_t *xq, c
     const __m256i nib = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
     for (int r = 0; r < mt; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t j = 0; j < half; j += 32) {
+        _mm_prefetch((const char *)(w + j + PREFETCH), _MM_HINT_T0);
         __m256i v = _mm256_loadu_si256((const __m256i *)(w + j));
         __m256i lo = _mm256_sub_epi8(_mm256_and_si256(v, nib), eight);
         __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), nib), eight);
