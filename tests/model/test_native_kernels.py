@@ -164,3 +164,11 @@ def test_the_q8_option_sends_small_batches_to_the_native_kernel(bits):
     assert not isinstance(quant.prepare(q, scale, bits).small, native.NativeMatmul)  # the default: unchanged
     odd, odd_scale = _weight(64, 96, 4, 0)  # INT4 halves of 48 columns: the numba kernel serves it
     assert native.small_kernel(odd, odd_scale, 4) is None
+
+
+def test_the_portable_path_serves_a_weight_only_when_asked_for(monkeypatch):
+    q, scale = _weight(64, 256, 8, 0)
+    monkeypatch.setattr(native, "best_isa", lambda: "scalar")  # a CPU without AVX2: numba's kernels are faster
+    assert native.small_kernel(q, scale, 8) is None
+    monkeypatch.setenv(native.ENV, "scalar")
+    assert native.small_kernel(q, scale, 8).isa == native.ISAS["scalar"]
