@@ -142,7 +142,6 @@ def _make(kind: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> Prepare
 def _with_cpu_kernels(p: PreparedWeight, kernels: str) -> PreparedWeight:
     """Attach the numba kernels (imported only here: glm_tp runs without numba)."""
     from glm_tp.kernels import cpu as cpu_kernels
-
     from glm_tp.kernels import native
 
     cpu_kernels.configure_threads()
