@@ -1,6 +1,18 @@
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# the native CPU GEMV kernels (glm_tp/kernels/native.py loads them with ctypes): optional, so a machine
+# without a C compiler still installs, and glm_tp runs its other kernels
+NATIVE = Extension(
+    "glm_tp.kernels._gemv",
+    sources=[f"glm_tp/kernels/csrc/{name}.c" for name in ("gemv", "gemv_x86", "pool")],
+    depends=["glm_tp/kernels/csrc/gemv.h"],
+    extra_compile_args=["-O3", "-std=c11", "-pthread"],
+    extra_link_args=["-pthread"],
+    libraries=["m"],
+    optional=True,
+)
 
 setup(
     name="glm-tp",
@@ -11,6 +23,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["glm_tp", "glm_tp.*"]),
     include_package_data=True,
+    ext_modules=[NATIVE],
     # run settings, the playground page and the demo model ship in the package: the commands work from any folder
     package_data={"glm_tp": ["configs/*.yaml", "configs/*/*.yaml", "server/playground.html",
                              "demo/latest", "demo/*.json", "demo/*.model", "demo/*/*.pt"]},

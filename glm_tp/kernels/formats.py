@@ -46,3 +46,11 @@ def int_values(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     return int_values(q, bits).to(dtype) * scale.to(dtype)[:, None]
+
+
+def pack_int4_halves(q: torch.Tensor) -> torch.Tensor:
+    """The CPU kernels' INT4 layout: int values in [-8, 7], [out, in] -> uint8 [out, in/2], column j in the
+    low nibble and column j + in/2 in the high one, each stored + 8 (unsigned: unpacking needs no sign)."""
+    half = q.shape[1] // 2
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return (u[:, :half] | (u[:, half:] << 4)).contiguous()

@@ -8,7 +8,7 @@ checked against plain dequantization on a small case before it is trusted (probe
 - on CPU, batches of up to SMALL_ROWS rows (decode) go to numba-compiled GEMV kernels
   (`kernels/cpu.py`, fp32 activations) when numba is installed; larger batches (prefill, big decode batches)
   stay on torch's kernels above; kernels="q8" sends those through the integer kernel with Q8_0-quantized
-  activations instead;
+  activations instead, and small batches through the compiled one (`kernels/native.py`) where it is built;
 - "float" (`prepare_float`): a bf16 weight on CPU (the LM head, unquantized linears): batches of up to
   SMALL_ROWS rows go to the numba bf16 GEMV, larger ones to torch's matmul;
 - "compiled": CUDA, the dequantization fused into the matmul by torch.compile (Triton) for decode-sized
@@ -142,9 +142,12 @@ def _make(kind: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> Prepare
 def _with_cpu_kernels(p: PreparedWeight, kernels: str) -> PreparedWeight:
     """Attach the numba kernels (imported only here: glm_tp runs without numba)."""
     from glm_tp.kernels import cpu as cpu_kernels
+    from glm_tp.kernels import native
 
     cpu_kernels.configure_threads()
-    p.small = cpu_kernels.small_kernel(p.q, p.scale, p.bits)
+    # kernels="q8": small batches go to the compiled integer kernel where it is built and passes its check
+    native_small = native.small_kernel(p.q, p.scale, p.bits) if kernels == "q8" else None
+    p.small = native_small or cpu_kernels.small_kernel(p.q, p.scale, p.bits)
     if kernels == "q8":
         p.large = cpu_kernels.q8_kernel(p.q, p.scale, p.bits)
         if p.large is not None:  # every batch now goes through small or large: torch's layout is not needed

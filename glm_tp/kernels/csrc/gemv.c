@@ -1,0 +1,196 @@
+/* glm-tp's native CPU GEMV for its quantized weights, loaded with ctypes by glm_tp/kernels/native.py.
+ *
+ * y[b, n] = s[n] * sum over blocks j of Q8_BLOCK input columns of dot(W[n, j], xq[b, j]) * dx[b, j]
+ * where xq, dx are the activations quantized per block (Q8_0: dx = absmax / 127, xq = round-half-even(x /
+ * dx), 0 for an all-zero block) once per call, W is the int8 weight ([out, in], row absmax) or the INT4
+ * weight in halves layout ([out, in / 2], byte j = (q[j] + 8) | (q[in / 2 + j] + 8) << 4), and s the
+ * row scales (fp16 in the checkpoint, passed here as fp32). The dot products are exact int32; the block
+ * sums are fp32, so paths differ only in fp32 summation order. Output rows are split over a thread pool.
+ * The ABI (the glm_* functions below) is what native.py declares. */
+#define _ISOC11_SOURCE
+#include "gemv.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- the portable path ---- */
+
+static void scalar_int8_tile(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, const int32_t *corr,
+                             int mt, float *res) {
+    (void)corr;
+    const int8_t *ws = (const int8_t *)w;
+    for (int r = 0; r < mt; r++) {
+        const int8_t *x = xq + r * k;
+        float acc = 0;
+        for (int64_t j = 0; j < k; j += Q8_BLOCK) {
+            int32_t s = 0;
+            for (int i = 0; i < Q8_BLOCK; i++) s += ws[j + i] * x[j + i];
+            acc += (float)s * dx[r * (k / 4) + j / 4];
+        }
+        res[r] = acc;
+    }
+}
+
+static void scalar_int4_tile(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, const int32_t *corr,
+                             int mt, float *res) {
+    (void)corr;
+    const int64_t half = k / 2;
+    for (int r = 0; r < mt; r++) {
+        const int8_t *x = xq + r * k;
+        float acc = 0;
+        for (int64_t j = 0; j < half; j += Q8_BLOCK) {
+            int32_t lo = 0, hi = 0;
+            for (int i = 0; i < Q8_BLOCK; i++) {
+                lo += ((w[j + i] & 0x0F) - 8) * x[j + i];
+                hi += ((w[j + i] >> 4) - 8) * x[half + j + i];
+            }
+            acc += (float)lo * dx[r * (k / 4) + j / 4];
+            acc += (float)hi * dx[r * (k / 4) + (half + j) / 4];
+        }
+        res[r] = acc;
+    }
+}
+
+static const isa_ops SCALAR = {scalar_int8_tile, scalar_int4_tile, 8, 0, 0};
+const isa_ops *gemv_ops_scalar(void) { return &SCALAR; }
+
+/* ---- activation quantization (one definition, compiled per target so it vectorizes) ---- */
+
+static inline __attribute__((always_inline)) void quantize_body(const void *x, int x_bf16, int64_t m, int64_t k,
+                                                                int8_t *xq, float *dx) {
+    for (int64_t b = 0; b < m * k / Q8_BLOCK; b++) {
+        float v[Q8_BLOCK], amax = 0;
+        if (x_bf16) {
+            const uint16_t *h = (const uint16_t *)x + b * Q8_BLOCK;
+            for (int i = 0; i < Q8_BLOCK; i++) {
+                uint32_t u = (uint32_t)h[i] << 16;
+                memcpy(&v[i], &u, 4);
+            }
+        } else {
+            memcpy(v, (const float *)x + b * Q8_BLOCK, sizeof v);
+        }
+        for (int i = 0; i < Q8_BLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
+        const float d = amax / 127.0f;
+        for (int i = 0; i < Q8_BLOCK; i++) xq[b * Q8_BLOCK + i] = (int8_t)(d == 0.0f ? 0.0f : rintf(v[i] / d));
+        for (int i = 0; i < SCALE_COPIES; i++) dx[b * SCALE_COPIES + i] = d;
+    }
+}
+
+void quantize_rows_scalar(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx) {
+    quantize_body(x, x_bf16, m, k, xq, dx);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma"))) void quantize_rows_avx2(const void *x, int x_bf16, int64_t m, int64_t k,
+                                                            int8_t *xq, float *dx) {
+    quantize_body(x, x_bf16, m, k, xq, dx);
+}
+#endif
+
+/* ---- the call: quantize once, then output rows over the pool ---- */
+
+typedef struct {
+    const isa_ops *ops;
+    const uint8_t *w;
+    const float *rs;
+    int64_t n, k, m, row_bytes;
+    int bits, out_bf16;
+    const int8_t *xq;
+    const float *dx;
+    const int32_t *corr;
+    void *out;
+} job;
+
+static inline void store(void *out, int bf16, int64_t i, float v) {
+    if (!bf16) {
+        ((float *)out)[i] = v;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    /* round to nearest even, as torch rounds; NaN stays a quiet NaN */
+    ((uint16_t *)out)[i] = v != v ? 0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static void run_rows(void *ctx, int64_t n0, int64_t n1) {
+    const job *jb = ctx;
+    const tile_fn tile = jb->bits == 8 ? jb->ops->int8_tile : jb->ops->int4_tile;
+    float res[16];
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t r0 = 0; r0 < jb->m; r0 += jb->ops->max_rows) {
+            const int mt = (int)(jb->m - r0 < jb->ops->max_rows ? jb->m - r0 : jb->ops->max_rows);
+            tile(jb->w + n * jb->row_bytes, jb->k, jb->xq + r0 * jb->k, jb->dx + r0 * (jb->k / 4),
+                 jb->corr + r0 * (jb->k / 4), mt, res);
+            for (int r = 0; r < mt; r++) store(jb->out, jb->out_bf16, (r0 + r) * jb->n + n, res[r] * jb->rs[n]);
+        }
+    }
+}
+
+static const isa_ops *ops_for(int isa) {
+    if (!gemv_isa_supported(isa)) return 0;
+    return isa == ISA_VNNI512 ? gemv_ops_vnni512() : isa == ISA_AVX2 ? gemv_ops_avx2() : gemv_ops_scalar();
+}
+
+/* the best path this CPU runs */
+int glm_best_isa(void) {
+    for (int isa = ISA_VNNI512; isa > ISA_NONE; isa--)
+        if (gemv_isa_supported(isa)) return isa;
+    return ISA_NONE;
+}
+
+int glm_isa_supported(int isa) { return gemv_isa_supported(isa); }
+
+/* fp32 (x_bf16 = 0) or bf16 bits [m, k] -> int8 [m, k] and expanded scales [m, k / 4]; 0, or -1 if refused */
+int glm_quantize_q8(int isa, const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx) {
+    if (k % Q8_BLOCK || !gemv_isa_supported(isa)) return -1;
+#if defined(__x86_64__) || defined(__i386__)
+    if (isa == ISA_VNNI512) return quantize_rows_avx512(x, x_bf16, m, k, xq, dx), 0;
+    if (isa == ISA_AVX2) return quantize_rows_avx2(x, x_bf16, m, k, xq, dx), 0;
+#endif
+    return quantize_rows_scalar(x, x_bf16, m, k, xq, dx), 0;
+}
+
+/* corr[i] = -factor * (xq[4i] + ... + xq[4i + 3]) */
+static void lane_corrections(const int8_t *xq, int64_t count, int32_t factor, int32_t *corr) {
+    for (int64_t i = 0; i < count / 4; i++)
+        corr[i] = -factor * (xq[4 * i] + xq[4 * i + 1] + xq[4 * i + 2] + xq[4 * i + 3]);
+}
+
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
+static int8_t *scratch_q;
+static float *scratch_d;
+static int32_t *scratch_c;
+static int64_t scratch_cols;
+
+/* out[m, n] = x[m, k] @ W^T as described at the top. bits 8: w int8 [n, k]; bits 4: halves [n, k / 2].
+ * Returns 0, or -1 for a refused call (unsupported path, k not a multiple of the block, INT4 halves not
+ * whole blocks, no memory). */
+int glm_gemv(int isa, int bits, const void *w, const float *rs, int64_t n, int64_t k, const void *x, int x_bf16,
+             int64_t m, void *out, int out_bf16, int nthreads) {
+    const isa_ops *ops = ops_for(isa);
+    if (!ops || k <= 0 || k % Q8_BLOCK || (bits == 4 && k % (2 * Q8_BLOCK)) || (bits != 8 && bits != 4)) return -1;
+    pthread_mutex_lock(&call_lock); /* one call at a time: the scratch and the pool are shared */
+    if (scratch_cols < m * k) {
+        free(scratch_q), free(scratch_d), free(scratch_c);
+        /* cache-line aligned: every 64-byte load of a row then stays within one line (k is a multiple of 32
+         * and the strides multiples of 64 when k is; split loads measured ~2x slower at batch 8) */
+        scratch_q = aligned_alloc(64, (size_t)(m * k + 63) / 64 * 64);
+        scratch_d = aligned_alloc(64, (size_t)(m * k + 63) / 64 * 64);
+        scratch_c = aligned_alloc(64, (size_t)(m * k + 63) / 64 * 64);
+        scratch_cols = scratch_q && scratch_d && scratch_c ? m * k : 0;
+        if (!scratch_cols) return pthread_mutex_unlock(&call_lock), -1;
+    }
+    glm_quantize_q8(isa, x, x_bf16, m, k, scratch_q, scratch_d);
+    const int factor = bits == 8 ? ops->corr_int8 : ops->corr_int4;
+    if (factor) lane_corrections(scratch_q, m * k, factor, scratch_c);
+    job jb = {ops, w, rs, n, k, m, bits == 8 ? k : k / 2, bits, out_bf16, scratch_q, scratch_d, scratch_c, out};
+    /* a thread's rows: a multiple of 16 (whole cache lines of fp32 output) */
+    pool_run(nthreads < 1 ? 1 : nthreads, run_rows, &jb, n, 16);
+    pthread_mutex_unlock(&call_lock);
+    return 0;
+}
+
+/* setuptools builds this as an extension module; nothing imports it as one (native.py uses ctypes) */
+void *PyInit__gemv(void) { return 0; }

@@ -1,0 +1,40 @@
+/* Shared declarations of glm-tp's native CPU GEMV kernels (see gemv.c for the computation). */
+#ifndef GLM_TP_GEMV_H
+#define GLM_TP_GEMV_H
+
+#include <stdint.h>
+
+#define Q8_BLOCK 32    /* input columns per activation scale (llama.cpp's Q8_0 block) */
+#define SCALE_COPIES 8 /* each block scale is stored 8 times: one 256-bit vector of fp32 per block */
+
+/* The instruction-set paths, best last; the ids are the library's ABI (native.py names them). */
+enum { ISA_NONE = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_VNNI512 = 3 };
+
+/* One output row against `mt` batch rows: res[r] = sum over blocks b of
+ * dot(w[b], xq[r][b]) * dx[r][b]. w: the row (int8 [k], or INT4 halves [k/2]); xq: int8 rows, stride k;
+ * dx: expanded block scales, stride k / 4 (SCALE_COPIES per block of Q8_BLOCK); corr: for paths that set
+ * `corr_int8`/`corr_int4`, -factor * (sum of each 4 consecutive xq), stride k / 4 (see gemv_x86.c). */
+typedef void (*tile_fn)(const uint8_t *w, int64_t k, const int8_t *xq, const float *dx, const int32_t *corr,
+                        int mt, float *res);
+
+typedef struct {
+    tile_fn int8_tile, int4_tile;
+    int max_rows;            /* the most batch rows one tile call takes */
+    int corr_int8, corr_int4; /* the factor of the lane corrections the tiles need, 0: none */
+} isa_ops;
+
+int gemv_isa_supported(int isa);
+const isa_ops *gemv_ops_scalar(void);
+const isa_ops *gemv_ops_avx2(void);
+const isa_ops *gemv_ops_vnni512(void);
+
+void quantize_rows_scalar(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx);
+void quantize_rows_avx2(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx);
+void quantize_rows_avx512(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx);
+
+/* pool.c: run fn(ctx, begin, end) over [0, total) split into `nthreads` contiguous parts (multiples of
+ * `align`), the calling thread taking the first part. Not reentrant: callers serialise. */
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+void pool_run(int nthreads, range_fn fn, void *ctx, int64_t total, int64_t align);
+
+#endif
