@@ -12,10 +12,8 @@ scales applied exactly afterwards in fp32:
 - `bf16_kernel`: bf16 weights (the LM head, unquantized linears) read as pairs in uint32 words; a bf16 is
   the top half of a float32, so widening is a mask or a shift;
 - `q8_kernel_`: the option for larger batches: activations quantized to int8 per block of `Q8_BLOCK` input
-  columns (one fp32 scale per block, as llama.cpp's Q8_0), integer dot products per block;
-- `attention_kernel`: a decode step's attention (one query per row), parallel over (row, head): rotary on
-  the query and key, the key and value written into the cache, then scores, softmax and the weighted sum
-  of values in fp32 against the cache as it is, reading each key and value once.
+  columns (one fp32 scale per block, as llama.cpp's Q8_0), integer dot products per block.
+A decode step's attention is in `cpu_attention.py`.
 The GEMV kernels take activations as float32 or as bf16 bits (uint16) and write their output in the same
 form (bf16 rounded to nearest even, as torch rounds), so a bf16 model needs no conversions around them.
 `small_kernel` / `bf16_weight_kernel` / `q8_kernel` wrap them as callables on torch tensors (`Matmul`).
@@ -213,66 +211,6 @@ def q8_kernel_(xq, dx, w, s, out):
                     o = b * Q8_BLOCK
                     acc += np.float32(_int_dot(wr[o:o + Q8_BLOCK], xr[o:o + Q8_BLOCK])) * dr[b]
                 out[m, n] = acc * s[n]
-
-
-@_jit
-def attention_kernel(qkv, cos, sin, slots, k, v, hidden, groups, out):
-    # qkv: [rows, heads * 3d], each head's q, k, v side by side; cos, sin: [rows, d]; slots: [rows], where
-    # each row's key and value go; k, v: a layer's cache [rows, heads, slots, d]; hidden: [rows, window],
-    # True = masked; out: [rows, heads * d]. A query that sees no key gets 0 (as torch's attention gives it)
-    rows, heads, _, d = k.shape
-    window = hidden.shape[1]
-    half = d // (2 * groups)  # rotary: in each of the `groups` blocks, the first half pairs with the second
-    scale = np.float32(1 / np.sqrt(np.float32(d)))
-    for task in prange(rows * heads):
-        r, h = task // heads, task % heads
-        kc, vc, base, slot = k[r, h], v[r, h], h * 3 * d, slots[r]
-        qf = np.empty(d, np.float32)
-        for e in range(d):
-            first = (e // half) % 2 == 0
-            partner, sign = (e + half, np.float32(-1)) if first else (e - half, np.float32(1))
-            c, s = _as_f32(cos[r, e]), sign * _as_f32(sin[r, e])
-            qf[e] = (_as_f32(qkv[r, base + e]) * c + _as_f32(qkv[r, base + partner]) * s) * scale
-            _put(kc, slot, e, _as_f32(qkv[r, base + d + e]) * c + _as_f32(qkv[r, base + d + partner]) * s)
-            _put(vc, slot, e, _as_f32(qkv[r, base + 2 * d + e]))
-        scores = np.empty(window, np.float32)
-        top = -np.inf
-        for j in range(window):
-            if not hidden[r, j]:
-                kj = kc[j]
-                acc = np.float32(0)
-                for e in range(d):
-                    acc += qf[e] * _as_f32(kj[e])
-                scores[j] = acc
-                top = max(top, acc)
-        acc_v = np.zeros(d, np.float32)
-        total = np.float32(0)
-        if top > -np.inf:
-            for j in range(window):
-                if not hidden[r, j]:
-                    p = np.exp(scores[j] - top)
-                    total += p
-                    vj = vc[j]
-                    for e in range(d):
-                        acc_v[e] += p * _as_f32(vj[e])
-        inv = np.float32(1) / total if total > 0 else np.float32(0)
-        for e in range(d):
-            _put(out, r, h * d + e, acc_v[e] * inv)
-
-
-def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                     keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor, groups: int) -> torch.Tensor:
-    """A decode step's attention, one query per row: rotary on the query and key, the key and value written
-    into the cache at each row's slot, then softmax(q k^T / sqrt(d)) v over the window.
-    qkv [rows, 1, heads * 3d]; cos, sin [rows, 1, 1, d]; slots [rows, 1] (or [1]: one slot for every row);
-    keys/values a layer's whole cache [rows, heads, slots, d] (float32 or bf16, as qkv); hidden
-    [rows, 1, 1, window] bool, True = masked: the window is the first `window` slots. Returns [rows, 1, heads * d]."""
-    rows, heads, _, d = keys.shape
-    out = torch.empty(rows, heads * d, dtype=qkv.dtype)
-    attention_kernel(_numpy(qkv.reshape(rows, -1).contiguous()), _numpy(cos.reshape(rows, d).contiguous()),
-                     _numpy(sin.reshape(rows, d).contiguous()), slots.reshape(-1).expand(rows).contiguous().numpy(),
-                     _numpy(keys), _numpy(values), hidden.reshape(rows, -1).contiguous().numpy(), groups, _numpy(out))
-    return out.view(rows, 1, heads * d)
 
 
 def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
