@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm_tp.config import ModelConfig
+from glm_tp.kernels import quant
 from glm_tp.model import attention
 from glm_tp.model.attention import rotary_at, rotary_groups, rotary_tables
 from glm_tp.model.masks import glm_mask
@@ -145,22 +146,30 @@ class SelfAttention(nn.Module):
 
 class MLP(nn.Module):
     """GeGLU (value * gelu(gate), exact GeLU), SwiGLU (silu(gate) * up) or, without a gate, the
-    tanh-approximated GeLU of ChatGLM-6B."""
+    tanh-approximated GeLU of ChatGLM-6B. On CPU, SwiGLU's activation is fused into the h->4h GEMV of a
+    decode batch (kernels/quant.fused_swiglu)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype, bits: int):
         super().__init__()
-        self.kind = cfg.mlp
+        self.kind, self.dtype = cfg.mlp, dtype
         h, f, bias = cfg.hidden_size, cfg.inner_hidden_size, cfg.bias == "all"
         self.dense_h_to_4h = (GLUColumnParallelLinear(h, 2 * f, tp, dtype, bits, bias) if cfg.glu
                               else ColumnParallelLinear(h, f, tp, dtype, bits, bias))
         self.dense_4h_to_h = RowParallelLinear(f, h, tp, dtype, bits, bias)
+        self.fused = False  # set by prepare_
+
+    def prepare_(self, kernels: str = "fused") -> None:
+        """Whether SwiGLU's activation fuses into the CPU GEMV; once, after loading."""
+        self.fused = self.kind == "swiglu" and quant.fused_swiglu(kernels, self.dtype, self.dense_4h_to_h.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "gelu":
             return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
-        first, second = self.dense_h_to_4h(x).chunk(2, dim=-1)
         if self.kind == "swiglu":  # ChatGLM2's rows: gate, then up
-            return self.dense_4h_to_h(F.silu(first) * second)
+            up = self.dense_h_to_4h
+            fused = up.prepared.swiglu(x, up.bias) if self.fused and up.prepared is not None else None
+            return self.dense_4h_to_h(quant.swiglu(up(x)) if fused is None else fused)
+        first, second = self.dense_h_to_4h(x).chunk(2, dim=-1)
         return self.dense_4h_to_h(first * F.gelu(second))  # GeGLU's rows: value, then gate
 
 

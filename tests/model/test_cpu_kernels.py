@@ -278,36 +278,79 @@ def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
         attention.decode_kernel("fast", torch.float32, torch.device("cpu"))
 
 
-def _chatglm2_decodes(tp, ckpt, dtype: str) -> list | None:
-    """Greedy decodes of two prompts with the decode kernel and with torch's attention (never repeating a
-    token: random weights otherwise echo the last input), and whether every layer took the kernel."""
+def _chatglm2_decodes(tp, ckpt, dtype: str, quant_: str | None) -> list | None:
+    """Greedy decodes of two prompts with the new CPU kernels (decode attention, fused SwiGLU) and with the
+    torch ops in their place, all else equal (never repeating a token: random weights otherwise echo the
+    last input); whether every layer took the attention kernel, and how many SwiGLU epilogues ran."""
     prompts = ([5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19])
 
     def pick(logits, seq):
         return int(logits.float().index_fill(0, torch.tensor(seq), float("-inf")).argmax())
 
-    out = []
-    for kernels in ("fused", "torch"):
-        model = load_model(ckpt, tp=tp, dtype=dtype, progress=False, kernels=kernels)
-        used = [block.attention.decode_kernel is not None for block in model.transformer.layers]
-        with torch.inference_mode():
-            runs = [greedy_blank(model, SimpleNamespace(tokens=list(ids), positions=list(range(len(ids))),
-                                                        bidirectional=0, next_position=len(ids), counting=1), 8, pick=pick)
-                    for ids in prompts]
-        out.append((used, [tokens for tokens, _, _ in runs], [torch.stack(seen) if seen else None for _, seen, _ in runs]))
+    out, real, epilogues = [], cpu_kernels.swiglu_kernel, []
+    cpu_kernels.swiglu_kernel = lambda *args: epilogues.append(1) or real(*args)
+    try:
+        for with_kernels in (True, False):
+            model = load_model(ckpt, tp=tp, dtype=dtype, quant=quant_, progress=False)
+            for block in model.transformer.layers if not with_kernels else ():
+                block.attention.decode_kernel, block.mlp.fused = None, False
+            used = [block.attention.decode_kernel is not None for block in model.transformer.layers]
+            epilogues.clear()  # not the load-time check's
+            with torch.inference_mode():
+                runs = [greedy_blank(model, SimpleNamespace(tokens=list(ids), positions=list(range(len(ids))), bidirectional=0,
+                                                            next_position=len(ids), counting=1), 8, pick=pick)
+                        for ids in prompts]
+            out.append((used, len(epilogues), [t for t, _, _ in runs], [torch.stack(s) for _, s, _ in runs if s]))
+    finally:
+        cpu_kernels.swiglu_kernel = real
     return out if model.tp.is_first else None
 
 
-@pytest.mark.parametrize("tp,dtype", [(1, "fp32"), (1, "bf16"), (4, "fp32")])
-def test_a_chatglm2_decode_gives_the_same_tokens_with_the_kernel_and_without(tmp_path, tp, dtype):
-    # TP 4 on 2 KV groups: each rank caches one KV head for its 2 query heads
+@pytest.mark.parametrize("tp,dtype,quant_", [(1, "fp32", None), (1, "bf16", None), (4, "fp32", None),
+                                             (1, "bf16", "int8"), (2, "fp32", "int4")])
+def test_a_chatglm2_decode_gives_the_same_tokens_with_the_kernels_and_without(tmp_path, tp, dtype, quant_):
+    # TP 4 on 2 KV groups: each rank caches one KV head for its 2 query heads. The tiny float weights are
+    # too small for the bf16 GEMV (torch's matmul and SwiGLU ops); quantized ones fuse SwiGLU into it
     ckpt = write_random_checkpoint(tmp_path / "ck", PRESETS["tiny-chatglm2"], 1, torch.float32)
-    fast, plain = run_ranks(tp, _chatglm2_decodes, ckpt, dtype)[0] if tp > 1 else _chatglm2_decodes(None, ckpt, dtype)
-    assert all(fast[0]) and not any(plain[0])  # every layer's decode steps through the kernel, or none
-    assert fast[1] == plain[1] and len(fast[1][0]) == 8
+    fast, plain = run_ranks(tp, _chatglm2_decodes, ckpt, dtype, quant_)[0] if tp > 1 else \
+        _chatglm2_decodes(None, ckpt, dtype, quant_)
+    assert all(fast[0]) and not any(plain[0])  # every layer's decode steps through the kernel
+    layers = PRESETS["tiny-chatglm2"].num_layers
+    # every MLP call: 8 steps and the prompt (<= SMALL_ROWS tokens: the GEMV too) of each of 2 decodes
+    assert fast[1] == (2 * 9 * layers if quant_ else 0) and plain[1] == 0
+    assert fast[2] == plain[2] and len(fast[2][0]) == 8
     tol = 1e-4 if dtype == "fp32" else 0.03
-    for a, b in zip(fast[2], plain[2]):
+    for a, b in zip(fast[3], plain[3]):
         assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 16])
+@pytest.mark.parametrize("rows", [1, 5, SMALL_ROWS])
+def test_fused_swiglu_matches_the_torch_ops(bits, rows):
+    torch.manual_seed(bits + rows)
+    f, k = 520, 1024  # bf16: 2 x 520 rows of 1024, just over the size the bf16 GEMV is used from
+    w, x, bias = torch.randn(2 * f, k) / 16, torch.randn(rows, k), torch.randn(2 * f)
+    if bits == 16:
+        p, dense = quant.prepare_float(w.bfloat16()), w.bfloat16().double()
+    else:
+        q, scale = quantize_rows(w, bits)
+        p, dense = prepare(q, scale, bits), dequantize(q, scale, bits, torch.float64)
+    for xd, b, tol in ((x, None, 1e-5), (x.bfloat16(), bias.bfloat16(), 2 ** -7)):
+        want = quant.swiglu(xd.double() @ dense.t() + (0 if b is None else b.double()))
+        got = p.swiglu(xd, b)
+        assert got.dtype == xd.dtype and got.shape == (rows, f)
+        assert ((got.double() - want).abs() <= tol * want.abs().max()).all()  # fp32 inside, one rounding
+    assert p.swiglu(torch.randn(SMALL_ROWS + 1, k), None) is None  # prefill: the torch ops
+    assert p.swiglu(x.half(), None) is None
+    assert quant.fused_swiglu("fused", torch.bfloat16, torch.device("cpu"))
+    assert not quant.fused_swiglu("torch", torch.bfloat16, torch.device("cpu"))
+    assert not quant.fused_swiglu("fused", torch.float16, torch.device("cpu"))
+
+
+def test_a_failing_swiglu_epilogue_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setitem(probe.RESULTS, ("swiglu", "cpu", "bf16"), False)
+    with pytest.warns(UserWarning, match="numba SwiGLU epilogue failed its check here: using torch's silu"):
+        assert not quant.fused_swiglu("fused", torch.bfloat16, torch.device("cpu"))
 
 
 def _logits(model) -> torch.Tensor:
