@@ -5,10 +5,13 @@ device's memory bandwidth (and the reference, when SwissArmyTransformer is insta
     python tools/bench.py --preset glm-130b --layers 4 --dtype bf16 --quant int8 --simulate-tp 8
     torchrun --nproc_per_node 2 tools/bench.py --preset tiny          # real ranks
     python tools/bench.py --hidden 2048 --heads 16 --inner 5504 --layers 8 --dtype bf16 --reference
+    python tools/bench.py --preset chatglm2-6b --layers 4 --dtype bf16 --quant int4   # 4 of 28 layers
 
 --simulate-tp N runs exactly what one rank of a TP=N job runs (per-rank shapes, all layers) on this
 one device with the collectives turned into no-ops; every output is labelled "single-rank simulation"
-and the all-reduce cost is not included. Weights are random (built in memory, no checkpoint).
+and the all-reduce cost is not included. Weights are random (built in memory, no checkpoint). A preset
+run with fewer --layers also reports the bytes a step reads at the preset's depth and the step time that
+would take at the run's batch-1 read rate.
 
 A run says up front what it measures, then (once the device's bandwidth and matmul peak are known) the least
 time its rows can take, and reports each row on stderr as it goes; SIGINT or SIGTERM prints the table of the
@@ -29,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from glm_tp.cli.planner import Plan  # noqa: E402
-from glm_tp.config import KERNELS, LM_HEADS, ModelConfig, get_preset, parse_dtype  # noqa: E402
+from glm_tp.config import KERNELS, LM_HEADS, PRESETS, ModelConfig, get_preset, parse_dtype  # noqa: E402
 from glm_tp.dev import reference  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
 from glm_tp.engine.decoder import Decoder  # noqa: E402
 from glm_tp.kernels import quant  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
@@ -139,6 +142,38 @@ def random_model(cfg: ModelConfig, tp, dtype: torch.dtype, bits: int, kernels: s
     progress(f"kernels prepared in {time.perf_counter() - start:.1f} s (the first load in a fresh environment "
              f"includes compiling the CPU kernels)")
     return model.eval()
+
+
+def count_bytes(model: GLMModel, plan: Plan, args: argparse.Namespace, result: dict) -> None:
+    """The rank's weight bytes and a decode step's read, counted on the model's own tensors (grouped-query
+    QKV, SwiGLU and untied heads as they are), and, for a preset run with fewer layers, the same at the
+    preset's depth (its layers are alike: each holds what layer 0 holds)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    result.update(weight_bytes_per_rank=weights, read_bytes_per_step=decode_read_bytes(plan, args.lm_head, weights))
+    depth = get_preset(args.preset).num_layers if args.layers and args.preset in PRESETS else 0
+    if depth > model.cfg.num_layers:
+        layer = sum(p.numel() * p.element_size() for p in model.transformer.layers[0].parameters())
+        result["full_depth"] = {"layers": depth,
+                                "read_bytes_per_step": result["read_bytes_per_step"] + (depth - model.cfg.num_layers) * layer}
+
+
+def kernel_paths(model: GLMModel) -> dict[str, str]:
+    """Which kernels a decode step of this model runs (layer 0's choices; every layer makes the same)."""
+    block = model.transformer.layers[0]
+
+    def linear(layer) -> str:
+        p = layer.prepared
+        if p is None:
+            return "torch matmul"
+        return ("numba GEMV" if p.small is not None else p.kind) + ("" if p.kind == "float" else f" ({p.kind} above 16 rows)")
+
+    mlp = {"swiglu": "SwiGLU fused into the GEMV (numba)" if block.mlp.fused else "SwiGLU torch ops",
+           "geglu": "GeGLU torch ops", "gelu": "GeLU torch ops"}[block.mlp.kind]
+    head = model.lm_head or model.transformer.word_embeddings
+    return {"attention": "numba decode kernel" if block.attention.decode_kernel is not None else "torch attention",
+            "qkv": linear(block.attention.query_key_value), "mlp_h_to_4h": linear(block.mlp.dense_h_to_4h),
+            "mlp_activation": mlp, "lm_head": "numba GEMV" if head.head is not None and head.head.small is not None
+            else "torch matmul"}
 
 
 def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int, runs: int, out: dict) -> None:
@@ -314,6 +349,9 @@ def run(args: argparse.Namespace, cfg: ModelConfig, tp: TPContext, label: str, r
              f"this device's ceiling, which measured calls fall short of; plus building the model)")
     progress(f"building a random {cfg.num_layers}-layer model ({args.dtype}/{args.quant})")
     model = random_model(cfg, tp, dtype, bits, args.kernels, args.lm_head)
+    count_bytes(model, plan, args, result)
+    result["kernel_paths"] = kernel_paths(model)
+    progress("decode kernels: " + "; ".join(f"{k} {v}" for k, v in result["kernel_paths"].items()))
     measure(model, prefills, batches, args.steps, args.runs, result)
     result["allreduce_ms_per_step"] = allreduce_ms(tp, cfg, dtype, args.runs)
     add_ceilings(result, cfg, tp.size, dtype.itemsize, result["read_bytes_per_step"], bandwidth, peak)
