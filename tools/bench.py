@@ -226,6 +226,25 @@ def decode_call(model: GLMModel, b: int, steps: int, context: int) -> tuple:
     return decode, lambda: decoder.restart(b)
 
 
+def compare_decode_ops(model: GLMModel, steps: int, runs: int, context: int) -> dict:
+    """Batch-1 decode of one model with its decode-attention and SwiGLU kernels and with torch's ops in their
+    place (the GEMVs unchanged), round by round in turn (`alternated`): each round's setup switches them."""
+    layers = model.transformer.layers
+    chosen = [(block.attention.decode_kernel, block.mlp.fused) for block in layers]
+    decode, rewind = decode_call(model, 1, steps, context)
+
+    def use(kernels: bool) -> None:
+        for block, (attend, fused) in zip(layers, chosen):
+            block.attention.decode_kernel, block.mlp.fused = (attend, fused) if kernels else (None, False)
+        rewind()
+
+    progress(f"decode batch 1 with the decode kernels and with torch's ops, in turn ({runs} rounds of {steps} steps)")
+    ours, theirs = alternated([(decode, lambda: use(True)), (decode, lambda: use(False))], model.device, runs)
+    use(True)
+    return {"kernels_ms": statistics.median(ours) / steps * 1e3, "torch_ops_ms": statistics.median(theirs) / steps * 1e3,
+            "speedup_per_round": [t / k for k, t in zip(ours, theirs)]}
+
+
 def summary(seconds: list[float]) -> dict:
     ms = [s * 1e3 for s in seconds]
     return {"median": statistics.median(ms), "min": min(ms), "max": max(ms), "runs": len(ms)}
@@ -299,6 +318,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--reference", action="store_true", help="also time SwissArmyTransformer (CPU fp16)")
     ap.add_argument("--kernels", choices=KERNELS, default="fused", help="quantized matmul kernels")
     ap.add_argument("--lm-head", choices=LM_HEADS, default="model", help="int8: an INT8 copy of the LM head")
+    ap.add_argument("--compare-decode-ops", action="store_true",
+                    help="also time batch-1 decode with the decode-attention and SwiGLU kernels and with torch's ops in "
+                         "their place, in turn")
     ap.add_argument("--json", help="write the results as JSON to this file")
     ap.add_argument("--plot", help="write a PNG of ms/token against batch size")
     return ap
@@ -354,6 +376,8 @@ def run(args: argparse.Namespace, cfg: ModelConfig, tp: TPContext, label: str, r
     progress("decode kernels: " + "; ".join(f"{k} {v}" for k, v in result["kernel_paths"].items()))
     measure(model, prefills, batches, args.steps, args.runs, result)
     result["allreduce_ms_per_step"] = allreduce_ms(tp, cfg, dtype, args.runs)
+    if args.compare_decode_ops:
+        result["decode_ops"] = compare_decode_ops(model, args.steps, args.runs, result["context"])
     add_ceilings(result, cfg, tp.size, dtype.itemsize, result["read_bytes_per_step"], bandwidth, peak)
     if args.reference:
         ref = reference_times(cfg, list(result["prefill_ms"]), args.steps, args.runs, result["context"],

@@ -3,6 +3,7 @@ measured bandwidth and matmul peak), the table (also of the rows measured before
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -98,6 +99,12 @@ def print_table(r: dict) -> None:
     if full and "bandwidth_efficiency" in r:
         print(f"  at full depth ({full['layers']} layers): {full['read_bytes_per_step'] / 1e6:.1f} MB read per decode step; "
               f"at this run's batch-1 read rate {full['ms_per_step_at_this_rate']:.1f} ms/step (an estimate)")
+    ops = r.get("decode_ops")
+    if ops:
+        rounds = ops["speedup_per_round"]
+        print(f"  decode batch   1, in turn: {ops['kernels_ms']:.2f} ms/step with the decode-attention and SwiGLU kernels, "
+              f"{ops['torch_ops_ms']:.2f} with torch's ops in their place -> {statistics.median(rounds):.2f}x "
+              f"(median of {len(rounds)} rounds, {min(rounds):.2f}-{max(rounds):.2f}x)")
     if "stopped" in r:  # an interrupted run: the rows above are all it measured
         print(f"  stopped by {r['stopped']} after {len(r['prefill_ms']) + len(r['decode_ms_per_step'])} of "
               f"{r['rows']} rows")

@@ -38,7 +38,8 @@ def test_bench_runs_the_chatglm2_architecture_through_the_new_kernels(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, "tools/bench.py", "--preset", "chatglm2-6b", "--layers", "2", "--hidden", "256",
                           "--heads", "8", "--inner", "512", "--vocab", "1024", "--max-len", "256", "--quant", "int8",
-                          "--prefill", "16", "--batches", "1,2", "--steps", "2", "--runs", "1", "--json", str(out)],
+                          "--prefill", "16", "--batches", "1,2", "--steps", "2", "--runs", "1", "--compare-decode-ops",
+                          "--json", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(out.read_text())
@@ -54,6 +55,9 @@ def test_bench_runs_the_chatglm2_architecture_through_the_new_kernels(tmp_path):
     assert r["full_depth"]["layers"] == 28 and r["full_depth"]["read_bytes_per_step"] == 28 * int8_layer + head + 2 * h
     assert r["full_depth"]["ms_per_step_at_this_rate"] > r["decode_ms_per_step"]["1"]["median"]
     assert "at full depth (28 layers)" in res.stdout and "decode kernels: attention numba decode kernel" in res.stdout
+    ops = r["decode_ops"]  # the same model with and without the new kernels, in turn
+    assert ops["kernels_ms"] > 0 and ops["torch_ops_ms"] > 0 and len(ops["speedup_per_round"]) == 1
+    assert "with torch's ops in their place" in res.stdout
 
 
 def test_alternated_timing_calls_each_in_turn():
