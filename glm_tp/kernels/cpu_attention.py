@@ -7,7 +7,8 @@ of the fused QKV output:
 - head-major (GLM-130B, ChatGLM-6B): each head's q, k, v side by side, one KV head per query head;
 - grouped (ChatGLM2/3, GLM-4): [all q ; all k ; all v], `heads` query heads over the cache's KV heads, each
   query head reading the KV head of its group (heads / kv heads consecutive query heads per KV head) from the
-  cache itself: no repeated or expanded copy of the keys and values.
+  cache itself: no repeated or expanded copy of the keys and values. A task serves up to 4 query heads of a
+  group, reading each cached key and value once for all of them.
 Rotary: `rotary` 1 or 2 blocks per head, in each the first half pairing with the second (NeoX), or
 `PAIRS`: dims (2i, 2i + 1) rotate together (ChatGLM2's interleaved pairs). The cos/sin rows are taken as
 given, so ChatGLM2's pass-through second half (cos 1, sin 0) comes out exact.
@@ -44,6 +45,12 @@ def _store_kv(qkv, cos, sin, slots, k, v, r, g, k_base, v_base, half):
         _put(vc, slot, e, _as_f32(qkv[r, v_base + e]))
 
 
+@njit(fastmath=True, inline="always")
+def _heads_per_task(per):
+    # the query heads of one group a task serves together, reading each cached key and value once for them
+    return 4 if per % 4 == 0 else 2 if per % 2 == 0 else 1
+
+
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def attention_kernel(qkv, cos, sin, slots, k, v, hidden, rotary, heads, grouped, out):
     # qkv: [rows, width]; cos, sin: [rows, d]; slots: [rows], where each row's key and value go; k, v: a
@@ -52,46 +59,54 @@ def attention_kernel(qkv, cos, sin, slots, k, v, hidden, rotary, heads, grouped,
     rows, kv_heads, _, d = k.shape
     window = hidden.shape[1]
     per = heads // kv_heads
+    hb = _heads_per_task(per)
+    blocks = per // hb  # tasks per KV head
     half = 0 if rotary == 0 else d // (2 * rotary)
     q_step, kv_step = (d, d) if grouped else (3 * d, 3 * d)
     k0, v0 = (heads * d, (heads + kv_heads) * d) if grouped else (d, 2 * d)
     scale = np.float32(1 / np.sqrt(np.float32(d)))
-    if per > 1:  # a KV head serves several tasks: written once, before any of them reads it
+    if blocks > 1:  # a KV head serves several tasks: written once, before any of them reads it
         for task in range(rows * kv_heads):
             r, g = task // kv_heads, task % kv_heads
             _store_kv(qkv, cos, sin, slots, k, v, r, g, k0 + g * kv_step, v0 + g * kv_step, half)
-    for task in prange(rows * heads):
-        r, h = task // heads, task % heads
-        g = h // per
-        if per == 1:
+    for task in prange(rows * kv_heads * blocks):
+        r, g, h0 = task // (kv_heads * blocks), (task // blocks) % kv_heads, (task % (kv_heads * blocks)) * hb
+        if blocks == 1:
             _store_kv(qkv, cos, sin, slots, k, v, r, g, k0 + g * kv_step, v0 + g * kv_step, half)
         kc, vc = k[r, g], v[r, g]
-        qf = np.empty(d, np.float32)
-        for e in range(d):
-            qf[e] = _rotated(qkv, r, h * q_step, e, cos, sin, half) * scale
-        scores = np.empty(window, np.float32)
-        top = -np.inf
+        qf = np.empty((hb, d), np.float32)
+        for i in range(hb):
+            for e in range(d):
+                qf[i, e] = _rotated(qkv, r, (h0 + i) * q_step, e, cos, sin, half) * scale
+        scores = np.empty((hb, window), np.float32)
+        top = np.full(hb, -np.inf, np.float32)
+        row = np.empty(d, np.float32)
         for j in range(window):
             if not hidden[r, j]:
-                kj = kc[j]
-                acc = np.float32(0)
                 for e in range(d):
-                    acc += qf[e] * _as_f32(kj[e])
-                scores[j] = acc
-                top = max(top, acc)
-        acc_v = np.zeros(d, np.float32)
-        total = np.float32(0)
-        if top > -np.inf:
+                    row[e] = _as_f32(kc[j, e])
+                for i in range(hb):
+                    acc = np.float32(0)
+                    for e in range(d):
+                        acc += qf[i, e] * row[e]
+                    scores[i, j] = acc
+                    top[i] = max(top[i], acc)
+        acc_v = np.zeros((hb, d), np.float32)
+        total = np.zeros(hb, np.float32)
+        if top[0] > -np.inf:  # the row sees a key (the mask is per row: every head sees the same keys)
             for j in range(window):
                 if not hidden[r, j]:
-                    p = np.exp(scores[j] - top)
-                    total += p
-                    vj = vc[j]
                     for e in range(d):
-                        acc_v[e] += p * _as_f32(vj[e])
-        inv = np.float32(1) / total if total > 0 else np.float32(0)
-        for e in range(d):
-            _put(out, r, h * d + e, acc_v[e] * inv)
+                        row[e] = _as_f32(vc[j, e])
+                    for i in range(hb):
+                        p = np.exp(scores[i, j] - top[i])
+                        total[i] += p
+                        for e in range(d):
+                            acc_v[i, e] += p * row[e]
+        for i in range(hb):
+            inv = np.float32(1) / total[i] if total[i] > 0 else np.float32(0)
+            for e in range(d):
+                _put(out, r, (h0 + i) * d + e, acc_v[i, e] * inv)
 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
