@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from glm_tp.kernels.cpu import _as_f32, _numpy, _put
+from glm_tp.kernels.cpu import _as_f32, _exp, _numpy, _put
 
 PAIRS = 0  # `rotary` for interleaved pairs; 1 or 2: NeoX halves in that many blocks per head
 
@@ -78,7 +78,7 @@ def attention_kernel(qkv, cos, sin, slots, k, v, hidden, rotary, heads, grouped,
         for i in range(hb):
             for e in range(d):
                 qf[i, e] = _rotated(qkv, r, (h0 + i) * q_step, e, cos, sin, half) * scale
-        scores = np.empty((hb, window), np.float32)
+        scores = np.zeros((hb, window), np.float32)
         top = np.full(hb, -np.inf, np.float32)
         row = np.empty(d, np.float32)
         for j in range(window):
@@ -94,12 +94,16 @@ def attention_kernel(qkv, cos, sin, slots, k, v, hidden, rotary, heads, grouped,
         acc_v = np.zeros((hb, d), np.float32)
         total = np.zeros(hb, np.float32)
         if top[0] > -np.inf:  # the row sees a key (the mask is per row: every head sees the same keys)
+            for i in range(hb):  # a vectorized exp over the window (hidden slots' values are never used)
+                t = top[i]
+                for j in range(window):
+                    scores[i, j] = _exp(scores[i, j] - t)
             for j in range(window):
                 if not hidden[r, j]:
                     for e in range(d):
                         row[e] = _as_f32(vc[j, e])
                     for i in range(hb):
-                        p = np.exp(scores[i, j] - top[i])
+                        p = scores[i, j]
                         total[i] += p
                         for e in range(d):
                             acc_v[i, e] += p * row[e]
