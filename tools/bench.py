@@ -5,10 +5,13 @@ device's memory bandwidth (and the reference, when SwissArmyTransformer is insta
     python tools/bench.py --preset glm-130b --layers 4 --dtype bf16 --quant int8 --simulate-tp 8
     torchrun --nproc_per_node 2 tools/bench.py --preset tiny          # real ranks
     python tools/bench.py --hidden 2048 --heads 16 --inner 5504 --layers 8 --dtype bf16 --reference
+    python tools/bench.py --preset chatglm2-6b --layers 4 --dtype bf16 --quant int4   # 4 of 28 layers
 
 --simulate-tp N runs exactly what one rank of a TP=N job runs (per-rank shapes, all layers) on this
 one device with the collectives turned into no-ops; every output is labelled "single-rank simulation"
-and the all-reduce cost is not included. Weights are random (built in memory, no checkpoint).
+and the all-reduce cost is not included. Weights are random (built in memory, no checkpoint). A preset
+run with fewer --layers also reports the bytes a step reads at the preset's depth and the step time that
+would take at the run's batch-1 read rate.
 
 A run says up front what it measures, then (once the device's bandwidth and matmul peak are known) the least
 time its rows can take, and reports each row on stderr as it goes; SIGINT or SIGTERM prints the table of the
@@ -29,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from glm_tp.cli.planner import Plan  # noqa: E402
-from glm_tp.config import KERNELS, LM_HEADS, ModelConfig, get_preset, parse_dtype  # noqa: E402
+from glm_tp.config import KERNELS, LM_HEADS, PRESETS, ModelConfig, get_preset, parse_dtype  # noqa: E402
 from glm_tp.dev import reference  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
 from glm_tp.engine.decoder import Decoder  # noqa: E402
 from glm_tp.kernels import quant  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
@@ -141,6 +144,38 @@ def random_model(cfg: ModelConfig, tp, dtype: torch.dtype, bits: int, kernels: s
     return model.eval()
 
 
+def count_bytes(model: GLMModel, plan: Plan, args: argparse.Namespace, result: dict) -> None:
+    """The rank's weight bytes and a decode step's read, counted on the model's own tensors (grouped-query
+    QKV, SwiGLU and untied heads as they are), and, for a preset run with fewer layers, the same at the
+    preset's depth (its layers are alike: each holds what layer 0 holds)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    result.update(weight_bytes_per_rank=weights, read_bytes_per_step=decode_read_bytes(plan, args.lm_head, weights))
+    depth = get_preset(args.preset).num_layers if args.layers and args.preset in PRESETS else 0
+    if depth > model.cfg.num_layers:
+        layer = sum(p.numel() * p.element_size() for p in model.transformer.layers[0].parameters())
+        result["full_depth"] = {"layers": depth,
+                                "read_bytes_per_step": result["read_bytes_per_step"] + (depth - model.cfg.num_layers) * layer}
+
+
+def kernel_paths(model: GLMModel) -> dict[str, str]:
+    """Which kernels a decode step of this model runs (layer 0's choices; every layer makes the same)."""
+    block = model.transformer.layers[0]
+
+    def linear(layer) -> str:
+        p = layer.prepared
+        if p is None:
+            return "torch matmul"
+        return ("numba GEMV" if p.small is not None else p.kind) + ("" if p.kind == "float" else f" ({p.kind} above 16 rows)")
+
+    mlp = {"swiglu": "SwiGLU fused into the GEMV (numba)" if block.mlp.fused else "SwiGLU torch ops",
+           "geglu": "GeGLU torch ops", "gelu": "GeLU torch ops"}[block.mlp.kind]
+    head = model.lm_head or model.transformer.word_embeddings
+    return {"attention": "numba decode kernel" if block.attention.decode_kernel is not None else "torch attention",
+            "qkv": linear(block.attention.query_key_value), "mlp_h_to_4h": linear(block.mlp.dense_h_to_4h),
+            "mlp_activation": mlp, "lm_head": "numba GEMV" if head.head is not None and head.head.small is not None
+            else "torch matmul"}
+
+
 def measure(model: GLMModel, prefills: list[int], batches: list[int], steps: int, runs: int, out: dict) -> None:
     """The rows, written into `out` as each is measured (an interrupted run keeps the rows it has)."""
     device, cfg = model.device, model.cfg
@@ -189,6 +224,25 @@ def decode_call(model: GLMModel, b: int, steps: int, context: int) -> tuple:
             decoder.step(step_tokens)
 
     return decode, lambda: decoder.restart(b)
+
+
+def compare_decode_ops(model: GLMModel, steps: int, runs: int, context: int) -> dict:
+    """Batch-1 decode of one model with its decode-attention and SwiGLU kernels and with torch's ops in their
+    place (the GEMVs unchanged), round by round in turn (`alternated`): each round's setup switches them."""
+    layers = model.transformer.layers
+    chosen = [(block.attention.decode_kernel, block.mlp.fused) for block in layers]
+    decode, rewind = decode_call(model, 1, steps, context)
+
+    def use(kernels: bool) -> None:
+        for block, (attend, fused) in zip(layers, chosen):
+            block.attention.decode_kernel, block.mlp.fused = (attend, fused) if kernels else (None, False)
+        rewind()
+
+    progress(f"decode batch 1 with the decode kernels and with torch's ops, in turn ({runs} rounds of {steps} steps)")
+    ours, theirs = alternated([(decode, lambda: use(True)), (decode, lambda: use(False))], model.device, runs)
+    use(True)
+    return {"kernels_ms": statistics.median(ours) / steps * 1e3, "torch_ops_ms": statistics.median(theirs) / steps * 1e3,
+            "speedup_per_round": [t / k for k, t in zip(ours, theirs)]}
 
 
 def summary(seconds: list[float]) -> dict:
@@ -264,6 +318,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--reference", action="store_true", help="also time SwissArmyTransformer (CPU fp16)")
     ap.add_argument("--kernels", choices=KERNELS, default="fused", help="quantized matmul kernels")
     ap.add_argument("--lm-head", choices=LM_HEADS, default="model", help="int8: an INT8 copy of the LM head")
+    ap.add_argument("--compare-decode-ops", action="store_true",
+                    help="also time batch-1 decode with the decode-attention and SwiGLU kernels and with torch's ops in "
+                         "their place, in turn")
     ap.add_argument("--json", help="write the results as JSON to this file")
     ap.add_argument("--plot", help="write a PNG of ms/token against batch size")
     return ap
@@ -314,8 +371,13 @@ def run(args: argparse.Namespace, cfg: ModelConfig, tp: TPContext, label: str, r
              f"this device's ceiling, which measured calls fall short of; plus building the model)")
     progress(f"building a random {cfg.num_layers}-layer model ({args.dtype}/{args.quant})")
     model = random_model(cfg, tp, dtype, bits, args.kernels, args.lm_head)
+    count_bytes(model, plan, args, result)
+    result["kernel_paths"] = kernel_paths(model)
+    progress("decode kernels: " + "; ".join(f"{k} {v}" for k, v in result["kernel_paths"].items()))
     measure(model, prefills, batches, args.steps, args.runs, result)
     result["allreduce_ms_per_step"] = allreduce_ms(tp, cfg, dtype, args.runs)
+    if args.compare_decode_ops:
+        result["decode_ops"] = compare_decode_ops(model, args.steps, args.runs, result["context"])
     add_ceilings(result, cfg, tp.size, dtype.itemsize, result["read_bytes_per_step"], bandwidth, peak)
     if args.reference:
         ref = reference_times(cfg, list(result["prefill_ms"]), args.steps, args.runs, result["context"],

@@ -3,6 +3,7 @@ measured bandwidth and matmul peak), the table (also of the rows measured before
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -15,17 +16,20 @@ def step_flops(cfg: ModelConfig, tp: int, rows: int, tokens: int, keys: int) -> 
     """One rank's FLOPs for `rows` x `tokens` new tokens attending to `keys` keys each (logits at one
     position per row)."""
     h, f = cfg.hidden_size, cfg.inner_hidden_size
-    linear = (4 * h * h + 3 * f * h) // tp
+    qkv = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim * h  # grouped-query: the KV groups' rows only
+    linear = (qkv + h * h + ((2 * f if cfg.glu else f) + f) * h) // tp
     attention = 4 * tokens * keys * h // tp
     return 2 * rows * (cfg.num_layers * (tokens * linear + attention) + cfg.vocab_size // tp * h)
 
 
-def decode_read_bytes(plan: Plan, lm_head: str) -> int:
-    """The weight bytes a decode step reads: the rank's weights, less an untied embedding table (a step
-    reads one row of it), and with lm_head=int8 the head as int8 with fp16 row scales instead."""
+def decode_read_bytes(plan: Plan, lm_head: str, weight_bytes: int | None = None) -> int:
+    """The weight bytes a decode step reads: the rank's weights (the plan's, or `weight_bytes` counted on a
+    model's tensors), less an untied embedding table (a step reads one row of it), and with lm_head=int8
+    the head as int8 with fp16 row scales instead."""
     c = plan.cfg
     rows = c.vocab_size // plan.tp
-    read = plan.weight_bytes - (0 if c.tied_lm_head else rows * c.hidden_size * plan.dtype_bytes)
+    weights = plan.weight_bytes if weight_bytes is None else weight_bytes
+    read = weights - (0 if c.tied_lm_head else rows * c.hidden_size * plan.dtype_bytes)
     if lm_head == "int8":
         read += rows * c.hidden_size + 2 * rows - rows * c.hidden_size * plan.dtype_bytes
     return read
@@ -35,7 +39,7 @@ def decode_ceiling_s(cfg: ModelConfig, tp: int, dtype_bytes: int, weight_bytes: 
                      bandwidth: float, peak: float) -> float:
     """The fastest a decode step can be: it reads the weights and every row's keys and values and computes its
     FLOPs, at the measured bandwidth and matmul peak."""
-    kv_per_token = 2 * cfg.num_layers * cfg.hidden_size // tp * dtype_bytes
+    kv_per_token = 2 * cfg.num_layers * cfg.kv_heads_per_rank(tp) * cfg.head_dim * dtype_bytes
     read = weight_bytes + rows * (context + 1) * kv_per_token
     return max(read / bandwidth, step_flops(cfg, tp, rows, 1, context + 1) / peak)
 
@@ -64,6 +68,10 @@ def add_ceilings(r: dict, cfg: ModelConfig, tp: int, dtype_bytes: int, weight_by
     r["bandwidth_limit_ms"] = weight_bytes / bandwidth * 1e3
     if 1 in r["decode_ms_per_step"]:
         r["bandwidth_efficiency"] = r["bandwidth_limit_ms"] / r["decode_ms_per_step"][1]["median"]
+        full = r.get("full_depth")
+        if full:  # the whole model read at the rate this run's batch-1 step read its layers
+            full["ms_per_step_at_this_rate"] = (r["decode_ms_per_step"][1]["median"] * full["read_bytes_per_step"]
+                                                / weight_bytes)
     r["prefill_mfu"] = {n: step_flops(cfg, tp, 1, int(n), int(n)) / (s["median"] / 1e3) / peak
                         for n, s in r["prefill_ms"].items()}
 
@@ -74,6 +82,8 @@ def print_table(r: dict) -> None:
           f"({r['threads']} threads); weights/rank {r['weight_bytes_per_rank'] / 1e6:.1f} MB "
           f"({r['read_bytes_per_step'] / 1e6:.1f} MB read per decode step); "
           f"read bandwidth {r['read_bandwidth_gbs']:.1f} GB/s; matmul peak {r['matmul_peak_tflops']:.3f} TFLOP/s")
+    if "kernel_paths" in r:
+        print("  decode kernels: " + "; ".join(f"{k} {v}" for k, v in r["kernel_paths"].items()))
     for n, s in r["prefill_ms"].items():
         print(f"  prefill {n:>5} tokens: {s['median']:9.2f} ms (min {s['min']:.2f}, max {s['max']:.2f})"
               f"  {r['prefill_mfu'][n]:.0%} of the matmul peak")
@@ -85,6 +95,16 @@ def print_table(r: dict) -> None:
         print(f"  batch 1: weights read at {r['read_bytes_per_step'] / r['decode_ms_per_step'][1]['median'] / 1e6:.1f}"
               f" GB/s = {r['bandwidth_efficiency']:.0%} of the measured bandwidth "
               f"(limit {r['bandwidth_limit_ms']:.2f} ms/step)")
+    full = r.get("full_depth")
+    if full and "bandwidth_efficiency" in r:
+        print(f"  at full depth ({full['layers']} layers): {full['read_bytes_per_step'] / 1e6:.1f} MB read per decode step; "
+              f"at this run's batch-1 read rate {full['ms_per_step_at_this_rate']:.1f} ms/step (an estimate)")
+    ops = r.get("decode_ops")
+    if ops:
+        rounds = ops["speedup_per_round"]
+        print(f"  decode batch   1, in turn: {ops['kernels_ms']:.2f} ms/step with the decode-attention and SwiGLU kernels, "
+              f"{ops['torch_ops_ms']:.2f} with torch's ops in their place -> {statistics.median(rounds):.2f}x "
+              f"(median of {len(rounds)} rounds, {min(rounds):.2f}-{max(rounds):.2f}x)")
     if "stopped" in r:  # an interrupted run: the rows above are all it measured
         print(f"  stopped by {r['stopped']} after {len(r['prefill_ms']) + len(r['decode_ms_per_step'])} of "
               f"{r['rows']} rows")

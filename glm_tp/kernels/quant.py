@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from glm_tp.config import check_kernels
+from glm_tp.config import check_kernels, dtype_name
 from glm_tp.kernels import probe
 from glm_tp.kernels.formats import dequantize, int_values, quantize_rows, unpack_int4
 
@@ -81,6 +81,13 @@ class PreparedWeight:
     small: Callable | None = None          # CPU: the kernel for batches of up to SMALL_ROWS rows
     large: Callable | None = None          # CPU, kernels="q8": the kernel for larger batches
 
+    def swiglu(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """`swiglu(x @ W^T + bias)` for a [gate ; up] weight, fused into the CPU GEMV (see fused_swiglu) for a
+        decode batch; None where this weight or batch has no such kernel."""
+        if self.small is None or x.numel() // x.shape[-1] > SMALL_ROWS or x.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return self.small.swiglu(x, bias)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ W^T -> [..., out] in x's dtype."""
         rows = x.numel() // x.shape[-1]
@@ -103,6 +110,41 @@ class PreparedWeight:
             out = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group, self.scales)
         # the kernels ran with unit scales; the fp16 row scales are applied exactly, in fp32
         return (out.float() * self.row_scale).to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on an h->4h output [..., gate ; up]: silu(gate) * up (the definition the fused kernel follows)."""
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def fused_swiglu(kernels: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether SwiGLU MLPs fuse silu(gate) * up into the CPU GEMV of their h->4h weight (decode batches: the
+    GEMV writes fp32, a vectorized epilogue activates it and rounds once): CPU, fp32/bf16, kernels
+    "fused"/"q8", numba, and the epilogue passing its check (else a warning and the torch ops)."""
+    check_kernels(kernels)
+    if (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or kernels not in ("fused", "q8")
+            or not probe.numba_available()):
+        return False
+    if not probe.works("swiglu", device, dtype_name(dtype), lambda: _swiglu_works(dtype)):
+        warnings.warn("the numba SwiGLU epilogue failed its check here: using torch's silu and multiply")
+        return False
+    return True
+
+
+def _swiglu_works(dtype: torch.dtype) -> bool:
+    """The fused path against `swiglu` on an INT8 weight with a bias, for 1 and 3 rows (a bf16 rounding)."""
+    gen = torch.Generator().manual_seed(0)
+    q, scale = quantize_rows(torch.randn(96, 64, generator=gen), 8)
+    p = _with_cpu_kernels(PreparedWeight("dequant", q, scale, 8), "fused")
+    bias = torch.randn(96, generator=gen).to(dtype)
+    for rows in (1, 3):
+        x = torch.randn(rows, 64, generator=gen).to(dtype)
+        want = swiglu(F.linear(x.float(), dequantize(q, scale, 8, torch.float32)) + bias.float())
+        got = p.swiglu(x, bias)
+        if got is None or got.dtype != dtype or not _close(got, want, 0.02):
+            return False
+    return True
 
 
 def _candidates(device: torch.device, bits: int) -> list[str]:

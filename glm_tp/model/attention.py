@@ -4,14 +4,16 @@ queries and keys; three ways to compute it:
 - `reference_attention`: the reference's recipe in the model's dtype (CUDA, where decode steps are captured
   as CUDA graphs);
 - torch's fused attention on CPU (`attend`): fp32 inside, the cache read as it is;
-- on CPU, a decode step (one query per row) through the numba kernel `kernels/cpu.decode_attention`: rotary,
-  the cache write and the attention in one call that reads each cached key and value once (torch's fused
-  attention reads a 1k-slot window of one row at under 2 GB/s, and the rotary and cache-write ops around it
-  cost more than the kernel). `decode_kernel` chooses it at load, after checking it against the torch ops on
-  a small case.
+- on CPU, a decode step (one query per row) through the numba kernel `kernels/cpu_attention.decode_attention`:
+  rotary, the cache write and the attention in one call that reads each cached key and value in place
+  (torch's fused attention reads a 1k-slot window of one row at under 2 GB/s, and the rotary and cache-write
+  ops around it cost more than the kernel); grouped-query layers included, each query head reading its
+  group's KV head. `decode_kernel` chooses it at load, after checking it against the torch ops
+  (`decode_attention_reference`) on small cases.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Callable
@@ -23,8 +25,9 @@ from glm_tp.config import ModelConfig, check_kernels, dtype_name
 from glm_tp.kernels import probe
 
 MASK_FILL = -10000.0
+PAIRS = 0  # `rotary_groups` of "half" rotary (kernels/cpu_attention takes the same code)
 
-# (qkv, cos, sin, slots, the layer's cached keys, values, mask, rotary groups) -> the attention's output
+# (qkv, cos, sin, slots, the layer's cached keys, values, mask) -> the attention's output
 DecodeKernel = Callable[..., torch.Tensor]
 
 
@@ -61,7 +64,10 @@ def apply_rotary_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 
 def rotary_groups(cfg: ModelConfig) -> int:
-    """How many independent rotary blocks a head has: 1 (1D positions) or 2 (position, block position)."""
+    """How a head is rotated, as `rotate` and the CPU decode kernel take it: 1 (1D positions) or 2 (position,
+    block position) NeoX blocks, or PAIRS ("half": ChatGLM2's interleaved pairs)."""
+    if cfg.position_encoding == "half":
+        return PAIRS
     return 2 if cfg.position_encoding == "2d" else 1
 
 
@@ -70,6 +76,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: 
     pairs with the second (groups=1: dims [0, d/2) with [d/2, d))."""
     x1, x2 = x.unflatten(-1, (groups, 2, -1)).unbind(-2)
     return x * cos + torch.stack([-x2, x1], dim=-2).flatten(-3) * sin
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: int) -> torch.Tensor:
+    """x rotated as `rotary_groups` says."""
+    return apply_rotary_pairs(x, cos, sin) if rotary == PAIRS else apply_rotary(x, cos, sin, rotary)
 
 
 def rotary_at(cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,55 +117,75 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return torch.matmul(probs, values)
 
 
-def decode_kernel(kernels: str, dtype: torch.dtype, device: torch.device) -> DecodeKernel | None:
-    """The CPU decode-attention kernel, or None where `attend` serves every call: other devices and dtypes,
-    kernels "torch"/"dequant", no numba, or a kernel failing its check (with a warning)."""
+def decode_kernel(kernels: str, dtype: torch.dtype, device: torch.device, rotary: int = 1,
+                  heads: int = 0) -> DecodeKernel | None:
+    """The CPU decode-attention kernel for a layer's layout (heads 0: head-major QKV; else grouped [q ; k ; v]
+    with `heads` query heads; rotary: `rotary_groups`), or None where `attend` serves every call: other
+    devices and dtypes, kernels "torch"/"dequant", no numba, or a kernel failing its check (with a warning)."""
     check_kernels(kernels)
     if (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or kernels not in ("fused", "q8")
             or not probe.numba_available()):
         return None
-    from glm_tp.kernels import cpu as cpu_kernels
+    from glm_tp.kernels import cpu_attention
 
-    kernel = cpu_kernels.decode_attention
-    if not probe.works("decode_attention", device, dtype_name(dtype), lambda: _kernel_works(kernel, dtype)):
+    name = "decode_attention_grouped" if heads else "decode_attention"
+    if not probe.works(name, device, dtype_name(dtype), lambda: _kernel_works(dtype, grouped=heads > 0)):
         # shown once per message (Python's default warning filter), not once per layer
         warnings.warn("the numba decode-attention kernel failed its check here: using torch's attention")
         return None
-    return cpu_kernels.decode_attention
+    return functools.partial(cpu_attention.decode_attention, rotary=rotary, heads=heads)
+
+
+def split_qkv(qkv: torch.Tensor, kv_heads: int, head_dim: int, heads: int = 0) -> tuple[torch.Tensor, ...]:
+    """q [b, heads, s, d] and k, v [b, kv heads, s, d] from a fused QKV output [b, s, width]: head-major
+    (heads 0) or grouped [all q ; all k ; all v] with `heads` query heads."""
+    b, s, _ = qkv.shape
+    d = head_dim
+    if heads:
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        return tuple(t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
+    return qkv.view(b, s, kv_heads, 3 * d).transpose(1, 2).split(d, dim=-1)
 
 
 def decode_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                               keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor, groups: int) -> torch.Tensor:
-    """What a decode kernel must compute, as torch ops (the arguments and result of
-    `kernels/cpu.decode_attention`): rotary, the step's key and value written into the cache at each row's
-    slot, then `attend` over the window."""
-    rows, heads, _, d = keys.shape
-    q, k, v = qkv.view(rows, 1, heads, 3 * d).transpose(1, 2).split(d, dim=-1)
-    q, k = apply_rotary(q, cos, sin, groups), apply_rotary(k, cos, sin, groups)
+                               keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor, rotary: int,
+                               heads: int = 0) -> torch.Tensor:
+    """What a decode kernel must compute, as the model's torch ops (the arguments and result of
+    `kernels/cpu_attention.decode_attention`): rotary, the step's key and value written into the cache at
+    each row's slot, then `attend` over the window (grouped: each query head on its group's KV head)."""
+    rows, kv_heads, _, d = keys.shape
+    q, k, v = split_qkv(qkv, kv_heads, d, heads)
+    q, k = rotate(q, cos, sin, rotary), rotate(k, cos, sin, rotary)
     at = slots.reshape(-1).expand(rows)
     for cache, new in zip((keys, values), (k, v)):
         cache[torch.arange(rows), :, at] = new[:, :, 0].to(cache.dtype)
     window = hidden.shape[-1]
     out = attend(q, keys[:, :, :window], values[:, :, :window], hidden, 0)
-    return out.transpose(1, 2).reshape(rows, 1, heads * d)
+    return out.transpose(1, 2).reshape(rows, 1, q.shape[1] * d)
 
 
-def _kernel_works(kernel: DecodeKernel, dtype: torch.dtype) -> bool:
-    """Against the torch ops in fp32, for 1D and 2D rotary: 3 rows, a 40-slot cache, a 24-slot window; one row
-    sees a prefix and its own slot, one a pad run, one nothing (the kernel must give 0 there, as torch does)."""
+# the layouts the load-time check covers: (rotary, query heads, KV heads; query heads 0: head-major)
+_CHECKED = {False: ((1, 0, 2), (2, 0, 2)), True: ((PAIRS, 4, 2), (PAIRS, 4, 1), (1, 2, 2))}
+
+
+def _kernel_works(dtype: torch.dtype, grouped: bool) -> bool:
+    """Against the torch ops in fp32: 3 rows, a 40-slot cache, a 24-slot window; one row sees a prefix and
+    its own slot, one a pad run, one nothing (the kernel must give 0 there, as torch does)."""
+    from glm_tp.kernels.cpu_attention import decode_attention
+
     gen = torch.Generator().manual_seed(0)
-    heads, d = 2, 16
+    d = 16
     slots = torch.arange(24)
     hidden = torch.stack([slots > 20, (slots < 5) | (slots > 17), torch.ones(24, dtype=torch.bool)])
     hidden = hidden.view(3, 1, 1, 24)
     at = torch.tensor([[20], [17], [23]])
-    for groups in (1, 2):
-        qkv = torch.randn(3, 1, heads * 3 * d, generator=gen).to(dtype)
+    for rotary, heads, kv_heads in _CHECKED[grouped]:
+        qkv = torch.randn(3, 1, ((heads or kv_heads) + 2 * kv_heads) * d, generator=gen).to(dtype)
         cos, sin = (torch.randn(3, 1, 1, d, generator=gen).to(dtype) for _ in range(2))
-        cache = [torch.randn(3, heads, 40, d, generator=gen).to(dtype) for _ in range(2)]
+        cache = [torch.randn(3, kv_heads, 40, d, generator=gen).to(dtype) for _ in range(2)]
         want_cache = [t.float().clone() for t in cache]  # a copy even when dtype is fp32
-        want = decode_attention_reference(qkv.float(), cos.float(), sin.float(), at, *want_cache, hidden, groups)
-        got = kernel(qkv, cos, sin, at, *cache, hidden, groups).float()
+        want = decode_attention_reference(qkv.float(), cos.float(), sin.float(), at, *want_cache, hidden, rotary, heads)
+        got = decode_attention(qkv, cos, sin, at, *cache, hidden, rotary, heads).float()
         written = all(torch.allclose(g[torch.arange(3), :, at[:, 0]].float(), w[torch.arange(3), :, at[:, 0]],
                                      rtol=0.02, atol=0.05) for g, w in zip(cache, want_cache))
         if not (written and (got - want).abs().max() <= 0.02 * want.abs().max() + 0.02):

@@ -28,14 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm_tp.config import ModelConfig
+from glm_tp.kernels import quant
 from glm_tp.model import attention
-from glm_tp.model.attention import (
-    apply_rotary,
-    apply_rotary_pairs,
-    rotary_at,
-    rotary_groups,
-    rotary_tables,
-)
+from glm_tp.model.attention import rotary_at, rotary_groups, rotary_tables
 from glm_tp.model.masks import glm_mask
 from glm_tp.parallel.dist import TPContext
 from glm_tp.parallel.layers import (
@@ -106,7 +101,6 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.layer_id, self.dtype = layer_id, dtype
         self.rotary_groups = rotary_groups(cfg)
-        self.pairs = cfg.position_encoding == "half"
         self.heads, self.kv_heads = cfg.num_heads // tp.size, cfg.kv_heads_per_rank(tp.size)
         self.head_dim = cfg.head_dim
         h, bias = cfg.hidden_size, cfg.bias == "all"
@@ -119,23 +113,18 @@ class SelfAttention(nn.Module):
         self.decode_kernel: attention.DecodeKernel | None = None  # set by prepare_
 
     def prepare_(self, kernels: str = "fused") -> None:
-        """Choose how decode steps attend (see attention.decode_kernel); once, after loading. The kernel
-        knows head-major QKV with NeoX rotary only: grouped or pair-rotary models keep the torch ops."""
-        if isinstance(self.query_key_value, GroupedQKVParallelLinear) or self.pairs:
-            return
-        self.decode_kernel = attention.decode_kernel(kernels, self.dtype, self.dense.weight.device)
+        """Choose how decode steps attend (see attention.decode_kernel); once, after loading."""
+        self.decode_kernel = attention.decode_kernel(kernels, self.dtype, self.dense.weight.device,
+                                                     self.rotary_groups, self.grouped_heads)
+
+    @property
+    def grouped_heads(self) -> int:
+        """The rank's query heads when QKV is grouped [q ; k ; v], 0 when head-major."""
+        return self.heads if isinstance(self.query_key_value, GroupedQKVParallelLinear) else 0
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [b, heads, s, d] and k, v [b, kv heads, s, d]: head-major (MHA) or [q ; k ; v] (grouped)."""
-        b, s, _ = qkv.shape
-        d = self.head_dim
-        if isinstance(self.query_key_value, GroupedQKVParallelLinear):
-            q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-            return tuple(t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
-        return qkv.view(b, s, self.heads, 3 * d).transpose(1, 2).split(d, dim=-1)
-
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return apply_rotary_pairs(x, cos, sin) if self.pairs else apply_rotary(x, cos, sin, self.rotary_groups)
+        return attention.split_qkv(qkv, self.kv_heads, self.head_dim, self.grouped_heads)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None, slots: torch.Tensor, window: int) -> torch.Tensor:
@@ -143,9 +132,9 @@ class SelfAttention(nn.Module):
         qkv = self.query_key_value(h)
         if s == 1 and cache is not None and self.decode_kernel is not None:  # a CPU decode step: one call
             return self.dense(self.decode_kernel(qkv, cos, sin, slots, cache.k[self.layer_id],
-                                                 cache.v[self.layer_id], mask, self.rotary_groups))
+                                                 cache.v[self.layer_id], mask))
         q, k, v = self.split_heads(qkv)
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        q, k = (attention.rotate(t, cos, sin, self.rotary_groups) for t in (q, k))
         if cache is None:  # one-shot forward (training): nothing to keep
             ctx = attention.attend(q, k, v, mask, self.layer_id)
         else:  # write this call's keys/values at `slots` in place, attend over the first `window` slots
@@ -157,22 +146,30 @@ class SelfAttention(nn.Module):
 
 class MLP(nn.Module):
     """GeGLU (value * gelu(gate), exact GeLU), SwiGLU (silu(gate) * up) or, without a gate, the
-    tanh-approximated GeLU of ChatGLM-6B."""
+    tanh-approximated GeLU of ChatGLM-6B. On CPU, SwiGLU's activation is fused into the h->4h GEMV of a
+    decode batch (kernels/quant.fused_swiglu)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype, bits: int):
         super().__init__()
-        self.kind = cfg.mlp
+        self.kind, self.dtype = cfg.mlp, dtype
         h, f, bias = cfg.hidden_size, cfg.inner_hidden_size, cfg.bias == "all"
         self.dense_h_to_4h = (GLUColumnParallelLinear(h, 2 * f, tp, dtype, bits, bias) if cfg.glu
                               else ColumnParallelLinear(h, f, tp, dtype, bits, bias))
         self.dense_4h_to_h = RowParallelLinear(f, h, tp, dtype, bits, bias)
+        self.fused = False  # set by prepare_
+
+    def prepare_(self, kernels: str = "fused") -> None:
+        """Whether SwiGLU's activation fuses into the CPU GEMV; once, after loading."""
+        self.fused = self.kind == "swiglu" and quant.fused_swiglu(kernels, self.dtype, self.dense_4h_to_h.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "gelu":
             return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
-        first, second = self.dense_h_to_4h(x).chunk(2, dim=-1)
         if self.kind == "swiglu":  # ChatGLM2's rows: gate, then up
-            return self.dense_4h_to_h(F.silu(first) * second)
+            up = self.dense_h_to_4h
+            fused = up.prepared.swiglu(x, up.bias) if self.fused and up.prepared is not None else None
+            return self.dense_4h_to_h(quant.swiglu(up(x)) if fused is None else fused)
+        first, second = self.dense_h_to_4h(x).chunk(2, dim=-1)
         return self.dense_4h_to_h(first * F.gelu(second))  # GeGLU's rows: value, then gate
 
 

@@ -32,6 +32,34 @@ def test_bench_writes_valid_json(tmp_path):
         assert (r["allreduce_ms_per_step"] is None) == (launcher != torchrun)  # measured only with real ranks
 
 
+def test_bench_runs_the_chatglm2_architecture_through_the_new_kernels(tmp_path):
+    # the chatglm2-6b preset's architecture (2 KV groups, pair rotary, SwiGLU, untied head) at a small width,
+    # 2 of its 28 layers; INT8, so that the GEMVs (and the SwiGLU fused into them) take every linear
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, "tools/bench.py", "--preset", "chatglm2-6b", "--layers", "2", "--hidden", "256",
+                          "--heads", "8", "--inner", "512", "--vocab", "1024", "--max-len", "256", "--quant", "int8",
+                          "--prefill", "16", "--batches", "1,2", "--steps", "2", "--runs", "1", "--compare-decode-ops",
+                          "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["kernel_paths"]["attention"] == "numba decode kernel"
+    assert r["kernel_paths"]["mlp_activation"] == "SwiGLU fused into the GEMV (numba)"
+    assert r["kernel_paths"]["mlp_h_to_4h"].startswith("numba GEMV")
+    # bytes counted on the model: per layer the int8 values of QKV (8 query and 2 KV heads of 32 rows), dense,
+    # h->4h (gate and up), 4h->h; an fp16 scale per output row; the bf16 QKV bias and two RMSNorm gains
+    h, f, qkv = 256, 512, (8 + 2 * 2) * 32
+    int8_layer = (qkv + h + 2 * f) * h + h * f + 2 * (qkv + h + 2 * f + h) + 2 * qkv + 2 * 2 * h
+    head = 1024 * h * 2  # the bf16 LM head; the untied embedding table is read one row a step
+    assert r["read_bytes_per_step"] == 2 * int8_layer + head + 2 * h
+    assert r["full_depth"]["layers"] == 28 and r["full_depth"]["read_bytes_per_step"] == 28 * int8_layer + head + 2 * h
+    assert r["full_depth"]["ms_per_step_at_this_rate"] > r["decode_ms_per_step"]["1"]["median"]
+    assert "at full depth (28 layers)" in res.stdout and "decode kernels: attention numba decode kernel" in res.stdout
+    ops = r["decode_ops"]  # the same model with and without the new kernels, in turn
+    assert ops["kernels_ms"] > 0 and ops["torch_ops_ms"] > 0 and len(ops["speedup_per_round"]) == 1
+    assert "with torch's ops in their place" in res.stdout
+
+
 def test_alternated_timing_calls_each_in_turn():
     import torch
     sys.path.insert(0, str(ROOT / "tools"))

@@ -2,16 +2,19 @@
 to torch's kernels, the q8 and INT8 LM head options. No timings here: tools/bench.py measures speed."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from glm_tp import load_model
+from glm_tp.config import PRESETS
 from glm_tp.engine.decoder import Decoder
 from glm_tp.kernels import probe, quant
 from glm_tp.kernels.formats import dequantize, quantize_rows
@@ -19,9 +22,12 @@ from glm_tp.kernels.quant import SMALL_ROWS, prepare
 from glm_tp.model import attention
 from tests.model.test_model import LAYOUT, POSITIONS, TOKENS
 from tests.support import ROOT
+from tests.support.checkpoints import write_random_checkpoint
+from tests.support.ranks import greedy_blank, run_ranks
 
 pytest.importorskip("numba", reason="the CPU kernels need numba: pip install -e '.[cpu]' (the [test] extra has it)")
 from glm_tp.kernels import cpu as cpu_kernels  # noqa: E402
+from glm_tp.kernels import cpu_attention  # noqa: E402
 
 
 def _exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -165,26 +171,25 @@ def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch):
         assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_kernel_matches_the_torch_ops(dtype, groups):
-    torch.manual_seed(groups)
-    rows, heads, slots, d, window = 4, 3, 80, 32, 64
-    qkv = torch.randn(rows, 1, heads * 3 * d).to(dtype)
-    angles = torch.rand(rows, 1, 1, d) * 6
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    cache = [torch.randn(rows, heads, slots, d).to(dtype) for _ in range(2)]
+def _check_decode_attention(dtype: torch.dtype, rotary: int, heads: int, kv_heads: int, window: int,
+                            cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """The kernel against the model's torch ops (in fp32, on copies) for 4 rows; heads 0: head-major."""
+    rows, slots, d = 4, window + 16, cos.shape[-1]
+    qkv = torch.randn(rows, 1, ((heads or kv_heads) + 2 * kv_heads) * d).to(dtype)
+    cache = [torch.randn(rows, kv_heads, slots, d).to(dtype) for _ in range(2)]
     for t in cache:
         t[:, :, window:] = float("nan")  # past the window: never read
-    at = torch.tensor([10, 63, 30, 5])  # each row's slot
+    at = torch.tensor([min(10, window - 1), window - 1, window // 2, 0])  # each row's slot
     span = torch.arange(window)
     # a row near its start, a full window, one behind left padding and a prefix, one that sees nothing
-    hidden = torch.stack([span > 10, span > 63, (span < 7) | ((span > 20) & (span < 30)), span >= 0])
-    hidden = hidden.view(rows, 1, 1, window)
-    want_cache = [t.float().clone() for t in cache]  # the torch ops, in fp32 on copies
-    want = attention.decode_attention_reference(qkv.float(), cos.float(), sin.float(), at, *want_cache, hidden, groups)
-    got = cpu_kernels.decode_attention(qkv, cos, sin, at.view(rows, 1), *cache, hidden, groups)
-    assert got.dtype == dtype and got.shape == (rows, 1, heads * d)
+    hidden = torch.stack([span > at[0], span > at[1], (span < window // 8) | ((span > window // 3) & (span < at[2])),
+                          span >= 0]).view(rows, 1, 1, window)
+    want_cache = [t.float().clone() for t in cache]
+    want = attention.decode_attention_reference(qkv.float(), cos.float(), sin.float(), at, *want_cache, hidden,
+                                                rotary, heads)
+    got = cpu_attention.decode_attention(qkv, cos.to(dtype), sin.to(dtype), at.view(rows, 1), *cache, hidden,
+                                         rotary, heads)
+    assert got.dtype == dtype and got.shape == (rows, 1, (heads or kv_heads) * d)
     # fp32 throughout; bf16 rounds the rotated key once (the torch ops three times) and the result once
     tol = 1e-5 if dtype == torch.float32 else 2 ** -6
     assert ((got.float() - want).abs() <= tol * want.abs().max()).all()
@@ -197,14 +202,62 @@ def test_decode_attention_kernel_matches_the_torch_ops(dtype, groups):
         assert torch.equal(t.transpose(1, 2)[kept].float().nan_to_num(), w.transpose(1, 2)[kept].nan_to_num())
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_matches_the_torch_ops(dtype, groups):
+    torch.manual_seed(groups)
+    angles = torch.rand(4, 1, 1, 32) * 6
+    _check_decode_attention(dtype, groups, 0, 3, 64, angles.cos(), angles.sin())
+
+
+# (query heads, KV heads) of a rank: 2 groups of 2 and of 4 heads, 3 groups, one KV head for 4 or 8 query
+# heads (TP larger than the groups), one query head per KV head
+GQA_SHAPES = [(4, 2), (8, 2), (6, 3), (4, 1), (8, 1), (2, 2)]
+
+
+@pytest.mark.parametrize("window", [1, 37, 160])
+@pytest.mark.parametrize("heads,kv_heads", GQA_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_decode_attention_matches_the_torch_ops(dtype, heads, kv_heads, window):
+    # ChatGLM2's own tables: pairs on the first half of the head, the second half passing through
+    torch.manual_seed(heads * 10 + kv_heads)
+    cfg = dataclasses.replace(PRESETS["tiny-chatglm2"], max_seq_len=4096)
+    cos_table, sin_table = attention.rotary_tables(cfg, torch.float32, "cpu")
+    cos, sin = attention.rotary_at(cos_table, sin_table, torch.tensor([[3], [window + 200], [1000], [4000]]))
+    _check_decode_attention(dtype, attention.PAIRS, heads, kv_heads, window, cos, sin)
+
+
+def test_the_pass_through_half_of_a_key_is_cached_exactly():
+    cfg = PRESETS["tiny-chatglm2"]
+    d, heads, kv_heads = cfg.head_dim, 4, 2
+    cos, sin = attention.rotary_at(*attention.rotary_tables(cfg, torch.bfloat16, "cpu"), torch.tensor([[50]]))
+    qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * d).bfloat16()
+    keys, values = (torch.zeros(1, kv_heads, 8, d, dtype=torch.bfloat16) for _ in range(2))
+    cpu_attention.decode_attention(qkv, cos, sin, torch.tensor([[5]]), keys, values,
+                                   torch.zeros(1, 1, 1, 8, dtype=torch.bool), attention.PAIRS, heads)
+    k = qkv[0, 0, heads * d:(heads + kv_heads) * d].view(kv_heads, d)
+    assert torch.equal(keys[0, :, 5, d // 2:], k[:, d // 2:])  # cos 1, sin 0: untouched
+    assert not torch.equal(keys[0, :, 5, :d // 2], k[:, :d // 2])  # the rotated half moved
+    assert torch.equal(values[0, :, 5], qkv[0, 0, (heads + kv_heads) * d:].view(kv_heads, d))
+
+
+def test_a_grouped_qkv_of_the_wrong_width_is_refused():
+    keys = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="not 4 query and 2 KV heads of 16"):
+        cpu_attention.decode_attention(torch.zeros(1, 1, 7 * 16), torch.ones(1, 1, 1, 16), torch.zeros(1, 1, 1, 16),
+                                       torch.tensor([[0]]), keys, keys.clone(), torch.zeros(1, 1, 1, 8, dtype=torch.bool),
+                                       attention.PAIRS, 4)
+
+
 def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
     fast = load_model(tiny_checkpoints[1], progress=False)
     plain = load_model(tiny_checkpoints[1], progress=False, kernels="torch")
     assert all(block.attention.decode_kernel is None for block in plain.transformer.layers)
     calls = []
     for block in fast.transformer.layers:
-        assert block.attention.decode_kernel is cpu_kernels.decode_attention
-        block.attention.decode_kernel = lambda qkv, *rest: calls.append(qkv.shape) or cpu_kernels.decode_attention(qkv, *rest)
+        kernel = block.attention.decode_kernel
+        assert kernel.func is cpu_attention.decode_attention and kernel.keywords == {"rotary": 1, "heads": 0}
+        block.attention.decode_kernel = lambda qkv, *rest, kernel=kernel: calls.append(qkv.shape) or kernel(qkv, *rest)
     logits = []
     with torch.inference_mode():
         for model in (fast, plain):
@@ -225,6 +278,81 @@ def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
         attention.decode_kernel("fast", torch.float32, torch.device("cpu"))
 
 
+def _chatglm2_decodes(tp, ckpt, dtype: str, quant_: str | None) -> list | None:
+    """Greedy decodes of two prompts with the new CPU kernels (decode attention, fused SwiGLU) and with the
+    torch ops in their place, all else equal (never repeating a token: random weights otherwise echo the
+    last input); whether every layer took the attention kernel, and how many SwiGLU epilogues ran."""
+    prompts = ([5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19])
+
+    def pick(logits, seq):
+        return int(logits.float().index_fill(0, torch.tensor(seq), float("-inf")).argmax())
+
+    out, real, epilogues = [], cpu_kernels.swiglu_kernel, []
+    cpu_kernels.swiglu_kernel = lambda *args: epilogues.append(1) or real(*args)
+    try:
+        for with_kernels in (True, False):
+            model = load_model(ckpt, tp=tp, dtype=dtype, quant=quant_, progress=False)
+            for block in model.transformer.layers if not with_kernels else ():
+                block.attention.decode_kernel, block.mlp.fused = None, False
+            used = [block.attention.decode_kernel is not None for block in model.transformer.layers]
+            epilogues.clear()  # not the load-time check's
+            with torch.inference_mode():
+                runs = [greedy_blank(model, SimpleNamespace(tokens=list(ids), positions=list(range(len(ids))), bidirectional=0,
+                                                            next_position=len(ids), counting=1), 8, pick=pick)
+                        for ids in prompts]
+            out.append((used, len(epilogues), [t for t, _, _ in runs], [torch.stack(s) for _, s, _ in runs if s]))
+    finally:
+        cpu_kernels.swiglu_kernel = real
+    return out if model.tp.is_first else None
+
+
+@pytest.mark.parametrize("tp,dtype,quant_", [(1, "fp32", None), (1, "bf16", None), (4, "fp32", None),
+                                             (1, "bf16", "int8"), (2, "fp32", "int4")])
+def test_a_chatglm2_decode_gives_the_same_tokens_with_the_kernels_and_without(tmp_path, tp, dtype, quant_):
+    # TP 4 on 2 KV groups: each rank caches one KV head for its 2 query heads. The tiny float weights are
+    # too small for the bf16 GEMV (torch's matmul and SwiGLU ops); quantized ones fuse SwiGLU into it
+    ckpt = write_random_checkpoint(tmp_path / "ck", PRESETS["tiny-chatglm2"], 1, torch.float32)
+    fast, plain = run_ranks(tp, _chatglm2_decodes, ckpt, dtype, quant_)[0] if tp > 1 else \
+        _chatglm2_decodes(None, ckpt, dtype, quant_)
+    assert all(fast[0]) and not any(plain[0])  # every layer's decode steps through the kernel
+    layers = PRESETS["tiny-chatglm2"].num_layers
+    # every MLP call: 8 steps and the prompt (<= SMALL_ROWS tokens: the GEMV too) of each of 2 decodes
+    assert fast[1] == (2 * 9 * layers if quant_ else 0) and plain[1] == 0
+    assert fast[2] == plain[2] and len(fast[2][0]) == 8
+    tol = 1e-4 if dtype == "fp32" else 0.03
+    for a, b in zip(fast[3], plain[3]):
+        assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 16])
+@pytest.mark.parametrize("rows", [1, 5, SMALL_ROWS])
+def test_fused_swiglu_matches_the_torch_ops(bits, rows):
+    torch.manual_seed(bits + rows)
+    f, k = 520, 1024  # bf16: 2 x 520 rows of 1024, just over the size the bf16 GEMV is used from
+    w, x, bias = torch.randn(2 * f, k) / 16, torch.randn(rows, k), torch.randn(2 * f)
+    if bits == 16:
+        p, dense = quant.prepare_float(w.bfloat16()), w.bfloat16().double()
+    else:
+        q, scale = quantize_rows(w, bits)
+        p, dense = prepare(q, scale, bits), dequantize(q, scale, bits, torch.float64)
+    for xd, b, tol in ((x, None, 1e-5), (x.bfloat16(), bias.bfloat16(), 2 ** -7)):
+        want = quant.swiglu(xd.double() @ dense.t() + (0 if b is None else b.double()))
+        got = p.swiglu(xd, b)
+        assert got.dtype == xd.dtype and got.shape == (rows, f)
+        assert ((got.double() - want).abs() <= tol * want.abs().max()).all()  # fp32 inside, one rounding
+    assert p.swiglu(torch.randn(SMALL_ROWS + 1, k), None) is None  # prefill: the torch ops
+    assert p.swiglu(x.half(), None) is None
+    assert quant.fused_swiglu("fused", torch.bfloat16, torch.device("cpu"))
+    assert not quant.fused_swiglu("torch", torch.bfloat16, torch.device("cpu"))
+    assert not quant.fused_swiglu("fused", torch.float16, torch.device("cpu"))
+
+
+def test_a_failing_swiglu_epilogue_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setitem(probe.RESULTS, ("swiglu", "cpu", "bf16"), False)
+    with pytest.warns(UserWarning, match="numba SwiGLU epilogue failed its check here: using torch's silu"):
+        assert not quant.fused_swiglu("fused", torch.bfloat16, torch.device("cpu"))
+
+
 def _logits(model) -> torch.Tensor:
     with torch.inference_mode():
         return model(TOKENS, POSITIONS, LAYOUT, model.new_cache(2, 16), logits_at=torch.arange(12).expand(2, 12))
@@ -243,9 +371,6 @@ def test_int8_lm_head_stays_near_the_model_dtype_head(tiny_checkpoints):
 
 
 def test_an_untied_lm_head_is_the_one_made_int8(tmp_path):
-    from glm_tp.config import PRESETS
-    from tests.support.checkpoints import write_random_checkpoint
-
     ckpt = write_random_checkpoint(tmp_path / "chatglm", PRESETS["tiny-chatglm"], 1, torch.float32)
     plain = load_model(ckpt, progress=False)
     head = load_model(ckpt, progress=False, lm_head="int8")
