@@ -45,8 +45,8 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
 
     Single process: `load_model("ckpt")`. Under `torchrun --nproc_per_node N` every rank calls the
     same line and gets its own slice (the process group is set up on first use). kernels: "fused" (the
-    fastest quantized matmul the device has), "q8" (CPU: integer kernels with Q8_0 activations for batches
-    over quant.SMALL_ROWS), "torch" (torch's fused kernels only) or "dequant" (the reference's
+    fastest quantized matmul the device has), "q8" (CPU: integer kernels with Q8_0 activations, the compiled
+    one for decode batches where it is built, numba's above quant.SMALL_ROWS rows), "torch" (torch's fused kernels only) or "dequant" (the reference's
     dequantize-then-matmul). lm_head: "model" (the embedding in the model's dtype) or "int8".
     verify: check every file's SHA-256 against glm_tp.json first (the ranks share the work); file sizes
     are always checked.

@@ -32,7 +32,7 @@ import torch
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from glm_tp.kernels.formats import unpack_int4
+from glm_tp.kernels.formats import pack_int4_halves, unpack_int4
 
 ROW_BLOCK = 16  # output rows per parallel task: small enough to balance 2-16 threads on 2k-row weights
 Q8_BLOCK = 32   # input columns per activation scale in the q8 option (llama.cpp's Q8_0 block)
@@ -259,13 +259,6 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def configure_threads() -> None:
     """numba's pool gets torch's thread count (torch's is what the user or the launcher set)."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
-def pack_int4_halves(q: torch.Tensor) -> torch.Tensor:
-    """int values in [-8, 7], [out, in] -> uint8 [out, in/2]: column j low nibble, column j + in/2 high, + 8."""
-    half = q.shape[1] // 2
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    return (u[:, :half] | (u[:, half:] << 4)).contiguous()
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

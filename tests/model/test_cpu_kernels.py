@@ -17,7 +17,7 @@ from glm_tp import load_model
 from glm_tp.config import PRESETS
 from glm_tp.engine.decoder import Decoder
 from glm_tp.kernels import probe, quant
-from glm_tp.kernels.formats import dequantize, quantize_rows
+from glm_tp.kernels.formats import dequantize, pack_int4_halves, quantize_rows
 from glm_tp.kernels.quant import SMALL_ROWS, prepare
 from glm_tp.model import attention
 from tests.model.test_model import LAYOUT, POSITIONS, TOKENS
@@ -111,7 +111,7 @@ def test_a_bf16_model_decodes_through_the_kernels(tiny_checkpoints, monkeypatch)
 
 def test_int4_halves_layout_round_trips():
     q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 4)
-    packed = cpu_kernels.pack_int4_halves(q)
+    packed = pack_int4_halves(q)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 32)
     half = q.shape[1] // 2
     assert torch.equal((packed & 15).to(torch.int8) - 8, q[:, :half])
@@ -130,7 +130,7 @@ def test_larger_batches_stay_on_torch_kernels_and_q8_is_an_option(bits):
     # Q8_0 activations: each block of 32 rounded to 1/254 of its absmax, so errors of ~0.5 % of a product
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
     assert (got - want).abs().max() > 0  # it really ran the quantized-activation kernel
-    assert torch.equal(q8.matmul(x[:1]), q8.small(x[:1]))  # small batches are unchanged by the option
+    assert torch.equal(q8.matmul(x[:1]), q8.small(x[:1]))  # small batches: the option's small kernel
     for kernels in ("torch", "dequant"):
         p = prepare(q, scale, bits, kernels)
         assert p.small is None and p.large is None
