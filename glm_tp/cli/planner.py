@@ -52,12 +52,14 @@ class Plan:
         """Activations of the widest step (a full-length prefill of the batch), its attention, full-vocab
         logits of the batch on rank 0, and the runtime's own overhead (CUDA context, allocator slack: ~1 GiB).
         The attention: the bool mask of every query and key, and on CUDA the fp32 scores the reference's recipe
-        holds; torch's fused attention on CPU never holds them (measured: 0.2 GB over the inputs at 8k tokens
+        holds (GLM-130B, ChatGLM-6B); torch's fused attention (CPU, and ChatGLM2/3 and GLM-4 everywhere) never
+        holds them (measured: 0.2 GB over the inputs at 8k tokens
         and 8 heads, where the scores would be 2 GiB)."""
         c = self.cfg
         tokens = self.batch * self.max_len
         activations = tokens * (3 * c.hidden_size + (2 if c.glu else 1) * c.inner_hidden_size) // self.tp * self.dtype_bytes
-        scores = self.batch * (c.num_heads // self.tp) * self.max_len * self.max_len * 4 if self.device == "cuda" else 0
+        held = self.device == "cuda" and not c.causal  # the reference's recipe; fused attention never holds them
+        scores = self.batch * (c.num_heads // self.tp) * self.max_len * self.max_len * 4 if held else 0
         mask = self.batch * self.max_len * self.max_len
         logits = self.batch * c.vocab_size * 4
         runtime = GiB if self.device == "cuda" else GiB // 2  # CPU: the interpreter and torch, about 0.4 GB

@@ -91,11 +91,15 @@ def rotary_at(cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch
     return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, layer_id: int) -> torch.Tensor:
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, layer_id: int,
+           layer_scaled: bool = True) -> torch.Tensor:
     """q [b, heads, s, d], keys/values [b, kv heads, window, d], mask [b, 1, s, window] -> [b, heads, s, d].
-    With fewer KV heads (grouped-query attention) each serves heads/kv consecutive query heads."""
+    With fewer KV heads (grouped-query attention) each serves heads/kv consecutive query heads.
+    layer_scaled: on CUDA, the reference's recipe scaled by the layer (GLM-130B, ChatGLM-6B, trained with it);
+    False (ChatGLM2/3, GLM-4): torch's fused attention on every device, as their own code computes it, which
+    never holds a prefill's scores (a 32k-token prompt's would be 128 GiB)."""
     grouped = keys.shape[1] != q.shape[1]
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" or not layer_scaled:
         # converting a long window to fp32 for two batched matmuls cost 2.3x per step at 1k tokens
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=~mask, scale=1 / math.sqrt(q.shape[-1]),
                                               enable_gqa=grouped)

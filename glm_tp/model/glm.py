@@ -101,6 +101,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.layer_id, self.dtype = layer_id, dtype
         self.rotary_groups = rotary_groups(cfg)
+        self.layer_scaled = not cfg.causal  # which attention recipe the family was trained with (attend)
         self.heads, self.kv_heads = cfg.num_heads // tp.size, cfg.kv_heads_per_rank(tp.size)
         self.head_dim = cfg.head_dim
         h, bias = cfg.hidden_size, cfg.bias == "all"
@@ -136,11 +137,11 @@ class SelfAttention(nn.Module):
         q, k, v = self.split_heads(qkv)
         q, k = (attention.rotate(t, cos, sin, self.rotary_groups) for t in (q, k))
         if cache is None:  # one-shot forward (training): nothing to keep
-            ctx = attention.attend(q, k, v, mask, self.layer_id)
+            ctx = attention.attend(q, k, v, mask, self.layer_id, self.layer_scaled)
         else:  # write this call's keys/values at `slots` in place, attend over the first `window` slots
             cache.write(self.layer_id, k, v, slots)
             keys, values = cache.k[self.layer_id, :, :, :window], cache.v[self.layer_id, :, :, :window]
-            ctx = attention.attend(q, keys, values, mask, self.layer_id)
+            ctx = attention.attend(q, keys, values, mask, self.layer_id, self.layer_scaled)
         return self.dense(ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
