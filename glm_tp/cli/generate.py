@@ -202,6 +202,7 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None, TextIO | Non
         if cfg.ranks and int(cfg.ranks) != tp.size:
             raise UsageError(f"this hardware preset runs {cfg.ranks} ranks but {tp.size} were started: "
                              f"use torchrun --nproc_per_node {cfg.ranks}, or set ranks=null")
+        model_cfg.check_tp(tp.size)  # before the plan, which cuts each tensor for this many ranks
         memory = device_bytes(cfg, tp.device)
         if memory is not None:
             plan = make_plan(cfg, model_cfg, tp.size, tp.device.type)
