@@ -8,6 +8,7 @@ the loader, the layers, the kernels and the settings check share one rule and on
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -137,6 +138,15 @@ class ModelConfig:
         return (2.0 * (self.deepnorm_layers or self.num_layers)) ** 0.5
 
     def __post_init__(self) -> None:
+        # whatever file a shape comes from (glm_tp.json, a clone's config.json), its bounds are checked here
+        for key in ("num_layers", "hidden_size", "num_heads", "inner_hidden_size", "vocab_size", "max_seq_len"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "max_seq_len" else 1):
+                raise ValueError(f"model {key} {value!r} must be a whole number >= {2 if key == 'max_seq_len' else 1}")
+        for key in ("layernorm_eps", "rotary_base"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"model {key} {value!r} must be a finite number > 0")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         for key, value, allowed in (("position_encoding", self.position_encoding, ("1d", "2d", "half")),

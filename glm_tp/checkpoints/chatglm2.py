@@ -52,6 +52,14 @@ def _need(conf: dict[str, Any], keys: tuple[str, ...], path: Path, what: str) ->
         raise CheckpointError(f"{path} lacks '{missing[0]}': not a {what} config (re-copy config.json)")
 
 
+def _number(conf: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    """config.json's `key` as an int or float (absent or null: `default`); a value of another type names the key."""
+    value = default if conf.get(key) is None else conf[key]
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ValueError(f"{key}={value!r} is not {'a whole number' if kind is int else 'a number'}")
+    return kind(value)
+
+
 def _refuse(path: Path, conf: dict[str, Any], checks: dict[str, tuple[Any, Any]]) -> None:
     """checks: key -> (default when absent, the value glm-tp's model computes)."""
     for key, (default, supported) in checks.items():
@@ -88,22 +96,22 @@ def chatglm2_metadata(root: Path, conf: dict[str, Any]) -> dict[str, Any]:
     _refuse(path, conf, {"rmsnorm": (True, True), "post_layer_norm": (True, True),
                          "apply_residual_connection_post_layernorm": (False, False), "add_qkv_bias": (True, True),
                          "pre_seq_len": (None, None)})
-    heads, hidden = int(conf["num_attention_heads"]), int(conf["hidden_size"])
+    heads, hidden = _number(conf, "num_attention_heads", int), _number(conf, "hidden_size", int)
     if int(conf.get("kv_channels") or hidden // heads) * heads != hidden:
         raise CheckpointError(f"{path}: kv_channels {conf['kv_channels']} x {heads} heads is not hidden_size {hidden}: "
                               f"glm-tp's heads split the hidden size")
-    bits = int(conf.get("quantization_bit") or 0)
+    bits = _number(conf, "quantization_bit", int, 0)
     if bits not in (0, 4, 8):
         raise CheckpointError(f"{path}: quantization_bit {bits} is not 4 or 8")
-    vocab = int(conf["padded_vocab_size"])
+    vocab = _number(conf, "padded_vocab_size", int)
     facts = read_tokenizer(root, vocab)
     # multi-query off: ChatGLM2's QKV is head-major ([q k v] per head), glm-tp's layout without KV groups
     groups = int(conf.get("multi_query_group_num") or 0) if conf.get("multi_query_attention") else 0
     model = _model(path, facts, conf.get("eos_token_id", 2), conf.get("pad_token_id", 0),
-                   num_layers=int(conf["num_layers"]), hidden_size=hidden, num_heads=heads,
-                   inner_hidden_size=int(conf["ffn_hidden_size"]), vocab_size=vocab,
-                   max_seq_len=int(conf.get("seq_length", 2048)), layernorm_eps=float(conf.get("layernorm_epsilon", 1e-5)),
-                   rotary_base=10000.0 * float(conf.get("rope_ratio") or 1), tied_lm_head=False, kv_groups=groups,
+                   num_layers=_number(conf, "num_layers", int), hidden_size=hidden, num_heads=heads,
+                   inner_hidden_size=_number(conf, "ffn_hidden_size", int), vocab_size=vocab,
+                   max_seq_len=_number(conf, "seq_length", int, 2048), layernorm_eps=_number(conf, "layernorm_epsilon", float, 1e-5),
+                   rotary_base=10000.0 * _number(conf, "rope_ratio", float, 1), tied_lm_head=False, kv_groups=groups,
                    bias="all" if conf.get("add_bias_linear") else "qkv")
     return {"format": "hf", "tensor_names": "chatglm2", "model": model.to_dict(), "quant_bits": bits,
             "dtype": dtype_name(parse_dtype(conf.get("torch_dtype") or "float16")), **facts.metadata()}
@@ -125,17 +133,17 @@ def glm_metadata(root: Path, conf: dict[str, Any]) -> dict[str, Any]:
     _refuse(path, {**conf, **rope}, {"hidden_act": ("silu", "silu"), "attention_bias": (True, True),
                                      "partial_rotary_factor": (0.5, 0.5), "rope_type": ("default", "default"),
                                      "rope_scaling": (None, None)})
-    heads, hidden = int(conf["num_attention_heads"]), int(conf["hidden_size"])
+    heads, hidden = _number(conf, "num_attention_heads", int), _number(conf, "hidden_size", int)
     if int(conf.get("head_dim") or hidden // heads) * heads != hidden:
         raise CheckpointError(f"{path}: head_dim {conf['head_dim']} x {heads} heads is not hidden_size {hidden}: "
                               f"glm-tp's heads split the hidden size")
-    vocab = int(conf["vocab_size"])
+    vocab = _number(conf, "vocab_size", int)
     facts = read_tokenizer(root, vocab, prefer_json=True)
     model = _model(path, facts, conf.get("eos_token_id", 151329), conf.get("pad_token_id", 151329),
-                   num_layers=int(conf["num_hidden_layers"]), hidden_size=hidden, num_heads=heads,
-                   inner_hidden_size=int(conf["intermediate_size"]), vocab_size=vocab,
-                   max_seq_len=int(conf.get("max_position_embeddings", 131072)),
-                   layernorm_eps=float(conf.get("rms_norm_eps", 1.5625e-07)), rotary_base=float(rope["rope_theta"]),
+                   num_layers=_number(conf, "num_hidden_layers", int), hidden_size=hidden, num_heads=heads,
+                   inner_hidden_size=_number(conf, "intermediate_size", int), vocab_size=vocab,
+                   max_seq_len=_number(conf, "max_position_embeddings", int, 131072),
+                   layernorm_eps=_number(conf, "rms_norm_eps", float, 1.5625e-07), rotary_base=float(rope["rope_theta"]),
                    tied_lm_head=bool(conf.get("tie_word_embeddings", False)),
                    kv_groups=int(conf.get("num_key_value_heads") or heads), bias="qkv")
     return {"format": "hf", "tensor_names": "glm", "model": model.to_dict(), "quant_bits": 0,

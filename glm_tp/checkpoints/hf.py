@@ -34,6 +34,13 @@ def config_metadata(root: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({e}): re-copy it") from None
     if not isinstance(conf, dict):
         raise CheckpointError(f"{path} is not a JSON object: re-copy it")
+    try:
+        return _metadata(root, conf, path)
+    except (TypeError, ValueError) as e:  # a value of the wrong type or out of bounds, in any of its keys
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _metadata(root: Path, conf: dict[str, Any], path: Path) -> dict[str, Any]:
     if conf.get("model_type") == "glm":
         return chatglm2.glm_metadata(root, conf)
     if chatglm2.is_chatglm2(conf):

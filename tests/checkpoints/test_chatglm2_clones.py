@@ -77,6 +77,17 @@ def test_a_variant_the_model_does_not_compute_is_refused_in_one_line(conf, word,
     assert word in str(e.value) and "\n" not in str(e.value) and "config.json" in str(e.value)
 
 
+@pytest.mark.parametrize("key, value, word", [("num_layers", -1, "num_layers -1"), ("seq_length", 0, "max_seq_len 0"),
+                                             ("rope_ratio", float("nan"), "rotary_base nan"),
+                                             ("layernorm_epsilon", "x", "layernorm_epsilon='x'"),
+                                             ("ffn_hidden_size", 1.5, "ffn_hidden_size=1.5"),
+                                             ("layernorm_epsilon", float("inf"), "layernorm_eps inf")])
+def test_a_value_out_of_bounds_is_one_line_naming_it(key, value, word, tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        _clone(tmp_path, {**CHATGLM2_6B, key: value})
+    assert word in str(e.value) and "\n" not in str(e.value) and "config.json" in str(e.value)
+
+
 @pytest.mark.parametrize("layout, chat, file, kind, first, stops", [
     ("chatglm2", "chatglm2", "tokenizer.model", "sentencepiece", {"[MASK]": 104, "sop": 107, "eop": 108}, ()),
     ("chatglm2", "chatglm3", "tokenizer.model", "sentencepiece", {"eop": 108, "<|system|>": 109, "<|user|>": 110,
