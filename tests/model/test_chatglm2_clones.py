@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from glm_tp import load_model
-from tests.model.test_chatglm2_parity import PROMPTS, STEPS, _pick
+from tests.model.test_chatglm2_parity import PROMPTS, STEPS, _pick, to_glm_for_causal_lm
 from tests.support.checkpoints import write_clone
 from tests.support.ranks import greedy_blank, run_ranks
 
@@ -39,24 +39,17 @@ def _unpack_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return values.float() * scale.float()[:, None]
 
 
+THUDM_NAMES = {"embed": "transformer.embedding.word_embeddings.weight", "norm": "transformer.encoder.final_layernorm.weight",
+               "head": "transformer.output_layer.weight", "layer": "transformer.encoder.layers.{}.",
+               "attention": "self_attention"}
+
+
 def _thudm_to_glm(stored: dict[str, torch.Tensor], conf: dict) -> dict[str, torch.Tensor]:
     """THUDM's names and fused QKV -> GlmForCausalLM's (INT4 weights dequantized)."""
-    d, heads, groups = conf["kv_channels"], conf["num_attention_heads"], conf["multi_query_group_num"]
     weights = {n: _unpack_int4(t, stored[n + "_scale"]) if n + "_scale" in stored else t.float()
                for n, t in stored.items() if not n.endswith("_scale")}
-    out = {"model.embed_tokens.weight": weights["transformer.embedding.word_embeddings.weight"],
-           "model.norm.weight": weights["transformer.encoder.final_layernorm.weight"],
-           "lm_head.weight": weights["transformer.output_layer.weight"]}
-    for i in range(conf["num_layers"]):
-        ours, theirs = f"transformer.encoder.layers.{i}.", f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            qkv = weights[f"{ours}self_attention.query_key_value.{kind}"].split([heads * d, groups * d, groups * d])
-            out.update({f"{theirs}self_attn.{p}_proj.{kind}": t for p, t in zip("qkv", qkv)})
-        for name, hf in (("self_attention.dense", "self_attn.o_proj"), ("mlp.dense_h_to_4h", "mlp.gate_up_proj"),
-                         ("mlp.dense_4h_to_h", "mlp.down_proj"), ("input_layernorm", "input_layernorm"),
-                         ("post_attention_layernorm", "post_attention_layernorm")):
-            out[f"{theirs}{hf}.weight"] = weights[f"{ours}{name}.weight"]
-    return out
+    return to_glm_for_causal_lm(weights, conf["num_layers"], conf["kv_channels"], conf["num_attention_heads"],
+                                conf["multi_query_group_num"], THUDM_NAMES)
 
 
 def _reference_model(ckpt, layout: str):

@@ -25,21 +25,31 @@ def _pick(logits: torch.Tensor, seq: list[int]) -> int:
     return int(logits.float().index_fill(0, torch.tensor(seq), float("-inf")).argmax())
 
 
-def _hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """glm-tp's names and fused QKV ([all q ; all k ; all v]) -> GlmForCausalLM's q/k/v projections."""
-    d, heads, groups = CFG.head_dim, CFG.num_heads, CFG.kv_groups
-    out = {"model.embed_tokens.weight": state["transformer.word_embeddings.weight"],
-           "model.norm.weight": state["transformer.final_layernorm.weight"], "lm_head.weight": state["lm_head.weight"]}
-    for i in range(CFG.num_layers):
-        ours, theirs = f"transformer.layers.{i}.", f"model.layers.{i}."
+# where each layout keeps what GlmForCausalLM calls embed_tokens, norm, lm_head, a layer and its attention
+GLM_TP_NAMES = {"embed": "transformer.word_embeddings.weight", "norm": "transformer.final_layernorm.weight",
+                "head": "lm_head.weight", "layer": "transformer.layers.{}.", "attention": "attention"}
+
+
+def to_glm_for_causal_lm(state: dict[str, torch.Tensor], layers: int, d: int, heads: int, groups: int,
+                         names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A fused-QKV ([all q ; all k ; all v]) state dict named as `names` says -> GlmForCausalLM's names and
+    q/k/v projections (written here, independently of glm-tp's own name table)."""
+    out = {"model.embed_tokens.weight": state[names["embed"]], "model.norm.weight": state[names["norm"]],
+           "lm_head.weight": state[names["head"]]}
+    for i in range(layers):
+        ours, theirs, attn = names["layer"].format(i), f"model.layers.{i}.", names["attention"]
         for kind in ("weight", "bias"):
-            qkv = state[f"{ours}attention.query_key_value.{kind}"].split([heads * d, groups * d, groups * d])
+            qkv = state[f"{ours}{attn}.query_key_value.{kind}"].split([heads * d, groups * d, groups * d])
             out.update({f"{theirs}self_attn.{p}_proj.{kind}": t for p, t in zip("qkv", qkv)})
-        for name, hf in (("attention.dense", "self_attn.o_proj"), ("mlp.dense_h_to_4h", "mlp.gate_up_proj"),
+        for name, hf in ((f"{attn}.dense", "self_attn.o_proj"), ("mlp.dense_h_to_4h", "mlp.gate_up_proj"),
                          ("mlp.dense_4h_to_h", "mlp.down_proj"), ("input_layernorm", "input_layernorm"),
                          ("post_attention_layernorm", "post_attention_layernorm")):
             out[f"{theirs}{hf}.weight"] = state[f"{ours}{name}.weight"]
     return out
+
+
+def _hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return to_glm_for_causal_lm(state, CFG.num_layers, CFG.head_dim, CFG.num_heads, CFG.kv_groups, GLM_TP_NAMES)
 
 
 def _reference(ckpt) -> list[tuple[list[int], torch.Tensor]]:
