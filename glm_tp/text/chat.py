@@ -96,6 +96,8 @@ def _role_parts(messages: list[dict], template: str) -> list[Part]:
 def _parts(messages: list[dict], template: str) -> list[Part]:
     if template not in TEMPLATES:
         raise PromptError("this model has no chat format: send a completion prompt instead")
+    if messages and not str(messages[-1].get("content") or "").strip():  # the model would answer nothing
+        raise PromptError(f"the last message (messages[{len(messages) - 1}]) is empty: give it some text")
     if template in ROLE_TEMPLATES:
         return _role_parts(messages, template)
     text = _rounds_text(messages, template)

@@ -104,3 +104,12 @@ def test_chat_errors(glm2_tokenizer_file, glm3):
         chat_ids([{"role": "robot", "content": "hi"}], glm3, "glm4")
     with pytest.raises(PromptError, match="unknown chat role 'tool'"):  # ChatGLM2 has no observations
         chat_ids([{"role": "tool", "content": "hi"}, {"role": "user", "content": "q"}], glm3, "chatglm2")
+
+
+@pytest.mark.parametrize("template", ["chatglm", "chatglm2", "chatglm3", "glm4"])
+@pytest.mark.parametrize("content", [None, "", "  \n"])
+def test_an_empty_last_message_is_refused(template, content, glm3):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": content}]
+    with pytest.raises(PromptError, match=r"the last message \(messages\[2\]\) is empty"):
+        chat_prompt(messages, template)
