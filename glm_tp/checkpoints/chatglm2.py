@@ -26,6 +26,7 @@ does not compute (a post-LN or LayerNorm variant, no QKV bias, other rotary shar
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ def _need(conf: dict[str, Any], keys: tuple[str, ...], path: Path, what: str) ->
 def _number(conf: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
     """config.json's `key` as an int or float (absent or null: `default`); a value of another type names the key."""
     value = default if conf.get(key) is None else conf[key]
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or (kind is int and not (math.isfinite(value) and value == int(value))):
         raise ValueError(f"{key}={value!r} is not {'a whole number' if kind is int else 'a number'}")
     return kind(value)
 

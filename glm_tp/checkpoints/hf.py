@@ -36,7 +36,7 @@ def config_metadata(root: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a JSON object: re-copy it")
     try:
         return _metadata(root, conf, path)
-    except (TypeError, ValueError) as e:  # a value of the wrong type or out of bounds, in any of its keys
+    except (TypeError, ValueError, OverflowError) as e:  # a value of the wrong type or out of bounds, any key
         raise CheckpointError(f"{path}: {e}") from None
 
 

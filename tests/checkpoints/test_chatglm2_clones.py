@@ -81,7 +81,9 @@ def test_a_variant_the_model_does_not_compute_is_refused_in_one_line(conf, word,
                                              ("rope_ratio", float("nan"), "rotary_base nan"),
                                              ("layernorm_epsilon", "x", "layernorm_epsilon='x'"),
                                              ("ffn_hidden_size", 1.5, "ffn_hidden_size=1.5"),
-                                             ("layernorm_epsilon", float("inf"), "layernorm_eps inf")])
+                                             ("layernorm_epsilon", float("inf"), "layernorm_eps inf"),
+                                             ("num_layers", float("inf"), "num_layers=inf"),
+                                             ("num_layers", float("nan"), "num_layers=nan")])
 def test_a_value_out_of_bounds_is_one_line_naming_it(key, value, word, tmp_path):
     with pytest.raises(CheckpointError) as e:
         _clone(tmp_path, {**CHATGLM2_6B, key: value})
@@ -233,3 +235,15 @@ def test_bin_shards_with_their_rotary_buffer_load_as_the_release_layout(naming, 
         got = _logits(ckpt)
     assert not [w for w in seen if "does not use" in str(w.message)]
     assert torch.equal(got, _logits(write_random_checkpoint(tmp_path / "release", cfg, 1, torch.float32, seed=2)))
+
+
+@pytest.mark.parametrize("key, value, word", [("num_layers", float("inf"), "infinity"),
+                                              ("hidden_size", -64, "hidden_size -64"),
+                                              ("layernorm_epsilon", float("nan"), "layernorm_eps nan")])
+def test_chatglm_6b_config_values_out_of_bounds_are_one_line_too(key, value, word, tmp_path):
+    clone = write_clone(tmp_path / "c6", "hf", "tiny-chatglm")
+    conf = json.loads((clone / "config.json").read_text())
+    (clone / "config.json").write_text(json.dumps({**conf, key: value}))
+    with pytest.raises(CheckpointError) as e:
+        config_metadata(clone)
+    assert word in str(e.value) and "\n" not in str(e.value) and "config.json" in str(e.value)
