@@ -89,7 +89,8 @@ def _poisoned(monkeypatch, temperature: float) -> None:
 
 
 def test_what_fails_for_one_request_ends_that_request_only(tok, monkeypatch):
-    logits = torch.randn(4, CFG.vocab_size)
+    logits = torch.randn(4, CFG.vocab_size, generator=torch.Generator().manual_seed(0))
+    logits[:, [S.eop, S.eos]] = float("-inf")  # no row ends by choosing an end token: only the poisoned one ends
     jobs = lambda: [_job(tok, [0]), _job(tok, [1], strategy="sample", seed=5, temperature=0.5),  # noqa: E731
                     _job(tok, [2], strategy="sample", seed=6, temperature=0.8), _job(tok, [3], logprobs=1)]
     clean = _sampler(tok).choose(jobs(), logits)
