@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from glm_tp.engine.constraints import ConstraintError, ConstraintFactory, Grammar
 from glm_tp.engine.decoder import Decoder
 from glm_tp.engine.jobs import Job
 from glm_tp.engine.plan import (
@@ -57,6 +58,10 @@ class Engine:
         self.sampler = Sampler(banned, tokenizer.decode) if self.tp.is_first else None
         self.logits: torch.Tensor | None = None
 
+    def grammars(self, grammar: Grammar) -> ConstraintFactory:
+        """The constraint factory of a grammar over this model's vocabulary; raises ConstraintError."""
+        raise ConstraintError("structured output needs a grammar library: pip install 'glm-tp[grammar]'")
+
     @property
     def max_len(self) -> int:
         return self.decoder.max_len
@@ -69,6 +74,8 @@ class Engine:
             cfg = self.model.cfg
             job = Job(handle, self.default, self.tok, cfg.vocab_size, self.max_len, cfg.position_encoding,
                       cfg.causal, cfg.stop_ids)
+            if request.grammar is not None and job.constraint_factory is None:
+                job.constraint_factory = self.grammars(request.grammar)
         except ValueError as e:
             return RequestHandle.refused(request, str(e), getattr(e, "code", INVALID_PROMPT), listener), None
         if job.beams > self.max_batch:

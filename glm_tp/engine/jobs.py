@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from glm_tp.engine.constraints import Constraint, ConstraintFactory
 from glm_tp.engine.sampling import BeamGroup
 from glm_tp.engine.types import (
     BlankDone,
@@ -78,6 +79,11 @@ class Job:
         self.cancel_reason = "cancelled"
         self.queued_at = 0  # the scheduler step at which it began waiting
         self.fill: BlankInput | None = None
+        self.constraint_factory: ConstraintFactory | None = request.constraint
+        self.constraint: Constraint | None = None  # the current fill's, made fresh for each fill
+        if (request.constraint or request.grammar) and self.config.strategy == "beam":
+            raise PromptError("structured output and forced tool calls work with greedy or sampled decoding, "
+                              "not strategy=beam")
 
     def _prompt_ids(self, request: Request, vocab_size: int) -> list[int]:
         """The context ids: given ids checked (a causal model's used verbatim, a blank model's completed),
@@ -107,6 +113,7 @@ class Job:
             next_blank(self.ids, self.kind, self.tok.special, self.position_encoding)
         assert inp is not None
         self.fill, self.sent = inp, ""  # sent: the text emitted so far
+        self.constraint = self.constraint_factory() if self.constraint_factory else None
         self.stream = StopStream(self.tok, self.config.stop)
         self.logprobs_from = len(self.logprobs or [])   # this fill's first entry in self.logprobs
         self.generated: list[list[int]] = [[] for _ in range(self.beams)]
@@ -120,11 +127,13 @@ class Job:
         gen = self.generated[0]
         if token in self.end_tokens:
             return "stop"
+        if self.constraint is not None:
+            self.constraint.advance(token)
         gen.append(token)
         self.completion_tokens += 1
         if logprob is not None and self.logprobs is not None:
             self.logprobs.append(logprob)
-        if self._stream(logprob):
+        if self._stream(logprob) or (self.constraint is not None and self.constraint.finished()):
             return "stop"
         return "length" if len(gen) >= self.cap else ""
 

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from glm_tp.engine.constraints import ConstraintError
 from glm_tp.engine.jobs import Job
 from glm_tp.engine.plan import Choice
 from glm_tp.engine.sampling import ban_tokens, sampled_logits
@@ -113,11 +114,29 @@ def _finite(logprob: torch.Tensor) -> float:
 
 
 def _ban(job: Job, scores: torch.Tensor) -> None:
+    _constrain(job, scores)
     cfg = job.config
     if cfg.min_new_tokens or cfg.no_repeat_ngram_size:
         for beam, row in enumerate(job.rows):
             ban_tokens(scores[row:row + 1], [job.generated[beam]], job.end_tokens, cfg.min_new_tokens,
                        cfg.no_repeat_ngram_size)
+    if job.constraint is not None and bool(torch.isneginf(scores[job.rows[0]]).all()):
+        raise ConstraintError("its constraint (with its bans) allows no token the model may generate here")
+
+
+def _constrain(job: Job, scores: torch.Tensor) -> None:
+    """A constrained fill's row keeps only the ids its constraint allows, and its end tokens only where the
+    constraint may end; a row left with no choice is an error for its request."""
+    constraint = job.constraint
+    if constraint is None:
+        return
+    row = scores[job.rows[0]]
+    ends = torch.tensor(job.end_tokens, device=row.device)
+    end_scores = row[ends].clone()
+    allowed = constraint.mask()
+    if allowed is not None:
+        row.masked_fill_(~allowed[: row.shape[-1]].to(row.device), float("-inf"))
+    row[ends] = end_scores if constraint.can_end() else float("-inf")
 
 
 def _sample(jobs: list[Job], host: torch.Tensor, at: dict[int, int]) -> None:

@@ -15,6 +15,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
+from glm_tp.engine.constraints import ConstraintFactory, Grammar
+
 STRATEGIES = ("greedy", "sample", "beam")
 MAX_LOGPROBS = 20
 MAX_STOPS = 16
@@ -202,6 +204,8 @@ class Request:
     text: str | None = None
     token_ids: list[int] | None = None
     config: GenerationConfig | None = None
+    grammar: Grammar | None = None     # what every fill must look like (structured output, a forced tool call)
+    constraint: ConstraintFactory | None = None  # or the constraint itself, for callers of the Python API
 
 
 LOGPROB_FLOOR = -9999.0  # reported for tokens of probability 0 (as vLLM does): JSON has no -Infinity
