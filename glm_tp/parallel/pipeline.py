@@ -1,0 +1,135 @@
+"""Pipeline parallelism's two rules: which layers each stage holds, and which rank is which (stage, TP rank).
+
+Ranks = TP x PP, stage-major: rank r is TP rank `r % tp` of stage `r // tp`. torchrun gives each node a
+contiguous block of ranks (`--nproc_per_node`), so with `nproc_per_node = tp` a stage is one node: the
+all-reduces of tensor parallelism stay on the node's fast links and only one activation per step crosses
+the network, from TP rank i of a stage to TP rank i of the next (every TP rank of a stage holds the whole
+hidden state after the row-parallel all-reduce, so each sends its own copy and no gather is needed).
+
+The first stage holds the embedding, the last the final norm and the LM head; the layers are contiguous and
+may be split unevenly (`StageSplit.balanced` gives the end stages fewer layers for their extra weights).
+Point-to-point transfers run on the world group, whose timeout applies to a send or a receive as to a
+collective, so a lost stage ends its peers with one line instead of a hang.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class StageSplit:
+    """Stage s holds layers [bounds[s], bounds[s + 1]): contiguous, in order, at least one each."""
+
+    bounds: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        b = self.bounds
+        if len(b) < 2 or b[0] != 0 or any(hi <= lo for lo, hi in zip(b, b[1:])):
+            raise ValueError(f"stage bounds {list(b)} must start at 0 and give every stage at least one layer")
+
+    @property
+    def stages(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def num_layers(self) -> int:
+        return self.bounds[-1]
+
+    def layers(self, stage: int) -> range:
+        return range(self.bounds[stage], self.bounds[stage + 1])
+
+    def sizes(self) -> list[int]:
+        return [hi - lo for lo, hi in zip(self.bounds, self.bounds[1:])]
+
+    @classmethod
+    def even(cls, num_layers: int, stages: int) -> "StageSplit":
+        """As even as the layers allow; the first stages take the remainder."""
+        check_stages(num_layers, stages)
+        return cls.from_sizes([num_layers // stages + (s < num_layers % stages) for s in range(stages)],
+                              num_layers, stages)
+
+    @classmethod
+    def balanced(cls, num_layers: int, stages: int, layer_bytes: float, first_extra: float,
+                 last_extra: float) -> "StageSplit":
+        """The split whose largest stage (its layers' bytes, plus the embedding on the first stage and the
+        final norm and head on the last) is smallest: the memory planner's. Middle stages are even."""
+        check_stages(num_layers, stages)
+        if stages == 1:
+            return cls((0, num_layers))
+        inner = stages - 2
+        best: tuple[float, list[int]] | None = None
+        for first in range(1, num_layers):
+            for last in range(1, num_layers - first + 1):
+                middle = num_layers - first - last
+                if middle < inner or (inner == 0 and middle):
+                    continue
+                sizes = [first] + [middle // inner + (s < middle % inner) for s in range(inner)] + [last]
+                peak = max(first * layer_bytes + first_extra, last * layer_bytes + last_extra,
+                           max(sizes[1:-1], default=0) * layer_bytes)
+                if best is None or peak < best[0]:
+                    best = (peak, sizes)
+        assert best is not None
+        return cls.from_sizes(best[1], num_layers, stages)
+
+    @classmethod
+    def from_sizes(cls, sizes: list[int], num_layers: int, stages: int) -> "StageSplit":
+        check_stages(num_layers, stages)
+        if len(sizes) != stages or sum(sizes) != num_layers or min(sizes) < 1:
+            raise ValueError(f"stage sizes {sizes} must be {stages} whole numbers >= 1 adding up to "
+                             f"the model's {num_layers} layers")
+        bounds = [0]
+        for n in sizes:
+            bounds.append(bounds[-1] + n)
+        return cls(tuple(bounds))
+
+
+def check_stages(num_layers: int, stages: int) -> None:
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= num_layers:
+        raise ValueError(f"pipeline_parallel must be a whole number between 1 and the model's {num_layers} "
+                         f"layers, not {stages!r}")
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """World ranks as (stage, TP rank), stage-major."""
+
+    tp: int
+    pp: int
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp
+
+    def stage_of(self, rank: int) -> int:
+        return rank // self.tp
+
+    def tp_rank_of(self, rank: int) -> int:
+        return rank % self.tp
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        return list(range(stage * self.tp, (stage + 1) * self.tp))
+
+    def peer(self, rank: int, stage: int) -> int:
+        """The rank of `stage` with the same TP rank as `rank`: where its activations go or come from."""
+        return stage * self.tp + self.tp_rank_of(rank)
+
+    @classmethod
+    def of_world(cls, world: int, pp: int) -> "RankLayout":
+        if pp < 1 or world % pp:
+            raise ValueError(f"{world} ranks cannot form {pp} pipeline stages: the ranks must be "
+                             f"tensor_parallel x pipeline_parallel")
+        return cls(world // pp, pp)
+
+
+def send(t: torch.Tensor, dst: int) -> None:
+    """Blocking send on the world group (its timeout applies)."""
+    dist.send(t.contiguous(), dst)
+
+
+def recv(t: torch.Tensor, src: int) -> torch.Tensor:
+    """Blocking receive into `t` on the world group; raises when `src` sends nothing within the timeout."""
+    dist.recv(t, src)
+    return t
