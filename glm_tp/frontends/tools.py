@@ -66,7 +66,7 @@ def _function(tool: object, where: str, seen: set[str]) -> dict:
                         f"{where}.function")
     name = function.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name) or name in seen:
-        why = "is given twice" if name in seen else "must be 1 to 64 letters, digits, _ or -"
+        why = "is given twice" if isinstance(name, str) and name in seen else "must be 1 to 64 letters, digits, _ or -"
         raise ToolError(f"{where}.function.name {why}, not {short_repr(name)}", f"{where}.function.name")
     checks = (("description", str, "a string"), ("parameters", dict, "a JSON Schema object"),
               ("strict", bool, "true or false"))
