@@ -166,7 +166,8 @@ def test_an_invalid_call_ends_its_choice_with_a_reason_and_the_server_stays_up(g
         script.text = CALLS["glm4"]
     for choice in body["choices"]:
         assert choice["finish_reason"] == "invalid_tool_call" and "tool_calls" not in choice["message"]
-        assert choice["error"]["code"] == "invalid_tool_call" and "not a valid JSON object" in choice["error"]["message"]
+        error = choice["error"]
+        assert error["code"] == "invalid_tool_call" and "not a valid JSON object" in error["message"]
         assert choice["message"]["content"] == 'get_weather\n{"city": Beijing}'  # what the model wrote
     end = events[-1]["choices"][0]
     assert end["finish_reason"] == "invalid_tool_call" and end["error"]["code"] == "invalid_tool_call"
@@ -192,7 +193,8 @@ def _scripted_replies(coordinator: Coordinator, text: str) -> list:
     return handles
 
 
-@pytest.mark.parametrize("reply,content,calls", [("\nIt is sunny.", "It is sunny.", False), (CALLS["glm4"], None, True)])
+@pytest.mark.parametrize("reply,content,calls", [("\nIt is sunny.", "It is sunny.", False),
+                                                 (CALLS["glm4"], None, True)])
 def test_auto_leaves_the_metadata_line_to_the_model(glm4, reply, content, calls):
     server, script = glm4
     handles = _scripted_replies(server.coordinator, reply)
