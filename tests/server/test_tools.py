@@ -152,8 +152,15 @@ def test_required_chooses_among_every_tool(glm4):
                                       Sequence((Literal("get_time\n"), JsonValue(TIME["parameters"])))))]
 
 
+def _counted(server, outcome: str) -> float:
+    metrics = httpx.get(server.url + "/metrics").text
+    found = re.search(rf'glm_tp_tool_calls_total\{{outcome="{outcome}"\}} (\S+)', metrics)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_an_invalid_call_ends_its_choice_with_a_reason_and_the_server_stays_up(glm4):
     server, script = glm4
+    invalid, valid = _counted(server, "invalid"), _counted(server, "valid")
     script.text = 'get_weather\n{"city": Beijing}'
     try:
         body = httpx.post(server.url + "/v1/chat/completions", timeout=60,
@@ -175,9 +182,7 @@ def test_an_invalid_call_ends_its_choice_with_a_reason_and_the_server_stays_up(g
         'get_weather\n{"city": Beijing}'
     again = _client(server).chat.completions.create(model="demo", messages=ASK, tools=TOOLS, tool_choice=NAMED)
     assert again.choices[0].finish_reason == "tool_calls"
-    metrics = httpx.get(server.url + "/metrics").text
-    assert re.search(r'glm_tp_tool_calls_total\{outcome="invalid"\} 3\.0', metrics)
-    assert re.search(r'glm_tp_tool_calls_total\{outcome="valid"\} [1-9]', metrics)
+    assert _counted(server, "invalid") == invalid + 3 and _counted(server, "valid") == valid + 1
 
 
 def _scripted_replies(coordinator: Coordinator, text: str) -> list:
@@ -200,8 +205,8 @@ def test_auto_leaves_the_metadata_line_to_the_model(glm4, reply, content, calls)
     handles = _scripted_replies(server.coordinator, reply)
     try:
         client = _client(server)
-        whole = client.chat.completions.create(model="demo", messages=ASK, tools=TOOLS)
-        streamed = client.chat.completions.create(model="demo", messages=ASK, tools=TOOLS, stream=True)
+        whole = client.chat.completions.create(model="demo", messages=ASK, tools=TOOLS, logprobs=True)
+        streamed = client.chat.completions.create(model="demo", messages=ASK, tools=TOOLS, stream=True, logprobs=True)
         chunks = list(streamed)
     finally:
         del server.coordinator.submit  # the instance attribute goes; the class's submit is back
@@ -212,6 +217,8 @@ def test_auto_leaves_the_metadata_line_to_the_model(glm4, reply, content, calls)
     text = "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
     assert text == (content or "")
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content is None
+    streamed_logprobs = [lp for chunk in chunks for c in chunk.choices if c.logprobs for lp in c.logprobs.content]
+    assert len(streamed_logprobs) == len(whole.choices[0].logprobs.content) > 0  # held ones are sent, not lost
 
 
 def test_none_shows_the_tools_and_opens_a_plain_reply(glm4):
