@@ -111,7 +111,7 @@ def parse_tools(body: dict, template: str | None) -> ToolSpec | None:
         raise ToolError(f"tools must be a list of 1 to {MAX_TOOLS} tools, not {short_repr(tools, 60)}", "tools")
     seen: set[str] = set()
     functions = tuple(_function(t, f"tools[{k}]", seen) for k, t in enumerate(tools))
-    mode, name = _choice("auto" if choice is None else choice, tuple(seen))
+    mode, name = _choice("auto" if choice is None else choice, tuple(f["name"] for f in functions))
     return ToolSpec(template, functions, mode, name)  # type: ignore[arg-type]
 
 
