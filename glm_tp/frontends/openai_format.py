@@ -26,6 +26,7 @@ from glm_tp.engine.types import (
     TokenLogprob,
     short_repr,
 )
+from glm_tp.frontends import tools as tool_calls
 from glm_tp.text.blanks import INVALID_PROMPT, MASK_PATTERN, join_answer
 from glm_tp.text.chat import ChatFormat
 from glm_tp.text.unicode import TextError, check_strings
@@ -61,6 +62,7 @@ class Parsed:
     echo: bool = False
     logprobs: int | None = None        # top alternatives per token; None: no logprobs
     infill: list[bool] = field(default_factory=list)  # per prompt: has a mask, so the answer is the filled text
+    tools: tool_calls.ToolSpec | None = None  # chat with tools: how the reply is read (frontends/tools.py)
 
     def prompt_of(self, choice: int) -> int:
         return choice // self.n
@@ -159,6 +161,25 @@ def _chat_messages(body: dict) -> list[dict]:
     return out
 
 
+def _chat_prompt(body: dict, chat: ChatFormat | None) -> tuple[list[str], list, tool_calls.ToolSpec | None]:
+    """The chat's text (its contents one per line), its ids in the model's chat format (None without one) and
+    its tools."""
+    messages = _chat_messages(body)
+    prompts = ["\n".join(m["content"] for m in messages)]
+    template = chat.template if chat else None
+    try:
+        tools = tool_calls.parse_tools(body, template)
+        messages = tool_calls.history(body, messages, template)
+    except tool_calls.ToolError as e:
+        raise OpenAIError(str(e), e.param) from None
+    if chat is None:
+        return prompts, [None], tools
+    try:
+        return prompts, [chat(messages, **tool_calls.chat_options(tools))], tools
+    except ValueError as e:
+        raise OpenAIError(str(e), "messages") from None
+
+
 def _short(value: object) -> str:
     return short_repr(value, 60)
 
@@ -232,20 +253,14 @@ def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: st
         check_strings(body, "")
     except TextError as e:
         raise OpenAIError(str(e), e.field or None) from None
+    tools = None
     if kind == "completion":
         given, infill = _completion_prompts(body)
         ids = [p if isinstance(p, list) else None for p in given]
         prompts = [p if isinstance(p, str) else (decode(p) if decode else "") for p in given]
     else:
-        messages = _chat_messages(body)
-        prompts = ["\n".join(m["content"] for m in messages)]
+        prompts, ids, tools = _chat_prompt(body, chat)
         infill = [bool(MASK_PATTERN.search(prompts[0])) and chat is None]
-        ids = [None]
-        if chat is not None:
-            try:
-                ids = [chat(messages)]
-            except ValueError as e:
-                raise OpenAIError(str(e), "messages") from None
     config = _config(body, kind, default)
     n = _get(body, "n", _int, 1, MAX_N) or 1
     if len(prompts) * n > MAX_CHOICES:  # type: ignore[operator]
@@ -263,8 +278,10 @@ def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: st
     requests = [Request(f"{id_prefix}.{p * n + k}", text=None if ids[p] else prompt, token_ids=ids[p],
                         config=config.updated(seed=(config.seed + k) % (MAX_SEED + 1)))
                 for p, prompt in enumerate(prompts) for k in range(n)]  # type: ignore[arg-type]
+    for r in requests:  # a forced tool call
+        r.grammar = tool_calls.grammar(tools) or r.grammar
     return Parsed(kind, prompts, requests, n=n, model=model, stream=stream,  # type: ignore[arg-type]
-                  include_usage=include_usage, echo=echo, logprobs=config.logprobs, infill=infill)
+                  include_usage=include_usage, echo=echo, logprobs=config.logprobs, infill=infill, tools=tools)
 
 
 def parse_batch_line(number: int, obj: dict, default: GenerationConfig, chat: ChatFormat | None = None) -> Parsed:
@@ -350,6 +367,8 @@ def _choice(parsed: Parsed, choice: int, result: Result) -> dict:
                  "pieces": [list(piece) for piece in result.pieces]}
     if parsed.kind == "chat":
         out["message"] = {"role": "assistant", "content": text}
+        if parsed.tools is not None and parsed.tools.calls:  # the reply may be a call
+            out.update(tool_calls.reply_fields(parsed.tools, text, out["finish_reason"]))
     else:
         out["text"] = text
     return out

@@ -31,6 +31,8 @@ class Metrics:
         self.requests = Counter("glm_tp_requests", "finished requests (one per choice) by finish reason",
                                 ["finish_reason"], registry=r)
         self.http_errors = Counter("glm_tp_http_errors", "error responses by status", ["status"], registry=r)
+        self.tool_calls = Counter("glm_tp_tool_calls", "replies that called a tool: read (valid) or not (invalid)",
+                                  ["outcome"], registry=r)
         self.prompt_tokens = Counter("glm_tp_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generated_tokens = Counter("glm_tp_generated_tokens", "generated tokens", registry=r)
         Gauge("glm_tp_generated_tokens_per_second", f"generated tokens per second over the last {WINDOW_S:.0f} s",

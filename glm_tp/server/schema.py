@@ -5,6 +5,26 @@ from __future__ import annotations
 
 from glm_tp.engine.types import LIMITS, MAX_LOGPROBS, MAX_SEED, MAX_STOPS, STRATEGIES
 from glm_tp.frontends.openai_format import MAX_N
+from glm_tp.frontends.tools import MAX_CALLS, MAX_TOOLS, NAME
+
+# tools and tool calls (frontends/tools.py)
+_name = {"type": "string", "pattern": f"^{NAME.pattern}$"}
+_function = {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+    "name": _name, "description": {"type": "string"}, "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
+_call = {"type": "object", "required": ["function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"],
+                 "properties": {"name": _name, "arguments": {"type": "string"}}}}}
+_tools = {
+    "tools": {"type": "array", "minItems": 1, "maxItems": MAX_TOOLS, "items": {
+        "type": "object", "required": ["type", "function"], "additionalProperties": False,
+        "properties": {"type": {"const": "function"}, "function": _function}}},
+    "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]}, {
+        "type": "object", "required": ["type", "function"], "properties": {
+            "type": {"const": "function"}, "function": {"type": "object", "required": ["name"],
+                                                         "properties": {"name": _name}}}}]},
+    "parallel_tool_calls": {"type": "boolean"},
+}
 
 
 def request_schema(kind: str) -> dict:
@@ -39,8 +59,10 @@ def request_schema(kind: str) -> dict:
             "type": "object", "required": ["type", "text"],
             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}
         props.update(messages={"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["role", "content"],
-            "properties": {"role": {"type": "string"}, "content": content}}},
-            logprobs={"type": "boolean"}, top_logprobs=integer(0, MAX_LOGPROBS))
+            "type": "object", "required": ["role"],
+            "properties": {"role": {"type": "string"}, "content": {"anyOf": [content, {"type": "null"}]},
+                           "tool_calls": {"type": "array", "maxItems": MAX_CALLS, "items": _call},
+                           "tool_call_id": {"type": "string"}}}},
+            logprobs={"type": "boolean"}, top_logprobs=integer(0, MAX_LOGPROBS), **_tools)
         required = ["messages"]
     return {"type": "object", "required": required, "properties": props}

@@ -14,16 +14,17 @@ none) and a newline, and its content; the context ends with <|assistant|>. ChatG
 and the content apart (its build_chat_input), GLM-4 as one text (its chat template, which skips a message
 without content). The contents are plain text: a "<|user|>" typed in one is text, not the role token.
 The context ends with <|assistant|> and the newline of a plain reply's empty metadata line: the model's reply
-is then its content alone (its own code strips that line from what it generates; a tool call, whose
-metadata line names the function, is the only reason to let the model write it).
+is then its content alone (its own code strips that line from what it generates). With tools (text/tool_calls.py)
+the context may end at <|assistant|> (`open_reply`), so the model writes that line itself: empty, or the name
+of the function it calls.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
 
 from glm_tp.text.base import BaseTokenizer
 from glm_tp.text.blanks import PromptError
+from glm_tp.text.tool_calls import TOOL_TEMPLATES, with_tools
 
 TEXT_TEMPLATES = ("chatglm", "chatglm2")
 ROLE_TEMPLATES = ("chatglm3", "glm4")
@@ -71,9 +72,9 @@ def _rounds_text(messages: list[dict], template: str) -> str:
     return f"{rounds}[Round {len(history)}]\n问：{question}\n答："
 
 
-def _role_parts(messages: list[dict], template: str) -> list[Part]:
+def _role_parts(messages: list[dict], template: str, open_reply: bool = False) -> list[Part]:
     """ChatGLM3's and GLM-4's context: the prefix, each message's role token and text, <|assistant|> and the
-    newline that opens a plain reply."""
+    newline that opens a plain reply (open_reply: <|assistant|> alone, the model writes its metadata line)."""
     parts: list[Part] = [("[gMASK]",), (SOP_NAMES[template],)]
     last = ""
     for i, m in enumerate(messages):
@@ -90,23 +91,27 @@ def _role_parts(messages: list[dict], template: str) -> list[Part]:
             parts += [(f"<|{role}|>",), f"{metadata}\n", content]
     if last not in ("user", "observation"):
         raise PromptError("chat messages must end with a user message (or a tool's observation)")
-    return parts + [("<|assistant|>",), "\n"]  # a plain reply: empty metadata line
+    return parts + ([("<|assistant|>",)] if open_reply else [("<|assistant|>",), "\n"])  # "\n": a plain reply
 
 
-def _parts(messages: list[dict], template: str) -> list[Part]:
+def _parts(messages: list[dict], template: str, tools: list[dict] | None = None,
+           open_reply: bool = False) -> list[Part]:
+    """tools: function definitions {name, description, parameters} (ChatGLM3 and GLM-4 only)."""
     if template not in TEMPLATES:
         raise PromptError("this model has no chat format: send a completion prompt instead")
     if messages and not str(messages[-1].get("content") or "").strip():  # the model would answer nothing
         raise PromptError(f"the last message (messages[{len(messages) - 1}]) is empty: give it some text")
+    if (tools or open_reply) and template not in TOOL_TEMPLATES:
+        raise PromptError(f"this model's chat format ({template}) has no tool calls")
     if template in ROLE_TEMPLATES:
-        return _role_parts(messages, template)
+        return _role_parts(with_tools(messages, tools, template) if tools else messages, template, open_reply)
     text = _rounds_text(messages, template)
     return [("[gMASK]",), ("sop",), text] if template == "chatglm2" else [text]
 
 
-def chat_prompt(messages: list[dict], template: str) -> str:
+def chat_prompt(messages: list[dict], template: str, tools: list[dict] | None = None, open_reply: bool = False) -> str:
     """The prompt as text, special tokens by name ("chatglm": without [gMASK] and sop, which the engine adds)."""
-    return "".join(p[0] if isinstance(p, tuple) else p for p in _parts(messages, template))
+    return "".join(p[0] if isinstance(p, tuple) else p for p in _parts(messages, template, tools, open_reply))
 
 
 def _special_id(tok: BaseTokenizer, name: str) -> int:
@@ -119,11 +124,12 @@ def _special_id(tok: BaseTokenizer, name: str) -> int:
     return i
 
 
-def chat_ids(messages: list[dict], tok: BaseTokenizer, template: str) -> list[int]:
+def chat_ids(messages: list[dict], tok: BaseTokenizer, template: str, tools: list[dict] | None = None,
+             open_reply: bool = False) -> list[int]:
     """Context ids for a chat request. ChatGLM2/3, GLM-4: the whole context, [gMASK] sop first, used as it is.
     ChatGLM-6B: the prompt's text encoded as plain text (a "[MASK]" typed by a user is not a blank), then
     [gMASK]; the engine adds sop."""
-    parts = _parts(messages, template)
+    parts = _parts(messages, template, tools, open_reply)
     if template == "chatglm":
         special = tok.special
         masks = {special.mask, special.smask, special.gmask}
@@ -134,9 +140,17 @@ def chat_ids(messages: list[dict], tok: BaseTokenizer, template: str) -> list[in
     return ids
 
 
-ChatFormat = Callable[[list[dict]], list[int]]
+@dataclass(frozen=True)
+class ChatFormat:
+    """A model's chat format: messages (and tools) -> context ids."""
+
+    template: str
+    tok: BaseTokenizer
+
+    def __call__(self, messages: list[dict], tools: list[dict] | None = None, open_reply: bool = False) -> list[int]:
+        return chat_ids(messages, self.tok, self.template, tools, open_reply)
 
 
 def chat_format(template: str | None, tok: BaseTokenizer) -> ChatFormat | None:
     """The messages -> context ids function of a model with a chat format (None: the model has none)."""
-    return partial(chat_ids, tok=tok, template=template) if template else None
+    return ChatFormat(template, tok) if template else None
