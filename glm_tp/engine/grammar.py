@@ -98,18 +98,20 @@ def check(grammar: Grammar) -> None:
 class GrammarConstraint:
     """One fill's matcher: the ids it allows next, the tokens it was given, whether it may end."""
 
-    def __init__(self, matcher: object, vocab_size: int, text: torch.Tensor):
+    def __init__(self, matcher: object, vocab_size: int, text: np.ndarray):
+        """text: the vocabulary's text ids as bits (int32 words, the library's mask layout)."""
         self.matcher, self.vocab_size, self.text = matcher, vocab_size, text
-        self.words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        self.words = np.zeros_like(text)
 
     def mask(self) -> torch.Tensor:
         self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
         self._fail_if_error()
+        np.bitwise_and(self.words, self.text, out=self.words)  # its end token is the sampler's to allow
         bits = np.unpackbits(self.words.view(np.uint8), bitorder="little")[: self.vocab_size]
-        return torch.from_numpy(bits.view(np.bool_)) & self.text
+        return torch.from_numpy(bits.view(np.bool_))
 
     def advance(self, token: int) -> None:
-        if not self.text[token] or not self.matcher.consume_token(token):
+        if not (int(self.text[token >> 5]) >> (token & 31)) & 1 or not self.matcher.consume_token(token):
             raise ConstraintError(f"token {token} does not fit the grammar")
 
     def can_end(self) -> bool:
@@ -132,7 +134,7 @@ class Grammars:
         self._lock = threading.Lock()
         self._vocab: object | None = None
         self._tokens: _Tokens | None = None
-        self._text: torch.Tensor | None = None
+        self._text: np.ndarray | None = None
         self._compiled: collections.OrderedDict[str, object] = collections.OrderedDict()
 
     def factory(self, grammar: Grammar) -> ConstraintFactory:
@@ -161,7 +163,9 @@ class Grammars:
             pieces = self.tok.token_bytes(self.vocab_size)
             if not any(pieces):
                 raise ConstraintError("structured output needs the model's tokenizer: this run has none")
-            self._text = torch.tensor([bool(p) for p in pieces], dtype=torch.bool)
+            bits = np.zeros(32 * ((self.vocab_size + 31) // 32), dtype=np.uint8)
+            bits[: len(pieces)] = [bool(p) for p in pieces]
+            self._text = np.packbits(bits, bitorder="little").view(np.int32)
             self._tokens = _Tokens(pieces, self.end_token)
             self._vocab = library().LLTokenizer(library().TokenizerWrapper(self._tokens))
         return self._vocab
