@@ -26,6 +26,7 @@ from glm_tp.engine.types import (
     TokenLogprob,
     short_repr,
 )
+from glm_tp.frontends import structured
 from glm_tp.text.blanks import INVALID_PROMPT, MASK_PATTERN, join_answer
 from glm_tp.text.chat import ChatFormat
 from glm_tp.text.unicode import TextError, check_strings
@@ -263,6 +264,10 @@ def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: st
     requests = [Request(f"{id_prefix}.{p * n + k}", text=None if ids[p] else prompt, token_ids=ids[p],
                         config=config.updated(seed=(config.seed + k) % (MAX_SEED + 1)))
                 for p, prompt in enumerate(prompts) for k in range(n)]  # type: ignore[arg-type]
+    try:
+        structured.constrain(body, requests)
+    except structured.FormatError as e:
+        raise OpenAIError(str(e), structured.FIELD) from None
     return Parsed(kind, prompts, requests, n=n, model=model, stream=stream,  # type: ignore[arg-type]
                   include_usage=include_usage, echo=echo, logprobs=config.logprobs, infill=infill)
 

@@ -15,7 +15,7 @@ from glm_tp.engine.types import GenerationConfig, Request
 from glm_tp.text.bpe import BPETokenizer
 from glm_tp.text.chatglm2_tokenizer import ChatGLM2Tokenizer
 from glm_tp.text.tokenizer import GLMTokenizer
-from tests.support.checkpoints import CORPUS
+from tests.support.byte_tokenizer import write_byte_tokenizer
 from tests.support.engines import causal_checkpoint, engine_for
 
 pytest.importorskip("llguidance", reason="the grammar extra (llguidance) is not installed")
@@ -25,23 +25,11 @@ SPECIAL = PRESETS["tiny"].special
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "ok"],
           "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0,
                          "maximum": 120}, "ok": {"type": "boolean"}}}
-JSON_LINES = ['{"name": "fox", "age": 12, "ok": true}', '{"a": [1, 2.5, null], "b": {"c": "d"}}',
-              "x = 1 + 2; y = [3, 4]"]
 
 
 @pytest.fixture(scope="module")
 def byte_tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A sentencepiece model with byte fallback (JSON's punctuation and any character can be written), a
-    newline piece and ids that fit the tiny presets' text range."""
-    import sentencepiece as spm
-
-    root = tmp_path_factory.mktemp("grammar-spm")
-    (root / "corpus.txt").write_text("\n".join((CORPUS + JSON_LINES) * 20) + "\n")
-    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "tokenizer"),
-                                   vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   user_defined_symbols=["<n>"], hard_vocab_limit=False, minloglevel=2)
-    return root / "tokenizer.model"
+    return write_byte_tokenizer(tmp_path_factory.mktemp("grammar-spm"))
 
 
 @pytest.fixture(scope="module")
