@@ -13,7 +13,12 @@ import os
 import sentencepiece as spm
 
 from glm_tp.config import CHATGLM2_SPECIALS, SpecialTokens
-from glm_tp.text.base import BaseTokenizer, appended_specials, sentencepiece_bytes, special_from_names
+from glm_tp.text.base import (
+    BaseTokenizer,
+    appended_specials,
+    sentencepiece_bytes,
+    special_from_names,
+)
 from glm_tp.text.unicode import check_text
 
 

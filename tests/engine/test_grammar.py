@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from glm_tp.config import PRESETS
-from glm_tp.engine.constraints import ConstraintError, JsonValue, Literal, OneOf, Regex, Sequence
+from glm_tp.engine.constraints import (
+    ConstraintError,
+    JsonValue,
+    Literal,
+    OneOf,
+    Regex,
+    Sequence,
+)
 from glm_tp.engine.types import GenerationConfig, Request
 from glm_tp.text.bpe import BPETokenizer
 from glm_tp.text.chatglm2_tokenizer import ChatGLM2Tokenizer

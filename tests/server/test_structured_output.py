@@ -87,7 +87,7 @@ def test_bad_response_formats_are_400s_naming_the_field(live, value, says):
 def test_the_metrics_count_the_grammars_time(live):
     def figure(name: str) -> float:
         text = httpx.get(live.url + "/metrics").text
-        return float(re.search(rf"^glm_tp_{name} (\S+)$", text, re.M).group(1))
+        return float(re.search(rf"^glm_tp_{name} (\S+)$", text, re.MULTILINE).group(1))
 
     before = figure("grammar_steps")
     body = {"prompt": "one", "max_tokens": 6, "response_format": {"type": "regex", "regex": "[a-z]{4}"}}
