@@ -4,14 +4,17 @@ bad values are 400s naming response_format; a grammar longer than max_tokens end
 count the grammar's time."""
 from __future__ import annotations
 
+import importlib
 import json
 import re
 
 import httpx
 import pytest
 
+from glm_tp.engine import grammar
 from glm_tp.engine.types import GenerationConfig
 from glm_tp.frontends.batch import parse_line
+from glm_tp.frontends.openai_format import OpenAIError, parse_body
 from tests.support.byte_tokenizer import write_byte_tokenizer
 from tests.support.engines import engine_for
 from tests.support.server import causal_engine, start
@@ -113,3 +116,19 @@ def test_plain_jsonl_lines_take_response_format():
     bad = parse_line(2, json.dumps({"prompt": "one", "response_format": {"type": "regex", "regex": "("}}),
                      GenerationConfig())
     assert bad.error.startswith("line 2: response_format.regex does not compile"), bad.error
+
+
+def test_without_the_grammar_library_response_format_is_a_400_that_says_how_to_install_it(monkeypatch):
+    real = importlib.import_module
+
+    def without_llguidance(name: str, *args):
+        if name == "llguidance":
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(grammar.importlib, "import_module", without_llguidance)
+    body = {"prompt": "one", "response_format": {"type": "json_object"}}
+    with pytest.raises(OpenAIError) as refused:
+        parse_body("completion", body, GenerationConfig(), "x")
+    assert refused.value.param == "response_format" and "pip install 'glm-tp[grammar]'" in refused.value.message
+    assert parse_body("completion", {**body, "response_format": {"type": "text"}}, GenerationConfig(), "x")
