@@ -40,6 +40,7 @@ INSTALL = "pip install 'glm-tp[grammar]'"
 CACHE_SIZE = 64  # distinct grammars kept compiled
 # JSON as json.dumps writes it: no free whitespace, so that a model cannot pad a value forever
 JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+NO_TOKEN = ("NoExtension", "NoExtensionBias")  # llguidance's errors when no token may come next
 
 
 def library() -> ModuleType:
@@ -121,8 +122,13 @@ class GrammarConstraint:
         return self.matcher.is_stopped()
 
     def _fail_if_error(self) -> None:
-        if self.matcher.is_error():
-            raise ConstraintError(f"the grammar failed: {reason(self.matcher.get_error())}")
+        if not self.matcher.is_error():
+            return
+        error = self.matcher.get_error()
+        if error.split("\n", 1)[0].strip() in NO_TOKEN:
+            raise ConstraintError("no token of the model's vocabulary continues its grammar here (the format asks "
+                                  "for characters the tokenizer cannot write)")
+        raise ConstraintError(f"the grammar failed: {reason(error)}")
 
 
 class Grammars:

@@ -149,3 +149,12 @@ def test_each_grammar_compiles_once_and_the_time_is_counted(causal):
     result = causal.generate([_json_request("timed")])[0]
     assert causal.sampler.grammar.steps - before[0] == result.completion_tokens  # the closing brace ends it
     assert causal.sampler.grammar.seconds > before[1]
+
+
+def test_a_format_the_vocabulary_cannot_write_ends_its_request_with_the_reason(tmp_path_factory, tiny_tokenizer_file):
+    engine = engine_for(causal_checkpoint(tmp_path_factory.mktemp("no-braces")), tiny_tokenizer_file)  # no "{"
+    free = Request("free", "one two", config=GenerationConfig(max_new_tokens=4))
+    alone = engine.generate([free])[0]
+    cannot, beside = engine.generate([Request("json", "one two", grammar=JsonValue(None)), free])
+    assert cannot.finish_reason == "error" and "no token of the model's vocabulary" in cannot.error, cannot
+    assert beside.token_ids == alone.token_ids and beside.finish_reason == alone.finish_reason
