@@ -24,6 +24,18 @@ class FormatError(ValueError):
     """A response_format that cannot be used, in one line that names it (an OpenAI error's param: FIELD)."""
 
 
+def published_schema() -> dict:
+    """response_format's JSON schema, for the server's /openapi.json."""
+    return {"anyOf": [
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"const": "json_schema"}, "json_schema": {"type": "object", "properties": {
+                "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
+                "strict": {"type": "boolean"}}}}},
+        {"type": "object", "required": ["type", "regex"], "properties": {
+            "type": {"const": "regex"}, "regex": {"type": "string", "minLength": 1, "maxLength": MAX_CHARS}}}]}
+
+
 def grammar_of(body: dict) -> Grammar | None:
     """The grammar of a body's response_format (None: no constraint); raises FormatError naming the field."""
     value = body.get(FIELD)

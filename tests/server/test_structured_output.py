@@ -132,3 +132,11 @@ def test_without_the_grammar_library_response_format_is_a_400_that_says_how_to_i
         parse_body("completion", body, GenerationConfig(), "x")
     assert refused.value.param == "response_format" and "pip install 'glm-tp[grammar]'" in refused.value.message
     assert parse_body("completion", {**body, "response_format": {"type": "text"}}, GenerationConfig(), "x")
+
+
+def test_the_published_schema_has_response_format(live):
+    schema = httpx.get(live.url + "/openapi.json", timeout=60).json()
+    for route in ("/v1/completions", "/v1/chat/completions"):
+        body = schema["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        kinds = [f["properties"]["type"] for f in body["properties"]["response_format"]["anyOf"]]
+        assert {"const": "regex"} in kinds and {"const": "json_schema"} in kinds
