@@ -62,6 +62,15 @@ def test_glm_tokenizer_bytes_spell_its_text(byte_tokenizer_file, offset):
     assert pieces[offset + tok.sp.piece_to_id("</s>")] is None     # a control piece is no text
 
 
+def test_chatglm_6b_whitespace_pieces_are_their_spaces(tmp_path):
+    model = write_byte_tokenizer(tmp_path, ("<n>", "<|tab|>", "<|blank_2|>", "<|blank_3|>"))
+    tok = GLMTokenizer(model, SPECIAL, text_offset=0, whitespace=True)
+    text = "one  two\tthree   four\nfive"
+    ids = tok.encode(text)
+    assert tok.sp.piece_to_id("<|blank_3|>") in ids and tok.sp.piece_to_id("<|tab|>") in ids
+    assert _joined(tok, ids).decode().lstrip(" ") == text == tok.decode(ids)
+
+
 def test_chatglm2_tokenizer_bytes_spell_its_text(byte_tokenizer_file):
     tok = ChatGLM2Tokenizer(byte_tokenizer_file, SPECIAL, {"[MASK]": 1000, "[gMASK]": 1001, "[sMASK]": 1002,
                                                            "sop": 1004, "eop": 1005})

@@ -10,7 +10,8 @@ JSON_LINES = ['{"name": "fox", "age": 12, "ok": true}', '{"a": [1, 2.5, null], "
               "x = 1 + 2; y = [3, 4]"]
 
 
-def write_byte_tokenizer(root: Path) -> Path:
+def write_byte_tokenizer(root: Path, symbols: tuple[str, ...] = ("<n>",)) -> Path:
+    """symbols: its user-defined pieces (ChatGLM-6B's whitespace pieces: "<|tab|>", "<|blank_2|>", ...)."""
     import sentencepiece as spm
 
     root.mkdir(parents=True, exist_ok=True)
@@ -18,5 +19,5 @@ def write_byte_tokenizer(root: Path) -> Path:
     spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "tokenizer"),
                                    vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
                                    normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   user_defined_symbols=["<n>"], hard_vocab_limit=False, minloglevel=2)
+                                   user_defined_symbols=list(symbols), hard_vocab_limit=False, minloglevel=2)
     return root / "tokenizer.model"
