@@ -7,11 +7,16 @@ build each library's vocabulary, to compile each grammar, and per step to comput
 (the library's bitmask, and the bool mask the sampler applies) while a seeded walk picks a random allowed
 token, until the grammar ends. Prints a markdown table (docs/performance.md, "Structured output").
 
-    python tools/bench_grammar.py [--walks 20] [--libraries llguidance,xgrammar]
+    python -m tools.bench_grammar [--walks 20] [--libraries llguidance,xgrammar] [--engine]
+
+--engine adds the engine's view: a small random causal model on the 151k vocabulary, 8 rows decoding
+--steps tokens each, none, one or all of them under the JSON schema: the time per step and the sampler's
+grammar time per step (what /metrics reports), so that a step's cost with and without grammars compares.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -23,8 +28,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from glm_tp.config import GLM4_SPECIALS, PRESETS
 from glm_tp.engine.constraints import Grammar, JsonValue, Regex
+from glm_tp.engine.core import Engine
 from glm_tp.engine.grammar import JSON_STYLE, Grammars
+from glm_tp.engine.types import GenerationConfig, Request
+from glm_tp.model.glm import GLMModel
+from glm_tp.parallel.dist import single_process
+from glm_tp.text.bpe import BPETokenizer
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "address"],
           "properties": {"name": {"type": "string", "maxLength": 24},
@@ -194,11 +205,56 @@ def _row(library: str, vocab: str, fig: Figures, name: str) -> str:
             f"| {len(steps)} |")
 
 
+def engine_on(pieces: list[bytes | None]) -> Engine:
+    """A 2-layer random causal model (tiny-chatglm2's shape) whose vocabulary is `pieces`' text then GLM-4's
+    special tokens, with a longest-piece encoder."""
+    text = [p for p in pieces if p]
+    names = {len(text) + k: n for k, n in enumerate(GLM4_SPECIALS)}
+    encoder = Grammars(Pieces(text), len(text), 0)
+    tok = BPETokenizer(text, encoder.tokenize, names)
+    cfg = dataclasses.replace(PRESETS["tiny-chatglm2"], vocab_size=len(text) + len(names), special=tok.special,
+                              max_seq_len=256)
+    model = GLMModel(cfg, single_process(), torch.float32, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "layernorm" in name else p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.02,
+                                                               generator=gen)
+    return Engine(model.eval(), tok, max_batch=8)
+
+
+def bench_engine(pieces: list[bytes | None], steps: int, rounds: int) -> list[str]:
+    """Rows of the engine table: 8 sampled rows of `steps` tokens, 0, 1 or 8 of them under the JSON schema
+    (a constrained row that completes its JSON ends early); the rounds alternate, each figure its best."""
+    engine = engine_on(pieces)
+    config = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, strategy="sample")
+    engine.generate([Request("warm", "the quick", config=config, grammar=GRAMMARS["json schema"])])  # compiles
+    best: dict[int, tuple[float, int, object]] = {}
+    for _ in range(rounds):
+        for constrained in (0, 1, 8):
+            requests = [Request(f"r{i}", "the quick brown fox", config=config.updated(seed=i),
+                                grammar=GRAMMARS["json schema"] if i < constrained else None) for i in range(8)]
+            engine.sampler.grammar = type(engine.sampler.grammar)()
+            start = time.perf_counter()
+            tokens = sum(r.completion_tokens for r in engine.generate(requests))
+            wall = time.perf_counter() - start
+            if constrained not in best or wall < best[constrained][0]:
+                best[constrained] = (wall, tokens, engine.sampler.grammar)
+    rows = []
+    for constrained, (wall, tokens, timing) in best.items():
+        per_step = 1e3 * timing.seconds / timing.steps if timing.steps else 0.0
+        rows.append(f"| {constrained} of 8 | {tokens} | {1e3 * wall / steps:.1f} | {timing.steps} | {per_step:.2f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--walks", type=int, default=20, help="random walks per grammar")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--libraries", default="llguidance,xgrammar")
+    parser.add_argument("--engine", action="store_true", help="also the engine's step time with grammar rows")
+    parser.add_argument("--steps", type=int, default=48, help="tokens per row in --engine")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds in --engine")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = random.Random(args.seed)
@@ -213,6 +269,12 @@ def main() -> None:
             fig = benches[library](pieces, args.walks, args.seed)
             for name in GRAMMARS:
                 print(_row(library, vocab, fig, name), flush=True)
+    if args.engine:
+        print("\n| rows under the JSON schema | tokens | ms per step (wall / steps) | steps with a grammar row "
+              "| grammar ms per such step |")
+        print("|---|---|---|---|---|")
+        for row in bench_engine(vocabs["151k byte-level"], args.steps, args.rounds):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
