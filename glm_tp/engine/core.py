@@ -59,7 +59,8 @@ class Engine:
         self.sampler = Sampler(banned, tokenizer.decode) if self.tp.is_first else None
         self.logits: torch.Tensor | None = None
         # rank 0: grammars over the model's vocabulary, built on first use (llguidance is optional)
-        self.compiler = Grammars(tokenizer, model.cfg.vocab_size, tokenizer.special.eop) if self.tp.is_first else None
+        self.compiler = Grammars(tokenizer, model.cfg.vocab_size, tokenizer.special.eop, self.sampler.grammar) \
+            if self.tp.is_first else None
 
     def grammars(self, grammar: Grammar) -> ConstraintFactory:
         """The constraint factory of a grammar over this model's vocabulary, compiled once per distinct

@@ -19,6 +19,7 @@ import importlib
 import json
 import re
 import threading
+import time
 from types import ModuleType
 
 import numpy as np
@@ -34,6 +35,7 @@ from glm_tp.engine.constraints import (
     Regex,
     Sequence,
 )
+from glm_tp.engine.sampler import GrammarTime
 from glm_tp.text.base import BaseTokenizer
 
 INSTALL = "pip install 'glm-tp[grammar]'"
@@ -99,9 +101,10 @@ def check(grammar: Grammar) -> None:
 class GrammarConstraint:
     """One fill's matcher: the ids it allows next, the tokens it was given, whether it may end."""
 
-    def __init__(self, matcher: object, vocab_size: int, text: np.ndarray):
-        """text: the vocabulary's text ids as bits (int32 words, the library's mask layout)."""
-        self.matcher, self.vocab_size, self.text = matcher, vocab_size, text
+    def __init__(self, matcher: object, vocab_size: int, text: np.ndarray, timing: GrammarTime):
+        """text: the vocabulary's text ids as bits (int32 words, the library's mask layout); timing: where the
+        time of `advance` adds up (the sampler times the masks)."""
+        self.matcher, self.vocab_size, self.text, self.timing = matcher, vocab_size, text, timing
         self.words = np.zeros_like(text)
 
     def mask(self) -> torch.Tensor:
@@ -112,8 +115,12 @@ class GrammarConstraint:
         return torch.from_numpy(bits.view(np.bool_))
 
     def advance(self, token: int) -> None:
-        if not (int(self.text[token >> 5]) >> (token & 31)) & 1 or not self.matcher.consume_token(token):
-            raise ConstraintError(f"token {token} does not fit the grammar")
+        start = time.perf_counter()
+        try:
+            if not (int(self.text[token >> 5]) >> (token & 31)) & 1 or not self.matcher.consume_token(token):
+                raise ConstraintError(f"token {token} does not fit the grammar")
+        finally:
+            self.timing.seconds += time.perf_counter() - start
 
     def can_end(self) -> bool:
         return self.matcher.is_accepting()
@@ -135,8 +142,10 @@ class Grammars:
     """A model's grammar compiler: its vocabulary (built on first use), the compiled grammars (bounded),
     a fresh constraint per fill. Thread-safe: requests are accepted on the front end's threads."""
 
-    def __init__(self, tokenizer: BaseTokenizer, vocab_size: int, end_token: int):
+    def __init__(self, tokenizer: BaseTokenizer, vocab_size: int, end_token: int, timing: GrammarTime | None = None):
+        """timing: where the constraints' time adds up (the engine's: its sampler's)."""
         self.tok, self.vocab_size, self.end_token = tokenizer, vocab_size, end_token
+        self.timing = timing or GrammarTime()
         self._lock = threading.Lock()
         self._vocab: object | None = None
         self._tokens: _Tokens | None = None
@@ -145,8 +154,8 @@ class Grammars:
 
     def factory(self, grammar: Grammar) -> ConstraintFactory:
         template = self.compiled(grammar)
-        size, text = self.vocab_size, self._text
-        return lambda: GrammarConstraint(template.deep_copy(), size, text)
+        size, text, timing = self.vocab_size, self._text, self.timing
+        return lambda: GrammarConstraint(template.deep_copy(), size, text, timing)
 
     def compiled(self, grammar: Grammar) -> object:
         """The compiled matcher of `grammar` (the cache's, or compiled now); raises ConstraintError."""

@@ -36,7 +36,8 @@ CONTEXT = 8  # answer tokens decoded before a logprob's token, to read it in con
 
 @dataclass
 class GrammarTime:
-    """The time constraints took in the sampler (their masks and ends), over the steps with a constrained row."""
+    """The time grammars took (the sampler's masks and ends, engine/grammar.py's advances), over the steps with a
+    constrained row."""
 
     seconds: float = 0.0
     steps: int = 0  # steps with at least one constrained row
