@@ -261,10 +261,12 @@ def main() -> None:
     vocabs = {"65k sentencepiece": sentencepiece_vocab(65024, rng), "151k byte-level": byte_level_vocab(151552, rng)}
     benches = {"llguidance": bench_llguidance, "xgrammar": bench_xgrammar}
     print(f"CPU: {platform.processor() or platform.machine()}, torch threads 1\n")
-    print("| library | vocabulary | grammar | vocab build ms | compile ms | mask µs mean | p50 | p99 "
-          "| to bool mask µs mean | steps |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for library in filter(None, args.libraries.split(",")):
+    libraries = [name for name in args.libraries.split(",") if name]
+    if libraries:
+        print("| library | vocabulary | grammar | vocab build ms | compile ms | mask µs mean | p50 | p99 "
+              "| to bool mask µs mean | steps |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    for library in libraries:
         for vocab, pieces in vocabs.items():
             fig = benches[library](pieces, args.walks, args.seed)
             for name in GRAMMARS:
