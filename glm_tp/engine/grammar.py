@@ -1,8 +1,8 @@
 """Grammars (constraints.py's `Grammar`) enforced with the llguidance library over a model's vocabulary.
 
 Why llguidance (docs/performance.md, "Structured output", has the figures): it compiles any grammar in
-milliseconds, where xgrammar precomputes each one over the vocabulary (0.4-9 s for a regex on a 65k-151k
-vocabulary); its mask, 0.3-5 ms a step on CPU, is about 1 % or less of a 6B model's CPU decode step; it checks a
+milliseconds, where xgrammar precomputes each one over the vocabulary (0.2-9 s for a regex on a 65k-151k
+vocabulary); its mask, 0.1-5 ms a step on CPU, is about 1 % or less of a 6B model's CPU decode step; it checks a
 grammar without a vocabulary (the front end's 400); and it is one wheel with no dependencies (xgrammar pulls
 in transformers and triton). It is an optional extra: `pip install 'glm-tp[grammar]'`.
 
