@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from glm_tp.engine import grammar
+from glm_tp.engine.constraints import Regex
 from glm_tp.engine.types import GenerationConfig
 from glm_tp.frontends.batch import parse_line
 from glm_tp.frontends.openai_format import OpenAIError, parse_body
@@ -110,12 +111,15 @@ def test_each_blank_of_a_glm_prompt_follows_the_regex(tiny_checkpoints, tokenize
     assert found and all(re.fullmatch(r"(day|month) [0-9]{1,2}", a) for a in found.groups()), text
 
 
-def test_plain_jsonl_lines_take_response_format():
+def test_jsonl_lines_take_response_format():
     line = parse_line(1, json.dumps({"prompt": "one", "response_format": {"type": "json_object"}}), GenerationConfig())
     assert line.error is None and line.requests[0].grammar is not None
-    bad = parse_line(2, json.dumps({"prompt": "one", "response_format": {"type": "regex", "regex": "("}}),
+    body = {"prompt": ["a", "b"], "n": 2, "response_format": {"type": "regex", "regex": "[0-9]+"}}
+    batch = parse_line(2, json.dumps({"custom_id": "x", "url": "/v1/completions", "body": body}), GenerationConfig())
+    assert [r.grammar for r in batch.requests] == [Regex("[0-9]+")] * 4
+    bad = parse_line(3, json.dumps({"prompt": "one", "response_format": {"type": "regex", "regex": "("}}),
                      GenerationConfig())
-    assert bad.error.startswith("line 2: response_format.regex does not compile"), bad.error
+    assert bad.error.startswith("line 3: response_format.regex does not compile"), bad.error
 
 
 def test_without_the_grammar_library_response_format_is_a_400_that_says_how_to_install_it(monkeypatch):
