@@ -7,7 +7,12 @@ vocabulary (`names`: id -> name, decoded as their names; `token_id` reads them b
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from glm_tp.config import SpecialTokens
+
+if TYPE_CHECKING:
+    from sentencepiece import SentencePieceProcessor
 
 REPLACEMENT = "\ufffd"  # what ids that end inside a multi-byte character decode to
 
@@ -52,7 +57,7 @@ class BaseTokenizer:
         raise NotImplementedError
 
 
-def sentencepiece_bytes(sp: object, piece: int) -> bytes | None:
+def sentencepiece_bytes(sp: SentencePieceProcessor, piece: int) -> bytes | None:
     """A sentencepiece piece's bytes as its decoder writes them: the word boundary U+2581 is a space, a byte
     fallback piece <0xNN> its byte; control, unknown and unused pieces are no text. (A decoded text drops
     a leading word boundary, so an answer's text may lack the grammar's first space.)"""
