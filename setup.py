@@ -35,10 +35,12 @@ setup(
         "cpu": ["numba>=0.59"],
         # GLM-4's byte-level BPE tokenizer (glm_tp/text/bpe.py): tiktoken ranks or a tokenizer.json
         "glm4": ["tiktoken>=0.6", "tokenizers>=0.19"],
+        # structured output (response_format, a blank's answer under a regex): glm_tp/engine/grammar.py
+        "grammar": ["llguidance>=1.9,<2"],
         # the server's tests drive it with the official client and a real browser (selenium + system chromium)
         "test": ["pytest>=7", "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "openai>=1.40",
                  "httpx>=0.27", "selenium>=4.20", "numba>=0.59", "schemathesis>=4.0", "transformers>=4.46",
-                 "tiktoken>=0.6", "tokenizers>=0.19"],
+                 "tiktoken>=0.6", "tokenizers>=0.19", "jsonschema>=4"],
         "reference": ["SwissArmyTransformer", "requests", "triton", "deepspeed", "wandb", "einops", "transformers"],
         "plot": ["matplotlib"],
     },

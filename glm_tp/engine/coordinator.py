@@ -56,6 +56,11 @@ class Coordinator:
         scheduler = self.engine.scheduler
         return {"waiting": self._pending + len(scheduler.waiting), "running": scheduler.running}
 
+    def counters(self) -> dict[str, float]:
+        """The engine's running totals for the metrics: the time its grammars took (sampler.GrammarTime)."""
+        grammar = self.engine.sampler.grammar
+        return {"grammar_seconds": grammar.seconds, "grammar_steps": grammar.steps, "grammar_rows": grammar.rows}
+
     @property
     def chat_format(self) -> ChatFormat | None:
         """Chat messages -> context ids in the model's chat format (None: the model has none)."""

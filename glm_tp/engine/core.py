@@ -14,8 +14,9 @@ from typing import Callable
 
 import torch
 
-from glm_tp.engine.constraints import ConstraintError, ConstraintFactory, Grammar
+from glm_tp.engine.constraints import ConstraintFactory, Grammar
 from glm_tp.engine.decoder import Decoder
+from glm_tp.engine.grammar import Grammars
 from glm_tp.engine.jobs import Job
 from glm_tp.engine.plan import (
     END,
@@ -57,10 +58,14 @@ class Engine:
         banned = banned_tokens(model.cfg.vocab_size, tokenizer, model.cfg.stop_ids)
         self.sampler = Sampler(banned, tokenizer.decode) if self.tp.is_first else None
         self.logits: torch.Tensor | None = None
+        # rank 0: grammars over the model's vocabulary, built on first use (llguidance is optional)
+        self.compiler = Grammars(tokenizer, model.cfg.vocab_size, tokenizer.special.eop, self.sampler.grammar) \
+            if self.tp.is_first else None
 
     def grammars(self, grammar: Grammar) -> ConstraintFactory:
-        """The constraint factory of a grammar over this model's vocabulary; raises ConstraintError."""
-        raise ConstraintError("structured output needs a grammar library: pip install 'glm-tp[grammar]'")
+        """The constraint factory of a grammar over this model's vocabulary, compiled once per distinct
+        grammar; raises ConstraintError (a grammar that does not compile, no grammar library)."""
+        return self.compiler.factory(grammar)
 
     @property
     def max_len(self) -> int:

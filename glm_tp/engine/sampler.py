@@ -7,6 +7,8 @@ where asked. A request's tokens depend only on its own rows and its own random s
 from __future__ import annotations
 
 import sys
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,11 +34,22 @@ def banned_tokens(vocab_size: int, tok: GLMTokenizer, stop_ids: tuple[int, ...] 
 CONTEXT = 8  # answer tokens decoded before a logprob's token, to read it in context
 
 
+@dataclass
+class GrammarTime:
+    """The time grammars took (the sampler's masks and ends, engine/grammar.py's advances), over the steps with a
+    constrained row."""
+
+    seconds: float = 0.0
+    steps: int = 0  # steps with at least one constrained row
+    rows: int = 0   # constrained rows, summed over those steps
+
+
 class Sampler:
     def __init__(self, banned: torch.Tensor, decode: Callable[[list[int]], str]):
         """banned: True for ids never chosen; decode: the text of ids, for logprobs."""
         self.banned, self.decode = banned, decode
         self._banned_on: dict[torch.device, torch.Tensor] = {}
+        self.grammar = GrammarTime()
 
     def _banned(self, device: torch.device) -> torch.Tensor:
         if device not in self._banned_on:
@@ -50,7 +63,10 @@ class Sampler:
         choice = Choice()
         scores = logits.float()
         scores.masked_fill_(self._banned(scores.device)[: scores.shape[-1]], float("-inf"))
-        live = [j for j in jobs if _guarded(j, choice, lambda j=j: _ban(j, scores))]
+        constrained = sum(j.constraint is not None for j in jobs)
+        if constrained:
+            self.grammar.steps, self.grammar.rows = self.grammar.steps + 1, self.grammar.rows + constrained
+        live = [j for j in jobs if _guarded(j, choice, lambda j=j: _ban(j, scores, self.grammar))]
         greedy = [j for j in live if j.config.strategy == "greedy" and j.config.logprobs is None]
         if greedy:  # one argmax over all greedy rows, on the logits' device
             picked = scores[[j.rows[0] for j in greedy]].argmax(dim=-1).tolist()
@@ -113,8 +129,13 @@ def _finite(logprob: torch.Tensor) -> float:
     return max(float(logprob), LOGPROB_FLOOR)
 
 
-def _ban(job: Job, scores: torch.Tensor) -> None:
-    _constrain(job, scores)
+def _ban(job: Job, scores: torch.Tensor, timing: GrammarTime) -> None:
+    if job.constraint is not None:
+        start = time.perf_counter()
+        try:
+            _constrain(job, scores)
+        finally:
+            timing.seconds += time.perf_counter() - start
     cfg = job.config
     if cfg.min_new_tokens or cfg.no_repeat_ngram_size:
         for beam, row in enumerate(job.rows):

@@ -2,7 +2,8 @@
 
 Input lines are either
   {"id": ..., "prompt": "..."} or {"id": ..., "prompt_token_ids": [...]}, optionally with
-  "generation": {...} settings, answered with a plain record; or
+  "generation": {...} settings and a "response_format" (frontends/structured.py), answered with a plain
+  record; or
   OpenAI batch request lines {"custom_id", "method": "POST", "url": "/v1/completions" |
   "/v1/chat/completions", "body": {...}}, answered in the OpenAI batch output format.
 An id is a string or an integer and comes back as given. A line that cannot be read (not UTF-8, not JSON,
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
-from glm_tp.frontends import openai_format
+from glm_tp.frontends import openai_format, structured
 from glm_tp.frontends.jsonl import Line, given_id, key_text, load, read_lines
 from glm_tp.frontends.openai_format import OpenAIError
 from glm_tp.frontends.results_file import check_output, claim_output, done_keys
@@ -92,15 +93,16 @@ def _plain_request(number: int, obj: dict, default: GenerationConfig) -> Request
         raise ValueError(f"'generation' must be an object of settings such as {{\"strategy\": \"beam\"}}, "
                          f"not {_kind(settings)}")
     config = default.updated(**settings) if settings else default
+    grammar = structured.grammar_of(obj)  # its FormatError is a ValueError naming response_format
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str):
             raise ValueError(f"'prompt' must be a string, not {_kind(obj['prompt'])}")
-        return Request(f"{number}", text=obj["prompt"], config=config)
+        return Request(f"{number}", text=obj["prompt"], config=config, grammar=grammar)
     if "prompt_token_ids" in obj:
         ids = obj["prompt_token_ids"]
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise ValueError("'prompt_token_ids' must be a list of integers")
-        return Request(f"{number}", token_ids=ids, config=config)
+        return Request(f"{number}", token_ids=ids, config=config, grammar=grammar)
     raise ValueError("a line needs 'prompt', 'prompt_token_ids' or an OpenAI 'custom_id' + 'body'")
 
 

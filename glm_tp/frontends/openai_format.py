@@ -26,6 +26,7 @@ from glm_tp.engine.types import (
     TokenLogprob,
     short_repr,
 )
+from glm_tp.frontends import structured
 from glm_tp.frontends import tools as tool_calls
 from glm_tp.text.blanks import INVALID_PROMPT, MASK_PATTERN, join_answer
 from glm_tp.text.chat import ChatFormat
@@ -278,6 +279,13 @@ def parse_body(kind: str, body: object, default: GenerationConfig, id_prefix: st
     requests = [Request(f"{id_prefix}.{p * n + k}", text=None if ids[p] else prompt, token_ids=ids[p],
                         config=config.updated(seed=(config.seed + k) % (MAX_SEED + 1)))
                 for p, prompt in enumerate(prompts) for k in range(n)]  # type: ignore[arg-type]
+    try:
+        structured.constrain(body, requests)
+    except structured.FormatError as e:
+        raise OpenAIError(str(e), structured.FIELD) from None
+    if tools is not None and tools.calls and any(r.grammar for r in requests):
+        raise OpenAIError("response_format applies to a plain reply: with tools, send it with tool_choice \"none\" "
+                          "(a call's arguments follow the function's parameters schema)", structured.FIELD)
     for r in requests:  # a forced tool call
         r.grammar = tool_calls.grammar(tools) or r.grammar
     return Parsed(kind, prompts, requests, n=n, model=model, stream=stream,  # type: ignore[arg-type]

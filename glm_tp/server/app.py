@@ -94,7 +94,7 @@ def _sse(obj: object) -> bytes:
 class Routes:
     def __init__(self, backend: Backend, default: GenerationConfig, settings: ServerSettings, state: ServerState):
         self.backend, self.default, self.settings, self.state = backend, default, settings, state
-        self.metrics = Metrics(backend.load)
+        self.metrics = Metrics(backend.load, backend.counters)
         self.counter = itertools.count()
 
     # -- checks -------------------------------------------------------------------------------------

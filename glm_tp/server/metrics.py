@@ -19,15 +19,21 @@ WINDOW_S = 10.0  # tokens/s is averaged over this window
 
 
 class Metrics:
-    """One registry per server (tests start several). `load` gives the engine's waiting/running counts."""
+    """One registry per server (tests start several). `load` gives the engine's waiting/running counts,
+    `counters` its running totals (the grammar's time)."""
 
-    def __init__(self, load: Callable[[], dict]):
+    def __init__(self, load: Callable[[], dict], counters: Callable[[], dict] = dict):
         self.registry = CollectorRegistry()
         r = self.registry
         waiting = Gauge("glm_tp_requests_waiting", "requests waiting for engine rows", registry=r)
         running = Gauge("glm_tp_requests_running", "requests being generated", registry=r)
         waiting.set_function(lambda: load().get("waiting", 0))
         running.set_function(lambda: load().get("running", 0))
+        # structured output: the sampler's time on grammar masks; seconds / steps is the grammar's time per step
+        for name, doc in (("grammar_seconds", "seconds the sampler spent on grammar masks, in total"),
+                          ("grammar_steps", "steps with at least one grammar-constrained row"),
+                          ("grammar_rows", "grammar-constrained rows, summed over those steps")):
+            Gauge(f"glm_tp_{name}", doc, registry=r).set_function(lambda name=name: counters().get(name, 0))
         self.requests = Counter("glm_tp_requests", "finished requests (one per choice) by finish reason",
                                 ["finish_reason"], registry=r)
         self.http_errors = Counter("glm_tp_http_errors", "error responses by status", ["status"], registry=r)

@@ -4,6 +4,7 @@ frontends/openai_format's own), so the two cannot drift apart."""
 from __future__ import annotations
 
 from glm_tp.engine.types import LIMITS, MAX_LOGPROBS, MAX_SEED, MAX_STOPS, STRATEGIES
+from glm_tp.frontends import structured
 from glm_tp.frontends.openai_format import MAX_N
 from glm_tp.frontends.tools import MAX_CALLS, MAX_TOOLS, NAME
 
@@ -47,6 +48,7 @@ def request_schema(kind: str) -> dict:
                            {"type": "array", "maxItems": MAX_STOPS, "items": {"type": "string", "minLength": 1}}]},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
         "glm": {"type": "object", "properties": glm, "additionalProperties": False},
+        "response_format": structured.published_schema(),
     }
     if kind == "completion":
         props.update(

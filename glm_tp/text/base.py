@@ -7,7 +7,12 @@ vocabulary (`names`: id -> name, decoded as their names; `token_id` reads them b
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from glm_tp.config import SpecialTokens
+
+if TYPE_CHECKING:
+    from sentencepiece import SentencePieceProcessor
 
 REPLACEMENT = "\ufffd"  # what ids that end inside a multi-byte character decode to
 
@@ -40,6 +45,28 @@ class BaseTokenizer:
 
     def is_text(self, i: int) -> bool:
         return 0 <= i - self.offset < self.text_vocab_size
+
+    def token_bytes(self, vocab_size: int) -> list[bytes | None]:
+        """Each id's bytes in [0, vocab_size), for a grammar over the vocabulary; None for an id that is not
+        text (a control or special token, an image id below the offset, a padded embedding row)."""
+        return [self.piece_bytes(i - self.offset) if self.is_text(i) and i not in self.names else None
+                for i in range(vocab_size)]
+
+    def piece_bytes(self, piece: int) -> bytes | None:
+        """The bytes of text piece `piece` (an id less the offset); None when it is no text."""
+        raise NotImplementedError
+
+
+def sentencepiece_bytes(sp: SentencePieceProcessor, piece: int) -> bytes | None:
+    """A sentencepiece piece's bytes as its decoder writes them: the word boundary U+2581 is a space, a byte
+    fallback piece <0xNN> its byte; control, unknown and unused pieces are no text. (A decoded text drops
+    a leading word boundary, so an answer's text may lack the grammar's first space.)"""
+    if sp.is_control(piece) or sp.is_unknown(piece) or sp.is_unused(piece):
+        return None
+    text = sp.id_to_piece(piece)
+    if sp.is_byte(piece):
+        return bytes([int(text[3:5], 16)])
+    return text.replace("\u2581", " ").encode("utf-8")
 
 
 def appended_specials(names: tuple[str, ...], first: int, given: dict[str, int] | None) -> dict[int, str]:

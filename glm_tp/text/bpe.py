@@ -71,6 +71,9 @@ class BPETokenizer(BaseTokenizer):
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def piece_bytes(self, piece: int) -> bytes | None:
+        return self.pieces[piece]
+
 
 def read_ranks(path: Path) -> list[bytes]:
     """A tiktoken ranks file as each rank's bytes; ranks must be 0 .. n-1, each once."""

@@ -13,7 +13,12 @@ import os
 import sentencepiece as spm
 
 from glm_tp.config import CHATGLM2_SPECIALS, SpecialTokens
-from glm_tp.text.base import BaseTokenizer, appended_specials, special_from_names
+from glm_tp.text.base import (
+    BaseTokenizer,
+    appended_specials,
+    sentencepiece_bytes,
+    special_from_names,
+)
 from glm_tp.text.unicode import check_text
 
 
@@ -51,3 +56,6 @@ class ChatGLM2Tokenizer(BaseTokenizer):
             # anything else is a padded embedding row: no text
         out.append(self.sp.decode(run))
         return "".join(out)
+
+    def piece_bytes(self, piece: int) -> bytes | None:
+        return sentencepiece_bytes(self.sp, piece)

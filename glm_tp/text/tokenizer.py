@@ -21,7 +21,7 @@ import sentencepiece as spm
 
 from glm_tp.config import SpecialTokens
 from glm_tp.text import bpe
-from glm_tp.text.base import REPLACEMENT, BaseTokenizer, TokenizerError
+from glm_tp.text.base import REPLACEMENT, BaseTokenizer, TokenizerError, sentencepiece_bytes
 from glm_tp.text.chatglm2_tokenizer import ChatGLM2Tokenizer
 from glm_tp.text.unicode import check_text
 
@@ -96,6 +96,13 @@ class GLMTokenizer(BaseTokenizer):
         flush()
         return "".join(out)
 
+    def piece_bytes(self, piece: int) -> bytes | None:
+        if piece == self.newline_id:
+            return b"\n"
+        if piece in self.spaces:
+            return self.spaces[piece].encode()
+        return sentencepiece_bytes(self.sp, piece)
+
 
 class IdsOnlyTokenizer(GLMTokenizer):
     """The stand-in for a job of token ids run without a tokenizer: it reads no text and writes none (results'
@@ -118,6 +125,9 @@ class IdsOnlyTokenizer(GLMTokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return ""
+
+    def piece_bytes(self, piece: int) -> bytes | None:
+        return None  # no text is known
 
 
 def find_model_file(path: str | os.PathLike) -> Path:
