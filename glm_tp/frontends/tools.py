@@ -173,12 +173,40 @@ _SCALAR = rf'({_STRING}|-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?|True|Fals
 _VALUE = rf'({_SCALAR}|\[({_SCALAR}(, {_SCALAR})*)?\]|\{{({_STRING}: {_SCALAR}(, {_STRING}: {_SCALAR})*)?\}})'
 
 
+_TYPED = {"string": _STRING, "integer": r"-?(0|[1-9][0-9]*)", "boolean": "(True|False)", "null": "None",
+          "number": r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?"}
+
+
+def _python_value(schema: object) -> str:
+    """A regex of one argument's Python literal under its schema: an enum's or const's values, a scalar type's
+    literals; anything else, any flat literal."""
+    if not isinstance(schema, dict):
+        return _VALUE
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(values, list) and values and all(isinstance(v, (str, int, float, bool)) or v is None for v in values):
+        literals = [repr(v) if isinstance(v, bool) or v is None else json.dumps(v, ensure_ascii=False) for v in values]  # True, "text", 3
+        return "(" + "|".join(re.escape(v) for v in literals) + ")"
+    kind = schema.get("type")
+    return _TYPED.get(kind, _VALUE) if isinstance(kind, str) else _VALUE
+
+
 def _python_kwargs(parameters: dict | None) -> str:
-    """A regex of ChatGLM3's keyword arguments: the schema's property names, Python literals (flat lists and
-    dicts at most) as values."""
-    props = [p for p in ((parameters or {}).get("properties") or {}) if p.isidentifier()]
-    name = "(" + "|".join(props) + ")" if props else "[A-Za-z_][A-Za-z0-9_]*"
-    return rf"({name}={_VALUE}(, {name}={_VALUE})*)?"
+    """A regex of ChatGLM3's keyword arguments under the parameters schema: each property at most once, the
+    required ones always and first, each value a Python literal of its own schema. Without properties (or with
+    very many), any names with flat literals."""
+    props = {p: v for p, v in ((parameters or {}).get("properties") or {}).items() if p.isidentifier()}
+    if not props and (parameters or {}).get("additionalProperties") is False:
+        return ""  # a function without arguments
+    if not props or len(props) > 16:
+        name = "(" + "|".join(props) + ")" if props else "[A-Za-z_][A-Za-z0-9_]*"
+        return rf"({name}={_VALUE}(, {name}={_VALUE})*)?"
+    required = [p for p in props if p in set((parameters or {}).get("required") or [])]
+    optional = [f"{p}={_python_value(props[p])}" for p in props if p not in required]
+    if required:
+        return ", ".join(f"{p}={_python_value(props[p])}" for p in required) + "".join(f"(, {o})?" for o in optional)
+    # none required: nothing, or the first argument given, then any of the later ones
+    starts = [o + "".join(f"(, {later})?" for later in optional[i + 1:]) for i, o in enumerate(optional)]
+    return "(" + "|".join(starts) + ")?"
 
 
 def _call_grammar(function: dict, template: str) -> Grammar:
