@@ -23,6 +23,7 @@ from glm_tp.checkpoints.sources import open_source, source_bits
 from glm_tp.cli.output import plain_warnings
 from glm_tp.cli.planner import GiB, Plan, refusal
 from glm_tp.cli.settings import (
+    check_stage_layers,
     CONFIG_DIR,
     UsageError,
     check_config,
@@ -49,6 +50,7 @@ from glm_tp.parallel.dist import (
     shutdown,
     stop_peers,
 )
+from glm_tp.parallel.pipeline import RankLayout
 from glm_tp.text.tokenizer import (
     GLMTokenizer,
     IdsOnlyTokenizer,
@@ -143,7 +145,8 @@ def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig, tokenizer
     try:
         checkpoint = resolve_path(cfg.checkpoint)
         model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels,
-                           lm_head=cfg.lm_head, verify=bool(cfg.verify))
+                           lm_head=cfg.lm_head, verify=bool(cfg.verify), pipeline_parallel=int(cfg.pipeline_parallel),
+                           stage_sizes=check_stage_layers(cfg.stage_layers))
         tok = load_tokenizer_for(checkpoint, model.cfg.special, tokenizer)
         engine = Engine(model, tok, gen, max_batch=int(cfg.batch_size),
                         max_len=int(cfg.max_len) if cfg.max_len else None)
@@ -202,10 +205,11 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None, TextIO | Non
         if cfg.ranks and int(cfg.ranks) != tp.size:
             raise UsageError(f"this hardware preset runs {cfg.ranks} ranks but {tp.size} were started: "
                              f"use torchrun --nproc_per_node {cfg.ranks}, or set ranks=null")
-        model_cfg.check_tp(tp.size)  # before the plan, which cuts each tensor for this many ranks
+        stage_tp = RankLayout.of_world(tp.size, int(cfg.pipeline_parallel)).tp
+        model_cfg.check_tp(stage_tp)  # before the plan, which cuts each tensor for this many ranks
         memory = device_bytes(cfg, tp.device)
         if memory is not None:
-            plan = make_plan(cfg, model_cfg, tp.size, tp.device.type)
+            plan = make_plan(cfg, model_cfg, stage_tp, tp.device.type)
             if not plan.fits(memory):
                 raise UsageError(refusal(plan, memory))
         return tp, load_engine(cfg, tp, gen, tokenizer), output, claimed
