@@ -62,7 +62,7 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     verify_files(source, tp, verify, progress)
     cfg = resolve_config(source.model_config(), model, layers)
     world, stage = tp, None
-    if pipeline_parallel > 1 or stage_sizes:
+    if pipeline_parallel > 1:
         split = StageSplit.from_sizes(stage_sizes, cfg.num_layers, pipeline_parallel) if stage_sizes else \
             StageSplit.even(cfg.num_layers, pipeline_parallel)
         tp, stage = init_pipeline(world, pipeline_parallel, split)
