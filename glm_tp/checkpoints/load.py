@@ -20,6 +20,7 @@ from glm_tp.config import (
 )
 from glm_tp.model.glm import GLMModel
 from glm_tp.parallel.dist import TPContext, init_distributed
+from glm_tp.parallel.pipeline import StageSplit, init_pipeline
 
 
 def resolve_config(info_cfg: ModelConfig | None, model: str | ModelConfig | None, layers: int | None) -> ModelConfig:
@@ -38,7 +39,8 @@ def resolve_config(info_cfg: ModelConfig | None, model: str | ModelConfig | None
 def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None = None, layers: int | None = None,
                dtype: str | torch.dtype | None = None, quant: str | int | None = None, device: str | None = None,
                tp: TPContext | None = None, progress: bool = True, kernels: str = "fused",
-               lm_head: str = "model", verify: bool = False) -> GLMModel:
+               lm_head: str = "model", verify: bool = False, pipeline_parallel: int = 1,
+               stage_sizes: list[int] | None = None) -> GLMModel:
     """Load this rank's share of a checkpoint: the GLM-130B release layout with any number of shards, one
     unsharded file, or a Hugging Face clone (ChatGLM-6B; ChatGLM2/3 and GLM-4 in THUDM's or transformers' layout,
     -int4 included), at any TP size that divides the model.
@@ -49,7 +51,9 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     one for decode batches where it is built, numba's above quant.SMALL_ROWS rows), "torch" (torch's fused kernels only) or "dequant" (the reference's
     dequantize-then-matmul). lm_head: "model" (the embedding in the model's dtype) or "int8".
     verify: check every file's SHA-256 against glm_tp.json first (the ranks share the work); file sizes
-    are always checked.
+    are always checked. pipeline_parallel: the ranks form that many stages of tensor-parallel groups
+    (parallel/pipeline.py), each loading its stage's layers only; stage_sizes: the layers of each stage
+    (default: as even as they go).
     """
     check_kernels(kernels)
     check_lm_head(lm_head)
@@ -57,13 +61,19 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     source = open_source(checkpoint)
     verify_files(source, tp, verify, progress)
     cfg = resolve_config(source.model_config(), model, layers)
+    world, stage = tp, None
+    if pipeline_parallel > 1:
+        split = StageSplit.from_sizes(stage_sizes, cfg.num_layers, pipeline_parallel) if stage_sizes else \
+            StageSplit.even(cfg.num_layers, pipeline_parallel)
+        tp, stage = init_pipeline(world, pipeline_parallel, split)
     cfg.check_tp(tp.size)
     bits = source_bits(source, cfg.hidden_size)
     wanted = parse_quant(quant)
     torch_dtype = parse_dtype(dtype) if dtype else default_dtype(tp.device)
-    net = GLMModel(cfg, tp, torch_dtype, tp.device, quant_bits=bits if wanted is None else wanted)
-    report = RankLoader(net, source, bits).load(progress=progress and tp.is_first)
-    if report.unexpected and tp.is_first:
+    net = GLMModel(cfg, tp, torch_dtype, tp.device, quant_bits=bits if wanted is None else wanted, stage=stage,
+                   world=world)
+    report = RankLoader(net, source, bits).load(progress=progress and world.is_first)
+    if report.unexpected and world.is_first:
         warnings.warn(f"{source.root} has {len(report.unexpected)} tensor(s) this model does not use, e.g. "
                       f"{report.unexpected[0]}: ignored")
     net.prepare_kernels(kernels, lm_head)

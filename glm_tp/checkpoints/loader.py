@@ -62,8 +62,9 @@ class RankLoader:
         if missing:
             raise CheckpointError(f"{self.source.root} lacks {len(missing)} tensor(s), e.g. {missing[0]}: "
                                   f"{_missing_hint(missing)}")
+        stage, tied = self.model.stage, self.cfg.tied_lm_head  # another stage's tensors are not unexpected
         self.report.unexpected = [n for n in self.source.names() if n not in params and not is_ignored(n)
-                                  and not n.endswith("_scale")]
+                                  and not n.endswith("_scale") and (stage is None or stage.holds(n, tied))]
 
     def load(self, progress: bool = True) -> LoadReport:
         params = {n: p for n, p in self.model.named_parameters() if not n.endswith(".weight_scale")}
@@ -75,7 +76,7 @@ class RankLoader:
             else:
                 self._load_plain(name, params[name])
             self.report.loaded += 1
-        if self.report.requantized and self.model.tp.is_first:
+        if self.report.requantized and self.model.world.is_first:
             warnings.warn(f"{len(self.report.requantized)} row-parallel quantized weights join pieces of several "
                           f"source shards and were dequantized and quantized again (e.g. {self.report.requantized[0]}): "
                           f"lossy; load the fp16 checkpoint for exact results")

@@ -23,6 +23,7 @@ from glm_tp.checkpoints.sources import open_source, source_bits
 from glm_tp.cli.output import plain_warnings
 from glm_tp.cli.planner import GiB, Plan, refusal
 from glm_tp.cli.settings import (
+    check_stage_layers,
     CONFIG_DIR,
     UsageError,
     check_config,
@@ -49,6 +50,7 @@ from glm_tp.parallel.dist import (
     shutdown,
     stop_peers,
 )
+from glm_tp.parallel.pipeline import RankLayout
 from glm_tp.text.tokenizer import (
     GLMTokenizer,
     IdsOnlyTokenizer,
@@ -73,8 +75,10 @@ def make_plan(cfg: DictConfig, model_cfg: ModelConfig, tp_size: int, device_type
     if bits is None:  # as the checkpoint holds: its metadata says (no weight file opened), or its first QKV shows
         bits = source_bits(source, model_cfg.hidden_size, open_weights=False) if source else 0
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else default_dtype(device_type)
+    sizes = check_stage_layers(cfg.stage_layers)
     return Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
-                int(cfg.max_len or model_cfg.max_seq_len), "cuda" if device_type == "cuda" else "cpu")
+                int(cfg.max_len or model_cfg.max_seq_len), "cuda" if device_type == "cuda" else "cpu",
+                int(cfg.pipeline_parallel), tuple(sizes) if sizes else None)
 
 
 def device_bytes(cfg: DictConfig, device: torch.device) -> float | None:
@@ -136,14 +140,17 @@ def load_tokenizer_for(checkpoint: Path, special: SpecialTokens, file: Path | No
                           specials=meta.get("tokenizer_specials"))
 
 
-def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig, tokenizer: Path | None) -> Engine:
-    """Every rank loads its shard, then the ranks compare notes: a rank that could not load (a truncated
-    shard, a missing file) stops every rank with its message, before any of them says it is ready."""
+def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig, tokenizer: Path | None,
+                stage_sizes: list[int] | None = None) -> Engine:
+    """Every rank loads its shard (of its pipeline stage: stage_sizes, the plan's layers per stage), then the
+    ranks compare notes: a rank that could not load (a truncated shard, a missing file) stops every rank with
+    its message, before any of them says it is ready."""
     engine, error = None, None
     try:
         checkpoint = resolve_path(cfg.checkpoint)
         model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels,
-                           lm_head=cfg.lm_head, verify=bool(cfg.verify))
+                           lm_head=cfg.lm_head, verify=bool(cfg.verify), pipeline_parallel=int(cfg.pipeline_parallel),
+                           stage_sizes=stage_sizes)
         tok = load_tokenizer_for(checkpoint, model.cfg.special, tokenizer)
         engine = Engine(model, tok, gen, max_batch=int(cfg.batch_size),
                         max_len=int(cfg.max_len) if cfg.max_len else None)
@@ -183,8 +190,9 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None, TextIO | Non
         check_max_len(cfg.max_len, model_cfg, gen)
         if cfg.plan:
             ranks = int(cfg.ranks or os.environ.get("WORLD_SIZE", "1"))
-            model_cfg.check_tp(ranks)
-            plan = make_plan(cfg, model_cfg, ranks, "cuda" if cfg.device == "cuda" else "cpu")
+            stage_tp = RankLayout.of_world(ranks, int(cfg.pipeline_parallel)).tp
+            model_cfg.check_tp(stage_tp)
+            plan = make_plan(cfg, model_cfg, stage_tp, "cuda" if cfg.device == "cuda" else "cpu")
             memory = float(cfg.device_memory_gib) * GiB if cfg.device_memory_gib else None
             print(plan.table(memory))
             if memory is not None and not plan.fits(memory):
@@ -202,13 +210,13 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None, TextIO | Non
         if cfg.ranks and int(cfg.ranks) != tp.size:
             raise UsageError(f"this hardware preset runs {cfg.ranks} ranks but {tp.size} were started: "
                              f"use torchrun --nproc_per_node {cfg.ranks}, or set ranks=null")
-        model_cfg.check_tp(tp.size)  # before the plan, which cuts each tensor for this many ranks
+        stage_tp = RankLayout.of_world(tp.size, int(cfg.pipeline_parallel)).tp
+        model_cfg.check_tp(stage_tp)  # before the plan, which cuts each tensor for this many ranks
         memory = device_bytes(cfg, tp.device)
-        if memory is not None:
-            plan = make_plan(cfg, model_cfg, tp.size, tp.device.type)
-            if not plan.fits(memory):
-                raise UsageError(refusal(plan, memory))
-        return tp, load_engine(cfg, tp, gen, tokenizer), output, claimed
+        plan = make_plan(cfg, model_cfg, stage_tp, tp.device.type)  # its stage split is the one loaded
+        if memory is not None and not plan.fits(memory):
+            raise UsageError(refusal(plan, memory))
+        return tp, load_engine(cfg, tp, gen, tokenizer, plan.split.sizes()), output, claimed
     except (CheckpointError, TokenizerError, ValueError) as e:
         raise UsageError(str(e)) from None
 

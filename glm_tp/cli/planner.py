@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from glm_tp.config import ModelConfig
 from glm_tp.parallel.partition import QUANTIZED_WEIGHTS, full_shapes, layout_for, pieces
+from glm_tp.parallel.pipeline import RankLayout, Stage, StageSplit
 
 GiB = 1024 ** 3
 
@@ -22,30 +23,58 @@ class Plan:
     batch: int
     max_len: int
     device: str = "cuda"  # which attention the prefill runs (model/attention.py): it decides the workspace
+    pp: int = 1           # pipeline stages; the plan is the fullest stage's (its weights and KV cache)
+    stage_sizes: tuple[int, ...] | None = None  # layers per stage; None: the split this plan balances
+
+    def _tensor_bytes(self, name: str, shape: tuple[int, ...]) -> int:
+        """One rank's share of a tensor, as partition.py cuts it (grouped-query QKV rows, KV groups replicated
+        past their count): quantized linears hold bits/8 bytes per value plus an fp16 scale per row of the
+        rank's shard, everything else the model's dtype."""
+        cut = pieces(layout_for(name, self.cfg), shape, self.tp, 0)
+        shard = list(shape)
+        if shard:
+            shard[cut[0].dim] = sum(p.length for p in cut)
+        values = math.prod(shard)
+        if self.quant_bits and name.endswith(QUANTIZED_WEIGHTS):
+            return values * self.quant_bits // 8 + 2 * shard[0]
+        return values * self.dtype_bytes
+
+    def _layer_kv_bytes(self) -> int:
+        c = self.cfg
+        width = c.kv_heads_per_rank(self.tp) * c.head_dim  # grouped-query models cache their KV groups only
+        return 2 * self.batch * self.max_len * width * self.dtype_bytes
+
+    @property
+    def split(self) -> StageSplit:
+        """The layers of each pipeline stage: as given, or balanced so that the fullest stage (its layers'
+        weights and cache, the embedding on the first, the final norm and head on the last) is smallest."""
+        c = self.cfg
+        if self.stage_sizes:
+            return StageSplit.from_sizes(list(self.stage_sizes), c.num_layers, self.pp)
+        shapes = full_shapes(c)
+        layer = sum(self._tensor_bytes(n, s) for n, s in shapes.items() if n.startswith("transformer.layers.0."))
+        embedding = self._tensor_bytes("transformer.word_embeddings.weight", shapes["transformer.word_embeddings.weight"])
+        head = embedding if c.tied_lm_head else self._tensor_bytes("lm_head.weight", shapes["lm_head.weight"])
+        return StageSplit.balanced(c.num_layers, self.pp, layer + self._layer_kv_bytes(), embedding, head)
+
+    def _stage_bytes(self, stage: int) -> tuple[int, int]:
+        """(weights, KV cache) of one rank of `stage`."""
+        held = Stage(self.split, stage, stage * self.tp, RankLayout(self.tp, self.pp))
+        weights = sum(self._tensor_bytes(n, s) for n, s in full_shapes(self.cfg).items()
+                      if self.pp == 1 or held.holds(n, self.cfg.tied_lm_head))
+        return weights, len(held.layers) * self._layer_kv_bytes()
+
+    def _fullest(self) -> tuple[int, int]:
+        return max((self._stage_bytes(s) for s in range(self.pp)), key=sum)
 
     @property
     def weight_bytes(self) -> int:
-        """One rank's weights (rank 0's), tensor by tensor as partition.py cuts them (grouped-query QKV rows,
-        KV groups replicated past their count): quantized linears hold bits/8 bytes per value plus an fp16
-        scale per row of the rank's shard, everything else the model's dtype."""
-        total = 0
-        for name, shape in full_shapes(self.cfg).items():
-            cut = pieces(layout_for(name, self.cfg), shape, self.tp, 0)
-            shard = list(shape)
-            if shard:
-                shard[cut[0].dim] = sum(p.length for p in cut)
-            values = math.prod(shard)
-            if self.quant_bits and name.endswith(QUANTIZED_WEIGHTS):
-                total += values * self.quant_bits // 8 + 2 * shard[0]
-            else:
-                total += values * self.dtype_bytes
-        return total
+        """One rank's weights (the fullest stage's under pipeline parallelism)."""
+        return self._fullest()[0]
 
     @property
     def kv_bytes(self) -> int:
-        c = self.cfg
-        width = c.kv_heads_per_rank(self.tp) * c.head_dim  # grouped-query models cache their KV groups only
-        return 2 * c.num_layers * self.batch * self.max_len * width * self.dtype_bytes
+        return self._fullest()[1]
 
     @property
     def workspace_bytes(self) -> int:
@@ -76,7 +105,8 @@ class Plan:
         precision = f"int{self.quant_bits}" if self.quant_bits else f"{8 * self.dtype_bytes}-bit float"
         rows = [("weights", self.weight_bytes), ("KV cache", self.kv_bytes), ("workspace", self.workspace_bytes),
                 ("total", self.total_bytes)]
-        lines = [f"per-rank memory plan: {self.cfg.num_layers} layers x {self.cfg.hidden_size}, TP={self.tp}, "
+        stages = f", PP={self.pp} (layers {'+'.join(map(str, self.split.sizes()))})" if self.pp > 1 else ""
+        lines = [f"per-rank memory plan: {self.cfg.num_layers} layers x {self.cfg.hidden_size}, TP={self.tp}{stages}, "
                  f"{precision}, batch {self.batch} x {self.max_len} tokens"]
         lines += [f"  {name:<10} {size / GiB:9.2f} GiB" for name, size in rows]
         if device_bytes:
@@ -96,23 +126,28 @@ def _shorter(max_len: int) -> list[int]:
 
 
 def alternatives(plan: Plan, device_bytes: float, max_ranks: int = 8, limit: int = 3) -> list[str]:
-    """Settings that would fit, fewest changes first: more ranks, INT8/INT4, a smaller batch, a shorter
-    max_len, or a mix (for each (ranks, quant), the largest batch and then the longest max_len that fit)."""
-    ranks = [t for t in plan.cfg.valid_tp_sizes(max_ranks) if t >= plan.tp]
+    """Settings that would fit, fewest changes first: more ranks (up to max_ranks per node, then pipeline stages
+    across nodes), INT8/INT4, a smaller batch, a shorter max_len, or a mix (for each (layout, quant), the largest
+    batch and then the longest max_len that fit)."""
+    layouts = sorted(((tp, pp) for pp in (1, 2, 4) if pp <= plan.cfg.num_layers
+                      for tp in plan.cfg.valid_tp_sizes(max_ranks) if tp * pp >= plan.tp * plan.pp),
+                     key=lambda layout: (layout[0] * layout[1], layout[1]))
     bits = [plan.quant_bits] + [b for b in (8, 4) if not plan.quant_bits or b < plan.quant_bits]
     batches = [plan.batch] + [b for b in (plan.batch // 2, plan.batch // 4, 1) if 1 <= b < plan.batch]
     lengths = [plan.max_len] + _shorter(plan.max_len)
     found: list[tuple[int, str]] = []
-    for tp in ranks:
+    for tp, pp in layouts:
         for q in bits:
             fit = next(((batch, n) for n in lengths for batch in dict.fromkeys(batches)
-                        if (tp, q, batch, n) != (plan.tp, plan.quant_bits, plan.batch, plan.max_len)
-                        and Plan(plan.cfg, tp, plan.dtype_bytes, q, batch, n, plan.device).fits(device_bytes)), None)
+                        if (tp, pp, q, batch, n) != (plan.tp, plan.pp, plan.quant_bits, plan.batch, plan.max_len)
+                        and Plan(plan.cfg, tp, plan.dtype_bytes, q, batch, n, plan.device, pp).fits(device_bytes)),
+                       None)
             if fit is not None:
                 batch, n = fit
-                changes = [f"{tp} ranks"] * (tp != plan.tp) + [f"quant=int{q}"] * (q != plan.quant_bits) \
+                ranks = [f"{tp * pp} ranks"] * (tp * pp != plan.tp * plan.pp) + [f"pipeline_parallel={pp}"] * (pp != plan.pp)
+                changes = ranks + [f"quant=int{q}"] * (q != plan.quant_bits) \
                     + [f"batch_size={batch}"] * (batch != plan.batch) + [f"max_len={n}"] * (n != plan.max_len)
-                found.append((len(changes), " with ".join(changes)))
+                found.append((len(changes) - (len(ranks) == 2), " with ".join(changes)))  # a layout is one change
     found.sort(key=lambda f: f[0])
     return [text for _, text in found[:limit]]
 

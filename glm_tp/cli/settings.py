@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from glm_tp.config import (
     KERNELS,
@@ -101,6 +101,8 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
     _whole("batch_size", cfg.batch_size, 1)
     _whole("max_len", cfg.max_len, 2, optional=True)  # at least a token and its answer
     _whole("ranks", cfg.ranks, 1, optional=True)
+    _whole("pipeline_parallel", cfg.pipeline_parallel, 1)
+    check_stage_layers(cfg.stage_layers)
     _positive("timeout_s", cfg.timeout_s)
     _positive("device_memory_gib", cfg.device_memory_gib, optional=True)
     for key in ("plan", "verify"):
@@ -115,6 +117,18 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
         return GenerationConfig().updated(**OmegaConf.to_container(cfg.generation))
     except ValueError as e:
         raise UsageError(str(e).replace("generation setting '", "generation.").replace("':", ":", 1)) from None
+
+
+def check_stage_layers(value: Any) -> list[int] | None:
+    """stage_layers: null, or the layers of each pipeline stage as a list of whole numbers >= 1 (that they add
+    up to the model's layers and match pipeline_parallel is checked with the model)."""
+    if value is None:
+        return None
+    sizes = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+        raise UsageError(f"stage_layers={value!r}: must be null or a list of whole numbers >= 1, one per "
+                         f"pipeline stage, e.g. stage_layers=[16,19,19,16]")
+    return sizes
 
 
 def check_server(server: DictConfig) -> None:

@@ -44,7 +44,8 @@ class Engine:
     def __init__(self, model: GLMModel, tokenizer: GLMTokenizer, default: GenerationConfig | None = None,
                  max_batch: int = 8, max_len: int | None = None, cuda_graphs: bool | None = None,
                  prefill_budget: int | None = None):
-        self.model, self.tok, self.tp = model, tokenizer, model.tp
+        # the engine's broadcasts reach every rank: under pipeline parallelism the world, not the stage's group
+        self.model, self.tok, self.tp = model, tokenizer, model.world
         self.default = default or GenerationConfig()
         self.max_batch = max_batch
         # the KV cache: max_batch rows of max_len tokens (default: the model's), allocated once

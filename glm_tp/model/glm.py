@@ -41,6 +41,7 @@ from glm_tp.parallel.layers import (
     VocabParallelEmbedding,
 )
 from glm_tp.parallel.partition import GroupedQKV
+from glm_tp.parallel.pipeline import Stage, recv, send
 
 
 @dataclass
@@ -62,8 +63,8 @@ class KVCache:
     """Keys (after rotary) and values for every layer: [layers, batch, the rank's KV heads, max_len, head_dim]."""
 
     def __init__(self, cfg: ModelConfig, tp_size: int, batch: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (cfg.num_layers, batch, cfg.kv_heads_per_rank(tp_size), max_len, cfg.head_dim)
+                 dtype: torch.dtype, device: torch.device | str, layers: int | None = None):
+        shape = (layers or cfg.num_layers, batch, cfg.kv_heads_per_rank(tp_size), max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -97,9 +98,12 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPContext, dtype: torch.dtype, bits: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPContext, dtype: torch.dtype, bits: int,
+                 cache_layer: int | None = None):
+        """cache_layer: this layer's index in the KV cache (a pipeline stage caches its own layers only)."""
         super().__init__()
         self.layer_id, self.dtype = layer_id, dtype
+        self.cache_layer = layer_id if cache_layer is None else cache_layer
         self.rotary_groups = rotary_groups(cfg)
         self.layer_scaled = not cfg.causal  # which attention recipe the family was trained with (attend)
         self.heads, self.kv_heads = cfg.num_heads // tp.size, cfg.kv_heads_per_rank(tp.size)
@@ -132,15 +136,15 @@ class SelfAttention(nn.Module):
         b, s, _ = h.shape
         qkv = self.query_key_value(h)
         if s == 1 and cache is not None and self.decode_kernel is not None:  # a CPU decode step: one call
-            return self.dense(self.decode_kernel(qkv, cos, sin, slots, cache.k[self.layer_id],
-                                                 cache.v[self.layer_id], mask))
+            return self.dense(self.decode_kernel(qkv, cos, sin, slots, cache.k[self.cache_layer],
+                                                 cache.v[self.cache_layer], mask))
         q, k, v = self.split_heads(qkv)
         q, k = (attention.rotate(t, cos, sin, self.rotary_groups) for t in (q, k))
         if cache is None:  # one-shot forward (training): nothing to keep
             ctx = attention.attend(q, k, v, mask, self.layer_id, self.layer_scaled)
         else:  # write this call's keys/values at `slots` in place, attend over the first `window` slots
-            cache.write(self.layer_id, k, v, slots)
-            keys, values = cache.k[self.layer_id, :, :, :window], cache.v[self.layer_id, :, :, :window]
+            cache.write(self.cache_layer, k, v, slots)
+            keys, values = cache.k[self.cache_layer, :, :, :window], cache.v[self.cache_layer, :, :, :window]
             ctx = attention.attend(q, keys, values, mask, self.layer_id, self.layer_scaled)
         return self.dense(ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
@@ -195,12 +199,13 @@ def make_norm(cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
 
 
 class GLMBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPContext, dtype: torch.dtype, bits: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPContext, dtype: torch.dtype, bits: int,
+                 cache_layer: int | None = None):
         super().__init__()
         self.pre_ln = cfg.norm == "rmsnorm"
         self.alpha = cfg.deepnorm_alpha
         self.input_layernorm = make_norm(cfg, dtype)
-        self.attention = SelfAttention(cfg, layer_id, tp, dtype, bits)
+        self.attention = SelfAttention(cfg, layer_id, tp, dtype, bits, cache_layer)
         self.post_attention_layernorm = make_norm(cfg, dtype)
         self.mlp = MLP(cfg, tp, dtype, bits)
 
@@ -215,27 +220,43 @@ class GLMBlock(nn.Module):
         return self.alpha * m + self.mlp(m)
 
 
-class Transformer(nn.Module):
-    """Holds the parameters under the release checkpoint's names (`transformer.*`)."""
+class Elsewhere(nn.Module):
+    """A layer another pipeline stage holds: keeps the layer numbering (and so the tensor names) of the model."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype, bits: int):
+
+class Transformer(nn.Module):
+    """Holds the parameters under the release checkpoint's names (`transformer.*`): all of them, or a pipeline
+    stage's share (its layers; the embedding on the first stage, and on the last when the head is tied; the
+    final norm on the last)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype, bits: int, stage: Stage | None = None):
         super().__init__()
-        self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype)
-        self.layers = nn.ModuleList(GLMBlock(cfg, i, tp, dtype, bits) for i in range(cfg.num_layers))
-        self.final_layernorm = make_norm(cfg, dtype)
+        own = stage.layers if stage else range(cfg.num_layers)
+        if stage is None or stage.holds("transformer.word_embeddings.weight", cfg.tied_lm_head):
+            self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype)
+        self.layers = nn.ModuleList(GLMBlock(cfg, i, tp, dtype, bits, i - own.start) if i in own else Elsewhere()
+                                    for i in range(cfg.num_layers))
+        self.own = own
+        if stage is None or stage.is_last:
+            self.final_layernorm = make_norm(cfg, dtype)
 
 
 class GLMModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype = torch.float16,
-                 device: torch.device | str | None = None, quant_bits: int = 0):
+                 device: torch.device | str | None = None, quant_bits: int = 0, stage: Stage | None = None,
+                 world: TPContext | None = None):
+        """tp: this rank's tensor-parallel group (a pipeline stage's); stage: its pipeline stage (None: the
+        whole model); world: every rank (the engine's broadcasts), by default tp."""
         super().__init__()
         cfg.check_tp(tp.size)
         self.cfg, self.tp, self.dtype, self.quant_bits = cfg, tp, dtype, quant_bits
+        self.stage, self.world = stage, world or tp
         self.device = torch.device(device) if device is not None else tp.device
         with self.device:  # parameters are allocated, never written: the loader fills them
-            self.transformer = Transformer(cfg, tp, dtype, quant_bits)
+            self.transformer = Transformer(cfg, tp, dtype, quant_bits, stage)
             # the LM head: the embedding itself (tied) or its own vocab-parallel weight (ChatGLM-6B)
-            self.lm_head = None if cfg.tied_lm_head else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype)
+            untied = not cfg.tied_lm_head and (stage is None or stage.is_last)
+            self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype) if untied else None
         self.requires_grad_(False)
         cos, sin = rotary_tables(cfg, dtype, self.device)
         self.register_buffer("rotary_cos", cos, persistent=False)
@@ -248,10 +269,12 @@ class GLMModel(nn.Module):
         for module in self.modules():
             if hasattr(module, "prepare_"):
                 module.prepare_(kernels)
-        (self.lm_head or self.transformer.word_embeddings).prepare_head_(lm_head, kernels)
+        if self.stage is None or self.stage.is_last:
+            (self.lm_head or self.transformer.word_embeddings).prepare_head_(lm_head, kernels)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        return KVCache(self.cfg, self.tp.size, batch, max_len or self.cfg.max_seq_len, self.dtype, self.device)
+        return KVCache(self.cfg, self.tp.size, batch, max_len or self.cfg.max_seq_len, self.dtype, self.device,
+                       len(self.transformer.own))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, layout: SeqLayout, cache: KVCache | None,
                 start: int = 0, logits_at: torch.Tensor | None = None, gather: bool = True) -> torch.Tensor | None:
@@ -277,9 +300,17 @@ class GLMModel(nn.Module):
         It does no host work, so a decode step made
         of it can be captured in a CUDA graph (see engine/decoder.py)."""
         cos, sin = rotary_at(self.rotary_cos, self.rotary_sin, positions)
-        x = self.transformer.word_embeddings(tokens)
-        for layer in self.transformer.layers:
-            x = layer(x, cos, sin, mask, cache, slots, window)
+        stage = self.stage
+        if stage is None or stage.is_first:
+            x = self.transformer.word_embeddings(tokens)
+        else:  # the previous stage's output: the same rows and tokens
+            x = recv(torch.empty(*tokens.shape, self.cfg.hidden_size, dtype=self.dtype, device=self.device),
+                     stage.previous)
+        for i in self.transformer.own:
+            x = self.transformer.layers[i](x, cos, sin, mask, cache, slots, window)
+        if stage is not None and not stage.is_last:
+            send(x, stage.next)
+            return self._logits_from_last_stage(tokens.shape[0], logits_at) if gather else None
         if logits_at is None:
             picked = x[:, -1]
         else:
@@ -287,4 +318,17 @@ class GLMModel(nn.Module):
             picked = x[torch.arange(b, device=self.device).view(-1, *([1] * (logits_at.dim() - 1))), logits_at]
         head = self.lm_head or self.transformer.word_embeddings
         local = head.logits(self.transformer.final_layernorm(picked))
-        return self.tp.gather_last_dim_to_first(local) if gather else local
+        if not gather:
+            return local
+        logits = self.tp.gather_last_dim_to_first(local)
+        if stage is not None and logits is not None and not stage.is_first:  # to world rank 0, which decides
+            send(logits.float(), 0)
+            return None
+        return logits
+
+    def _logits_from_last_stage(self, rows: int, logits_at: torch.Tensor | None) -> torch.Tensor | None:
+        """World rank 0 receives the full-vocab logits (fp32) the last stage computed; other ranks get None."""
+        if self.stage.rank != 0:
+            return None
+        shape = (rows, *(logits_at.shape[1:] if logits_at is not None else ()), self.cfg.vocab_size)
+        return recv(torch.empty(shape, dtype=torch.float32, device=self.device), self.stage.last_stage_lead)

@@ -55,7 +55,7 @@ class TPContext:
         t = t.contiguous()
         if self.device.type == "cpu":
             parts = [torch.empty_like(t) for _ in range(self.size)] if self.rank == 0 else None
-            dist.gather(t, parts, dst=0, group=self.group)
+            dist.gather(t, parts, group=self.group, group_dst=0)  # the group's first rank
         else:  # NCCL has no gather in older versions; all_gather is one call and cheap for logits
             parts = [torch.empty_like(t) for _ in range(self.size)]
             dist.all_gather(parts, t, group=self.group)
@@ -63,7 +63,7 @@ class TPContext:
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         if self.communicates:
-            dist.broadcast(t, src=0, group=self.group)
+            dist.broadcast(t, group=self.group, group_src=0)
         return t
 
     def broadcast_object(self, obj: Any = None) -> Any:
@@ -71,7 +71,7 @@ class TPContext:
         if not self.communicates:
             return obj
         box = [obj if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0, group=self.group, device=self.device if self.device.type == "cuda" else None)
+        dist.broadcast_object_list(box, group=self.group, group_src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:

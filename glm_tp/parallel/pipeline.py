@@ -13,10 +13,14 @@ collective, so a lost stage ends its peers with one line instead of a hang.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime
+import re
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
+
+from glm_tp.parallel.dist import TPContext
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,8 @@ class StageSplit:
     def from_sizes(cls, sizes: list[int], num_layers: int, stages: int) -> "StageSplit":
         check_stages(num_layers, stages)
         if len(sizes) != stages or sum(sizes) != num_layers or min(sizes) < 1:
-            raise ValueError(f"stage sizes {sizes} must be {stages} whole numbers >= 1 adding up to "
-                             f"the model's {num_layers} layers")
+            raise ValueError(f"stage_layers {sizes} must be {stages} whole numbers >= 1 (one per pipeline stage) "
+                             f"adding up to the model's {num_layers} layers")
         bounds = [0]
         for n in sizes:
             bounds.append(bounds[-1] + n)
@@ -122,6 +126,68 @@ class RankLayout:
             raise ValueError(f"{world} ranks cannot form {pp} pipeline stages: the ranks must be "
                              f"tensor_parallel x pipeline_parallel")
         return cls(world // pp, pp)
+
+
+_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """This rank's place in the pipeline: its stage of `split`, and the world ranks it trades activations with."""
+
+    split: StageSplit
+    index: int
+    rank: int          # world rank
+    layout: RankLayout
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.split.stages - 1
+
+    @property
+    def layers(self) -> range:
+        return self.split.layers(self.index)
+
+    @property
+    def previous(self) -> int:
+        return self.layout.peer(self.rank, self.index - 1)
+
+    @property
+    def next(self) -> int:
+        return self.layout.peer(self.rank, self.index + 1)
+
+    @property
+    def last_stage_lead(self) -> int:
+        """The last stage's TP rank 0, which sends the logits to world rank 0."""
+        return self.layout.stage_ranks(self.split.stages - 1)[0]
+
+    def holds(self, name: str, tied_head: bool) -> bool:
+        """Whether this stage holds the tensor of glm-tp's name `name`: its layers; the embedding on the first
+        stage (and the last, when the LM head is the embedding); the final norm and the LM head on the last."""
+        layer = _LAYER.match(name)
+        if layer:
+            return int(layer.group(1)) in self.layers
+        if name.startswith("transformer.word_embeddings."):
+            return self.is_first or (tied_head and self.is_last)
+        if name.startswith(("transformer.final_layernorm.", "lm_head.")):
+            return self.is_last
+        return True
+
+
+def init_pipeline(world: TPContext, pp: int, split: StageSplit) -> tuple[TPContext, Stage]:
+    """Cut the world group into pp stages of TP ranks: this rank's TP context (its stage's group, for the
+    layers' all-reduces) and its `Stage`. Every rank calls it with the same arguments."""
+    layout = RankLayout.of_world(world.size, pp)
+    timeout = datetime.timedelta(seconds=world.timeout_s)  # a group's collectives time out like the world's
+    groups = [dist.new_group(layout.stage_ranks(s), timeout=timeout) if world.communicates else None
+              for s in range(pp)]
+    stage = layout.stage_of(world.rank)
+    tp = replace(world, rank=layout.tp_rank_of(world.rank), size=layout.tp, group=groups[stage])
+    return tp, Stage(split, stage, world.rank, layout)
 
 
 def send(t: torch.Tensor, dst: int) -> None:

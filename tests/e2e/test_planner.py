@@ -126,8 +126,9 @@ def test_a_long_context_model_is_offered_a_max_len_that_fits():
     options = [_settings(o) for o in line.split(": try ")[1].split(" or ")]
     assert any("max_len" in o for o in options)
     for o in options:  # each offer fits as it is written
-        assert Plan(glm4, o.get("ranks", 1), 2, o.get("quant", 0), o.get("batch_size", 8),
-                    o.get("max_len", glm4.max_seq_len), "cpu").fits(24 * GiB), o
+        pp = o.get("pipeline_parallel", 1)
+        assert Plan(glm4, o.get("ranks", 1) // pp, 2, o.get("quant", 0), o.get("batch_size", 8),
+                    o.get("max_len", glm4.max_seq_len), "cpu", pp).fits(24 * GiB), o
 
 
 def test_the_cpu_attention_holds_no_scores_where_cuda_does():

@@ -25,7 +25,7 @@ def test_the_balanced_split_gives_the_end_stages_fewer_layers_for_their_extra_we
 
 @pytest.mark.parametrize("sizes, stages", [([3, 0], 2), ([2, 3], 2), ([5], 2), ([1, 1, 1], 3)])
 def test_a_bad_split_is_one_line(sizes, stages):
-    with pytest.raises(ValueError, match="stage sizes|pipeline_parallel"):
+    with pytest.raises(ValueError, match="stage_layers|pipeline_parallel"):
         StageSplit.from_sizes(sizes, 4 if sizes != [1, 1, 1] else 2, stages)
 
 

@@ -1,0 +1,101 @@
+"""Two "nodes" on this machine, as on a real cluster: two torchrun processes (`--nnodes 2`, 2 ranks each) meet
+through torchrun's c10d rendezvous on 127.0.0.1 and run one job as TP 2 x PP 2 (a stage per node). Its answers
+equal one rank's on the demo model and on a random checkpoint; a node killed mid-job ends the other with one
+line within the collective timeout."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+from tests.support.terminal import read_output
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses Linux process groups")
+DEMO = ROOT / "glm_tp" / "demo"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node(port: int, run_id: str, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
+           "-m", "glm_tp.generate", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _prompts(path: Path, count: int) -> Path:
+    kinds = ["the quick [MASK] fox number {}", "one [sMASK] three {} [MASK] five", "monday {} [gMASK]"]
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": kinds[i % 3].format(i), "max_new_tokens": 8})
+                            + "\n" for i in range(count)))
+    return path
+
+
+def _answers(out: Path) -> dict[str, tuple]:
+    return {r["id"]: (r["blanks"], r["error"]) for r in read_output(out)}
+
+
+@pytest.mark.parametrize("which", ["demo", "random"])
+def test_tp_2_x_pp_2_on_two_nodes_answers_as_one_rank(which, tiny_checkpoints, tiny_tokenizer_file, tmp_path):
+    ckpt, tok = (DEMO, DEMO / "tokenizer.model") if which == "demo" else (tiny_checkpoints[1], tiny_tokenizer_file)
+    src = _prompts(tmp_path / "in.jsonl", 9)
+    common = [f"checkpoint={ckpt}", f"tokenizer={tok}", f"input={src}", "batch_size=3", "timeout_s=60"]
+    alone = subprocess.run([sys.executable, "-m", "glm_tp.generate", *common, f"output={tmp_path / 'one.jsonl'}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stdout[-2000:] + alone.stderr[-2000:]
+    port, out = _port(), tmp_path / "two.jsonl"
+    nodes = [_node(port, f"pp-{which}", *common, f"output={out}", "pipeline_parallel=2") for _ in range(2)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    one = _answers(tmp_path / "one.jsonl")
+    assert _answers(out) == one and len(one) == 9 and all(error is None for _, error in one.values())
+
+
+def test_a_killed_node_ends_the_other_with_one_line_within_the_timeout(tiny_checkpoints, tiny_tokenizer_file,
+                                                                        tmp_path):
+    timeout_s = 10
+    src = _prompts(tmp_path / "in.jsonl", 400)
+    out, port = tmp_path / "out.jsonl", _port()
+    args = [f"checkpoint={tiny_checkpoints[1]}", f"tokenizer={tiny_tokenizer_file}", f"input={src}", f"output={out}",
+            "batch_size=2", f"timeout_s={timeout_s}", "pipeline_parallel=2", "generation.min_new_tokens=8"]
+    nodes = [_node(port, "pp-kill", *args) for _ in range(2)]
+    try:
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 4, 300, "4 answers in the output")
+        # the node without rank 0 dies, torchrun and ranks alike: the node that writes the output must notice
+        writer = next(n for n in nodes if 0 in _ranks(n.pid))
+        victim = nodes[1 - nodes.index(writer)]
+        for pid in [victim.pid, *_ranks(victim.pid).values()]:
+            os.kill(pid, signal.SIGKILL)
+        log = writer.communicate(timeout=timeout_s * 6)[0]  # a hang would pass this bound by far
+        assert writer.returncode != 0
+        assert "lost contact" in log and not re.search(r'File ".*glm_tp', log), log[-3000:]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+
+
+def _ranks(pid: int) -> dict[int, int]:
+    """The world ranks the torchrun process `pid` runs, and their pids (its children, by their RANK)."""
+    ranks = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            env = dict(e.split(b"=", 1) for e in Path(f"/proc/{child}/environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        if b"RANK" in env:
+            ranks[int(env[b"RANK"])] = int(child)
+    return ranks
