@@ -150,3 +150,17 @@ def test_a_cpu_run_that_cannot_fit_the_hosts_memory_is_one_line(tmp_path):
                          text=True, timeout=120, env=env)
     assert res.returncode == 2 and "host's available memory" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "job.results.jsonl").exists() or not (tmp_path / "job.results.jsonl").read_text()
+
+
+def test_pipeline_stages_hold_their_own_layers_and_a_second_node_is_offered():
+    glm130b = PRESETS["glm-130b"]
+    one, two = Plan(glm130b, 8, 2, 0, 1, 2048, "cuda"), Plan(glm130b, 8, 2, 0, 1, 2048, "cuda", pp=2)
+    assert two.split.sizes() == [35, 35] and 0.45 < two.weight_bytes / one.weight_bytes < 0.55
+    assert two.kv_bytes * 2 == one.kv_bytes  # half the layers, half the cache
+    line = refusal(one, 24 * GiB)  # GLM-130B in fp16 on 8 x 24 GB: a second node of 8 makes it fit
+    assert "16 ranks with pipeline_parallel=2" in line and two.fits(24 * GiB)
+    uneven = Plan(PRESETS["glm-4-9b"], 1, 2, 0, 1, 4096, "cuda", pp=4)  # its large embedding and head
+    sizes = uneven.split.sizes()
+    assert sum(sizes) == 40 and sizes[0] < sizes[1] and sizes[-1] < sizes[1]
+    given = Plan(PRESETS["glm-4-9b"], 1, 2, 0, 1, 4096, "cuda", pp=2, stage_sizes=(10, 30))
+    assert given.split.sizes() == [10, 30] and given.weight_bytes > uneven.weight_bytes
