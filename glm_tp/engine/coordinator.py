@@ -12,6 +12,7 @@ import threading
 from typing import Callable
 
 from glm_tp.engine.core import Engine
+from glm_tp.engine.grammar import available as grammar_available
 from glm_tp.engine.jobs import Job
 from glm_tp.engine.plan import IDLE, SHUTDOWN
 from glm_tp.engine.types import (
@@ -24,6 +25,7 @@ from glm_tp.engine.types import (
 )
 from glm_tp.text.blanks import shown_ids
 from glm_tp.text.chat import ChatFormat, chat_format
+from glm_tp.text.tool_calls import TOOL_TEMPLATES
 
 
 class Coordinator:
@@ -69,9 +71,11 @@ class Coordinator:
     @property
     def features(self) -> dict[str, bool]:
         """What the model offers front ends: a chat format, blank infilling (GLM-130B, ChatGLM-6B; a causal
-        model only continues its prompt)."""
+        model only continues its prompt), tool calls (ChatGLM3's and GLM-4's formats) and structured output
+        (the grammar library is installed)."""
         cfg = self.engine.model.cfg
-        return {"chat": bool(cfg.chat_template), "blank_infilling": not cfg.causal}
+        return {"chat": bool(cfg.chat_template), "blank_infilling": not cfg.causal,
+                "tool_calls": cfg.chat_template in TOOL_TEMPLATES, "structured_output": grammar_available()}
 
     def decode(self, ids: list[int]) -> str:
         """The text of token ids (a prompt sent as ids, echoed back; a causal model's without its prefix)."""

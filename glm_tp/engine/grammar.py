@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import importlib.util
 import json
 import re
 import threading
@@ -51,6 +52,11 @@ def library() -> ModuleType:
         return importlib.import_module("llguidance")
     except ImportError:
         raise ConstraintError(f"structured output needs the llguidance library: {INSTALL}") from None
+
+
+def available() -> bool:
+    """Whether structured output can run here (the grammar extra is installed)."""
+    return importlib.util.find_spec("llguidance") is not None
 
 
 def to_lark(grammar: Grammar) -> str:

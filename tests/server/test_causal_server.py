@@ -35,10 +35,12 @@ def _post(live, route: str, body: dict) -> httpx.Response:
 
 
 def test_models_say_whether_the_model_chats_and_fills_blanks(live):
-    assert httpx.get(live.url + "/v1/models").json()["data"][0]["glm"] == {"chat": True, "blank_infilling": False}
+    assert httpx.get(live.url + "/v1/models").json()["data"][0]["glm"] == {"chat": True, "blank_infilling": False,
+                                                                          "tool_calls": False, "structured_output": True}
     demo = start(demo_engine())
     try:
-        assert httpx.get(demo.url + "/v1/models").json()["data"][0]["glm"] == {"chat": False, "blank_infilling": True}
+        assert httpx.get(demo.url + "/v1/models").json()["data"][0]["glm"] == {"chat": False, "blank_infilling": True,
+                                                                              "tool_calls": False, "structured_output": True}
     finally:
         demo.close()
 

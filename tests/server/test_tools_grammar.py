@@ -56,6 +56,10 @@ def test_the_grammar_alone_forces_a_call_whose_arguments_follow_the_schema(serve
     assert set(arguments) == {"unit", "days"} and arguments["days"] in (1, 2, 3)
 
 
+def test_models_say_the_model_calls_tools(server):
+    assert httpx.get(server.url + "/v1/models").json()["data"][0]["glm"]["tool_calls"] is True
+
+
 def test_required_calls_one_of_the_tools(server):
     choice = _post(server, {"tool_choice": "required", "max_tokens": 100}).json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls", choice
