@@ -29,7 +29,7 @@ from glm_tp.engine.plan import (
     encode_plan,
     message_size,
 )
-from glm_tp.engine.prefix_cache import BLOCK, PrefixIndex, blocks_for
+from glm_tp.engine.prefix_cache import BLOCK, PrefixIndex, blocks_for, prefix_stats
 from glm_tp.engine.sampler import Sampler, banned_tokens
 from glm_tp.engine.scheduler import Scheduler
 from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
@@ -72,9 +72,9 @@ class Engine:
         return self.decoder.max_len
 
     def stats(self) -> dict[str, float]:
-        """Rank 0: the prefix cache's figures (prompt tokens, reused tokens, hit rate, blocks used)."""
-        prefix = self.scheduler.prefix if self.scheduler is not None else None
-        return prefix.stats() if prefix is not None else PrefixIndex(0).stats()
+        """Rank 0: prefill and prefix-cache figures (prompt tokens, reused tokens, hit rate, blocks used)."""
+        s = self.scheduler
+        return prefix_stats(s.prompt_tokens, s.reused_tokens, s.prefix)
 
     def accept(self, request: Request, listener: Callable | None = None) -> tuple[RequestHandle, Job | None]:
         """Rank 0: check and tokenize a request. Its handle, and its job unless it can never run: then the

@@ -58,8 +58,6 @@ class PrefixIndex:
         self.pins = [0] * blocks                      # running fills admitted from this block
         self.lru: OrderedDict[int, None] = OrderedDict()  # indexed blocks, least recently used first
         self.free = list(range(blocks - 1, -1, -1))
-        self.prompt_tokens = 0   # tokens of admitted fills
-        self.reused_tokens = 0   # of which copied from the pool instead of computed
 
     def _key(self, parent: int, root: Hashable, tokens: Sequence[int], positions: Sequence[Position]) -> Hashable:
         return (parent, root if parent < 0 else None, tuple(tokens), _hashable(positions))
@@ -81,13 +79,11 @@ class PrefixIndex:
             parent = block
         return found
 
-    def admit(self, blocks: list[int], prompt_tokens: int) -> None:
+    def admit(self, blocks: list[int]) -> None:
         """A fill starts from these blocks: they stay until `release`."""
         for block in blocks:
             self.pins[block] += 1
         self._touch(blocks)
-        self.prompt_tokens += prompt_tokens
-        self.reused_tokens += len(blocks) * self.block
 
     def release(self, blocks: list[int]) -> None:
         for block in blocks:
@@ -138,9 +134,10 @@ class PrefixIndex:
     def used(self) -> int:
         return len(self.lru)
 
-    def stats(self) -> dict[str, float]:
-        """The engine's prefix-cache figures: hit rate = prompt tokens reused / prompt tokens."""
-        rate = self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-        return {"prefix_cache_prompt_tokens": self.prompt_tokens, "prefix_cache_reused_tokens": self.reused_tokens,
-                "prefix_cache_hit_rate": rate, "prefix_cache_blocks_used": self.used,
-                "prefix_cache_blocks": self.blocks}
+
+def prefix_stats(prompt_tokens: int, reused_tokens: int, index: PrefixIndex | None) -> dict[str, float]:
+    """The engine's prefix-cache figures: prompt tokens of admitted fills, those copied from the cache
+    instead of computed, the hit rate (reused / prompt tokens) and the pool's blocks (used, all)."""
+    return {"prefill_prompt_tokens": prompt_tokens, "prefix_cache_reused_tokens": reused_tokens,
+            "prefix_cache_hit_rate": reused_tokens / prompt_tokens if prompt_tokens else 0.0,
+            "prefix_cache_blocks_used": index.used if index else 0, "prefix_cache_blocks": index.blocks if index else 0}

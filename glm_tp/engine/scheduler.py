@@ -27,6 +27,7 @@ class Scheduler:
         self.max_rows, self.prefill_budget = max_rows, prefill_budget
         self.prefix = prefix  # the prefix cache's index (prefix_cache.py), None when off
         self.retry = False  # a fill waits for a prefix that this step's prefill computes: admit next step
+        self.prompt_tokens = self.reused_tokens = 0  # of admitted fills; reused: copied from the prefix cache
         # while rows decode, fills join in groups (one prefill forward for several): once half of the
         # rows are free, or once the oldest has waited max_wait_steps steps since the last admission
         # (as TGI batches prefills)
@@ -148,6 +149,7 @@ class Scheduler:
             saves = self._prompt_blocks(job, inp, blocks)
             fresh.update(b for _, b in saves)
             joining.append((job, inp, blocks, saves))
+            self.prompt_tokens, self.reused_tokens = self.prompt_tokens + len(inp.tokens), self.reused_tokens + start
             free, width, furthest = free - job.beams, new_width, new_furthest
         first, extra = len(self.rows), len(self.rows) + len(joining)
         self.rows += [(job, 0) for job, *_ in joining]
@@ -170,7 +172,7 @@ class Scheduler:
         go to the cache after its prefill."""
         if self.prefix is None:
             return []
-        self.prefix.admit(blocks, len(inp.tokens))
+        self.prefix.admit(blocks)
         job.prefix_blocks = blocks
         return self.prefix.save(root_of(inp.tokens, inp.positions, inp.bidirectional), inp.tokens, inp.positions)
 
