@@ -5,9 +5,10 @@ The same arithmetic answers "does it fit?" and "what would?": more ranks, INT8/I
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from glm_tp.config import ModelConfig
+from glm_tp.engine.prefix_cache import BLOCK, blocks_for
 from glm_tp.parallel.partition import QUANTIZED_WEIGHTS, full_shapes, layout_for, pieces
 
 GiB = 1024 ** 3
@@ -22,6 +23,7 @@ class Plan:
     batch: int
     max_len: int
     device: str = "cuda"  # which attention the prefill runs (model/attention.py): it decides the workspace
+    prefix_tokens: int = 0  # the prefix cache's pool (engine/prefix_cache.py), in tokens
 
     @property
     def weight_bytes(self) -> int:
@@ -41,11 +43,19 @@ class Plan:
                 total += values * self.dtype_bytes
         return total
 
-    @property
-    def kv_bytes(self) -> int:
+    def _kv_bytes(self, tokens: int) -> int:
         c = self.cfg
         width = c.kv_heads_per_rank(self.tp) * c.head_dim  # grouped-query models cache their KV groups only
-        return 2 * c.num_layers * self.batch * self.max_len * width * self.dtype_bytes
+        return 2 * c.num_layers * tokens * width * self.dtype_bytes
+
+    @property
+    def kv_bytes(self) -> int:
+        return self._kv_bytes(self.batch * self.max_len)
+
+    @property
+    def prefix_bytes(self) -> int:
+        """The prefix cache's pool: whole blocks of keys and values, as the KV cache holds them."""
+        return self._kv_bytes(blocks_for(self.prefix_tokens) * BLOCK)
 
     @property
     def workspace_bytes(self) -> int:
@@ -67,15 +77,16 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.workspace_bytes
+        return self.weight_bytes + self.kv_bytes + self.prefix_bytes + self.workspace_bytes
 
     def fits(self, device_bytes: float) -> bool:
         return self.total_bytes <= device_bytes
 
     def table(self, device_bytes: float | None = None) -> str:
         precision = f"int{self.quant_bits}" if self.quant_bits else f"{8 * self.dtype_bytes}-bit float"
-        rows = [("weights", self.weight_bytes), ("KV cache", self.kv_bytes), ("workspace", self.workspace_bytes),
-                ("total", self.total_bytes)]
+        rows = [("weights", self.weight_bytes), ("KV cache", self.kv_bytes)] \
+            + [("prefix", self.prefix_bytes)] * bool(self.prefix_tokens) \
+            + [("workspace", self.workspace_bytes), ("total", self.total_bytes)]
         lines = [f"per-rank memory plan: {self.cfg.num_layers} layers x {self.cfg.hidden_size}, TP={self.tp}, "
                  f"{precision}, batch {self.batch} x {self.max_len} tokens"]
         lines += [f"  {name:<10} {size / GiB:9.2f} GiB" for name, size in rows]
@@ -84,6 +95,18 @@ class Plan:
             lines.append(f"  {'device':<10} {device_bytes / GiB:9.2f} GiB  -> {verdict} "
                          f"({(device_bytes - self.total_bytes) / GiB:+.2f} GiB headroom)")
         return "\n".join(lines)
+
+
+def with_prefix_cache(plan: Plan, tokens: int | None, device_bytes: float | None) -> Plan:
+    """The plan with the prefix cache the setting asks for: a size in tokens (0: off), or None: as many
+    tokens as the KV cache holds for a causal model when that still fits (otherwise, and for GLM-130B and
+    ChatGLM-6B, whose bidirectional contexts share little, off)."""
+    if tokens is not None:
+        return replace(plan, prefix_tokens=tokens)
+    if not plan.cfg.causal:
+        return plan
+    cached = replace(plan, prefix_tokens=plan.batch * plan.max_len)
+    return cached if device_bytes is None or cached.fits(device_bytes) else plan
 
 
 def _shorter(max_len: int) -> list[int]:
@@ -107,7 +130,8 @@ def alternatives(plan: Plan, device_bytes: float, max_ranks: int = 8, limit: int
         for q in bits:
             fit = next(((batch, n) for n in lengths for batch in dict.fromkeys(batches)
                         if (tp, q, batch, n) != (plan.tp, plan.quant_bits, plan.batch, plan.max_len)
-                        and Plan(plan.cfg, tp, plan.dtype_bytes, q, batch, n, plan.device).fits(device_bytes)), None)
+                        and Plan(plan.cfg, tp, plan.dtype_bytes, q, batch, n, plan.device,
+                                 plan.prefix_tokens).fits(device_bytes)), None)
             if fit is not None:
                 batch, n = fit
                 changes = [f"{tp} ranks"] * (tp != plan.tp) + [f"quant=int{q}"] * (q != plan.quant_bits) \

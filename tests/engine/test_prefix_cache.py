@@ -200,3 +200,28 @@ def test_glm_blank_model_reuses_only_an_identical_whole_context(tiny_checkpoints
     # a context that only starts like the first shares nothing; nor do one prompt's two blanks
     assert on.stats()["prefix_cache_reused_tokens"] == reused
     _same(plain, copies + rest)
+
+
+def test_the_setting_is_checked_and_the_memory_plan_counts_the_pool():
+    from omegaconf import OmegaConf
+
+    from glm_tp.cli.planner import Plan, with_prefix_cache
+    from glm_tp.cli.settings import CONFIG_DIR, UsageError, check_config
+    from glm_tp.config import PRESETS
+
+    cfg = OmegaConf.load(CONFIG_DIR / "generate.yaml")
+    for bad in (-1, 1.5, "many", True):
+        cfg.prefix_cache_tokens = bad
+        with pytest.raises(UsageError, match="^prefix_cache_tokens="):
+            check_config(cfg)
+    for good in (None, 0, 4096):
+        cfg.prefix_cache_tokens = good
+        check_config(cfg)
+    causal = Plan(PRESETS["chatglm2-6b"], 1, 2, 0, 2, 1024)
+    auto = with_prefix_cache(causal, None, None)
+    assert auto.prefix_tokens == 2 * 1024 and auto.prefix_bytes == causal.kv_bytes  # as large as the KV cache
+    assert auto.total_bytes == causal.total_bytes + causal.kv_bytes
+    assert with_prefix_cache(causal, None, causal.total_bytes).prefix_tokens == 0  # no room: off
+    assert with_prefix_cache(causal, 0, None).prefix_tokens == 0
+    assert with_prefix_cache(causal, BLOCK + 3, None).prefix_bytes == causal.kv_bytes // (2 * 1024) * BLOCK
+    assert with_prefix_cache(Plan(PRESETS["glm-130b"], 8, 2, 0, 1, 2048), None, None).prefix_tokens == 0
