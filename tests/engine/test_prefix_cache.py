@@ -225,3 +225,18 @@ def test_the_setting_is_checked_and_the_memory_plan_counts_the_pool():
     assert with_prefix_cache(causal, 0, None).prefix_tokens == 0
     assert with_prefix_cache(causal, BLOCK + 3, None).prefix_bytes == causal.kv_bytes // (2 * 1024) * BLOCK
     assert with_prefix_cache(Plan(PRESETS["glm-130b"], 8, 2, 0, 1, 2048), None, None).prefix_tokens == 0
+
+
+def test_the_hit_rate_reaches_the_servers_metrics(ckpts, tiny_tokenizer_file):
+    from glm_tp.engine.coordinator import Coordinator
+    from glm_tp.server.metrics import Metrics
+
+    engine = _engine(ckpts[1], tiny_tokenizer_file, 16 * BLOCK)
+    coordinator = Coordinator(engine.tp, engine)
+    coordinator.generate([Request("a", text=SYSTEM)])
+    coordinator.generate([Request("b", text=SYSTEM + " one")])
+    stats = engine.stats()
+    assert 0 < stats["prefix_cache_hit_rate"] < 1
+    text = Metrics(coordinator.load).render().decode()
+    assert f"glm_tp_prefix_cache_hit_rate {stats['prefix_cache_hit_rate']}" in text
+    assert f"glm_tp_prefix_cache_reused_tokens {float(stats['prefix_cache_reused_tokens'])}" in text
