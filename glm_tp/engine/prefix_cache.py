@@ -23,7 +23,7 @@ evicted (parents are touched after their children, so the LRU order meets childr
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 from glm_tp.text.blanks import Position
 
@@ -62,7 +62,7 @@ class PrefixIndex:
     def _key(self, parent: int, root: Hashable, tokens: Sequence[int], positions: Sequence[Position]) -> Hashable:
         return (parent, root if parent < 0 else None, tuple(tokens), _hashable(positions))
 
-    def _chain(self, root: Hashable, tokens: Sequence[int], positions: Sequence[Position], upto: int):
+    def _chain(self, tokens: Sequence[int], positions: Sequence[Position], upto: int):
         """(block number, its key's pieces) of the whole blocks of tokens[:upto]."""
         b = self.block
         for i in range(upto // b):
@@ -71,7 +71,7 @@ class PrefixIndex:
     def match(self, root: Hashable, tokens: Sequence[int], positions: Sequence[Position]) -> list[int]:
         """The blocks holding the longest cached prefix of a fill, leaving at least its last token to compute."""
         found, parent = [], -1
-        for _, toks, pos in self._chain(root, tokens, positions, len(tokens) - 1):
+        for _, toks, pos in self._chain(tokens, positions, len(tokens) - 1):
             block = self.keys.get(self._key(parent, root, toks, pos))
             if block is None:
                 break
@@ -94,7 +94,7 @@ class PrefixIndex:
         the row, pool block) pairs whose keys and values the row must copy out (those not already held).
         Stops early when every block is pinned or continued."""
         copies, chain, parent = [], [], -1
-        for i, toks, pos in self._chain(root, tokens, positions, len(tokens)):
+        for i, toks, pos in self._chain(tokens, positions, len(tokens)):
             key = self._key(parent, root, toks, pos)
             block = self.keys.get(key)
             if block is None:

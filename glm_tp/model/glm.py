@@ -96,14 +96,14 @@ class KVCache:
         keys.transpose(1, 2).index_put_((rows, slots), k.transpose(1, 2))
         values.transpose(1, 2).index_put_((rows, slots), v.transpose(1, 2))
 
-    def load_blocks(self, pool: "KVCache", blocks: torch.Tensor, row: int) -> None:
+    def load_blocks(self, pool: KVCache, blocks: torch.Tensor, row: int) -> None:
         """Slots [0, n * block) of `row` become the pool's rows `blocks` (n of them, `block` slots each)."""
         n, block = len(blocks), pool.max_len
         for t, p in ((self.k, pool.k), (self.v, pool.v)):
             held = p.index_select(1, blocks.to(p.device)).transpose(1, 2)  # [layers, heads, n, block, d]
             t[:, row, :, :n * block] = held.reshape(t.shape[0], t.shape[2], n * block, t.shape[4])
 
-    def save_blocks(self, pool: "KVCache", blocks: torch.Tensor, numbers: list[int], row: int) -> None:
+    def save_blocks(self, pool: KVCache, blocks: torch.Tensor, numbers: list[int], row: int) -> None:
         """The pool's rows `blocks` become block `numbers[i]` (slots [i * block, (i + 1) * block)) of `row`."""
         block = pool.max_len
         for t, p in ((self.k, pool.k), (self.v, pool.v)):
