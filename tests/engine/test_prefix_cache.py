@@ -240,3 +240,16 @@ def test_the_hit_rate_reaches_the_servers_metrics(ckpts, tiny_tokenizer_file):
     text = Metrics(coordinator.load).render().decode()
     assert f"glm_tp_prefix_cache_hit_rate {stats['prefix_cache_hit_rate']}" in text
     assert f"glm_tp_prefix_cache_reused_tokens {float(stats['prefix_cache_reused_tokens'])}" in text
+
+
+def test_beam_search_after_a_cached_prompt_gives_the_same_beams(ckpts, tiny_tokenizer_file):
+    beam = GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=6, return_all_beams=True)
+
+    def run(engine):
+        return engine.generate([Request("a", text=SYSTEM + " one", config=beam)]) + \
+            engine.generate([Request("b", text=SYSTEM + " two", config=beam)])
+    off, on = _engine(ckpts[1], tiny_tokenizer_file, 0), _engine(ckpts[1], tiny_tokenizer_file, 16 * BLOCK)
+    plain, cached = run(off), run(on)
+    assert [(r.token_ids, r.beams) for r in plain] == [(r.token_ids, r.beams) for r in cached]
+    assert on.stats()["prefix_cache_reused_tokens"] >= 2 * BLOCK
+    assert not any(on.scheduler.prefix.pins)
