@@ -125,16 +125,17 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-len", type=int, default=1024)
-    p.add_argument("--cache-tokens", type=int, default=None, help="the pool (default: batch x max_len)")
+    p.add_argument("--cache-tokens", type=int, nargs="+", default=None,
+                   help="pool sizes to run besides no cache (default: batch x max_len, the run's default)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     chats = conversations(args.conversations, args.turns, args.system, tuple(args.user))
-    cache = args.cache_tokens if args.cache_tokens is not None else args.batch * args.max_len
+    sizes = args.cache_tokens or [args.batch * args.max_len]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint(Path(tmp) / "chatglm2-shaped", args.layers, args.hidden)
-        run(ckpt, [c[:2] for c in chats[:2]], 4, args.batch, args.max_len, cache)  # warm-up: kernels compiled once
-        runs = [run(ckpt, chats, args.answer, args.batch, args.max_len, tokens) for tokens in (0, cache)]
-    same = runs[0]["tokens"] == runs[1]["tokens"]
+        run(ckpt, [c[:2] for c in chats[:2]], 4, args.batch, args.max_len, sizes[0])  # warm-up: kernels compiled
+        runs = [run(ckpt, chats, args.answer, args.batch, args.max_len, tokens) for tokens in (0, *sizes)]
+    same = all(r["tokens"] == runs[0]["tokens"] for r in runs[1:])
     print(f"{args.conversations} conversations x {args.turns} turns, system prompt {args.system}, user "
           f"{args.user[0]}-{args.user[1]}, answers {args.answer} tokens; ChatGLM2-shaped, {args.layers} layers x "
           f"{args.hidden}; batch {args.batch}, max_len {args.max_len}")
