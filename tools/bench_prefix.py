@@ -10,7 +10,8 @@ prompt; each turn resends the whole history (every earlier prompt and answer, as
 new user message, and the next turn is sent as soon as the answer is complete (closed loop, every
 conversation at once). Answers have a fixed length (a random model rarely ends by itself). Reported per
 run: prefill tokens computed (prompt tokens minus those copied from the cache), the hit rate, time to first
-token p50/p99 and the wall time; both runs must give the same tokens, which the report checks. A short
+token p50/p99, the wall time and the process's CPU time (less sensitive than wall time to other work on a
+shared machine); every run must give the same tokens, which the report checks. A short
 warm-up run first compiles the CPU kernels, so that neither measured run pays for it.
 """
 from __future__ import annotations
@@ -98,7 +99,7 @@ def run(ckpt: Path, chats: list[list[list[int]]], answer: int, batch: int, max_l
             if turn[c] < len(chats[c]):
                 ready.append(c)
 
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.process_time()
     while ready or engine.scheduler.busy:
         while ready:
             c = ready.pop(0)
@@ -106,9 +107,9 @@ def run(ckpt: Path, chats: list[list[list[int]]], answer: int, batch: int, max_l
             sent[rid] = time.monotonic()
             coordinator.submit(Request(rid, token_ids=history[c] + chats[c][turn[c]]), listener, limit=False)
         coordinator.step()
-    wall = time.monotonic() - start
+    wall, cpu = time.monotonic() - start, time.process_time() - cpu
     stats = engine.stats()
-    return {"prefix_cache_tokens": cache_tokens, "wall_s": wall, "ttft_p50_s": percentile(ttft, 50),
+    return {"prefix_cache_tokens": cache_tokens, "wall_s": wall, "cpu_s": cpu, "ttft_p50_s": percentile(ttft, 50),
             "ttft_p99_s": percentile(ttft, 99), "prompt_tokens": stats["prefill_prompt_tokens"],
             "computed_tokens": stats["prefill_prompt_tokens"] - stats["prefix_cache_reused_tokens"],
             "hit_rate": stats["prefix_cache_hit_rate"], "requests": len(tokens), "tokens": tokens}
@@ -127,23 +128,31 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--cache-tokens", type=int, nargs="+", default=None,
                    help="pool sizes to run besides no cache (default: batch x max_len, the run's default)")
+    p.add_argument("--rounds", type=int, default=1, help="run every configuration this often, alternating the "
+                   "order (the machine's load changes between runs)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1, as torchrun sets for each rank; on a shared machine more threads wait on each other)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
     chats = conversations(args.conversations, args.turns, args.system, tuple(args.user))
     sizes = args.cache_tokens or [args.batch * args.max_len]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint(Path(tmp) / "chatglm2-shaped", args.layers, args.hidden)
         run(ckpt, [c[:2] for c in chats[:2]], 4, args.batch, args.max_len, sizes[0])  # warm-up: kernels compiled
-        runs = [run(ckpt, chats, args.answer, args.batch, args.max_len, tokens) for tokens in (0, *sizes)]
+        configs = [0, *sizes]
+        runs = [run(ckpt, chats, args.answer, args.batch, args.max_len, tokens) for i in range(args.rounds)
+                for tokens in (configs if i % 2 == 0 else configs[::-1])]
     same = all(r["tokens"] == runs[0]["tokens"] for r in runs[1:])
     print(f"{args.conversations} conversations x {args.turns} turns, system prompt {args.system}, user "
           f"{args.user[0]}-{args.user[1]}, answers {args.answer} tokens; ChatGLM2-shaped, {args.layers} layers x "
-          f"{args.hidden}; batch {args.batch}, max_len {args.max_len}")
+          f"{args.hidden}; batch {args.batch}, max_len {args.max_len}; {args.threads} thread(s)")
     print(f"{'prefix cache':>14} {'prompt tok':>11} {'computed':>9} {'hit rate':>9} {'TTFT p50':>9} "
-          f"{'TTFT p99':>9} {'wall':>8}")
+          f"{'TTFT p99':>9} {'wall':>8} {'CPU':>8}")
     for r in runs:
         print(f"{r['prefix_cache_tokens']:>14} {r['prompt_tokens']:>11} {r['computed_tokens']:>9} "
-              f"{r['hit_rate']:>9.1%} {r['ttft_p50_s']:>8.3f}s {r['ttft_p99_s']:>8.3f}s {r['wall_s']:>7.1f}s")
+              f"{r['hit_rate']:>9.1%} {r['ttft_p50_s']:>8.3f}s {r['ttft_p99_s']:>8.3f}s {r['wall_s']:>7.1f}s {r['cpu_s']:>7.1f}s")
     print(f"same tokens with and without the cache: {same}")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "same_tokens": same,
