@@ -61,7 +61,7 @@ def conversations(count: int, turns: int, system: int, user: tuple[int, int], se
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def run(ckpt: Path, chats: list[list[list[int]]], answer: int, batch: int, max_len: int, cache_tokens: int) -> dict:

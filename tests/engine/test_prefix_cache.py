@@ -253,3 +253,39 @@ def test_beam_search_after_a_cached_prompt_gives_the_same_beams(ckpts, tiny_toke
     assert [(r.token_ids, r.beams) for r in plain] == [(r.token_ids, r.beams) for r in cached]
     assert on.stats()["prefix_cache_reused_tokens"] >= 2 * BLOCK
     assert not any(on.scheduler.prefix.pins)
+
+
+class _Breaks:
+    """A constraint that allows anything until it fails on the request's third token."""
+
+    def __init__(self):
+        self.at = 0
+
+    def mask(self):
+        if self.at == 2:
+            raise RuntimeError("the grammar broke")
+        return None
+
+    def advance(self, token: int) -> None:
+        self.at += 1
+
+    def can_end(self) -> bool:
+        return True
+
+    def finished(self) -> bool:
+        return False
+
+
+def test_a_failed_request_unpins_its_blocks_and_keeps_what_it_computed(ckpts, tiny_tokenizer_file):
+    off, on = _engine(ckpts[1], tiny_tokenizer_file, 0), _engine(ckpts[1], tiny_tokenizer_file, 16 * BLOCK)
+    index = on.scheduler.prefix
+    on.generate([Request("warm", text=SYSTEM)])
+    broken = on.generate([Request("broken", text=SYSTEM + " one two three four", constraint=_Breaks)])[0]
+    assert broken.finish_reason == "error" and "the grammar broke" in broken.error
+    assert not any(index.pins) and index.used <= index.blocks
+    reused = on.stats()["prefix_cache_reused_tokens"]
+    # the failed request's prompt blocks stay cached and are right: the same request again hits them
+    again = on.generate([Request("again", text=SYSTEM + " one two three four")])
+    assert on.stats()["prefix_cache_reused_tokens"] - reused == \
+        (len(causal_prompt(SYSTEM + " one two three four", on.tok)) - 1) // BLOCK * BLOCK
+    _same(off.generate([Request("again", text=SYSTEM + " one two three four")]), again)
