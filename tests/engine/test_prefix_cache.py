@@ -289,3 +289,22 @@ def test_a_failed_request_unpins_its_blocks_and_keeps_what_it_computed(ckpts, ti
     assert on.stats()["prefix_cache_reused_tokens"] - reused == \
         (len(causal_prompt(SYSTEM + " one two three four", on.tok)) - 1) // BLOCK * BLOCK
     _same(off.generate([Request("again", text=SYSTEM + " one two three four")]), again)
+
+
+def test_chatglm_6b_2d_positions_copies_and_a_retry_reuse_the_context(tmp_path, tiny_tokenizer_file):
+    import torch
+
+    from glm_tp.config import PRESETS
+    from tests.support.checkpoints import write_random_checkpoint
+
+    ckpt = write_random_checkpoint(tmp_path / "tiny-chatglm", PRESETS["tiny-chatglm"], 1, torch.float32)
+    text = f"{SYSTEM} [MASK] five"
+
+    def run(engine):
+        copies = engine.generate([Request(f"n{i}", text=text, config=SAMPLED.updated(seed=i)) for i in range(2)])
+        return copies + engine.generate([Request("retry", text=text, config=SAMPLED)])
+    off, on = _engine(ckpt, tiny_tokenizer_file, 0), _engine(ckpt, tiny_tokenizer_file, 16 * BLOCK)
+    _same(run(off), run(on))
+    fill = on.accept(Request("x", text=text))[1].next_input()
+    assert isinstance(fill.positions[0], tuple)  # (position, block position)
+    assert on.stats()["prefix_cache_reused_tokens"] == 2 * (fill.bidirectional // BLOCK) * BLOCK > 0
