@@ -21,7 +21,7 @@ from glm_tp.checkpoints.load import load_model, resolve_config
 from glm_tp.checkpoints.release import CheckpointError
 from glm_tp.checkpoints.sources import open_source, source_bits
 from glm_tp.cli.output import plain_warnings
-from glm_tp.cli.planner import GiB, Plan, refusal
+from glm_tp.cli.planner import GiB, Plan, refusal, with_prefix_cache
 from glm_tp.cli.settings import (
     check_stage_layers,
     CONFIG_DIR,
@@ -67,8 +67,10 @@ def model_config(cfg: DictConfig) -> ModelConfig:
     return resolve_config(source.model_config() if source else None, cfg.model, None)
 
 
-def make_plan(cfg: DictConfig, model_cfg: ModelConfig, tp_size: int, device_type: str) -> Plan:
-    """The memory plan for this run; with a model preset it needs no checkpoint on disk."""
+def make_plan(cfg: DictConfig, model_cfg: ModelConfig, tp_size: int, device_type: str,
+              memory: float | None = None) -> Plan:
+    """The memory plan for this run, its prefix cache sized for `memory` (per rank, when known); with a model
+    preset it needs no checkpoint on disk."""
     checkpoint = resolve_path(cfg.checkpoint)
     source = open_source(checkpoint) if checkpoint.exists() else None
     bits = parse_quant(cfg.quant)
@@ -76,9 +78,11 @@ def make_plan(cfg: DictConfig, model_cfg: ModelConfig, tp_size: int, device_type
         bits = source_bits(source, model_cfg.hidden_size, open_weights=False) if source else 0
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else default_dtype(device_type)
     sizes = check_stage_layers(cfg.stage_layers)
-    return Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
+    plan = Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
                 int(cfg.max_len or model_cfg.max_seq_len), "cuda" if device_type == "cuda" else "cpu",
                 int(cfg.pipeline_parallel), tuple(sizes) if sizes else None)
+    tokens = cfg.get("prefix_cache_tokens")
+    return with_prefix_cache(plan, None if tokens is None else int(tokens), memory)
 
 
 def device_bytes(cfg: DictConfig, device: torch.device) -> float | None:
@@ -141,11 +145,13 @@ def load_tokenizer_for(checkpoint: Path, special: SpecialTokens, file: Path | No
 
 
 def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig, tokenizer: Path | None,
-                stage_sizes: list[int] | None = None) -> Engine:
+                stage_sizes: list[int] | None = None, prefix_cache_tokens: int = 0) -> Engine:
     """Every rank loads its shard (of its pipeline stage: stage_sizes, the plan's layers per stage), then the
     ranks compare notes: a rank that could not load (a truncated shard, a missing file) stops every rank with
-    its message, before any of them says it is ready."""
+    its message, before any of them says it is ready. The ranks' prefix caches are the smallest any rank
+    planned (each sized its own from its own memory)."""
     engine, error = None, None
+    prefix_cache_tokens = min(tp.all_gather_object(prefix_cache_tokens))
     try:
         checkpoint = resolve_path(cfg.checkpoint)
         model = load_model(checkpoint, model=cfg.model, dtype=cfg.dtype, quant=cfg.quant, tp=tp, kernels=cfg.kernels,
@@ -153,7 +159,7 @@ def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig, tokenizer
                            stage_sizes=stage_sizes)
         tok = load_tokenizer_for(checkpoint, model.cfg.special, tokenizer)
         engine = Engine(model, tok, gen, max_batch=int(cfg.batch_size),
-                        max_len=int(cfg.max_len) if cfg.max_len else None)
+                        max_len=int(cfg.max_len) if cfg.max_len else None, prefix_cache_tokens=prefix_cache_tokens)
     except (CheckpointError, TokenizerError, ValueError) as e:
         error = str(e)
     except (MemoryError, torch.OutOfMemoryError) as e:
@@ -192,8 +198,8 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None, TextIO | Non
             ranks = int(cfg.ranks or os.environ.get("WORLD_SIZE", "1"))
             stage_tp = RankLayout.of_world(ranks, int(cfg.pipeline_parallel)).tp
             model_cfg.check_tp(stage_tp)
-            plan = make_plan(cfg, model_cfg, stage_tp, "cuda" if cfg.device == "cuda" else "cpu")
             memory = float(cfg.device_memory_gib) * GiB if cfg.device_memory_gib else None
+            plan = make_plan(cfg, model_cfg, stage_tp, "cuda" if cfg.device == "cuda" else "cpu", memory)
             print(plan.table(memory))
             if memory is not None and not plan.fits(memory):
                 print(refusal(plan, memory))
@@ -213,10 +219,10 @@ def setup(cfg: DictConfig) -> tuple[TPContext, Engine, Path | None, TextIO | Non
         stage_tp = RankLayout.of_world(tp.size, int(cfg.pipeline_parallel)).tp
         model_cfg.check_tp(stage_tp)  # before the plan, which cuts each tensor for this many ranks
         memory = device_bytes(cfg, tp.device)
-        plan = make_plan(cfg, model_cfg, stage_tp, tp.device.type)  # its stage split is the one loaded
+        plan = make_plan(cfg, model_cfg, stage_tp, tp.device.type, memory)  # its stage split is the one loaded
         if memory is not None and not plan.fits(memory):
             raise UsageError(refusal(plan, memory))
-        return tp, load_engine(cfg, tp, gen, tokenizer, plan.split.sizes()), output, claimed
+        return tp, load_engine(cfg, tp, gen, tokenizer, plan.split.sizes(), plan.prefix_tokens), output, claimed
     except (CheckpointError, TokenizerError, ValueError) as e:
         raise UsageError(str(e)) from None
 

@@ -5,9 +5,11 @@ The same arithmetic answers "does it fit?" and "what would?": more ranks, INT8/I
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 from glm_tp.config import ModelConfig
+from glm_tp.engine.prefix_cache import BLOCK, blocks_for
 from glm_tp.parallel.partition import QUANTIZED_WEIGHTS, full_shapes, layout_for, pieces
 from glm_tp.parallel.pipeline import RankLayout, Stage, StageSplit
 
@@ -25,6 +27,7 @@ class Plan:
     device: str = "cuda"  # which attention the prefill runs (model/attention.py): it decides the workspace
     pp: int = 1           # pipeline stages; the plan is the fullest stage's (its weights and KV cache)
     stage_sizes: tuple[int, ...] | None = None  # layers per stage; None: the split this plan balances
+    prefix_tokens: int = 0  # the prefix cache's pool (engine/prefix_cache.py), in tokens
 
     def _tensor_bytes(self, name: str, shape: tuple[int, ...]) -> int:
         """One rank's share of a tensor, as partition.py cuts it (grouped-query QKV rows, KV groups replicated
@@ -39,42 +42,64 @@ class Plan:
             return values * self.quant_bits // 8 + 2 * shard[0]
         return values * self.dtype_bytes
 
-    def _layer_kv_bytes(self) -> int:
+    def _layer_kv_bytes(self, tokens: int) -> int:
+        """One layer's keys and values for `tokens` slots."""
         c = self.cfg
         width = c.kv_heads_per_rank(self.tp) * c.head_dim  # grouped-query models cache their KV groups only
-        return 2 * self.batch * self.max_len * width * self.dtype_bytes
+        return 2 * tokens * width * self.dtype_bytes
 
-    @property
+    @cached_property
+    def _parts(self) -> tuple[int, int, int]:
+        """One rank's bytes of a layer's weights, of the embedding, and of the final norm with the LM head."""
+        shapes = full_shapes(self.cfg)
+        share = {n: self._tensor_bytes(n, s) for n, s in shapes.items() if not n.startswith("transformer.layers.")
+                 or n.startswith("transformer.layers.0.")}
+        layer = sum(b for n, b in share.items() if n.startswith("transformer.layers.0."))
+        last = sum(b for n, b in share.items() if n.startswith(("transformer.final_layernorm.", "lm_head.")))
+        return layer, share["transformer.word_embeddings.weight"], last
+
+    @cached_property
     def split(self) -> StageSplit:
         """The layers of each pipeline stage: as given, or balanced so that the fullest stage (its layers'
-        weights and cache, the embedding on the first, the final norm and head on the last) is smallest."""
+        weights and caches, the embedding on the first, the final norm and head on the last) is smallest."""
         c = self.cfg
         if self.stage_sizes:
             return StageSplit.from_sizes(list(self.stage_sizes), c.num_layers, self.pp)
-        shapes = full_shapes(c)
-        layer = sum(self._tensor_bytes(n, s) for n, s in shapes.items() if n.startswith("transformer.layers.0."))
-        embedding = self._tensor_bytes("transformer.word_embeddings.weight", shapes["transformer.word_embeddings.weight"])
-        head = embedding if c.tied_lm_head else self._tensor_bytes("lm_head.weight", shapes["lm_head.weight"])
-        return StageSplit.balanced(c.num_layers, self.pp, layer + self._layer_kv_bytes(), embedding, head)
+        layer, embedding, last = self._parts
+        per_layer = layer + self._layer_kv_bytes(self._cached_tokens)
+        return StageSplit.balanced(c.num_layers, self.pp, per_layer, embedding, last + embedding * c.tied_lm_head)
 
-    def _stage_bytes(self, stage: int) -> tuple[int, int]:
-        """(weights, KV cache) of one rank of `stage`."""
-        held = Stage(self.split, stage, stage * self.tp, RankLayout(self.tp, self.pp))
-        weights = sum(self._tensor_bytes(n, s) for n, s in full_shapes(self.cfg).items()
-                      if self.pp == 1 or held.holds(n, self.cfg.tied_lm_head))
-        return weights, len(held.layers) * self._layer_kv_bytes()
+    @property
+    def _cached_tokens(self) -> int:
+        """Slots per layer: the KV cache's rows and the prefix cache's pool (whole blocks)."""
+        return self.batch * self.max_len + blocks_for(self.prefix_tokens) * BLOCK
 
-    def _fullest(self) -> tuple[int, int]:
-        return max((self._stage_bytes(s) for s in range(self.pp)), key=sum)
+    def _stage_weights(self, stage: Stage) -> int:
+        layer, embedding, last = self._parts
+        tied = self.cfg.tied_lm_head
+        return len(stage.layers) * layer + embedding * stage.holds("transformer.word_embeddings.weight", tied) \
+            + last * stage.is_last
+
+    @cached_property
+    def _fullest(self) -> Stage:
+        """The stage whose ranks need the most memory (weights and caches): the one the plan is for."""
+        stages = [Stage(self.split, s, s * self.tp, RankLayout(self.tp, self.pp)) for s in range(self.pp)]
+        return max(stages, key=lambda st: self._stage_weights(st)
+                   + len(st.layers) * self._layer_kv_bytes(self._cached_tokens))
 
     @property
     def weight_bytes(self) -> int:
-        """One rank's weights (the fullest stage's under pipeline parallelism)."""
-        return self._fullest()[0]
+        """One rank's weights, tensor by tensor as partition.py cuts them (the fullest stage's)."""
+        return self._stage_weights(self._fullest)
 
     @property
     def kv_bytes(self) -> int:
-        return self._fullest()[1]
+        return len(self._fullest.layers) * self._layer_kv_bytes(self.batch * self.max_len)
+
+    @property
+    def prefix_bytes(self) -> int:
+        """The prefix cache's pool: whole blocks of keys and values, as the KV cache holds them."""
+        return len(self._fullest.layers) * self._layer_kv_bytes(blocks_for(self.prefix_tokens) * BLOCK)
 
     @property
     def workspace_bytes(self) -> int:
@@ -96,15 +121,16 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.workspace_bytes
+        return self.weight_bytes + self.kv_bytes + self.prefix_bytes + self.workspace_bytes
 
     def fits(self, device_bytes: float) -> bool:
         return self.total_bytes <= device_bytes
 
     def table(self, device_bytes: float | None = None) -> str:
         precision = f"int{self.quant_bits}" if self.quant_bits else f"{8 * self.dtype_bytes}-bit float"
-        rows = [("weights", self.weight_bytes), ("KV cache", self.kv_bytes), ("workspace", self.workspace_bytes),
-                ("total", self.total_bytes)]
+        rows = [("weights", self.weight_bytes), ("KV cache", self.kv_bytes)] \
+            + [("prefix", self.prefix_bytes)] * bool(self.prefix_tokens) \
+            + [("workspace", self.workspace_bytes), ("total", self.total_bytes)]
         stages = f", PP={self.pp} (layers {'+'.join(map(str, self.split.sizes()))})" if self.pp > 1 else ""
         lines = [f"per-rank memory plan: {self.cfg.num_layers} layers x {self.cfg.hidden_size}, TP={self.tp}{stages}, "
                  f"{precision}, batch {self.batch} x {self.max_len} tokens"]
@@ -114,6 +140,18 @@ class Plan:
             lines.append(f"  {'device':<10} {device_bytes / GiB:9.2f} GiB  -> {verdict} "
                          f"({(device_bytes - self.total_bytes) / GiB:+.2f} GiB headroom)")
         return "\n".join(lines)
+
+
+def with_prefix_cache(plan: Plan, tokens: int | None, device_bytes: float | None) -> Plan:
+    """The plan with the prefix cache the setting asks for: a size in tokens (0: off), or None: as many
+    tokens as the KV cache holds for a causal model when that still fits (otherwise, and for GLM-130B and
+    ChatGLM-6B, whose bidirectional contexts share little, off)."""
+    if tokens is not None:
+        return replace(plan, prefix_tokens=tokens)
+    if not plan.cfg.causal:
+        return plan
+    cached = replace(plan, prefix_tokens=plan.batch * plan.max_len)
+    return cached if device_bytes is None or cached.fits(device_bytes) else plan
 
 
 def _shorter(max_len: int) -> list[int]:
@@ -140,7 +178,8 @@ def alternatives(plan: Plan, device_bytes: float, max_ranks: int = 8, limit: int
         for q in bits:
             fit = next(((batch, n) for n in lengths for batch in dict.fromkeys(batches)
                         if (tp, pp, q, batch, n) != (plan.tp, plan.pp, plan.quant_bits, plan.batch, plan.max_len)
-                        and Plan(plan.cfg, tp, plan.dtype_bytes, q, batch, n, plan.device, pp).fits(device_bytes)),
+                        and Plan(plan.cfg, tp, plan.dtype_bytes, q, batch, n, plan.device, pp,
+                                 prefix_tokens=plan.prefix_tokens).fits(device_bytes)),
                        None)
             if fit is not None:
                 batch, n = fit

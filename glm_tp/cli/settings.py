@@ -100,6 +100,7 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
         _parsed(key, cfg[key], partial(check_choice, key, allowed=allowed))
     _whole("batch_size", cfg.batch_size, 1)
     _whole("max_len", cfg.max_len, 2, optional=True)  # at least a token and its answer
+    _whole("prefix_cache_tokens", cfg.prefix_cache_tokens, 0, optional=True)  # 0: off, null: automatic
     _whole("ranks", cfg.ranks, 1, optional=True)
     _whole("pipeline_parallel", cfg.pipeline_parallel, 1)
     check_stage_layers(cfg.stage_layers)

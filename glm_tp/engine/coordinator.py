@@ -54,9 +54,10 @@ class Coordinator:
             self._inbox.put(job)
         return handle
 
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict[str, float]:
+        """Requests waiting and running, and the engine's prefill and prefix-cache figures (Engine.stats)."""
         scheduler = self.engine.scheduler
-        return {"waiting": self._pending + len(scheduler.waiting), "running": scheduler.running}
+        return {"waiting": self._pending + len(scheduler.waiting), "running": scheduler.running, **self.engine.stats()}
 
     def counters(self) -> dict[str, float]:
         """The engine's running totals for the metrics: the time its grammars took (sampler.GrammarTime)."""

@@ -30,6 +30,7 @@ from glm_tp.engine.plan import (
     encode_plan,
     message_size,
 )
+from glm_tp.engine.prefix_cache import BLOCK, PrefixIndex, blocks_for, prefix_stats
 from glm_tp.engine.sampler import Sampler, banned_tokens
 from glm_tp.engine.scheduler import Scheduler
 from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
@@ -43,19 +44,23 @@ KEEPALIVE_S = 10.0  # at most this long between collectives while idle (and seve
 class Engine:
     def __init__(self, model: GLMModel, tokenizer: GLMTokenizer, default: GenerationConfig | None = None,
                  max_batch: int = 8, max_len: int | None = None, cuda_graphs: bool | None = None,
-                 prefill_budget: int | None = None):
+                 prefill_budget: int | None = None, prefix_cache_tokens: int = 0):
         # the engine's broadcasts reach every rank: under pipeline parallelism the world, not the stage's group
         self.model, self.tok, self.tp = model, tokenizer, model.world
         self.default = default or GenerationConfig()
         self.max_batch = max_batch
-        # the KV cache: max_batch rows of max_len tokens (default: the model's), allocated once
+        # the KV cache: max_batch rows of max_len tokens (default: the model's), allocated once; the prefix
+        # cache's pool: prefix_cache_tokens in whole blocks (0: off)
+        blocks = blocks_for(prefix_cache_tokens)
         self.decoder = Decoder(model, max_batch, max_len, graphs=cuda_graphs,
-                               position_dims=2 if model.cfg.position_encoding == "2d" else 1)
+                               position_dims=2 if model.cfg.position_encoding == "2d" else 1,
+                               prefix_blocks=blocks, block=BLOCK)
+        prefix = PrefixIndex(blocks, BLOCK) if blocks and self.tp.is_first else None
         self.rows = 0  # rows in use, the same on every rank
         # rank 0: the scheduler, the sampler and the logits of rows [0, rows) that await their decision
         # prefill tokens per step (padded): at least one whole prompt, and room to batch several
         budget = prefill_budget or max(2048, self.decoder.max_len)
-        self.scheduler = Scheduler(max_batch, budget) if self.tp.is_first else None
+        self.scheduler = Scheduler(max_batch, budget, prefix=prefix) if self.tp.is_first else None
         banned = banned_tokens(model.cfg.vocab_size, tokenizer, model.cfg.stop_ids)
         self.sampler = Sampler(banned, tokenizer.decode) if self.tp.is_first else None
         self.logits: torch.Tensor | None = None
@@ -71,6 +76,11 @@ class Engine:
     @property
     def max_len(self) -> int:
         return self.decoder.max_len
+
+    def stats(self) -> dict[str, float]:
+        """Rank 0: prefill and prefix-cache figures (prompt tokens, reused tokens, hit rate, blocks used)."""
+        s = self.scheduler
+        return prefix_stats(s.prompt_tokens, s.reused_tokens, s.prefix)
 
     def accept(self, request: Request, listener: Callable | None = None) -> tuple[RequestHandle, Job | None]:
         """Rank 0: check and tokenize a request. Its handle, and its job unless it can never run: then the
@@ -152,7 +162,7 @@ class Engine:
             return
         self.tp.broadcast(encode_plan(command, plan, self.max_batch).to(self.model.device))
         if plan is not None and plan.has_extra:
-            self.tp.broadcast_object((plan.moves, plan.admit))
+            self.tp.broadcast_object((plan.moves, plan.admit, plan.saves))
 
     # -- ranks > 0 ----------------------------------------------------------------------------------
     def follow(self, until: int) -> int:
@@ -169,7 +179,7 @@ class Engine:
     def _receive(self, message: torch.Tensor) -> StepPlan:
         plan, extra = decode_plan(message, self.max_batch)
         if extra:
-            plan.moves, plan.admit = self.tp.broadcast_object(None)
+            plan.moves, plan.admit, plan.saves = self.tp.broadcast_object(None)
         return plan
 
     # -- every rank ---------------------------------------------------------------------------------
@@ -177,6 +187,8 @@ class Engine:
         """Run a plan on this rank's cache; returns the logits of the rows in use afterwards (rank 0)."""
         decoder = self.decoder
         with torch.inference_mode():
+            for row, copies in plan.saves:  # ended fills' rows, before anything moves into them
+                decoder.save_blocks(row, copies)
             if any(p != i for i, p in enumerate(plan.parents)):
                 decoder.reorder(plan.parents)
             for src, dst in plan.moves:
@@ -199,9 +211,15 @@ class Engine:
         positions = torch.tensor([a.positions + [zero] * (width - len(a.positions)) for a in admit])
         column = [torch.tensor([getattr(a, key) for a in admit]) for key in ("bidirectional", "first_position", "counting")]
         lengths = torch.tensor([len(a.tokens) for a in admit])
-        logits = self.decoder.prefill(tokens, positions, *column, row=admit[0].row, lengths=lengths)
+        for a in admit:  # cached prefixes first: the prompts' rest attends to them
+            if a.blocks:
+                self.decoder.load_blocks(a.row, a.blocks)
+        logits = self.decoder.prefill(tokens, positions, *column, row=admit[0].row, lengths=lengths,
+                                      starts=torch.tensor([a.start for a in admit]))
         sources = []
-        for i, a in enumerate(admit):  # beams start from the same prompt
+        for i, a in enumerate(admit):  # then the prompts' new blocks to the cache; beams start from the same prompt
+            if a.saves:
+                self.decoder.save_blocks(a.row, a.saves)
             for dst in a.copies_to:
                 self.decoder.copy_row(a.row, dst)
                 sources.append(i)

@@ -39,7 +39,7 @@ def step_window(needed: int, max_len: int) -> int:
 
 class Decoder:
     def __init__(self, model: GLMModel, max_rows: int, max_len: int | None = None, graphs: bool | None = None,
-                 position_dims: int = 1):
+                 position_dims: int = 1, prefix_blocks: int = 0, block: int = 16):
         self.model = model
         if max_len is not None and not 0 < max_len <= model.cfg.max_seq_len:
             raise ValueError(f"max_len {max_len} must be between 1 and the model's {model.cfg.max_seq_len} positions")
@@ -58,15 +58,30 @@ class Decoder:
         self._prompt_length = [0] * max_rows
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self._pool = None  # the captured graphs' shared memory pool
+        self.prefix_blocks, self.block = prefix_blocks, block  # the prefix cache's pool (prefix_cache.py)
+        self.blocks: KVCache | None = None  # allocated on first use
 
     def _cache(self) -> KVCache:
         if self.cache is None:
             self.cache = self.model.new_cache(self.max_rows, self.max_len)
         return self.cache
 
+    def _block_pool(self) -> KVCache:
+        if self.blocks is None:
+            self.blocks = self.model.new_cache(self.prefix_blocks, self.block)
+        return self.blocks
+
+    def load_blocks(self, row: int, blocks: list[int]) -> None:
+        """A cached prefix: the row's first len(blocks) * block slots from the pool, before its prefill."""
+        self._cache().load_blocks(self._block_pool(), torch.tensor(blocks), row)
+
+    def save_blocks(self, row: int, copies: list[tuple[int, int]]) -> None:
+        """(block number in the row, pool block) pairs: the row's slots of each into the pool."""
+        self._cache().save_blocks(self._block_pool(), torch.tensor([b for _, b in copies]), [i for i, _ in copies], row)
+
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, bidirectional: torch.Tensor,
                 first_position: torch.Tensor, counting: torch.Tensor, row: int = 0,
-                lengths: torch.Tensor | None = None) -> torch.Tensor | None:
+                lengths: torch.Tensor | None = None, starts: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run b prompts [b, s] into rows [row, row + b) as one forward and set up their steps.
 
         Prompts shorter than s are right-padded (lengths [b]): a real token never sees the padding after it
@@ -74,26 +89,32 @@ class Decoder:
         beyond the row's length, so steps overwrite them before any query can see them.
         positions [b, s] or [b, s, P]; bidirectional [b]: context tokens every query sees; first_position
         and counting [b] or [b, P]: the first generated token's position and whether later ones count on.
+        starts [b]: slots already holding the prompt's first tokens (a cached prefix, `load_blocks`); the
+        tokens given go after them, attending to them as one prompt would.
         Returns the logits after each prompt's last token (rank 0; None elsewhere)."""
         b, s = tokens.shape
         lengths = torch.full((b,), s, dtype=torch.long) if lengths is None else lengths
-        if s > self.max_len:
-            raise ValueError(f"a prompt of {s} tokens exceeds the decoder's {self.max_len} slots")
+        starts = torch.zeros(b, dtype=torch.long) if starts is None else starts
+        window = int((starts + s).max())
+        if window > self.max_len:
+            raise ValueError(f"a prompt of {window} tokens exceeds the decoder's {self.max_len} slots")
         if row + b > self.max_rows:
             raise ValueError(f"rows {row}..{row + b - 1} are outside the decoder's {self.max_rows} rows")
         rows = slice(row, row + b)
         self.first_position[rows] = first_position.view(b, -1)
         self.counting[rows] = counting.view(b, -1)
         self.bidirectional[rows] = bidirectional
-        self.length[rows] = lengths
+        self.length[rows] = starts + lengths
         self.generated[rows] = 0
-        for r, n in zip(range(row, row + b), lengths.tolist()):
+        for r, n in zip(range(row, row + b), (starts + lengths).tolist()):
             self.host_length[r] = self._prompt_length[r] = n
         device = self.model.device
         cache = self._cache().select(row, b)
         slots = torch.arange(s, device=device)
-        mask = glm_mask(slots, s, bidirectional.to(device))
-        return self.model.run(tokens.to(device), _squeeze(positions.to(device)), mask, cache, slots, s,
+        if bool(starts.any()):  # each row's own slots after its prefix, as a decode step over s tokens
+            slots = starts.to(device).view(b, 1) + slots
+        mask = glm_mask(slots, window, bidirectional.to(device))
+        return self.model.run(tokens.to(device), _squeeze(positions.to(device)), mask, cache, slots, window,
                               logits_at=(lengths - 1).to(device))
 
     def copy_row(self, src: int, dst: int) -> None:

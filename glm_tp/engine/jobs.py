@@ -108,11 +108,18 @@ class Job:
     def beams(self) -> int:
         return self.config.num_beams if self.config.strategy == "beam" else 1
 
-    def start_fill(self) -> BlankInput:
+    def next_input(self) -> BlankInput:
+        """The next fill's model input (without starting it)."""
         inp = causal_fill(self.ids) if self.causal else \
             next_blank(self.ids, self.kind, self.tok.special, self.position_encoding)
         assert inp is not None
+        return inp
+
+    def start_fill(self) -> BlankInput:
+        inp = self.next_input()
         self.fill, self.sent = inp, ""  # sent: the text emitted so far
+        self.fed = 0  # generated tokens whose keys/values are in the row (the scheduler counts them)
+        self.prefix_blocks: list[int] = []  # prefix-cache blocks the fill started from (kept while it runs)
         self.constraint = self.constraint_factory() if self.constraint_factory else None
         self.stream = StopStream(self.tok, self.config.stop)
         self.logprobs_from = len(self.logprobs or [])   # this fill's first entry in self.logprobs

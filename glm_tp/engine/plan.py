@@ -1,7 +1,7 @@
 """What one iteration does, as rank 0 decides it and every rank applies it, and how it travels.
 
 A `StepPlan` goes out as one fixed-size tensor (command, row counts, beam parents, next tokens); packing
-moves and admissions, when there are any, follow as one object broadcast.
+moves, admissions and prefix-cache saves, when there are any, follow as one object broadcast.
 
 Commands in the tensor's first slot: STEP (apply the plan), IDLE (keep-alive while rank 0 waits for
 work: a lost rank still fails the collective), END (an `Engine.generate` call is over) and SHUTDOWN.
@@ -24,7 +24,11 @@ HEADER = 4  # cmd, rows before the step, rows kept, whether an object follows
 
 @dataclass
 class Admission:
-    """A fill every rank prefills into `row`, then copies into `copies_to` (the other beams)."""
+    """A fill every rank prefills into `row`, then copies into `copies_to` (the other beams).
+
+    With a cached prefix the row's first `start` slots come from the prefix cache's `blocks` and `tokens`,
+    `positions` are the rest of the prompt; `saves` (block number in the row, pool block) go to the cache
+    after the prefill (prefix_cache.py)."""
 
     tokens: list[int]
     positions: list[Position]
@@ -33,6 +37,9 @@ class Admission:
     counting: Position
     row: int
     copies_to: list[int] = field(default_factory=list)
+    start: int = 0
+    blocks: list[int] = field(default_factory=list)
+    saves: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -41,11 +48,13 @@ class StepPlan:
     moves: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) packing moves, after parents
     tokens: list[int] = field(default_factory=list)            # next token of the kept rows [0, n_keep)
     admit: list[Admission] = field(default_factory=list)
+    # rows of ended fills whose blocks go to the prefix cache first: (row, [(block number, pool block)])
+    saves: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
 
     @property
     def has_extra(self) -> bool:
-        """Whether moves or admissions follow the tensor as an object."""
-        return bool(self.moves or self.admit)
+        """Whether moves, admissions or saves follow the tensor as an object."""
+        return bool(self.moves or self.admit or self.saves)
 
 
 def message_size(max_rows: int) -> int:

@@ -17,11 +17,17 @@ from collections import deque
 
 from glm_tp.engine.jobs import Job
 from glm_tp.engine.plan import Admission, Choice, StepPlan
+from glm_tp.engine.prefix_cache import PrefixIndex, root_of
+from glm_tp.text.blanks import BlankInput
 
 
 class Scheduler:
-    def __init__(self, max_rows: int, prefill_budget: int, max_wait_steps: int = 8):
+    def __init__(self, max_rows: int, prefill_budget: int, max_wait_steps: int = 8,
+                 prefix: PrefixIndex | None = None):
         self.max_rows, self.prefill_budget = max_rows, prefill_budget
+        self.prefix = prefix  # the prefix cache's index (prefix_cache.py), None when off
+        self.retry = False  # a fill waits for a prefix that this step's prefill computes: admit next step
+        self.prompt_tokens = self.reused_tokens = 0  # of admitted fills; reused: copied from the prefix cache
         # while rows decode, fills join in groups (one prefill forward for several): once half of the
         # rows are free, or once the oldest has waited max_wait_steps steps since the last admission
         # (as TGI batches prefills)
@@ -67,6 +73,7 @@ class Scheduler:
         """End the cancelled fills and those the choice ended, pack the rows that go on, admit waiting fills."""
         plan = StepPlan(parents=[choice.parents.get(r, r) for r in range(len(self.rows))])
         for job, reason in cancelled + choice.ended:
+            self._keep_prefix(job, plan)
             if job.fill is not None and reason in ("stop", "length"):
                 if job.end_fill(reason):
                     job.queued_at = self.steps - self.max_wait_steps  # its next blank joins at once
@@ -85,6 +92,9 @@ class Scheduler:
     def _admission_due(self) -> bool:
         if not self.waiting:
             return False
+        if self.retry:
+            self.retry = False
+            return True
         free = self.max_rows - len(self.rows)
         waited = self.steps - max(self.waiting[0].queued_at, self.last_admission)
         return not self.rows or free >= self.min_group or waited >= self.max_wait_steps
@@ -102,6 +112,7 @@ class Scheduler:
         for r in keep:
             dst = moved.get(r, r)
             job, beam = self.rows[r]
+            job.fed += beam == 0  # this row's token goes into its cache now
             job.rows[beam] = dst
             new_rows[dst] = (job, beam)
         self.rows = new_rows  # type: ignore[assignment]
@@ -114,25 +125,69 @@ class Scheduler:
         return [source[d] for d in range(n)]
 
     def _admit(self, plan: StepPlan) -> None:
-        """Waiting fills join, first come first served, while rows are free and the padded prefill stays
-        within the token budget (the first one always joins). Their first rows are consecutive, so every
-        rank prefills them as one batch; beams' other rows follow."""
-        jobs: list[Job] = []
-        free, width = self.max_rows - len(self.rows), 0
+        """Waiting fills join, first come first served, while rows are free and the padded prefill of the
+        tokens they compute (those after a cached prefix) stays within the token budget (the first one always
+        joins). Their first rows are consecutive, so every rank prefills them as one batch; beams' other rows
+        follow. A fill that would reuse blocks this very prefill computes (n > 1 copies of one prompt) waits
+        for the next step instead."""
+        joining: list[tuple[Job, BlankInput, list[int], list[tuple[int, int]]]] = []
+        free, width, furthest, fresh = self.max_rows - len(self.rows), 0, 0, set()
         while self.waiting:
             job = self.waiting[0]
-            new_width = max(width, len(job.ids) + 1)
-            if job.beams > free or (jobs and new_width * (len(jobs) + 1) > self.prefill_budget):
+            inp = job.next_input()
+            blocks = self._match(inp)
+            start = len(blocks) * self.prefix.block if blocks else 0
+            new_width, new_furthest = max(width, len(inp.tokens) - start), max(furthest, start)
+            if job.beams > free or (joining and (new_width * (len(joining) + 1) > self.prefill_budget
+                                                 or new_furthest + new_width > job.max_len)):
                 break
-            jobs.append(self.waiting.popleft())
-            free -= job.beams
-            width = new_width
-        first, extra = len(self.rows), len(self.rows) + len(jobs)
-        self.rows += [(job, 0) for job in jobs]
-        for job in jobs:
+            if fresh.intersection(blocks):
+                self.retry = True
+                break
+            self.waiting.popleft()
             inp = job.start_fill()
+            saves = self._prompt_blocks(job, inp, blocks)
+            fresh.update(b for _, b in saves)
+            joining.append((job, inp, blocks, saves))
+            self.prompt_tokens, self.reused_tokens = self.prompt_tokens + len(inp.tokens), self.reused_tokens + start
+            free, width, furthest = free - job.beams, new_width, new_furthest
+        first, extra = len(self.rows), len(self.rows) + len(joining)
+        self.rows += [(job, 0) for job, *_ in joining]
+        for job, inp, blocks, saves in joining:
             job.rows = [first] + list(range(extra, extra + job.beams - 1))
             self.rows += [(job, b) for b in range(1, job.beams)]
-            plan.admit.append(Admission(inp.tokens, inp.positions, inp.bidirectional, inp.next_position,
-                                        inp.counting, first, job.rows[1:]))
+            start = len(blocks) * self.prefix.block if blocks else 0
+            plan.admit.append(Admission(inp.tokens[start:], inp.positions[start:], inp.bidirectional,
+                                        inp.next_position, inp.counting, first, job.rows[1:], start, blocks, saves))
             first, extra = first + 1, extra + job.beams - 1
+
+    # -- the prefix cache ---------------------------------------------------------------------------
+    def _match(self, inp: BlankInput) -> list[int]:
+        if self.prefix is None:
+            return []
+        return self.prefix.match(root_of(inp.tokens, inp.positions, inp.bidirectional), inp.tokens, inp.positions)
+
+    def _prompt_blocks(self, job: Job, inp: BlankInput, blocks: list[int]) -> list[tuple[int, int]]:
+        """An admitted fill keeps the blocks it starts from while it runs; its prompt's other whole blocks
+        go to the cache after its prefill."""
+        if self.prefix is None:
+            return []
+        self.prefix.admit(blocks)
+        job.prefix_blocks = blocks
+        return self.prefix.save(root_of(inp.tokens, inp.positions, inp.bidirectional), inp.tokens, inp.positions)
+
+    def _keep_prefix(self, job: Job, plan: StepPlan) -> None:
+        """An ending fill (any reason) gives its row's whole blocks to the cache: its prompt and the tokens it
+        generated that reached the cache (beams: the prompt alone, since the rows' answers differ), so a chat's
+        next turn, which resends the answer, reuses them too. Its blocks are no longer pinned."""
+        if self.prefix is None or job.fill is None or not job.rows:
+            return
+        fill = job.fill
+        answer = job.generated[0][:job.fed] if job.beam is None else []
+        positions = list(fill.positions) + [fill.position_after(g) for g in range(len(answer))]
+        copies = self.prefix.save(root_of(fill.tokens, fill.positions, fill.bidirectional),
+                                  fill.tokens + answer, positions)
+        if copies:
+            plan.saves.append((job.rows[0], copies))
+        self.prefix.release(job.prefix_blocks)
+        job.prefix_blocks = []

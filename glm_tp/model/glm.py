@@ -86,15 +86,30 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store a call's keys/values [b, heads, s, d] in place: at slots [s] shared by every row (a
-        prompt), or at each row's own slot [b, 1] (a decode step over rows of different lengths)."""
+        prompt), or at each row's own slots [b, s] (a decode step over rows of different lengths, a prompt
+        after a cached prefix)."""
         keys, values = self.k[layer], self.v[layer]
         if slots.dim() == 1:
             keys.index_copy_(2, slots, k)
             values.index_copy_(2, slots, v)
             return
-        rows = torch.arange(k.shape[0], device=k.device)
-        keys.transpose(1, 2).index_put_((rows, slots[:, 0]), k[:, :, 0])
-        values.transpose(1, 2).index_put_((rows, slots[:, 0]), v[:, :, 0])
+        rows = torch.arange(k.shape[0], device=k.device).view(-1, 1)
+        keys.transpose(1, 2).index_put_((rows, slots), k.transpose(1, 2))
+        values.transpose(1, 2).index_put_((rows, slots), v.transpose(1, 2))
+
+    def load_blocks(self, pool: KVCache, blocks: torch.Tensor, row: int) -> None:
+        """Slots [0, n * block) of `row` become the pool's rows `blocks` (n of them, `block` slots each)."""
+        n, block = len(blocks), pool.max_len
+        for t, p in ((self.k, pool.k), (self.v, pool.v)):
+            held = p.index_select(1, blocks.to(p.device)).transpose(1, 2)  # [layers, heads, n, block, d]
+            t[:, row, :, :n * block] = held.reshape(t.shape[0], t.shape[2], n * block, t.shape[4])
+
+    def save_blocks(self, pool: KVCache, blocks: torch.Tensor, numbers: list[int], row: int) -> None:
+        """The pool's rows `blocks` become block `numbers[i]` (slots [i * block, (i + 1) * block)) of `row`."""
+        block = pool.max_len
+        for t, p in ((self.k, pool.k), (self.v, pool.v)):
+            parts = [t[:, row, :, i * block:(i + 1) * block] for i in numbers]  # [layers, heads, block, d]
+            p.index_copy_(1, blocks.to(p.device), torch.stack(parts, 1))
 
 
 class SelfAttention(nn.Module):

@@ -34,6 +34,11 @@ class Metrics:
                           ("grammar_steps", "steps with at least one grammar-constrained row"),
                           ("grammar_rows", "grammar-constrained rows, summed over those steps")):
             Gauge(f"glm_tp_{name}", doc, registry=r).set_function(lambda name=name: counters().get(name, 0))
+        for key, what in (("prefix_cache_hit_rate", "prompt tokens reused from the prefix cache / prompt tokens"),
+                          ("prefix_cache_reused_tokens", "prompt tokens reused from the prefix cache, not computed"),
+                          ("prefill_prompt_tokens", "prompt tokens of admitted fills"),
+                          ("prefix_cache_blocks_used", "prefix cache blocks holding a prefix")):
+            Gauge(f"glm_tp_{key}", what, registry=r).set_function(lambda key=key: load().get(key, 0))
         self.requests = Counter("glm_tp_requests", "finished requests (one per choice) by finish reason",
                                 ["finish_reason"], registry=r)
         self.http_errors = Counter("glm_tp_http_errors", "error responses by status", ["status"], registry=r)

@@ -40,8 +40,11 @@ def _run(tp, ckpt, tokfile, pp: int):
     with torch.inference_mode():
         logits = model(tokens, torch.arange(6).expand(2, 6), SeqLayout(torch.tensor([0, 0]), torch.tensor([3, 2])),
                        None, logits_at=torch.tensor([[5, 2], [4, 5]]))
-    engine = Engine(model, load_tokenizer(tokfile, model.cfg.special), max_batch=3)
+    # a causal model with a prefix cache: the repeated prompts hit it, stage by stage
+    engine = Engine(model, load_tokenizer(tokfile, model.cfg.special), max_batch=3,
+                    prefix_cache_tokens=512 if model.cfg.causal else 0)
     results = engine.generate(_requests(model.cfg.causal))
+    assert not (model.cfg.causal and model.world.is_first) or engine.stats()["prefix_cache_reused_tokens"] > 0
     return held, None if logits is None else logits.float(), [(r.token_ids, r.finish_reason, r.error) for r in results], \
         [lp.logprob for r in results for lp in r.logprobs or []]
 

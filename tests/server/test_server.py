@@ -295,7 +295,7 @@ def test_loadgen_measures_a_running_server(server):
 
 def _idle(server) -> bool:
     """The engine has no request left."""
-    return server.coordinator.load() == {"waiting": 0, "running": 0}
+    return _queue(server.coordinator.load()) == (0, 0)
 
 
 def _metric(url: str, name: str) -> float:
@@ -465,3 +465,8 @@ def test_the_prompt_comes_back_as_given(client):
     text = client.completions.create(model="demo", prompt=prompt, max_tokens=3).choices[0].text
     head, tail = prompt.split("[MASK]")
     assert text.startswith(head) and text.endswith(tail) and len(text) > len(prompt) - len("[MASK]")
+
+
+def _queue(load: dict) -> tuple[int, int]:
+    """Requests waiting and running, from the coordinator's load (which also carries the engine's stats)."""
+    return load["waiting"], load["running"]
