@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.types import GenerationConfig, Request, RequestHandle, Result
-from glm_tp.frontends import openai_format, structured
+from glm_tp.frontends import openai_format, openai_responses, structured
 from glm_tp.frontends.jsonl import Line, given_id, key_text, load, read_lines
 from glm_tp.frontends.openai_format import OpenAIError
 from glm_tp.frontends.results_file import check_output, claim_output, done_keys
@@ -194,7 +194,7 @@ def openai_record(item: Item, results: list[Result]) -> dict:
     line_id, request_id = _ids(item.key, item.line)
     try:
         model = item.parsed.model or "glm-tp"
-        body = openai_format.response_body(item.parsed, results, request_id, int(time.time()), model)
+        body = openai_responses.response_body(item.parsed, results, request_id, int(time.time()), model)
     except OpenAIError as e:
         return openai_error_line(item, e)
     return {"id": line_id, "custom_id": item.given,

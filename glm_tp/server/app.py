@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from glm_tp.engine.types import QUEUE_FULL, Delta, Done, GenerationConfig
 from glm_tp.frontends import openai_format as oa
+from glm_tp.frontends import openai_responses as responses
 from glm_tp.frontends import tools
 from glm_tp.server.metrics import Metrics
 from glm_tp.server.schema import request_schema
@@ -155,7 +156,7 @@ class Routes:
         except Refused as e:
             if e.result.error_code == QUEUE_FULL:
                 raise self._busy() from None
-            raise oa.refusal(e.result, parsed.kind) from None
+            raise responses.refusal(e.result, parsed.kind) from None
         with self.state.lock:
             self.state.open_calls.add(call)
         return call
@@ -186,7 +187,7 @@ class Routes:
             self._close(call)
         if not done:
             return Response(status_code=499)  # the client went away; nobody reads this
-        body = oa.response_body(parsed, call.ordered_results(), response_id, created, self.settings.model_name)
+        body = responses.response_body(parsed, call.ordered_results(), response_id, created, self.settings.model_name)
         self._count_calls(body["choices"])
         return JSONResponse(body)
 
@@ -227,14 +228,14 @@ class Routes:
         model = self.settings.model_name
 
         def event(choices: list[dict], usage: dict | None = None) -> bytes:
-            return _sse(oa.chunk(parsed, response_id, created, model, choices, usage))
+            return _sse(responses.chunk(parsed, response_id, created, model, choices, usage))
         relay = tools.StreamRelay(parsed.tools, len(parsed.requests))  # replies that may be tool calls
         try:
             for i in range(len(parsed.requests)):
                 p = parsed.prompt_of(i)
                 echo = parsed.prompts[p] if parsed.echo and not parsed.infill[p] else ""
                 if parsed.kind == "chat" or echo:
-                    yield event(relay.delta(oa.chunk_choice(parsed, i, echo, first=True)))
+                    yield event(relay.delta(responses.chunk_choice(parsed, i, echo, first=True)))
             sent = [""] * len(parsed.requests)
             async for i, ev in call.events(deadline):
                 if isinstance(ev, Delta) and (ev.text or ev.logprobs):
@@ -242,20 +243,20 @@ class Routes:
                     text, prompt = ev.text, parsed.prompts[parsed.prompt_of(i)]
                     if parsed.echo and not parsed.infill[parsed.prompt_of(i)] and ev.lead:  # as the whole answer's
                         text = join_answer(prompt, ev.lead + text)[len(prompt):]
-                    choices = relay.delta(oa.chunk_choice(parsed, i, text, ev.logprobs, blank=ev.blank))
+                    choices = relay.delta(responses.chunk_choice(parsed, i, text, ev.logprobs, blank=ev.blank))
                     if choices:
                         yield event(choices)
                 elif isinstance(ev, Done):
-                    failed = oa.result_error(parsed, ev.result)
+                    failed = responses.result_error(parsed, ev.result)
                     if failed is not None:
                         raise failed
-                    rest = oa.unsent_text(parsed, i, ev.result, sent[i])
-                    for choice in relay.done(oa.chunk_choice(parsed, i, rest, result=ev.result),
-                                             oa.answer_text(parsed, i, ev.result)):
+                    rest = responses.unsent_text(parsed, i, ev.result, sent[i])
+                    for choice in relay.done(responses.chunk_choice(parsed, i, rest, result=ev.result),
+                                             responses.answer_text(parsed, i, ev.result)):
                         self._count_calls([choice])
                         yield event([choice])
             if parsed.include_usage:
-                yield event([], oa.usage(parsed, call.ordered_results()))
+                yield event([], responses.usage(parsed, call.ordered_results()))
         except (TimeoutError, EngineFailed, oa.OpenAIError) as e:
             try:
                 self._raise_for(e)

@@ -8,6 +8,7 @@ import pytest
 
 from glm_tp.engine.types import GenerationConfig, Result, TokenLogprob
 from glm_tp.frontends import openai_format as oa
+from glm_tp.frontends import openai_responses as responses
 from glm_tp.frontends.batch import openai_record, parse_line, read_items
 from glm_tp.text.blanks import CONTEXT_LENGTH
 
@@ -95,19 +96,19 @@ def _result(rid: str, blanks: list[str], text: str) -> Result:
 def test_responses_answer_infills_with_the_text_and_continuations_with_the_blank():
     p = _parse({"prompt": ["x [MASK]", "x"], "logprobs": 1, "echo": True})
     results = [_result("r.0", ["abd"], "x abd"), _result("r.1", ["abd"], "x abd")]
-    body = oa.response_body(p, results, "cmpl-1", 0, "demo")
+    body = responses.response_body(p, results, "cmpl-1", 0, "demo")
     first, second = body["choices"]
     assert first["text"] == "x abd" and second["text"] == "xabd"  # echo puts the prompt first
     assert second["logprobs"]["text_offset"] == [1, 3] and second["logprobs"]["top_logprobs"][0] == {"ab": -0.5, "c": -1.5}
     assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}
     chat = _parse({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 1}, "chat")
-    body = oa.response_body(chat, [_result("r.0", ["abd"], "x abd")], "chat-1", 0, "demo")
+    body = responses.response_body(chat, [_result("r.0", ["abd"], "x abd")], "chat-1", 0, "demo")
     assert body["choices"][0]["message"]["content"] == "abd"
     assert body["choices"][0]["logprobs"]["content"][0]["top_logprobs"][0]["bytes"] == [97, 98]
     refused = Result.failed("r.0", "prompt is 900 tokens with sop, more than the model's max length 512",
                             CONTEXT_LENGTH)
     with pytest.raises(oa.OpenAIError) as e:
-        oa.response_body(p, [refused, refused], "x", 0, "demo")
+        responses.response_body(p, [refused, refused], "x", 0, "demo")
     assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
 
 
