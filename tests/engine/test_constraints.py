@@ -3,40 +3,13 @@ allows and ends when it says, rows beside it are untouched, and a constraint tha
 from __future__ import annotations
 
 import pytest
-import torch
 
 from glm_tp.config import PRESETS
-from glm_tp.engine.constraints import ConstraintError
 from glm_tp.engine.types import GenerationConfig, Request
 from tests.support.engines import causal_checkpoint, engine_for
+from tests.support.scripted import Scripted
 
 CFG = PRESETS["tiny-chatglm2"]
-
-
-class Scripted:
-    """Allows exactly the next token of `script`, and the end once it is all written."""
-
-    def __init__(self, script: list[int], fail_at: int | None = None):
-        self.script, self.at, self.fail_at = script, 0, fail_at
-
-    def mask(self) -> torch.Tensor | None:
-        if self.at == self.fail_at:
-            raise RuntimeError("the grammar broke")
-        allowed = torch.zeros(CFG.vocab_size, dtype=torch.bool)
-        if self.at < len(self.script):
-            allowed[self.script[self.at]] = True
-        return allowed
-
-    def advance(self, token: int) -> None:
-        if self.at >= len(self.script) or token != self.script[self.at]:
-            raise ConstraintError(f"token {token} is not allowed")
-        self.at += 1
-
-    def can_end(self) -> bool:
-        return self.at == len(self.script)
-
-    def finished(self) -> bool:
-        return False  # the end token itself is chosen by the sampler once can_end
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +19,7 @@ def engine(tmp_path_factory, tiny_tokenizer_file):
 
 
 def _request(rid: str, script: list[int] | None = None, fail_at: int | None = None, **cfg) -> Request:
-    factory = (lambda: Scripted(script, fail_at)) if script is not None else None
+    factory = (lambda: Scripted(script, CFG.vocab_size, fail_at)) if script is not None else None
     return Request(rid, "one two three", config=GenerationConfig(max_new_tokens=12, **cfg), constraint=factory)
 
 

@@ -9,12 +9,11 @@ import re
 
 import httpx
 import pytest
-import torch
 from openai import OpenAI
 
 from glm_tp import load_model
 from glm_tp.config import CHATGLM2_SPECIALS, CHATGLM3_ROLES, PRESETS
-from glm_tp.engine.constraints import ConstraintError, JsonValue, Literal, OneOf, Regex, Sequence
+from glm_tp.engine.constraints import JsonValue, Literal, OneOf, Regex, Sequence
 from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.core import Engine
 from glm_tp.engine.types import GenerationConfig
@@ -24,6 +23,7 @@ from glm_tp.text.chat import ChatFormat
 from glm_tp.text.chatglm2_tokenizer import ChatGLM2Tokenizer
 from glm_tp.text.tool_calls import call_message
 from tests.support.engines import causal_checkpoint
+from tests.support.scripted import Scripted
 from tests.support.server import start, watch_handles
 from tests.text.conftest import glm2_tokenizer_file  # noqa: F401  (a fixture: a byte-fallback ChatGLM2-style model)
 
@@ -42,30 +42,6 @@ CALLS = {"glm4": 'get_weather\n{"city": "Beijing", "days": 2}',
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
-class Scripted:
-    """Allows exactly the next token of `script` and, once it is written, the end (as a grammar would)."""
-
-    def __init__(self, script: list[int]):
-        self.script, self.at = script, 0
-
-    def mask(self) -> torch.Tensor:
-        allowed = torch.zeros(CFG.vocab_size, dtype=torch.bool)
-        if self.at < len(self.script):
-            allowed[self.script[self.at]] = True
-        return allowed
-
-    def advance(self, token: int) -> None:
-        if self.at >= len(self.script) or token != self.script[self.at]:
-            raise ConstraintError(f"token {token} is not allowed")
-        self.at += 1
-
-    def can_end(self) -> bool:
-        return self.at == len(self.script)
-
-    def finished(self) -> bool:
-        return False
-
-
 class Script:
     """Engine.grammars replaced: each grammar it is given is kept, and its constraint writes `text`."""
 
@@ -76,7 +52,7 @@ class Script:
     def compile(self, grammar):
         self.grammars.append(grammar)
         ids = self.engine.tok.encode(self.text)
-        return lambda: Scripted(ids)
+        return lambda: Scripted(ids, CFG.vocab_size)
 
 
 def tool_engine(root, tokenizer_file, template: str) -> Engine:
@@ -191,7 +167,7 @@ def _scripted_replies(coordinator: Coordinator, text: str) -> list:
 
     def scripted(request, *args, **kwargs):
         ids = coordinator.engine.tok.encode(text)
-        request.constraint = lambda: Scripted(ids)
+        request.constraint = lambda: Scripted(ids, CFG.vocab_size)
         handles.append(submit(request, *args, **kwargs))
         return handles[-1]
     coordinator.submit = scripted
