@@ -43,7 +43,9 @@ INSTALL = "pip install 'glm-tp[grammar]'"
 CACHE_SIZE = 64  # distinct grammars kept compiled
 # JSON as json.dumps writes it: no free whitespace, so that a model cannot pad a value forever
 JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
-NO_TOKEN = ("NoExtension", "NoExtensionBias")  # llguidance's errors when no token may come next
+NO_TOKEN = ("NoExtension", "NoExtensionBias")
+UNSPELLABLE = ("no token of the model's vocabulary continues its grammar here (the format asks for characters the "
+               "tokenizer cannot write)")  # llguidance's errors when no token may come next
 
 
 def library() -> ModuleType:
@@ -124,6 +126,8 @@ class GrammarConstraint:
         start = time.perf_counter()
         try:
             if not (int(self.text[token >> 5]) >> (token & 31)) & 1 or not self.matcher.consume_token(token):
+                if "forced bytes" in (self.matcher.get_error() or ""):  # text the format needs, no token writes
+                    raise ConstraintError(UNSPELLABLE)
                 raise ConstraintError(f"token {token} does not fit the grammar")
         finally:
             self.timing.seconds += time.perf_counter() - start
@@ -139,8 +143,7 @@ class GrammarConstraint:
             return
         error = self.matcher.get_error()
         if error.split("\n", 1)[0].strip() in NO_TOKEN:
-            raise ConstraintError("no token of the model's vocabulary continues its grammar here (the format asks "
-                                  "for characters the tokenizer cannot write)")
+            raise ConstraintError(UNSPELLABLE)
         raise ConstraintError(f"the grammar failed: {reason(error)}")
 
 

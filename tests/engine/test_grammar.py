@@ -23,6 +23,7 @@ from glm_tp.text.bpe import BPETokenizer
 from glm_tp.text.chatglm2_tokenizer import ChatGLM2Tokenizer
 from glm_tp.text.tokenizer import GLMTokenizer
 from tests.support.byte_tokenizer import write_byte_tokenizer
+from tests.support import ROOT
 from tests.support.engines import causal_checkpoint, engine_for
 
 pytest.importorskip("llguidance", reason="the grammar extra (llguidance) is not installed")
@@ -32,6 +33,9 @@ SPECIAL = PRESETS["tiny"].special
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "ok"],
           "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0,
                          "maximum": 120}, "ok": {"type": "boolean"}}}
+
+
+DEMO = ROOT / "glm_tp" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +171,13 @@ def test_a_format_the_vocabulary_cannot_write_ends_its_request_with_the_reason(t
     cannot, beside = engine.generate([Request("json", "one two", grammar=JsonValue(None)), free])
     assert cannot.finish_reason == "error" and "no token of the model's vocabulary" in cannot.error, cannot
     assert beside.token_ids == alone.token_ids and beside.finish_reason == alone.finish_reason
+
+
+def test_text_a_schema_forces_that_no_token_writes_is_named_as_such():
+    """The demo's vocabulary has "y" and "n" but no "{": the library's mask skips the forced '{"answer": "' and
+    offers y and n, which it then refuses; the request ends saying why, not with a token number."""
+    engine = engine_for(DEMO, DEMO / "tokenizer.model", default=GenerationConfig(max_new_tokens=16))
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    result = engine.generate([Request("a", "Is the sky blue? [gMASK]", grammar=JsonValue(schema))])[0]
+    assert result.finish_reason == "error" and "no token of the model's vocabulary" in result.error, result.error
