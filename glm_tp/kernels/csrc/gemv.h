@@ -7,6 +7,9 @@
 #define Q8_BLOCK 32    /* input columns per activation scale (llama.cpp's Q8_0 block) */
 #define SCALE_COPIES 8 /* each block scale is stored 8 times: one 256-bit vector of fp32 per block */
 
+/* The activations glm_gemv can apply to its output; the ids are the library's ABI (native.py names them). */
+enum { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_SWIGLU = 2, ACT_GEGLU = 3 };
+
 /* The instruction-set paths, best last; the ids are the library's ABI (native.py names them). */
 enum { ISA_NONE = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_VNNI512 = 3 };
 
