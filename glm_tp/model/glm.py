@@ -211,10 +211,11 @@ class GLMBlock(nn.Module):
         if self.pre_ln:
             x = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache, slots, window)
             return x + self.mlp(self.post_attention_layernorm(x))
+        # the scaled residual as one op (alpha * h + y): two fewer small ops per layer in a decode step
         h = self.input_layernorm(x)
-        x = self.alpha * h + self.attention(h, cos, sin, mask, cache, slots, window)
+        x = torch.add(self.attention(h, cos, sin, mask, cache, slots, window), h, alpha=self.alpha)
         m = self.post_attention_layernorm(x)
-        return self.alpha * m + self.mlp(m)
+        return torch.add(self.mlp(m), m, alpha=self.alpha)
 
 
 class Transformer(nn.Module):
