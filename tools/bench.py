@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import glm_tp  # noqa: E402,F401  (before torch: it sets the OpenMP wait policy, read when torch loads it)
 import torch  # noqa: E402
 
 from glm_tp.cli.planner import Plan  # noqa: E402
