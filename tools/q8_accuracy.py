@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--steps", type=int, default=24, help="greedy decode steps of the shaped model")
+    ap.add_argument("--bits", default="8,4", help="the shaped model's weight bits, e.g. 8,4 or 4")
     args = ap.parse_args()
     print(native.describe())
     if args.count:
@@ -87,8 +88,8 @@ def main() -> None:
         for quant in ("int8", "int4"):
             print(logit_gaps(quant))
     if args.shape:
-        for bits in (8, 4):
-            print(shaped_report(args.shape, args.layers, args.vocab, bits, args.steps))
+        for bits in (int(b) for b in args.bits.split(",")):
+            print(shaped_report(args.shape, args.layers, args.vocab, bits, args.steps), flush=True)
 
 
 if __name__ == "__main__":
