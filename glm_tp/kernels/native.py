@@ -59,6 +59,7 @@ def _open() -> tuple[ctypes.CDLL | None, str]:
     lib.glm_quantize_q8.argtypes = [c_int, ptr, c_int, i64, i64, ptr, ptr]
     lib.glm_isa_supported.argtypes = [c_int]
     lib.glm_unpack_bf16.argtypes = [c_int, ptr, i64, i64, i64, ptr, c_int]
+    lib.glm_gemv_bf16.argtypes = [ptr, i64, i64, ptr, c_int, i64, ptr, c_int]
     return lib, ""
 
 
@@ -323,3 +324,52 @@ def dense_kernel(q: torch.Tensor, scale: torch.Tensor, bits: int, small: NativeM
     if not probe.works("native-dense", q.device, f"int{bits}", lambda: _check_dense(bits)):
         return None
     return DenseMatmul(small if small is not None else NativeMatmul(q, scale, bits, "scalar"))
+
+
+class NativeBF16Matmul:
+    """x [..., in] @ W^T for a bf16 weight [out, in] (the LM head, unquantized linears), AVX-512: the weight
+    widened exactly to fp32, fp32 FMA, one rounding to x's dtype (fp32 or bf16), as numba's bf16 GEMV
+    computes it, in the same pool as the quantized GEMVs."""
+
+    def __init__(self, w: torch.Tensor):
+        if w.dtype != torch.bfloat16 or w.dim() != 2 or w.shape[1] % 32:
+            raise ValueError(f"expected a bf16 [out, in] weight with in a multiple of 32, not {w.dtype} {tuple(w.shape)}")
+        self.w, self.n, self.k = w.contiguous(), w.shape[0], w.shape[1]
+        self.max_threads = max(1, self.w.numel() * 2 // MIN_BYTES_PER_THREAD)
+        self._gemv = _load()[0].glm_gemv_bf16
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            return self(x.float()).to(x.dtype)
+        if x.shape[-1] != self.k:
+            raise ValueError(f"activations have {x.shape[-1]} columns, the weight {self.k}")
+        flat = x.reshape(-1, self.k).contiguous()
+        out = torch.empty(flat.shape[0], self.n, dtype=flat.dtype)
+        t = min(torch.get_num_threads(), self.max_threads)
+        if self._gemv(self.w.data_ptr(), self.n, self.k, flat.data_ptr(), int(flat.dtype == torch.bfloat16),
+                      flat.shape[0], out.data_ptr(), t):
+            raise RuntimeError("glm_gemv_bf16 refused its arguments")
+        return out.view(*x.shape[:-1], self.n)
+
+
+def _check_bf16() -> bool:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(72, 96, generator=gen).bfloat16()
+    mm = NativeBF16Matmul(w)
+    for rows in (1, 5):
+        x = torch.randn(rows, 96, generator=gen)
+        want = x.double() @ w.double().t()
+        if not (mm(x).double() - want).abs().max() <= 1e-5 * want.abs().max():
+            return False
+    return True
+
+
+def bf16_kernel(w: torch.Tensor) -> NativeBF16Matmul | None:
+    """The native bf16 GEMV for a CPU weight, or None: the library not built, no AVX-512 or another path
+    asked for by GLM_TP_NATIVE_ISA (numba's serves those), an input dim that is not a multiple of 32, or
+    the check failing."""
+    if not available() or best_isa() != "vnni" or w.device.type != "cpu" or w.shape[1] % 32:
+        return None
+    if not probe.works("native-bf16", w.device, "bf16", _check_bf16):
+        return None
+    return NativeBF16Matmul(w)

@@ -285,12 +285,20 @@ def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, kernels: str = "fus
 
 
 def prepare_float(w: torch.Tensor, kernels: str = "fused") -> PreparedWeight | None:
-    """A bf16 weight's CPU decode kernel (numba), or None where torch's matmul serves every batch: other
-    devices and dtypes, kernels "torch"/"dequant", no numba, an odd input dim, a weight under
-    FLOAT_KERNEL_MIN_BYTES, or a kernel failing its check."""
+    """A bf16 weight's CPU decode kernel (the native bf16 GEMV where built, on AVX-512 CPUs; else numba's),
+    or None where torch's matmul serves every batch: other devices and dtypes, kernels "torch"/"dequant",
+    neither kernel here, an odd input dim, a weight under FLOAT_KERNEL_MIN_BYTES, or a kernel failing its
+    check. Both compute in fp32 from the exact bf16 values and round once."""
     check_kernels(kernels)
     if (w.device.type != "cpu" or w.dtype != torch.bfloat16 or kernels not in CPU_KERNELS or w.shape[1] % 2
-            or w.numel() * w.element_size() < FLOAT_KERNEL_MIN_BYTES or not probe.numba_available()):
+            or w.numel() * w.element_size() < FLOAT_KERNEL_MIN_BYTES):
+        return None
+    from glm_tp.kernels import native
+
+    fast = native.bf16_kernel(w)
+    if fast is not None:
+        return PreparedWeight("float", w, None, 0, small=fast)
+    if not probe.numba_available():
         return None
     if not _kernel_works(w.device, 16, "numba"):
         warnings.warn("the numba bf16 CPU kernel failed its check here: using torch's matmul")

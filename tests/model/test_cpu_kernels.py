@@ -149,7 +149,16 @@ def test_q8_needs_whole_blocks():
     assert (p.matmul(x).double() - _exact(x, q, scale, 8)).abs().max() <= 0.02 * _exact(x, q, scale, 8).abs().max()
 
 
-def test_without_numba_the_torch_kernels_are_used(monkeypatch):
+@pytest.fixture
+def no_native_bf16(monkeypatch):
+    """numba's bf16 GEMV rather than the native one (which serves bf16 weights on AVX-512 CPUs): another
+    native path asked for (or, where it does not run here, the library off)."""
+    from glm_tp.kernels import native
+
+    monkeypatch.setenv(native.ENV, "avx2" if native.supported("avx2") else "off")
+
+
+def test_without_numba_the_torch_kernels_are_used(monkeypatch, no_native_bf16):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real(name, *a))
     q, scale = quantize_rows(torch.randn(64, 128), 8)
@@ -163,7 +172,7 @@ def test_without_numba_the_torch_kernels_are_used(monkeypatch):
         prepare(q, scale, 8, "q8")
 
 
-def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch):
+def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch, no_native_bf16):
     monkeypatch.setitem(probe.RESULTS, ("numba", "cpu", "int4"), False)
     q, scale = quantize_rows(torch.randn(64, 128), 4)
     with pytest.warns(UserWarning, match="numba INT4 CPU kernels failed their check here: using torch's"):
@@ -330,7 +339,7 @@ def test_a_chatglm2_decode_gives_the_same_tokens_with_the_kernels_and_without(tm
 
 @pytest.mark.parametrize("bits", [8, 4, 16])
 @pytest.mark.parametrize("rows", [1, 5, SMALL_ROWS])
-def test_fused_swiglu_matches_the_torch_ops(bits, rows):
+def test_fused_swiglu_matches_the_torch_ops(bits, rows, no_native_bf16):
     torch.manual_seed(bits + rows)
     f, k = 520, 1024  # bf16: 2 x 520 rows of 1024, just over the size the bf16 GEMV is used from
     w, x, bias = torch.randn(2 * f, k) / 16, torch.randn(rows, k), torch.randn(2 * f)

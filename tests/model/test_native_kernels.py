@@ -200,3 +200,24 @@ def test_epilogues_equal_their_torch_definition(isa, act, dtype, bits, rows, mon
     assert torch.equal(mm(x, None, None, None), mm(x))  # no epilogue: the plain GEMV
     plus = mm(x.float(), None, bias, None)
     assert (plus.double() - y).abs().max() <= 1e-5 * y.abs().max()  # a bias alone
+
+
+@pytest.mark.skipif(not native.supported("vnni"), reason="the native bf16 GEMV runs on AVX-512 CPUs")
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
+def test_bf16_gemv_equals_fp32_on_the_exact_values(rows):
+    from glm_tp.kernels import quant
+
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(100, 96, generator=gen).bfloat16()  # 100 rows: a partial 16-row part; 3 blocks of 32
+    mm = native.NativeBF16Matmul(w)
+    x = torch.randn(rows, 96, generator=gen)
+    exact = x.double() @ w.double().t()
+    got = mm(x)
+    assert got.dtype == torch.float32 and (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    xb = x.bfloat16()  # bf16 in: widened exactly, the output rounded once to nearest even
+    assert mm(xb).dtype == torch.bfloat16 and torch.equal(mm(xb), mm(xb.float()).bfloat16())
+    assert mm(x.half()).dtype == torch.float16
+    with pytest.raises(ValueError):
+        native.NativeBF16Matmul(torch.randn(8, 48).bfloat16())  # not whole blocks of 32
+    head = torch.randn(520, 1024, generator=gen).bfloat16()  # over quant.FLOAT_KERNEL_MIN_BYTES
+    assert isinstance(quant.prepare_float(head).small, native.NativeBF16Matmul)

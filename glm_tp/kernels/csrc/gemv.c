@@ -240,6 +240,59 @@ int glm_gemv(int isa, int bits, const void *w, const float *rs, int64_t n, int64
     return 0;
 }
 
+/* ---- bf16 weights (AVX-512 only: elsewhere numba's bf16 GEMV serves them) ---- */
+
+typedef struct {
+    const uint16_t *w;
+    const float *x; /* [m, k], deinterleaved per 32 columns */
+    int64_t n, k, m;
+    void *out;
+    int out_bf16;
+} bf16_job;
+
+static void run_bf16(void *ctx, int64_t n0, int64_t n1) {
+    const bf16_job *jb = ctx;
+    float res[4];
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t r0 = 0; r0 < jb->m; r0 += 4) {
+            const int mt = (int)(jb->m - r0 < 4 ? jb->m - r0 : 4);
+            bf16_tile_avx512(jb->w + n * jb->k, jb->k, jb->x + r0 * jb->k, mt, res);
+            for (int r = 0; r < mt; r++) store(jb->out, jb->out_bf16, (r0 + r) * jb->n + n, res[r]);
+        }
+}
+
+static float *scratch_x;
+static int64_t scratch_x_size;
+
+/* out[m, n] = x[m, k] @ W^T for a bf16 weight W [n, k] (bits), k a multiple of 32, x fp32 or bf16, out the
+ * same; fp32 accumulation, one rounding. 0, or -1 if refused (no AVX-512 here, k, no memory). */
+int glm_gemv_bf16(const uint16_t *w, int64_t n, int64_t k, const void *x, int x_bf16, int64_t m, void *out,
+                  int nthreads) {
+    if (!gemv_isa_supported(ISA_VNNI512) || k <= 0 || k % 32 || m < 1) return -1;
+    pthread_mutex_lock(&call_lock);
+    if (scratch_x_size < m * k) {
+        free(scratch_x);
+        scratch_x = aligned_alloc(64, (size_t)(m * k * 4 + 63) / 64 * 64);
+        scratch_x_size = scratch_x ? m * k : 0;
+        if (!scratch_x) return pthread_mutex_unlock(&call_lock), -1;
+    }
+    for (int64_t i = 0; i < m * k; i++) { /* column c of each 32 goes to (c odd) * 16 + c / 2 */
+        float v;
+        if (x_bf16) {
+            uint32_t u = (uint32_t)((const uint16_t *)x)[i] << 16;
+            memcpy(&v, &u, 4);
+        } else {
+            v = ((const float *)x)[i];
+        }
+        const int64_t c = i % 32;
+        scratch_x[i - c + (c & 1) * 16 + c / 2] = v;
+    }
+    bf16_job jb = {w, scratch_x, n, k, m, out, x_bf16};
+    pool_run(nthreads < 1 ? 1 : nthreads, run_bf16, &jb, n, 16);
+    pthread_mutex_unlock(&call_lock);
+    return 0;
+}
+
 /* ---- the weight as bf16 integers, for a bf16 GEMM (prefill-sized batches) ---- */
 
 /* int8 and INT4 values are exact in bf16 (|q| <= 127 fits its 8-bit significand): the row scales stay

@@ -31,6 +31,9 @@ const isa_ops *gemv_ops_scalar(void);
 const isa_ops *gemv_ops_avx2(void);
 const isa_ops *gemv_ops_vnni512(void);
 
+/* bf16 weight rows against `mt` (<= 4) fp32 rows, each deinterleaved per 32 columns (16 even, 16 odd) */
+void bf16_tile_avx512(const uint16_t *w, int64_t k, const float *x, int mt, float *res);
+
 void quantize_rows_scalar(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx);
 void quantize_rows_avx2(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx);
 void quantize_rows_avx512(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx);
