@@ -166,7 +166,8 @@ def kernel_paths(model: GLMModel) -> dict[str, str]:
         name = type(k).__name__
         if name == "NativeMatmul":
             return f"native GEMV ({native.ISA_NAMES[next(n for n, i in native.ISAS.items() if i == k.isa)]}, Q8_0 activations)"
-        return {"DenseMatmul": "native unpack + torch bf16 GEMM", "Matmul": "numba GEMV"}.get(name, name)
+        return {"DenseMatmul": "native unpack + torch bf16 GEMM", "NativeBF16Matmul": "native bf16 GEMV",
+                "Matmul": "numba GEMV"}.get(name, name)
 
     def linear(layer) -> str:
         p = layer.prepared
