@@ -14,7 +14,7 @@ checked against plain dequantization on a small case before it is trusted (probe
   instructions (AMX, AVX-512 BF16), else stay on torch's kernels above; kernels="q8" sends them through
   numba's integer kernel with Q8_0 activations instead;
 - "float" (`prepare_float`): a bf16 weight on CPU (the LM head, unquantized linears): batches of up to
-  SMALL_ROWS rows go to the numba bf16 GEMV, larger ones to torch's matmul;
+  SMALL_ROWS rows go to the native bf16 GEMV (AVX-512) or numba's, larger ones to torch's matmul;
 - "compiled": CUDA, the dequantization fused into the matmul by torch.compile (Triton) for decode-sized
   batches, cuBLAS on the dequantized weight for prefill;
 - "dequant": dequantize to the activation dtype, then F.linear: the reference's computation (always
