@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 import torch
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# how quantized matmuls are computed (kernels/quant.py): the fastest fused kernel, CPU integer kernels with
-# Q8_0 activations for larger batches, torch's fused kernels only, or the reference's dequantize + matmul
-KERNELS = ("fused", "q8", "torch", "dequant")
+# how quantized matmuls are computed (kernels/quant.py): the fastest fused kernel (on CPU: Q8_0 activations
+# for decode batches where the native kernel runs), the same with weight-only numerics throughout, CPU
+# integer kernels with Q8_0 activations for larger batches too, torch's fused kernels only, or the
+# reference's dequantize + matmul
+KERNELS = ("fused", "weight-only", "q8", "torch", "dequant")
+CPU_KERNELS = ("fused", "weight-only", "q8")  # the settings that use glm-tp's own CPU kernels
 LM_HEADS = ("model", "int8")  # the LM head in the model's dtype, or an INT8 copy of it
 # quant= values -> weight bits: None = whatever the checkpoint holds, 0 = float, 8/4 = INT8/INT4 weight-only
 QUANT_CHOICES = {None: None, "auto": None, "none": 0, "fp": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4,

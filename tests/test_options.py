@@ -18,7 +18,7 @@ from glm_tp.config import (
 def test_one_message_for_every_choice():
     with pytest.raises(ValueError, match=r"^unknown color 'blue': use one of auto, never$"):
         check_choice("color", "blue", ("auto", "never"))
-    with pytest.raises(ValueError, match=r"^unknown kernels 'fast': use one of fused, q8, torch, dequant$"):
+    with pytest.raises(ValueError, match=r"^unknown kernels 'fast': use one of fused, weight-only, q8, torch, dequant$"):
         check_kernels("fast")
     with pytest.raises(ValueError, match=r"^unknown lm_head 'int4': use one of model, int8$"):
         check_lm_head("int4")

@@ -29,13 +29,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import glm_tp  # noqa: E402,F401  (before torch: it sets the OpenMP wait policy, read when torch loads it)
 import torch  # noqa: E402
 
 from glm_tp.cli.planner import Plan  # noqa: E402
 from glm_tp.config import KERNELS, LM_HEADS, PRESETS, ModelConfig, get_preset, parse_dtype  # noqa: E402
 from glm_tp.dev import reference  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
 from glm_tp.engine.decoder import Decoder  # noqa: E402
-from glm_tp.kernels import quant  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
+from glm_tp.kernels import native, quant  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
 from glm_tp.kernels.formats import quantize_rows  # noqa: E402
 from glm_tp.model.glm import GLMModel, SeqLayout  # noqa: E402
 from glm_tp.parallel.dist import TPContext, init_distributed, simulated_rank  # noqa: E402
@@ -161,18 +162,25 @@ def kernel_paths(model: GLMModel) -> dict[str, str]:
     """Which kernels a decode step of this model runs (layer 0's choices; every layer makes the same)."""
     block = model.transformer.layers[0]
 
+    def kernel(k) -> str:
+        name = type(k).__name__
+        if name == "NativeMatmul":
+            return f"native GEMV ({native.ISA_NAMES[next(n for n, i in native.ISAS.items() if i == k.isa)]}, Q8_0 activations)"
+        return {"DenseMatmul": "native unpack + torch bf16 GEMM", "NativeBF16Matmul": "native bf16 GEMV",
+                "Matmul": "numba GEMV"}.get(name, name)
+
     def linear(layer) -> str:
         p = layer.prepared
         if p is None:
             return "torch matmul"
-        return ("numba GEMV" if p.small is not None else p.kind) + ("" if p.kind == "float" else f" ({p.kind} above 16 rows)")
+        small = kernel(p.small) if p.small is not None else p.kind
+        return small + ("" if p.kind == "float" else f" ({kernel(p.large) if p.large is not None else p.kind} above 16 rows)")
 
-    mlp = {"swiglu": "SwiGLU fused into the GEMV (numba)" if block.mlp.fused else "SwiGLU torch ops",
-           "geglu": "GeGLU torch ops", "gelu": "GeLU torch ops"}[block.mlp.kind]
+    mlp = f"{block.mlp.kind} fused into the h->4h GEMV" if block.mlp.fused else f"{block.mlp.kind} torch ops"
     head = model.lm_head or model.transformer.word_embeddings
     return {"attention": "numba decode kernel" if block.attention.decode_kernel is not None else "torch attention",
             "qkv": linear(block.attention.query_key_value), "mlp_h_to_4h": linear(block.mlp.dense_h_to_4h),
-            "mlp_activation": mlp, "lm_head": "numba GEMV" if head.head is not None and head.head.small is not None
+            "mlp_activation": mlp, "lm_head": kernel(head.head.small) if head.head is not None and head.head.small is not None
             else "torch matmul"}
 
 

@@ -14,6 +14,7 @@ import importlib.util
 import os
 
 import torch
+import torch.nn.functional as F
 
 from glm_tp.kernels import probe
 from glm_tp.kernels.formats import dequantize, int_values, pack_int4_halves, quantize_rows, unpack_int4
@@ -22,6 +23,14 @@ Q8_BLOCK = 32
 ISAS = {"scalar": 1, "avx2": 2, "vnni": 3}  # the C library's ids (gemv.h)
 ISA_NAMES = {"vnni": "AVX-512 VNNI", "avx2": "AVX2", "scalar": "portable C"}
 ENV = "GLM_TP_NATIVE_ISA"
+# the activations the GEMV applies to its output (gemv.h's ACT_*), as the MLPs name them (config.mlp):
+# "gelu" tanh-GeLU of ChatGLM-6B; "swiglu" silu(gate) * up; "geglu" value * gelu(gate), exact GeLU
+ACTIVATIONS = {"gelu": 1, "swiglu": 2, "geglu": 3}
+
+# DenseMatmul unpacks this many bf16 bytes of weight per GEMM call: chunks of 1-4 MiB made each GEMM call
+# pay torch's per-call cost (measured 23-86 ms vs 7.4 ms for one 11008x2048 call at 128 rows), so one
+# call per weight up to this bound on the temporary
+CHUNK_BYTES = 1 << 25
 
 # a thread gets at least this many weight bytes: below, waking it costs more than it saves
 MIN_BYTES_PER_THREAD = 1 << 18
@@ -46,9 +55,11 @@ def _open() -> tuple[ctypes.CDLL | None, str]:
     except OSError as e:
         return None, f"not loadable: {e}"
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.glm_gemv.argtypes = [c_int, c_int, ptr, ptr, i64, i64, ptr, c_int, i64, ptr, c_int, c_int]
+    lib.glm_gemv.argtypes = [c_int, c_int, ptr, ptr, i64, i64, ptr, c_int, i64, ptr, c_int, c_int, ptr, c_int]
     lib.glm_quantize_q8.argtypes = [c_int, ptr, c_int, i64, i64, ptr, ptr]
     lib.glm_isa_supported.argtypes = [c_int]
+    lib.glm_unpack_bf16.argtypes = [c_int, ptr, i64, i64, i64, ptr, c_int]
+    lib.glm_gemv_bf16.argtypes = [ptr, i64, i64, ptr, c_int, i64, ptr, c_int]
     return lib, ""
 
 
@@ -152,10 +163,13 @@ class NativeMatmul:
         self.max_threads = max(1, self.w.numel() // MIN_BYTES_PER_THREAD)
         self._gemv, self._w, self._scale = _load()[0].glm_gemv, self.w.data_ptr(), self.scale.data_ptr()
 
-    def __call__(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, threads: int | None = None, bias: torch.Tensor | None = None,
+                 act: str | None = None) -> torch.Tensor:
+        """x @ W^T, or act(x @ W^T + bias) in fp32 with one rounding (act: an ACTIVATIONS name; a GLU's
+        output has half the columns)."""
         # the decode path: a few microseconds of Python per call are a measurable part of a small GEMV
         if x.dtype not in (torch.float32, torch.bfloat16):  # e.g. fp16: the kernel's own dtypes around it
-            return self(x.float(), threads).to(x.dtype)
+            return self(x.float(), threads, bias, act).to(x.dtype)
         if x.device.type != "cpu":
             raise TypeError(f"native kernels take CPU activations, not {x.device}")
         if x.shape[-1] != self.k:
@@ -163,13 +177,26 @@ class NativeMatmul:
         flat = x if x.dim() == 2 else x.reshape(-1, self.k)
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        out = torch.empty(flat.shape[0], self.n, dtype=flat.dtype)
+        act_id = ACTIVATIONS[act] if act is not None else 0
+        n_out = self.n // 2 if act in ("swiglu", "geglu") else self.n
+        out = torch.empty(flat.shape[0], n_out, dtype=flat.dtype)
+        b = 0
+        if bias is not None:
+            bias = bias.float().contiguous()  # kept alive until the call returns
+            b = bias.data_ptr()
         bf16 = int(flat.dtype == torch.bfloat16)
         t = threads if threads is not None else min(torch.get_num_threads(), self.max_threads)
         if self._gemv(self.isa, self.bits, self._w, self._scale, self.n, self.k, flat.data_ptr(), bf16,
-                      flat.shape[0], out.data_ptr(), bf16, t):
+                      flat.shape[0], out.data_ptr(), bf16, t, b, act_id):
             raise RuntimeError("glm_gemv refused its arguments")
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.n)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], n_out)
+
+    def activated(self, x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+        """act(x @ W^T + bias) (see __call__)."""
+        return self(x, None, bias, act)
+
+    def swiglu(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self(x, None, bias, "swiglu")
 
 
 def _check(bits: int) -> bool:
@@ -182,6 +209,30 @@ def _check(bits: int) -> bool:
         x = torch.randn(rows, 192, generator=gen)
         want = x @ dense.t()
         if not (mm(x) - want).abs().max() <= 0.05 * want.abs().max() + 1e-3:
+            return False
+    return True
+
+
+def activation_reference(y: torch.Tensor, act: str) -> torch.Tensor:
+    """The epilogues' definitions in torch, on the GEMV's output with its bias (GLUs: rows [first ; second])."""
+    if act == "gelu":
+        return F.gelu(y, approximate="tanh")
+    first, second = y.chunk(2, dim=-1)
+    return F.silu(first) * second if act == "swiglu" else first * F.gelu(second)
+
+
+def check_activation(act: str, dtype: torch.dtype) -> bool:
+    """An epilogue on a small case (a bias, 1 and 3 rows) against its torch definition on the kernel's own
+    fp32 GEMV output: one rounding to `dtype`."""
+    gen = torch.Generator().manual_seed(0)
+    q, scale = quantize_rows(torch.randn(96, 64, generator=gen), 8)
+    mm, bias = NativeMatmul(q, scale, 8), torch.randn(96, generator=gen)
+    for rows in (1, 3):
+        x = torch.randn(rows, 64, generator=gen).to(dtype)
+        want = activation_reference(mm(x.float()).double() + bias.double(), act)
+        got = mm(x, None, bias, act)
+        tol = 2e-5 if dtype == torch.float32 else 2 ** -8
+        if got.dtype != dtype or not ((got.double() - want).abs() <= tol * want.abs().max() + 1e-5).all():
             return False
     return True
 
@@ -199,3 +250,126 @@ def small_kernel(q: torch.Tensor, scale: torch.Tensor, bits: int) -> NativeMatmu
     if not probe.works(f"native-{isa}", q.device, f"int{bits}", lambda: _check(bits)):
         return None
     return NativeMatmul(q, scale, bits, isa)
+
+
+def bf16_matmul_fast() -> bool:
+    """Whether torch's bf16 GEMM has matrix instructions here (AMX or AVX-512 BF16, through oneDNN): then a
+    prefill-sized batch is fastest as a bf16 GEMM on the weight's integer values (DenseMatmul)."""
+    cpu = torch.cpu
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+_SCRATCH: list[torch.Tensor] = []  # DenseMatmul's chunk, shared by every weight (calls come one at a time)
+
+
+def _scratch(elements: int) -> torch.Tensor:
+    """A bf16 buffer of at least `elements`, kept: a fresh 32 MiB one per call cost its page faults (a 16-row
+    call measured 73 ms against 16 ms for the unpack and GEMM on a kept buffer)."""
+    if not _SCRATCH or _SCRATCH[0].numel() < elements:
+        _SCRATCH[:] = [torch.empty(elements, dtype=torch.bfloat16)]
+    return _SCRATCH[0][:elements]
+
+
+class DenseMatmul:
+    """x [..., in] @ (W * scale[:, None])^T for larger batches: the weight's integer values, unpacked to bf16 by
+    the library `chunk` rows at a time (exact: |q| <= 127), each chunk multiplied by torch's bf16 GEMM while
+    it is in cache, the fp32 row scales applied to the output. The numerics of torch's weight-only kernels
+    (bf16 activations, the unscaled product rounded to bf16, the scales applied after); no extra memory
+    but one chunk."""
+
+    def __init__(self, w: NativeMatmul, chunk_bytes: int = CHUNK_BYTES):
+        self.w, self.n, self.k, self.bits = w, w.n, w.k, w.bits
+        self.rows = max(16, min(self.n, chunk_bytes // (2 * self.k)) // 16 * 16)
+        self._unpack = _load()[0].glm_unpack_bf16
+
+    def weight(self, r0: int, r1: int, out: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """Rows [r0, r1) of the weight's integer values as bf16, written into `out` [>= r1 - r0, in]."""
+        t = threads if threads is not None else torch.get_num_threads()
+        if self._unpack(self.bits, self.w._w, r0, r1, self.k, out.data_ptr(), t):
+            raise RuntimeError("glm_unpack_bf16 refused its arguments")
+        return out[:r1 - r0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.k:
+            raise ValueError(f"activations have {x.shape[-1]} columns, the weight {self.k}")
+        flat = x.reshape(-1, self.k).to(torch.bfloat16)
+        buf = _scratch(self.rows * self.k).view(self.rows, self.k)
+        parts = [torch.mm(flat, self.weight(r0, min(r0 + self.rows, self.n), buf).t())
+                 for r0 in range(0, self.n, self.rows)]
+        out = torch.cat(parts, dim=1).float() * self.w.scale
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.n)
+
+
+def _check_dense(bits: int) -> bool:
+    """DenseMatmul on a small case against dequantization: a bf16 rounding of the product."""
+    gen = torch.Generator().manual_seed(0)
+    q, scale = quantize_rows(torch.randn(72, 192, generator=gen), bits)
+    dense = dequantize(q, scale, bits, torch.float32)
+    mm = DenseMatmul(NativeMatmul(q, scale, bits), chunk_bytes=32 * 192 * 2)  # 3 chunks, the last partial
+    x = torch.randn(40, 192, generator=gen)
+    want = x.bfloat16().float() @ dense.t()
+    return bool((mm(x) - want).abs().max() <= 0.01 * want.abs().max() + 1e-3)
+
+
+def dense_kernel(q: torch.Tensor, scale: torch.Tensor, bits: int, small: NativeMatmul | None = None
+                 ) -> DenseMatmul | None:
+    """The bf16-GEMM matmul for a CPU weight's larger batches, or None where torch's kernels serve them
+    better or it cannot: the library not built, no bf16 matrix instructions here (bf16_matmul_fast), a shape
+    NativeMatmul refuses, or the check against dequantization failing. `small`: the weight's NativeMatmul,
+    if it has one (its INT4 layout is shared)."""
+    if not available() or not bf16_matmul_fast() or q.device.type != "cpu":
+        return None
+    if q.shape[1] * (2 if bits == 4 else 1) % (64 if bits == 4 else 32):
+        return None
+    if not probe.works("native-dense", q.device, f"int{bits}", lambda: _check_dense(bits)):
+        return None
+    return DenseMatmul(small if small is not None else NativeMatmul(q, scale, bits, "scalar"))
+
+
+class NativeBF16Matmul:
+    """x [..., in] @ W^T for a bf16 weight [out, in] (the LM head, unquantized linears), AVX-512: the weight
+    widened exactly to fp32, fp32 FMA, one rounding to x's dtype (fp32 or bf16), as numba's bf16 GEMV
+    computes it, in the same pool as the quantized GEMVs."""
+
+    def __init__(self, w: torch.Tensor):
+        if w.dtype != torch.bfloat16 or w.dim() != 2 or w.shape[1] % 32:
+            raise ValueError(f"expected a bf16 [out, in] weight with in a multiple of 32, not {w.dtype} {tuple(w.shape)}")
+        self.w, self.n, self.k = w.contiguous(), w.shape[0], w.shape[1]
+        self.max_threads = max(1, self.w.numel() * 2 // MIN_BYTES_PER_THREAD)
+        self._gemv = _load()[0].glm_gemv_bf16
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            return self(x.float()).to(x.dtype)
+        if x.shape[-1] != self.k:
+            raise ValueError(f"activations have {x.shape[-1]} columns, the weight {self.k}")
+        flat = x.reshape(-1, self.k).contiguous()
+        out = torch.empty(flat.shape[0], self.n, dtype=flat.dtype)
+        t = min(torch.get_num_threads(), self.max_threads)
+        if self._gemv(self.w.data_ptr(), self.n, self.k, flat.data_ptr(), int(flat.dtype == torch.bfloat16),
+                      flat.shape[0], out.data_ptr(), t):
+            raise RuntimeError("glm_gemv_bf16 refused its arguments")
+        return out.view(*x.shape[:-1], self.n)
+
+
+def _check_bf16() -> bool:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(72, 96, generator=gen).bfloat16()
+    mm = NativeBF16Matmul(w)
+    for rows in (1, 5):
+        x = torch.randn(rows, 96, generator=gen)
+        want = x.double() @ w.double().t()
+        if not (mm(x).double() - want).abs().max() <= 1e-5 * want.abs().max():
+            return False
+    return True
+
+
+def bf16_kernel(w: torch.Tensor) -> NativeBF16Matmul | None:
+    """The native bf16 GEMV for a CPU weight, or None: the library not built, no AVX-512 or another path
+    asked for by GLM_TP_NATIVE_ISA (numba's serves those), an input dim that is not a multiple of 32, or
+    the check failing."""
+    if not available() or best_isa() != "vnni" or w.device.type != "cpu" or w.shape[1] % 32:
+        return None
+    if not probe.works("native-bf16", w.device, "bf16", _check_bf16):
+        return None
+    return NativeBF16Matmul(w)

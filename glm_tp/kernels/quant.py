@@ -5,12 +5,16 @@ checked against plain dequantization on a small case before it is trusted (probe
 - "int8pack": torch's fused int8 weight-only matmul (bf16 activations), CPU;
 - "int4pack": torch's fused int4 kernel (bf16 activations; its grouped format with unit scales and zero
   point 0), CPU and CUDA sm_80+;
-- on CPU, batches of up to SMALL_ROWS rows (decode) go to numba-compiled GEMV kernels
-  (`kernels/cpu.py`, fp32 activations) when numba is installed; larger batches (prefill, big decode batches)
-  stay on torch's kernels above; kernels="q8" sends those through the integer kernel with Q8_0-quantized
-  activations instead, and small batches through the compiled one (`kernels/native.py`) where it is built;
+- on CPU, batches of up to SMALL_ROWS rows (decode) go, under kernels="fused", to the compiled integer
+  GEMV (`kernels/native.py`: activations quantized per block of 32, Q8_0, as llama.cpp does; the logit
+  tolerance this costs is in docs/performance.md) where it is built and passes its check, else to the
+  numba GEMV kernels (`kernels/cpu.py`, fp32 activations, weight-only numerics), else to torch's;
+  kernels="weight-only" skips the integer GEMV. Larger batches (prefill) go to a bf16 GEMM on the weight's
+  integer values (`native.DenseMatmul`, weight-only numerics) where torch's bf16 GEMM has matrix
+  instructions (AMX, AVX-512 BF16), else stay on torch's kernels above; kernels="q8" sends them through
+  numba's integer kernel with Q8_0 activations instead;
 - "float" (`prepare_float`): a bf16 weight on CPU (the LM head, unquantized linears): batches of up to
-  SMALL_ROWS rows go to the numba bf16 GEMV, larger ones to torch's matmul;
+  SMALL_ROWS rows go to the native bf16 GEMV (AVX-512) or numba's, larger ones to torch's matmul;
 - "compiled": CUDA, the dequantization fused into the matmul by torch.compile (Triton) for decode-sized
   batches, cuBLAS on the dequantized weight for prefill;
 - "dequant": dequantize to the activation dtype, then F.linear: the reference's computation (always
@@ -27,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from glm_tp.config import check_kernels, dtype_name
+from glm_tp.config import CPU_KERNELS, check_kernels, dtype_name
 from glm_tp.kernels import probe
 from glm_tp.kernels.formats import dequantize, int_values, quantize_rows, unpack_int4
 
@@ -81,12 +85,20 @@ class PreparedWeight:
     small: Callable | None = None          # CPU: the kernel for batches of up to SMALL_ROWS rows
     large: Callable | None = None          # CPU, kernels="q8": the kernel for larger batches
 
-    def swiglu(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """`swiglu(x @ W^T + bias)` for a [gate ; up] weight, fused into the CPU GEMV (see fused_swiglu) for a
-        decode batch; None where this weight or batch has no such kernel."""
-        if self.small is None or x.numel() // x.shape[-1] > SMALL_ROWS or x.dtype not in (torch.float32, torch.bfloat16):
+    def activated(self, x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor | None:
+        """`act(x @ W^T + bias)` (act: an MLP kind, config.mlp; a GLU's rows [first ; second]) fused into the CPU
+        GEMV of a decode batch (see fused_activation); None where this weight or batch has no such kernel:
+        the native GEMV applies all three, numba's SwiGLU only."""
+        if (self.small is None or x.numel() // x.shape[-1] > SMALL_ROWS
+                or x.dtype not in (torch.float32, torch.bfloat16)):
             return None
-        return self.small.swiglu(x, bias)
+        if hasattr(self.small, "activated"):
+            return self.small.activated(x, bias, act)
+        return self.small.swiglu(x, bias) if act == "swiglu" and hasattr(self.small, "swiglu") else None
+
+    def swiglu(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """`swiglu(x @ W^T + bias)` for a [gate ; up] weight (see activated)."""
+        return self.activated(x, bias, "swiglu")
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ W^T -> [..., out] in x's dtype."""
@@ -118,12 +130,28 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def fused_swiglu(kernels: str, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether SwiGLU MLPs fuse silu(gate) * up into the CPU GEMV of their h->4h weight (decode batches: the
-    GEMV writes fp32, a vectorized epilogue activates it and rounds once): CPU, fp32/bf16, kernels
-    "fused"/"q8", numba, and the epilogue passing its check (else a warning and the torch ops)."""
+def fused_activation(kernels: str, act: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether an MLP's activation (config.mlp) fuses into the CPU GEMV of its h->4h weight for decode batches
+    (the GEMV writes fp32, the activation runs on it and rounds once): CPU, fp32/bf16, kernels in CPU_KERNELS,
+    and a kernel passing its check: the native GEMV's epilogues (kernels "fused"/"q8", where built), or
+    numba's SwiGLU epilogue (else a warning and the torch ops). The weight's own kernel decides per call
+    (PreparedWeight.activated), falling back to the torch ops where it has none."""
     check_kernels(kernels)
-    if (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or kernels not in ("fused", "q8")
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or kernels not in CPU_KERNELS:
+        return False
+    from glm_tp.kernels import native
+
+    if kernels in ("fused", "q8") and native.available() and probe.works(
+            f"native-{act}", device, dtype_name(dtype), lambda: native.check_activation(act, dtype)):
+        return True
+    return act == "swiglu" and fused_swiglu(kernels, dtype, device)
+
+
+def fused_swiglu(kernels: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether numba's SwiGLU epilogue serves the weight-only GEMV: CPU, fp32/bf16, kernels in CPU_KERNELS,
+    numba, and the epilogue passing its check (else a warning and the torch ops)."""
+    check_kernels(kernels)
+    if (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or kernels not in CPU_KERNELS
             or not probe.numba_available()):
         return False
     if not probe.works("swiglu", device, dtype_name(dtype), lambda: _swiglu_works(dtype)):
@@ -136,7 +164,7 @@ def _swiglu_works(dtype: torch.dtype) -> bool:
     """The fused path against `swiglu` on an INT8 weight with a bias, for 1 and 3 rows (a bf16 rounding)."""
     gen = torch.Generator().manual_seed(0)
     q, scale = quantize_rows(torch.randn(96, 64, generator=gen), 8)
-    p = _with_cpu_kernels(PreparedWeight("dequant", q, scale, 8), "fused")
+    p = _with_cpu_kernels(PreparedWeight("dequant", q, scale, 8), "weight-only")
     bias = torch.randn(96, generator=gen).to(dtype)
     for rows in (1, 3):
         x = torch.randn(rows, 64, generator=gen).to(dtype)
@@ -181,19 +209,24 @@ def _make(kind: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> Prepare
     return PreparedWeight(kind, q, scale, bits, packed=packed, scales=scales, row_scale=scale.float(), group=group)
 
 
-def _with_cpu_kernels(p: PreparedWeight, kernels: str) -> PreparedWeight:
-    """Attach the numba kernels (imported only here: glm_tp runs without numba)."""
-    from glm_tp.kernels import cpu as cpu_kernels
+def _with_cpu_kernels(p: PreparedWeight, kernels: str, numba: bool = True) -> PreparedWeight:
+    """Attach the CPU kernels: the compiled ones (kernels "fused"/"q8": the integer GEMV; "fused" and
+    "weight-only": the bf16 GEMM for larger batches) and numba's (imported only here: glm_tp runs without
+    it; kernels "numba": the numba GEMV alone, for its own check)."""
     from glm_tp.kernels import native
 
-    cpu_kernels.configure_threads()
-    # kernels="q8": small batches go to the compiled integer kernel where it is built and passes its check
-    native_small = native.small_kernel(p.q, p.scale, p.bits) if kernels == "q8" else None
-    p.small = native_small or cpu_kernels.small_kernel(p.q, p.scale, p.bits)
+    native_small = native.small_kernel(p.q, p.scale, p.bits) if kernels in ("fused", "q8") else None
+    if numba:
+        from glm_tp.kernels import cpu as cpu_kernels
+
+        cpu_kernels.configure_threads()
+    p.small = native_small or (cpu_kernels.small_kernel(p.q, p.scale, p.bits) if numba else None)
     if kernels == "q8":
         p.large = cpu_kernels.q8_kernel(p.q, p.scale, p.bits)
-        if p.large is not None:  # every batch now goes through small or large: torch's layout is not needed
-            p.packed = p.scales = None
+    elif kernels in ("fused", "weight-only"):
+        p.large = native.dense_kernel(p.q, p.scale, p.bits, native_small)
+    if p.large is not None:  # every batch now goes through small or large: torch's layout is not needed
+        p.packed = p.scales = None
     return p
 
 
@@ -246,18 +279,26 @@ def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int, kernels: str = "fus
         # shown once per message (Python's default warning filter), not once per weight
         warnings.warn(f"{reason}: using dequantize + matmul for it (slower)")
         prepared = PreparedWeight("dequant", q, scale, bits)
-    if q.device.type == "cpu" and kernels in ("fused", "q8"):
+    if q.device.type == "cpu" and kernels in CPU_KERNELS:
         prepared = _attach_cpu(prepared, kernels)
     return prepared
 
 
 def prepare_float(w: torch.Tensor, kernels: str = "fused") -> PreparedWeight | None:
-    """A bf16 weight's CPU decode kernel (numba), or None where torch's matmul serves every batch: other
-    devices and dtypes, kernels "torch"/"dequant", no numba, an odd input dim, a weight under
-    FLOAT_KERNEL_MIN_BYTES, or a kernel failing its check."""
+    """A bf16 weight's CPU decode kernel (the native bf16 GEMV where built, on AVX-512 CPUs; else numba's),
+    or None where torch's matmul serves every batch: other devices and dtypes, kernels "torch"/"dequant",
+    neither kernel here, an odd input dim, a weight under FLOAT_KERNEL_MIN_BYTES, or a kernel failing its
+    check. Both compute in fp32 from the exact bf16 values and round once."""
     check_kernels(kernels)
-    if (w.device.type != "cpu" or w.dtype != torch.bfloat16 or kernels not in ("fused", "q8") or w.shape[1] % 2
-            or w.numel() * w.element_size() < FLOAT_KERNEL_MIN_BYTES or not probe.numba_available()):
+    if (w.device.type != "cpu" or w.dtype != torch.bfloat16 or kernels not in CPU_KERNELS or w.shape[1] % 2
+            or w.numel() * w.element_size() < FLOAT_KERNEL_MIN_BYTES):
+        return None
+    from glm_tp.kernels import native
+
+    fast = native.bf16_kernel(w)
+    if fast is not None:
+        return PreparedWeight("float", w, None, 0, small=fast)
+    if not probe.numba_available():
         return None
     if not _kernel_works(w.device, 16, "numba"):
         warnings.warn("the numba bf16 CPU kernel failed its check here: using torch's matmul")
@@ -273,13 +314,12 @@ def _with_float_kernel(w: torch.Tensor) -> PreparedWeight:
 
 
 def _attach_cpu(prepared: PreparedWeight, kernels: str) -> PreparedWeight:
-    if not probe.numba_available():
-        if kernels == "q8":
-            raise ValueError("kernels=q8 needs numba: pip install numba (or the [cpu] extra)")
-        return prepared  # torch's kernels only; the docs say how to get the faster ones
-    if not _kernel_works(prepared.q.device, prepared.bits, "numba"):
+    numba = probe.numba_available()
+    if kernels == "q8" and not numba:
+        raise ValueError("kernels=q8 needs numba: pip install numba (or the [cpu] extra)")
+    if numba and not _kernel_works(prepared.q.device, prepared.bits, "numba"):
         warnings.warn(f"the numba INT{prepared.bits} CPU kernels failed their check here: using torch's")
-        return prepared
+        numba = False
     if kernels == "q8" and not _kernel_works(prepared.q.device, prepared.bits, "q8"):
         raise ValueError(f"the q8 INT{prepared.bits} kernel failed its check here: use kernels=fused")
-    return _with_cpu_kernels(prepared, kernels)
+    return _with_cpu_kernels(prepared, kernels, numba)

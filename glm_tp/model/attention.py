@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from glm_tp.config import ModelConfig, check_kernels, dtype_name
+from glm_tp.config import CPU_KERNELS, ModelConfig, check_kernels, dtype_name
 from glm_tp.kernels import probe
 
 MASK_FILL = -10000.0
@@ -127,7 +127,7 @@ def decode_kernel(kernels: str, dtype: torch.dtype, device: torch.device, rotary
     with `heads` query heads; rotary: `rotary_groups`), or None where `attend` serves every call: other
     devices and dtypes, kernels "torch"/"dequant", no numba, or a kernel failing its check (with a warning)."""
     check_kernels(kernels)
-    if (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or kernels not in ("fused", "q8")
+    if (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or kernels not in CPU_KERNELS
             or not probe.numba_available()):
         return None
     from glm_tp.kernels import cpu_attention

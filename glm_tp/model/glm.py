@@ -166,8 +166,8 @@ class SelfAttention(nn.Module):
 
 class MLP(nn.Module):
     """GeGLU (value * gelu(gate), exact GeLU), SwiGLU (silu(gate) * up) or, without a gate, the
-    tanh-approximated GeLU of ChatGLM-6B. On CPU, SwiGLU's activation is fused into the h->4h GEMV of a
-    decode batch (kernels/quant.fused_swiglu)."""
+    tanh-approximated GeLU of ChatGLM-6B. On CPU, the activation (and the h->4h bias) is fused into the
+    h->4h GEMV of a decode batch where its kernel has it (kernels/quant.fused_activation)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype, bits: int):
         super().__init__()
@@ -179,17 +179,19 @@ class MLP(nn.Module):
         self.fused = False  # set by prepare_
 
     def prepare_(self, kernels: str = "fused") -> None:
-        """Whether SwiGLU's activation fuses into the CPU GEMV; once, after loading."""
-        self.fused = self.kind == "swiglu" and quant.fused_swiglu(kernels, self.dtype, self.dense_4h_to_h.weight.device)
+        """Whether the activation fuses into the CPU GEMV; once, after loading."""
+        self.fused = quant.fused_activation(kernels, self.kind, self.dtype, self.dense_4h_to_h.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.dense_h_to_4h
+        fused = up.prepared.activated(x, up.bias, self.kind) if self.fused and up.prepared is not None else None
+        if fused is not None:
+            return self.dense_4h_to_h(fused)
         if self.kind == "gelu":
-            return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+            return self.dense_4h_to_h(F.gelu(up(x), approximate="tanh"))
         if self.kind == "swiglu":  # ChatGLM2's rows: gate, then up
-            up = self.dense_h_to_4h
-            fused = up.prepared.swiglu(x, up.bias) if self.fused and up.prepared is not None else None
-            return self.dense_4h_to_h(quant.swiglu(up(x)) if fused is None else fused)
-        first, second = self.dense_h_to_4h(x).chunk(2, dim=-1)
+            return self.dense_4h_to_h(quant.swiglu(up(x)))
+        first, second = up(x).chunk(2, dim=-1)
         return self.dense_4h_to_h(first * F.gelu(second))  # GeGLU's rows: value, then gate
 
 
@@ -229,10 +231,11 @@ class GLMBlock(nn.Module):
         if self.pre_ln:
             x = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache, slots, window)
             return x + self.mlp(self.post_attention_layernorm(x))
+        # the scaled residual as one op (alpha * h + y): two fewer small ops per layer in a decode step
         h = self.input_layernorm(x)
-        x = self.alpha * h + self.attention(h, cos, sin, mask, cache, slots, window)
+        x = torch.add(self.attention(h, cos, sin, mask, cache, slots, window), h, alpha=self.alpha)
         m = self.post_attention_layernorm(x)
-        return self.alpha * m + self.mlp(m)
+        return torch.add(self.mlp(m), m, alpha=self.alpha)
 
 
 class Elsewhere(nn.Module):

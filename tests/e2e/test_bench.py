@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from glm_tp.kernels import native
+
 from tests.support import ROOT
 
 
@@ -44,8 +46,9 @@ def test_bench_runs_the_chatglm2_architecture_through_the_new_kernels(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["kernel_paths"]["attention"] == "numba decode kernel"
-    assert r["kernel_paths"]["mlp_activation"] == "SwiGLU fused into the GEMV (numba)"
-    assert r["kernel_paths"]["mlp_h_to_4h"].startswith("numba GEMV")
+    assert r["kernel_paths"]["mlp_activation"] == "swiglu fused into the h->4h GEMV"
+    # the default kernels: the native GEMV where it is built, else numba's
+    assert r["kernel_paths"]["mlp_h_to_4h"].startswith("native GEMV" if native.available() else "numba GEMV")
     # bytes counted on the model: per layer the int8 values of QKV (8 query and 2 KV heads of 32 rows), dense,
     # h->4h (gate and up), 4h->h; an fp16 scale per output row; the bf16 QKV bias and two RMSNorm gains
     h, f, qkv = 256, 512, (8 + 2 * 2) * 32

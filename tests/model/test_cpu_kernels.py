@@ -43,8 +43,8 @@ def test_small_batch_kernels_match_dequantization(bits, rows):
     n = 100 if bits == 8 else 112
     w, x = torch.randn(n, 96) * torch.linspace(0.2, 3, n)[:, None], torch.randn(rows, 96)
     q, scale = quantize_rows(w, bits)
-    p = prepare(q, scale, bits)
-    assert p.small is not None and p.large is None  # fused on CPU: the numba kernels take small batches
+    p = prepare(q, scale, bits, "weight-only")
+    assert isinstance(p.small, cpu_kernels.Matmul)  # weight-only numerics on CPU: the numba kernels take small batches
     got, want = p.small(x), _exact(x, q, scale, bits)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()  # fp32 accumulation only
@@ -119,12 +119,15 @@ def test_int4_halves_layout_round_trips():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_larger_batches_stay_on_torch_kernels_and_q8_is_an_option(bits):
+def test_larger_batches_keep_weight_only_numerics_and_q8_is_an_option(bits):
     torch.manual_seed(0)
     w, x = torch.randn(64, 128), torch.randn(SMALL_ROWS + 5, 128)
     q, scale = quantize_rows(w, bits)
     want = _exact(x, q, scale, bits)
-    assert prepare(q, scale, bits, "fused").large is None
+    for kernels in ("fused", "weight-only"):  # torch's kernels or the native bf16 GEMM: bf16 activations
+        p = prepare(q, scale, bits, kernels)
+        assert not isinstance(p.large, cpu_kernels.Matmul)
+        assert (p.matmul(x.bfloat16()).double() - want).abs().max() <= 0.01 * want.abs().max()
     q8 = prepare(q, scale, bits, "q8")
     got = q8.matmul(x).double()
     # Q8_0 activations: each block of 32 rounded to 1/254 of its absmax, so errors of ~0.5 % of a product
@@ -146,13 +149,22 @@ def test_q8_needs_whole_blocks():
     assert (p.matmul(x).double() - _exact(x, q, scale, 8)).abs().max() <= 0.02 * _exact(x, q, scale, 8).abs().max()
 
 
-def test_without_numba_the_torch_kernels_are_used(monkeypatch):
+@pytest.fixture
+def no_native_bf16(monkeypatch):
+    """numba's bf16 GEMV rather than the native one (which serves bf16 weights on AVX-512 CPUs): another
+    native path asked for (or, where it does not run here, the library off)."""
+    from glm_tp.kernels import native
+
+    monkeypatch.setenv(native.ENV, "avx2" if native.supported("avx2") else "off")
+
+
+def test_without_numba_the_torch_kernels_are_used(monkeypatch, no_native_bf16):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real(name, *a))
     q, scale = quantize_rows(torch.randn(64, 128), 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a missing optional extra is not worth a warning per weight
-        p = prepare(q, scale, 8)
+        p = prepare(q, scale, 8, "weight-only")
         assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None  # bf16 weights: torch's matmul
         assert attention.decode_kernel("fused", torch.bfloat16, torch.device("cpu")) is None  # torch's attention
     assert p.kind == "int8pack" and p.small is None
@@ -160,11 +172,11 @@ def test_without_numba_the_torch_kernels_are_used(monkeypatch):
         prepare(q, scale, 8, "q8")
 
 
-def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch):
+def test_a_kernel_failing_its_check_falls_back_with_a_warning(monkeypatch, no_native_bf16):
     monkeypatch.setitem(probe.RESULTS, ("numba", "cpu", "int4"), False)
     q, scale = quantize_rows(torch.randn(64, 128), 4)
     with pytest.warns(UserWarning, match="numba INT4 CPU kernels failed their check here: using torch's"):
-        p = prepare(q, scale, 4)
+        p = prepare(q, scale, 4, "weight-only")
     assert p.kind == "int4pack" and p.small is None
     monkeypatch.setitem(probe.RESULTS, ("numba", "cpu", "bf16"), False)
     with pytest.warns(UserWarning, match="numba bf16 CPU kernel failed its check here: using torch's matmul"):
@@ -291,7 +303,8 @@ def _chatglm2_decodes(tp, ckpt, dtype: str, quant_: str | None) -> list | None:
     cpu_kernels.swiglu_kernel = lambda *args: epilogues.append(1) or real(*args)
     try:
         for with_kernels in (True, False):
-            model = load_model(ckpt, tp=tp, dtype=dtype, quant=quant_, progress=False)
+            # weight-only: the numba GEMV and its SwiGLU epilogue (the native ones: test_native_model.py)
+            model = load_model(ckpt, tp=tp, dtype=dtype, quant=quant_, progress=False, kernels="weight-only")
             for block in model.transformer.layers if not with_kernels else ():
                 block.attention.decode_kernel, block.mlp.fused = None, False
             used = [block.attention.decode_kernel is not None for block in model.transformer.layers]
@@ -326,7 +339,7 @@ def test_a_chatglm2_decode_gives_the_same_tokens_with_the_kernels_and_without(tm
 
 @pytest.mark.parametrize("bits", [8, 4, 16])
 @pytest.mark.parametrize("rows", [1, 5, SMALL_ROWS])
-def test_fused_swiglu_matches_the_torch_ops(bits, rows):
+def test_fused_swiglu_matches_the_torch_ops(bits, rows, no_native_bf16):
     torch.manual_seed(bits + rows)
     f, k = 520, 1024  # bf16: 2 x 520 rows of 1024, just over the size the bf16 GEMV is used from
     w, x, bias = torch.randn(2 * f, k) / 16, torch.randn(rows, k), torch.randn(2 * f)
@@ -334,7 +347,7 @@ def test_fused_swiglu_matches_the_torch_ops(bits, rows):
         p, dense = quant.prepare_float(w.bfloat16()), w.bfloat16().double()
     else:
         q, scale = quantize_rows(w, bits)
-        p, dense = prepare(q, scale, bits), dequantize(q, scale, bits, torch.float64)
+        p, dense = prepare(q, scale, bits, "weight-only"), dequantize(q, scale, bits, torch.float64)
     for xd, b, tol in ((x, None, 1e-5), (x.bfloat16(), bias.bfloat16(), 2 ** -7)):
         want = quant.swiglu(xd.double() @ dense.t() + (0 if b is None else b.double()))
         got = p.swiglu(xd, b)

@@ -130,7 +130,11 @@ def test_shapes_and_types_it_cannot_take_are_refused():
     out = torch.empty(2, 16)
     x = torch.randn(2, 80)
     assert lib.glm_gemv(native.ISAS["scalar"], 8, q8.data_ptr(), s8.float().data_ptr(), 16, 80, x.data_ptr(),
-                        0, 2, out.data_ptr(), 0, 1) == -1
+                        0, 2, out.data_ptr(), 0, 1, None, 0) == -1
+    x = torch.randn(2, 64)
+    for n, act in ((16, 9), (15, native.ACTIVATIONS["swiglu"])):  # an unknown epilogue; a GLU of odd width
+        assert lib.glm_gemv(native.ISAS["scalar"], 8, q.data_ptr(), s.float().data_ptr(), n, 64, x.data_ptr(),
+                            0, 2, out.data_ptr(), 0, 1, None, act) == -1
 
 
 def test_the_path_is_chosen_by_environment_and_said_in_one_line(monkeypatch):
@@ -149,19 +153,24 @@ def test_the_path_is_chosen_by_environment_and_said_in_one_line(monkeypatch):
     assert native.available()
 
 
+@pytest.mark.parametrize("kernels", ["fused", "q8"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_the_q8_option_sends_small_batches_to_the_native_kernel(bits):
+def test_the_default_and_q8_send_small_batches_to_the_native_kernel(bits, kernels):
     pytest.importorskip("numba", reason="kernels=q8 needs numba: pip install -e '.[cpu]' (the [test] extra has it)")
     from glm_tp.kernels import quant
 
     q, scale = _weight(64, 256, bits, 11)
-    p = quant.prepare(q, scale, bits, kernels="q8")
+    p = quant.prepare(q, scale, bits, kernels=kernels)
     assert isinstance(p.small, native.NativeMatmul)
     x = _activations(quant.SMALL_ROWS, 256, 11)
     want = native.q8_reference(x, q, scale, bits)
     assert ((p.matmul(x).double() - want).abs() <= _summation_bound(x, q, scale, bits)).all()
     assert p.matmul(x.half()).dtype == torch.float16  # other dtypes go through fp32
-    assert not isinstance(quant.prepare(q, scale, bits).small, native.NativeMatmul)  # the default: unchanged
+    # weight-only numerics: the numba GEMV (fp32 activations) for the same batch
+    plain = quant.prepare(q, scale, bits, kernels="weight-only")
+    assert not isinstance(plain.small, native.NativeMatmul)
+    dense = x @ dequantize(q, scale, bits, torch.float32).t()
+    assert (plain.matmul(x) - dense).abs().max() <= 1e-4 * dense.abs().max()
     odd, odd_scale = _weight(64, 96, 4, 0)  # INT4 halves of 48 columns: the numba kernel serves it
     assert native.small_kernel(odd, odd_scale, 4) is None
 
@@ -172,3 +181,43 @@ def test_the_portable_path_serves_a_weight_only_when_asked_for(monkeypatch):
     assert native.small_kernel(q, scale, 8) is None
     monkeypatch.setenv(native.ENV, "scalar")
     assert native.small_kernel(q, scale, 8).isa == native.ISAS["scalar"]
+
+
+@pytest.mark.parametrize("act", list(native.ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,rows", [(8, 1), (8, 9), (4, 3)])
+def test_epilogues_equal_their_torch_definition(isa, act, dtype, bits, rows, monkeypatch):
+    monkeypatch.setenv(native.ENV, isa)
+    q, scale = _weight(96, 128, bits, rows)
+    mm = native.NativeMatmul(q, scale, bits, isa)
+    x, bias = _activations(rows, 128, rows).to(dtype), torch.randn(96)
+    y = mm(x.float()).double() + bias.double()  # the kernel's own fp32 GEMV (its Q8 rounding), then the bias
+    want = native.activation_reference(y, act)
+    got = mm(x, None, bias, act)
+    assert got.dtype == dtype and got.shape == (rows, 48 if act != "gelu" else 96)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8  # fp32 inside, one rounding
+    assert ((got.double() - want).abs() <= tol * want.abs().max() + 1e-6).all()
+    assert torch.equal(mm(x, None, None, None), mm(x))  # no epilogue: the plain GEMV
+    plus = mm(x.float(), None, bias, None)
+    assert (plus.double() - y).abs().max() <= 1e-5 * y.abs().max()  # a bias alone
+
+
+@pytest.mark.skipif(not native.supported("vnni"), reason="the native bf16 GEMV runs on AVX-512 CPUs")
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
+def test_bf16_gemv_equals_fp32_on_the_exact_values(rows):
+    from glm_tp.kernels import quant
+
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(100, 96, generator=gen).bfloat16()  # 100 rows: a partial 16-row part; 3 blocks of 32
+    mm = native.NativeBF16Matmul(w)
+    x = torch.randn(rows, 96, generator=gen)
+    exact = x.double() @ w.double().t()
+    got = mm(x)
+    assert got.dtype == torch.float32 and (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    xb = x.bfloat16()  # bf16 in: widened exactly, the output rounded once to nearest even
+    assert mm(xb).dtype == torch.bfloat16 and torch.equal(mm(xb), mm(xb.float()).bfloat16())
+    assert mm(x.half()).dtype == torch.float16
+    with pytest.raises(ValueError):
+        native.NativeBF16Matmul(torch.randn(8, 48).bfloat16())  # not whole blocks of 32
+    head = torch.randn(520, 1024, generator=gen).bfloat16()  # over quant.FLOAT_KERNEL_MIN_BYTES
+    assert isinstance(quant.prepare_float(head).small, native.NativeBF16Matmul)

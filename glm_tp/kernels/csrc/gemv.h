@@ -7,6 +7,9 @@
 #define Q8_BLOCK 32    /* input columns per activation scale (llama.cpp's Q8_0 block) */
 #define SCALE_COPIES 8 /* each block scale is stored 8 times: one 256-bit vector of fp32 per block */
 
+/* The activations glm_gemv can apply to its output; the ids are the library's ABI (native.py names them). */
+enum { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_SWIGLU = 2, ACT_GEGLU = 3 };
+
 /* The instruction-set paths, best last; the ids are the library's ABI (native.py names them). */
 enum { ISA_NONE = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_VNNI512 = 3 };
 
@@ -27,6 +30,9 @@ int gemv_isa_supported(int isa);
 const isa_ops *gemv_ops_scalar(void);
 const isa_ops *gemv_ops_avx2(void);
 const isa_ops *gemv_ops_vnni512(void);
+
+/* bf16 weight rows against `mt` (<= 4) fp32 rows, each deinterleaved per 32 columns (16 even, 16 odd) */
+void bf16_tile_avx512(const uint16_t *w, int64_t k, const float *x, int mt, float *res);
 
 void quantize_rows_scalar(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx);
 void quantize_rows_avx2(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *dx);

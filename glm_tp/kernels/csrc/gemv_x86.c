@@ -192,6 +192,36 @@ ALWAYS T256 void avx2_int4_body(const uint8_t *w, int64_t k, const int8_t *xq, c
 TILES4(avx2_int8_tile, avx2_int8_body, T256)
 TILES4(avx2_int4_tile, avx2_int4_body, T256)
 
+
+/* ---- bf16 weights (the LM head): widened exactly to fp32 (a bf16 is a float's top half), fp32 FMA ---- */
+
+ALWAYS T512 void bf16_body(const uint16_t *w, int64_t k, const float *x, const int mt, float *res) {
+    __m512 acc[4];
+    for (int r = 0; r < mt; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j += 32) {
+        _mm_prefetch((const char *)(w + j) + PREFETCH, _MM_HINT_T0);
+        __m512i v = _mm512_loadu_si512(w + j);
+        /* the low and high halves of each 32-bit lane: columns 2i and 2i + 1 */
+        __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)));
+        for (int r = 0; r < mt; r++) {
+            /* x is stored deinterleaved per 32 columns: 16 even ones, then 16 odd ones (gemv.c) */
+            acc[r] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x + r * k + j), acc[r]);
+            acc[r] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + r * k + j + 16), acc[r]);
+        }
+    }
+    for (int r = 0; r < mt; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+T512 void bf16_tile_avx512(const uint16_t *w, int64_t k, const float *x, int mt, float *res) {
+    switch (mt) {
+    case 1: bf16_body(w, k, x, 1, res); break;
+    case 2: bf16_body(w, k, x, 2, res); break;
+    case 3: bf16_body(w, k, x, 3, res); break;
+    default: bf16_body(w, k, x, 4, res); break;
+    }
+}
+
 static const isa_ops VNNI512 = {vnni_int8_tile, vnni_int4_tile, 8, 128, 8};
 static const isa_ops AVX2 = {avx2_int8_tile, avx2_int4_tile, 4, 0, 0};
 const isa_ops *gemv_ops_vnni512(void) { return &VNNI512; }
@@ -211,6 +241,7 @@ int gemv_isa_supported(int isa) {
 }
 
 #else /* not x86: the scalar path only */
+void bf16_tile_avx512(const uint16_t *w, int64_t k, const float *x, int mt, float *res) { (void)w, (void)k, (void)x, (void)mt, (void)res; }
 const isa_ops *gemv_ops_vnni512(void) { return 0; }
 const isa_ops *gemv_ops_avx2(void) { return 0; }
 int gemv_isa_supported(int isa) { return isa == ISA_SCALAR; }
