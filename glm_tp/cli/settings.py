@@ -68,13 +68,14 @@ def resolve_path(value: str) -> Path:
     return bundled if bundled.exists() else p
 
 
-def _whole(key: str, value: Any, minimum: int, optional: bool = False) -> int | None:
+def _whole(key: str, value: Any, minimum: int, optional: bool = False, maximum: int | None = None) -> int | None:
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value != int(value) or value < minimum:
+            or value != int(value) or value < minimum or (maximum is not None and value > maximum):
         unset = " (or null)" if optional else ""
-        raise UsageError(f"{key}={value!r}: must be a whole number >= {minimum}{unset}")
+        span = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise UsageError(f"{key}={value!r}: must be a whole number {span}{unset}")
     return int(value)
 
 
@@ -100,9 +101,9 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
         _parsed(key, cfg[key], partial(check_choice, key, allowed=allowed))
     _whole("batch_size", cfg.batch_size, 1)
     _whole("max_len", cfg.max_len, 2, optional=True)  # at least a token and its answer
-    _whole("prefix_cache_tokens", cfg.prefix_cache_tokens, 0, optional=True)  # 0: off, null: automatic
+    _whole("prefix_cache_tokens", cfg.prefix_cache_tokens, 0, optional=True, maximum=1 << 32)  # 0: off, null: automatic
     _whole("ranks", cfg.ranks, 1, optional=True)
-    _whole("pipeline_parallel", cfg.pipeline_parallel, 1)
+    _whole("pipeline_parallel", cfg.pipeline_parallel, 1, maximum=1024)  # each stage holds at least one layer
     check_stage_layers(cfg.stage_layers)
     _positive("timeout_s", cfg.timeout_s)
     _positive("device_memory_gib", cfg.device_memory_gib, optional=True)

@@ -82,8 +82,8 @@ class StageSplit:
     def from_sizes(cls, sizes: list[int], num_layers: int, stages: int) -> "StageSplit":
         check_stages(num_layers, stages)
         if len(sizes) != stages or sum(sizes) != num_layers or min(sizes) < 1:
-            raise ValueError(f"stage_layers {sizes} must be {stages} whole numbers >= 1 (one per pipeline stage) "
-                             f"adding up to the model's {num_layers} layers")
+            raise ValueError(f"stage_layers {sizes} must be one whole number >= 1 per pipeline stage "
+                             f"(pipeline_parallel={stages}), adding up to the model's {num_layers} layers")
         bounds = [0]
         for n in sizes:
             bounds.append(bounds[-1] + n)

@@ -41,6 +41,11 @@ def _config(*overrides: str):
     ("generation.max_new_tokens=x", "generation.max_new_tokens: expected an integer"),
     ("generation.top_p=2", "top_p must be in (0, 1]"),
     ("generation.return_all_beams=maybe", "generation.return_all_beams: expected true or false"),
+    ("pipeline_parallel=0", "pipeline_parallel=0"), ("pipeline_parallel=nan", "pipeline_parallel=nan"),
+    ("pipeline_parallel=1e30", "between 1 and 1024"), ("stage_layers=[-1,5]", "stage_layers=[-1, 5]"),
+    ("stage_layers=[1e30,2]", "stage_layers"), ("stage_layers=abc", "stage_layers='abc'"),
+    ("prefix_cache_tokens=-5", "prefix_cache_tokens=-5"), ("prefix_cache_tokens=nan", "prefix_cache_tokens=nan"),
+    ("prefix_cache_tokens=1e300", "between 0 and 4294967296"),
 ])
 def test_each_bad_setting_is_one_line_naming_its_key(override, named):
     with pytest.raises(UsageError) as err:
