@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
 from glm_tp.checkpoints.loader import RankLoader
-from glm_tp.checkpoints.release import CheckpointError, check_files
+from glm_tp.checkpoints.release import (
+    CheckpointError,
+    check_files,
+    read_metadata,
+    recorded_stages,
+    stage_folder,
+)
 from glm_tp.checkpoints.sources import Source, open_source, source_bits
 from glm_tp.config import (
     ModelConfig,
@@ -20,7 +27,7 @@ from glm_tp.config import (
 )
 from glm_tp.model.glm import GLMModel
 from glm_tp.parallel.dist import TPContext, init_distributed
-from glm_tp.parallel.pipeline import StageSplit, init_pipeline
+from glm_tp.parallel.pipeline import RankLayout, StageSplit, init_pipeline
 
 
 def resolve_config(info_cfg: ModelConfig | None, model: str | ModelConfig | None, layers: int | None) -> ModelConfig:
@@ -39,7 +46,7 @@ def resolve_config(info_cfg: ModelConfig | None, model: str | ModelConfig | None
 def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None = None, layers: int | None = None,
                dtype: str | torch.dtype | None = None, quant: str | int | None = None, device: str | None = None,
                tp: TPContext | None = None, progress: bool = True, kernels: str = "fused",
-               lm_head: str = "model", verify: bool = False, pipeline_parallel: int = 1,
+               lm_head: str = "model", verify: bool = False, pipeline_parallel: int | None = None,
                stage_sizes: list[int] | None = None) -> GLMModel:
     """Load this rank's share of a checkpoint: the GLM-130B release layout with any number of shards, one
     unsharded file, or a Hugging Face clone (ChatGLM-6B; ChatGLM2/3 and GLM-4 in THUDM's or transformers' layout,
@@ -53,19 +60,28 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     verify: check every file's SHA-256 against glm_tp.json first (the ranks share the work); file sizes
     are always checked. pipeline_parallel: the ranks form that many stages of tensor-parallel groups
     (parallel/pipeline.py), each loading its stage's layers only; stage_sizes: the layers of each stage
-    (default: as even as they go).
+    (default: as even as they go). A checkpoint written per stage (glm-tp-repartition --pp) is loaded with
+    its recorded split (pipeline_parallel None takes it), each rank opening only its stage's files; at
+    pipeline_parallel=1 it reads as one checkpoint; another split is a one-line error.
     """
     check_kernels(kernels)
     check_lm_head(lm_head)
     tp = tp or init_distributed(device)
-    source = open_source(checkpoint)
-    verify_files(source, tp, verify, progress)
+    recorded = recorded_stages(read_metadata(Path(checkpoint))) if Path(checkpoint).is_dir() else None
+    pp = pipeline_parallel or (len(recorded) if recorded else 1)
+    stage_sizes = stage_sizes or (recorded if pp > 1 else None)
+    own = None
+    if recorded and pp > 1:
+        check_recorded_split(checkpoint, recorded, pp, stage_sizes)
+        own = RankLayout.of_world(tp.size, pp).stage_of(tp.rank)
+    source = open_source(checkpoint, own)
+    verify_files(source, tp, verify, progress, own, pp)
     cfg = resolve_config(source.model_config(), model, layers)
     world, stage = tp, None
-    if pipeline_parallel > 1:
-        split = StageSplit.from_sizes(stage_sizes, cfg.num_layers, pipeline_parallel) if stage_sizes else \
-            StageSplit.even(cfg.num_layers, pipeline_parallel)
-        tp, stage = init_pipeline(world, pipeline_parallel, split)
+    if pp > 1:
+        split = StageSplit.from_sizes(stage_sizes, cfg.num_layers, pp) if stage_sizes else \
+            StageSplit.even(cfg.num_layers, pp)
+        tp, stage = init_pipeline(world, pp, split)
     cfg.check_tp(tp.size)
     bits = source_bits(source, cfg.hidden_size)
     wanted = parse_quant(quant)
@@ -80,10 +96,25 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     return net.eval()
 
 
-def verify_files(source: Source, tp: TPContext, verify: bool, progress: bool) -> None:
-    """Sizes always; with verify, each rank hashes its share of the files and every rank learns every
-    problem, so all of them stop with the same line before computing anything."""
-    problems = check_files(source.root, source.metadata, verify, tp.rank, tp.size, progress and tp.is_first)
+def check_recorded_split(checkpoint: str | os.PathLike, recorded: list[int], pp: int, sizes: list[int] | None) -> None:
+    """A checkpoint written per stage loads with the split it was written for (or as one, at pp 1)."""
+    if pp != len(recorded) or list(sizes or []) != recorded:
+        asked = f"pipeline_parallel={pp}" if pp != len(recorded) else f"stage_layers={list(sizes or [])}"
+        raise CheckpointError(f"{asked}, but {checkpoint} is written per stage for pipeline_parallel={len(recorded)} "
+                              f"stage_layers={recorded}: load it with those (or pipeline_parallel=1), or repartition it")
+
+
+def verify_files(source: Source, tp: TPContext, verify: bool, progress: bool, stage: int | None = None,
+                 pp: int = 1) -> None:
+    """Sizes always; with verify, each rank hashes its share of the files (of its stage's, for a checkpoint
+    written per stage) and every rank learns every problem, so all of them stop with the same line before
+    computing anything."""
+    folder, rank, ranks = None, tp.rank, tp.size
+    if stage is not None:
+        folder = f"{source.iteration}/{stage_folder(stage)}"
+        layout = RankLayout.of_world(tp.size, pp)
+        rank, ranks = layout.tp_rank_of(tp.rank), layout.tp
+    problems = check_files(source.root, source.metadata, verify, rank, ranks, progress and tp.is_first, folder)
     if verify:
         found = {name: why for share in tp.all_gather_object(problems) for name, why in share.items()}
         if found:

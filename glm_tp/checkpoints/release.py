@@ -4,6 +4,11 @@
     <root>/<iter>/mp_rank_XX_model_states.pt    {"module": state_dict} of tensor-parallel rank XX
     <root>/glm_tp.json                          optional metadata (ours; the release has none)
 
+Written per pipeline stage (`glm-tp-repartition --pp`), each stage's shards hold only that stage's tensors:
+
+    <root>/<iter>/stage_SS/mp_rank_XX_model_states.pt   TP rank XX of pipeline stage SS
+    <root>/glm_tp.json                                  records the split: "stage_layers" (layers per stage)
+
 Each rank opens only its own shard, memory-mapped, and moves one tensor at a time into its model,
 so host RAM stays near what the rank keeps. Every problem is reported as a one-line
 `CheckpointError` that names the fix.
@@ -29,6 +34,7 @@ from glm_tp.parallel.partition import QUANTIZED_LINEARS, Layout, layout_of, shor
 METADATA_FILE = "glm_tp.json"
 LAYOUT_VERSION = 1
 _SHARD_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_STAGE_RE = re.compile(r"^[^/]+/stage_\d+/")  # a shard of one stage: <iter>/stage_SS/...
 
 
 class CheckpointError(RuntimeError):
@@ -39,12 +45,13 @@ class CheckpointError(RuntimeError):
 class CheckpointInfo:
     root: Path
     iteration: str
-    shards: list[Path]
+    shards: list[Path]  # stage-major when the checkpoint is written per stage
     metadata: dict[str, Any] | None = None
+    stages: int = 1  # how many stages' shards `shards` holds
 
     @property
     def tp(self) -> int:
-        return len(self.shards)
+        return len(self.shards) // self.stages
 
     def model_config(self) -> ModelConfig | None:
         if self.metadata and "model" in self.metadata:
@@ -56,8 +63,25 @@ def shard_name(rank: int) -> str:
     return f"mp_rank_{rank:02d}_model_states.pt"
 
 
-def inspect(root: str | os.PathLike) -> CheckpointInfo:
-    """Find the iteration folder and its shards; check they are complete."""
+def stage_folder(stage: int) -> str:
+    return f"stage_{stage:02d}"
+
+
+def recorded_stages(metadata: dict[str, Any] | None) -> list[int] | None:
+    """The layers of each stage of a checkpoint written per pipeline stage, or None (one set of shards)."""
+    sizes = (metadata or {}).get("stage_layers")
+    if sizes is None:
+        return None
+    if not isinstance(sizes, list) or not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                                        for n in sizes):
+        raise CheckpointError(f"{METADATA_FILE} has stage_layers={sizes!r}: expected a list of whole numbers >= 1, "
+                              f"one per pipeline stage; re-copy the checkpoint or repartition it again")
+    return sizes
+
+
+def inspect(root: str | os.PathLike, stage: int | None = None) -> CheckpointInfo:
+    """Find the iteration folder and its shards; check they are complete. A checkpoint written per stage:
+    every stage's shards (stage-major), or only those of `stage`."""
     root = Path(root)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder {root} does not exist: point checkpoint= at the folder that holds 'latest'")
@@ -70,6 +94,27 @@ def inspect(root: str | os.PathLike) -> CheckpointInfo:
     if not folder.is_dir():
         raise CheckpointError(f"{latest} names iteration '{iteration}' but {folder} does not exist: fix 'latest' or "
                               f"restore the folder")
+    meta = read_metadata(root)
+    sizes = recorded_stages(meta)
+    if sizes is None:
+        return CheckpointInfo(root, iteration, _shards(folder), meta)
+    if stage is not None and not 0 <= stage < len(sizes):
+        raise CheckpointError(f"{root} is written for {len(sizes)} pipeline stages (stage_layers={sizes}), so it has "
+                              f"no stage {stage}")
+    shards: list[Path] = []
+    for s in range(len(sizes)) if stage is None else [stage]:
+        found = _shards(folder / stage_folder(s))
+        if shards and len(found) != len(shards) // s:
+            raise CheckpointError(f"{folder / stage_folder(s)} holds {len(found)} shard(s) but "
+                                  f"{folder / stage_folder(0)} {len(shards) // s}: the checkpoint is incomplete")
+        shards += found
+    return CheckpointInfo(root, iteration, shards, meta, len(sizes) if stage is None else 1)
+
+
+def _shards(folder: Path) -> list[Path]:
+    """The mp_rank_XX shards of `folder`, in rank order: all of them, from 00 on."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is missing: the checkpoint is incomplete (re-copy it)")
     ranks = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _SHARD_RE.match(p.name)))
     if not ranks:
         raise CheckpointError(f"{folder} holds no mp_rank_XX_model_states.pt shard: the checkpoint is incomplete")
@@ -77,7 +122,7 @@ def inspect(root: str | os.PathLike) -> CheckpointInfo:
     if missing:
         raise CheckpointError(f"{folder} lacks shard(s) {', '.join(shard_name(r) for r in missing)}: "
                               f"the checkpoint is incomplete (re-copy or re-extract it)")
-    return CheckpointInfo(root, iteration, [folder / shard_name(r) for r in ranks], read_metadata(root))
+    return [folder / shard_name(r) for r in ranks]
 
 
 def read_metadata(root: Path) -> dict[str, Any] | None:
@@ -95,10 +140,12 @@ def read_metadata(root: Path) -> dict[str, Any] | None:
 
 
 def check_files(root: Path, metadata: dict[str, Any] | None, verify: bool = False, rank: int = 0, ranks: int = 1,
-                progress: bool = False) -> dict[str, str]:
+                progress: bool = False, stage: str | None = None) -> dict[str, str]:
     """Sizes of every recorded file (always: raises at once); with verify, the SHA-256 of this rank's share of
-    the files (file i goes to rank i % ranks), returned as {file: problem} for the caller to share."""
-    records = (metadata or {}).get("files") or {}
+    the files (file i goes to rank i % ranks), returned as {file: problem} for the caller to share. stage: the
+    one stage folder (`<iter>/stage_SS`) whose shards are checked; other stages' are not this rank's."""
+    records = {rel: record for rel, record in ((metadata or {}).get("files") or {}).items()
+               if stage is None or not _STAGE_RE.match(rel) or rel.startswith(stage + "/")}
     for rel, record in records.items():
         problem = size_problem(root, rel, record)
         if problem:
@@ -133,7 +180,7 @@ def write_latest(root: str | os.PathLike, iteration: str, metadata: dict[str, An
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if metadata is not None:
-        files = sorted(p for p in (root / iteration).iterdir() if _SHARD_RE.match(p.name))
+        files = sorted(p for p in (root / iteration).rglob("*") if _SHARD_RE.match(p.name))  # stage folders too
         if metadata.get("tokenizer") and (root / metadata["tokenizer"]).is_file():
             files.append(root / metadata["tokenizer"])
         metadata = {**metadata, "files": file_records(root, files, progress)}

@@ -4,7 +4,8 @@ Used by glm-tp-repartition and glm-tp-quantize (glm_tp/cli/convert.py). It reads
 loader reads (`sources.open_source`: release shards at any count, one unsharded file, a Hugging Face
 folder) and writes release-format shards at any TP size the model divides into: each output slice is
 built from the overlapping source parts (`partition.copy_plan`), as the loader builds a rank's
-parameters. Source files are memory-mapped, every output shard is written in place (`ShardWriter`),
+parameters; per pipeline stage (`pp`), each stage's shards hold only the tensors that stage holds
+(`pipeline.Stage.holds`, the loader's rule), so a stage's ranks read only its own files. Source files are memory-mapped, every output shard is written in place (`ShardWriter`),
 and pages are dropped once copied, so host RAM holds about one parameter, never the model.
 
 Quantized input: column-parallel weights keep their per-row scales when cut or joined (exact). A
@@ -31,6 +32,7 @@ from glm_tp.checkpoints.release import (
     CheckpointError,
     release_pages,
     shard_name,
+    stage_folder,
     write_latest,
 )
 from glm_tp.checkpoints.slices import (
@@ -53,6 +55,7 @@ from glm_tp.parallel.partition import (
     layout_for,
     single_source,
 )
+from glm_tp.parallel.pipeline import RankLayout, Stage, StageSplit
 
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -196,16 +199,31 @@ def _check_replicated(name: str, parts: list[Part], cfg: ModelConfig | None, map
 
 
 def _write_metadata(source: Source, dst: str | os.PathLike, tp: int, bits: int, cfg: ModelConfig | None,
-                    progress: bool) -> None:
+                    split: StageSplit | None, progress: bool) -> None:
     meta = dict(source.metadata or {})
     meta.update(format="glm-130b-release", layout_version=LAYOUT_VERSION, tp=tp, quant_bits=bits)
     meta.pop("files", None)  # the source's file records; write_latest records the new shards
     meta.pop("tensor_names", None)  # a Hugging Face clone's naming: the shards use glm-tp's names
+    meta.pop("stage_layers", None)  # a source written per stage: the output has its own split, or none
+    if split is not None:
+        meta["stage_layers"] = split.sizes()
     if cfg is not None:
         meta["model"] = cfg.to_dict()
     if "tokenizer" in meta and (source.root / meta["tokenizer"]).is_file():  # small models carry their tokenizer
         shutil.copy(source.root / meta["tokenizer"], Path(dst) / meta["tokenizer"])
     write_latest(dst, source.iteration, meta, progress=progress)
+
+
+def _stages(cfg: ModelConfig | None, tp: int, pp: int, stage_sizes: list[int] | None) -> list[Stage] | None:
+    """The stages to write per-stage shards for (None: one set of shards), each as its TP rank 0 sees it."""
+    if pp == 1 and not stage_sizes:
+        return None
+    if cfg is None:
+        raise CheckpointError("writing per pipeline stage needs the model's shape (which layers exist, whether the "
+                              "head is tied): pass --model")
+    split = StageSplit.from_sizes(stage_sizes, cfg.num_layers, pp) if stage_sizes else \
+        StageSplit.even(cfg.num_layers, pp)
+    return [Stage(split, s, s * tp, RankLayout(tp, pp)) for s in range(pp)]
 
 
 def _warn(report: Report) -> None:
@@ -217,33 +235,44 @@ def _warn(report: Report) -> None:
 
 
 def rewrite(src: str | os.PathLike, dst: str | os.PathLike, tp: int, bits: int | None = None,
-            model: ModelConfig | None = None, progress: bool = True) -> Report:
+            model: ModelConfig | None = None, progress: bool = True, pp: int = 1,
+            stage_sizes: list[int] | None = None) -> Report:
     """Reshard `src` (any layout open_source reads) to `tp` release-format shards, and quantize to `bits`
-    (8, 4, 0 = float, None = as the source)."""
+    (8, 4, 0 = float, None = as the source). pp > 1: `tp` shards per pipeline stage (`stage_sizes` layers
+    each, default as even as they go), each holding only what that stage holds (`Stage.holds`), in
+    `<iter>/stage_SS/`; the split is recorded in glm_tp.json."""
     source = open_source(src)
     cfg = model or source.model_config()
     if cfg is not None:
         cfg.check_tp(tp)
+    stages = _stages(cfg, tp, pp, stage_sizes)
     src_bits = source_bits(source, cfg.hidden_size if cfg is not None else None)
     bits = src_bits if bits is None else bits
     names = [n for n in source.names() if not is_ignored(n) and not n.endswith("_scale")]
     planner = Planner(source, tp, src_bits, bits, cfg)
-    specs: list[Specs] = [{} for _ in range(tp)]
-    for name in names:  # every shape first (no data read): a cut that cannot be made fails before any file is written
-        for rank in range(tp):
-            specs[rank].update(planner.slice(name, rank).specs)
+    # (path, tensors) of every output file, stage-major; each tensor goes to every rank of the stages holding it
+    outputs = [(Path(dst) / source.iteration / shard_name(r), names) for r in range(tp)] if stages is None else \
+        [(Path(dst) / source.iteration / stage_folder(st.index) / shard_name(r),
+          [n for n in names if st.holds(n, cfg.tied_lm_head)]) for st in stages for r in range(tp)]
+    specs: list[Specs] = [{} for _ in outputs]
+    for i, (_, held) in enumerate(outputs):  # every shape first (no data read): a cut that cannot be made fails
+        for name in held:                    # before any file is written
+            specs[i].update(planner.slice(name, i % tp).specs)
 
     report = Report()
-    writers = [ShardWriter(Path(dst) / source.iteration / shard_name(r), specs[r]) for r in range(tp)]
-    for name in tqdm(names, desc=f"{source.shards} -> {tp} shards", unit="tensor", disable=not progress):
+    writers = [ShardWriter(path, spec) for (path, _), spec in zip(outputs, specs)]
+    wanted = [set(held) for _, held in outputs]
+    for name in tqdm(names, desc=f"{source.shards} -> {len(outputs)} shards", unit="tensor", disable=not progress):
         _check_replicated(name, source.parts(name), cfg, source.mapped, report)
-        for rank, writer in enumerate(writers):
-            piece = planner.slice(name, rank)
+        for i, writer in enumerate(writers):
+            if name not in wanted[i]:
+                continue
+            piece = planner.slice(name, i % tp)
             writer.write(piece.specs, piece.fill)
             if piece.lossy and name not in report.lossy:
                 report.lossy.append(name)
     report.shard_bytes = [w.close() for w in writers]
 
-    _write_metadata(source, dst, tp, bits, cfg, progress)
+    _write_metadata(source, dst, tp, bits, cfg, stages[0].split if stages else None, progress)
     _warn(report)
     return report

@@ -1,7 +1,8 @@
 """Where weights come from: named tensors, memory-mapped, from any checkpoint layout glm-tp reads.
 
 - the GLM-130B release layout (`latest`, `<iter>/mp_rank_XX_model_states.pt`), any number of shards:
-  every split tensor is cut across the shards by partition.py's rule (`Source.cut`);
+  every split tensor is cut across the shards by partition.py's rule (`Source.cut`); written per pipeline
+  stage (`<iter>/stage_SS/`), the whole checkpoint (every stage's shards) or one stage's shards only;
 - one unsharded file (`.pt`, `.bin` or `.safetensors`): every tensor whole;
 - the Hugging Face layouts of ChatGLM-6B, ChatGLM2/3 and GLM-4 (THUDM's and transformers' GlmForCausalLM):
   `config.json` and `pytorch_model-0000X-of-0000N.bin` with `pytorch_model.bin.index.json`, or `.safetensors`
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -84,7 +86,8 @@ Part = Union[torch.Tensor, SafetensorsPart, FusedRows]
 @dataclass
 class Source:
     """A checkpoint as named tensors. `cut`: each tensor is split across `files` (release layout, part i
-    in file i); otherwise each tensor is whole in one file."""
+    in file i, or in file i % cut_ranks when the files are several stages' shards, stage-major); otherwise
+    each tensor is whole in one file."""
 
     root: Path
     files: list[Path]
@@ -96,11 +99,12 @@ class Source:
     mapped: bool = True
     iteration: str = "release"  # the release layout's iteration folder (what `latest` names)
     naming: str = "chatglm"  # how the files name the tensors (names.LAYOUTS): they are served under glm-tp's names
+    cut_ranks: int = 0  # pieces per tensor when cut (the TP ranks it was written for); 0: one per file
 
     @property
     def shards(self) -> int:
         """How many pieces each split tensor comes in."""
-        return len(self.files) if self.cut else 1
+        return (self.cut_ranks or len(self.files)) if self.cut else 1
 
     def model_config(self) -> ModelConfig | None:
         if self.metadata and "model" in self.metadata:
@@ -136,7 +140,8 @@ class Source:
                     fused.setdefault(name, {})[block] = part
                     continue
                 if self.cut:
-                    self._parts.setdefault(name, [None] * len(self.files))[index] = part
+                    # a tensor two stages hold (a tied embedding) is the same in both: either copy serves
+                    self._parts.setdefault(name, [None] * self.shards)[index % self.shards] = part
                 else:
                     self._parts[name] = [part]
         self._fuse(fused)
@@ -171,14 +176,17 @@ def open_tensors(path: Path, source: Source) -> dict[str, Part]:
     return state
 
 
-def open_source(path: str | os.PathLike) -> Source:
-    """Recognise the layout at `path` and check that every file it needs is there."""
+def open_source(path: str | os.PathLike, stage: int | None = None) -> Source:
+    """Recognise the layout at `path` and check that every file it needs is there. stage: of a checkpoint
+    written per pipeline stage, that stage's shards only (None: all of them)."""
     root = Path(path).expanduser()
     if root.is_file():
         return Source(root.parent, [root], False, read_metadata(root.parent), "single file")
     if (root / "latest").exists() or not root.is_dir():
-        info = inspect(root)
-        return Source(root, info.shards, True, info.metadata, f"release, {info.tp} shard(s)", iteration=info.iteration)
+        info = inspect(root, stage)
+        what = f"release, {info.tp} shard(s)" if info.stages == 1 and stage is None else \
+            f"release per stage, {info.tp} shard(s) x {info.stages if stage is None else f'stage {stage}'}"
+        return Source(root, info.shards, True, info.metadata, what, iteration=info.iteration, cut_ranks=info.tp)
     if (root / "config.json").is_file():
         return _hf_source(root)
     weights = sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES)
@@ -219,12 +227,14 @@ def source_bits(source: Source, hidden_size: int | None, *, open_weights: bool =
     """0 for float weights, else 8 or 4: read off the first QKV weight (INT4 packs two values per byte, so
     its rows hold hidden_size / 2) and checked against the metadata. hidden_size None (no model shape
     known): the metadata must tell INT8 from INT4. open_weights=False: the metadata's word when it has
-    one, no weight file opened (a memory plan made before anything loads)."""
+    one, no weight file opened (a memory plan made before anything loads). One stage's shards: its first
+    layer's QKV."""
     meta = source.metadata or {}
     said = int(meta["quant_bits"]) if "quant_bits" in meta else None
     if not open_weights and said is not None:
         return said
-    part = source.parts(PRECISION_PROBE)[0] if source.has(PRECISION_PROBE) else None
+    probe = _precision_probe(source)
+    part = source.parts(probe)[0] if source.has(probe) else None
     if part is None or part.dtype.is_floating_point:
         found = 0
     elif hidden_size is not None:
@@ -232,15 +242,26 @@ def source_bits(source: Source, hidden_size: int | None, *, open_weights: bool =
     elif said:
         found = said
     else:
-        raise CheckpointError(f"{source.file_of(PRECISION_PROBE)} holds quantized weights and no metadata says INT8 or INT4: "
+        raise CheckpointError(f"{source.file_of(probe)} holds quantized weights and no metadata says INT8 or INT4: "
                               f"pass the model preset (--model) to tell them apart")
     if said is not None and part is not None and said != found:
         said_text = f"INT{said}" if said else f"{meta.get('dtype', 'float')} (not quantized)"
         held = f"INT{found}" if found else f"float ({part.dtype})"
-        raise CheckpointError(f"{source.file_of(PRECISION_PROBE)} holds {held} weights but the checkpoint's metadata says "
+        raise CheckpointError(f"{source.file_of(probe)} holds {held} weights but the checkpoint's metadata says "
                               f"{said_text}: the weight files and their metadata do not belong together (re-copy the checkpoint)")
     dtype = meta.get("dtype")
     if part is not None and not found and dtype and str(part.dtype).removeprefix("torch.") not in _DTYPE_NAMES[dtype]:
-        raise CheckpointError(f"{source.file_of(PRECISION_PROBE)} holds {part.dtype} weights but the checkpoint's metadata says "
+        raise CheckpointError(f"{source.file_of(probe)} holds {part.dtype} weights but the checkpoint's metadata says "
                               f"{dtype}: the weight files and their metadata do not belong together")
     return found
+
+
+_QKV = re.compile(r"^transformer\.layers\.(\d+)\.attention\.query_key_value\.weight$")
+
+
+def _precision_probe(source: Source) -> str:
+    """The QKV weight of the first layer the source holds (a later stage's shards start past layer 0)."""
+    if source.has(PRECISION_PROBE):
+        return PRECISION_PROBE
+    layers = sorted(int(m.group(1)) for n in source.names() if (m := _QKV.match(n)))
+    return f"transformer.layers.{layers[0]}.attention.query_key_value.weight" if layers else PRECISION_PROBE

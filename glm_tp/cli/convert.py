@@ -5,8 +5,15 @@ time through checkpoints/reshard.py; no GPU.
 
     glm-tp-repartition SRC DST --tp 4            # 8 shards -> 4, 1 -> 4, 4 -> 3: any TP size the model divides into
     glm-tp-repartition SRC DST --tp 4 --bits 4   # reshard, then INT4-quantize (as the reference does)
+    glm-tp-repartition SRC DST --tp 8 --pp 2 --stage-layers 34,36   # per pipeline stage: DST/<iter>/stage_SS/
     glm-tp-quantize SRC DST --bits 8
     glm-tp-quantize --report glm-130b            # per-rank weight bytes, no checkpoint needed
+
+--pp P writes TP shards per pipeline stage, each holding only that stage's layers (the embedding on the
+first, the final norm and the head on the last), and records the split in glm_tp.json: each stage's ranks
+then open only their stage's folder (copy a node just its stage_SS/, `latest` and glm_tp.json), and
+loading takes the recorded split (pipeline_parallel and stage_layers must match it, or pipeline_parallel=1
+reads it as one checkpoint).
 
 Float checkpoints reshard exactly (bit-identical round trips). Quantized input: column-parallel weights
 keep their scales (exact); a row-parallel slice that lies within one source shard keeps that shard's
@@ -43,7 +50,7 @@ def _preset(name: str | None) -> ModelConfig | None:
 
 def _written(dst: object, what: str, shard_bytes: list[int], seconds: float) -> str:
     sizes = ", ".join(f"{b / 1e6:.1f}" for b in shard_bytes)
-    return f"wrote {dst}: {what} in {seconds:.1f} s; weight MB per rank: {sizes}"
+    return f"wrote {dst}: {what} in {seconds:.1f} s; weight MB per rank (stage by stage): {sizes}"
 
 
 def repartition_main(argv: list[str] | None = None) -> None:
@@ -52,7 +59,13 @@ def repartition_main(argv: list[str] | None = None) -> None:
     ap.add_argument("dst")
     ap.add_argument("--tp", type=int, required=True, help="number of output shards (ranks)")
     ap.add_argument("--bits", type=int, choices=(0, 4, 8), help="quantize the output (0 = fp16); default: as SRC")
+    ap.add_argument("--pp", type=int, default=None, help="pipeline stages to write shards for, each holding only "
+                    "its stage's tensors (default 1, or as many as --stage-layers names)")
+    ap.add_argument("--stage-layers", type=_sizes, help="layers of each stage, e.g. 34,36 (default: as even as they go)")
     args = ap.parse_args(argv)
+    pp = args.pp if args.pp is not None else len(args.stage_layers or [1])
+    if not 1 <= pp <= 1024:
+        ap.error(f"--pp {pp}: must be a whole number from 1 to 1024")
     try:
         model = _preset(args.model)
         if model is not None:
@@ -60,10 +73,22 @@ def repartition_main(argv: list[str] | None = None) -> None:
         dst = prepare_output(args.dst, args.force)
         start = time.time()
         with plain_warnings():
-            report = rewrite(args.src, dst, args.tp, args.bits, model)
+            report = rewrite(args.src, dst, args.tp, args.bits, model, pp=pp, stage_sizes=args.stage_layers)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(_written(dst, f"{args.tp} shard(s)", report.shard_bytes, time.time() - start))
+    what = f"{args.tp} shard(s)" + (f" x {pp} stages" if pp > 1 or args.stage_layers else "")
+    print(_written(dst, what, report.shard_bytes, time.time() - start))
+
+
+def _sizes(text: str) -> list[int]:
+    """--stage-layers: whole numbers >= 1, comma-separated (that they match the model is rewrite's check)."""
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the layers of each stage as whole numbers >= 1, e.g. 34,36")
+    return sizes
 
 
 def memory_report(preset: str) -> str:
