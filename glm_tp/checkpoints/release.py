@@ -101,24 +101,26 @@ def inspect(root: str | os.PathLike, stage: int | None = None) -> CheckpointInfo
     if stage is not None and not 0 <= stage < len(sizes):
         raise CheckpointError(f"{root} is written for {len(sizes)} pipeline stages (stage_layers={sizes}), so it has "
                               f"no stage {stage}")
+    tp = int(meta.get("tp") or 0) if meta else 0  # the shards each stage must have (so a missing last one is named)
     shards: list[Path] = []
     for s in range(len(sizes)) if stage is None else [stage]:
-        found = _shards(folder / stage_folder(s))
-        if shards and len(found) != len(shards) // s:
-            raise CheckpointError(f"{folder / stage_folder(s)} holds {len(found)} shard(s) but "
-                                  f"{folder / stage_folder(0)} {len(shards) // s}: the checkpoint is incomplete")
+        found = _shards(folder / stage_folder(s), tp)
+        tp = tp or len(found)
+        if len(found) != tp:
+            raise CheckpointError(f"{folder / stage_folder(s)} holds {len(found)} shard(s) but the checkpoint's "
+                                  f"stages have {tp}: the checkpoint is incomplete (re-copy it)")
         shards += found
     return CheckpointInfo(root, iteration, shards, meta, len(sizes) if stage is None else 1)
 
 
-def _shards(folder: Path) -> list[Path]:
-    """The mp_rank_XX shards of `folder`, in rank order: all of them, from 00 on."""
+def _shards(folder: Path, count: int = 0) -> list[Path]:
+    """The mp_rank_XX shards of `folder`, in rank order: all of them, from 00 on (at least `count`)."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is missing: the checkpoint is incomplete (re-copy it)")
     ranks = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _SHARD_RE.match(p.name)))
     if not ranks:
         raise CheckpointError(f"{folder} holds no mp_rank_XX_model_states.pt shard: the checkpoint is incomplete")
-    missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+    missing = sorted(set(range(max(count, max(ranks) + 1))) - set(ranks))
     if missing:
         raise CheckpointError(f"{folder} lacks shard(s) {', '.join(shard_name(r) for r in missing)}: "
                               f"the checkpoint is incomplete (re-copy or re-extract it)")
