@@ -3,6 +3,7 @@
     glm-tp-verify CKPT              # sizes and SHA-256 against glm_tp.json; every tensor readable
     glm-tp-verify CKPT --record     # a checkpoint without checksums (the GLM-130B release, a
                                     # Hugging Face folder): record them now, from a copy you trust
+    glm-tp-verify CKPT --stage 1    # written per pipeline stage: only that stage's files (a node's copy)
 
 Without recorded checksums it still opens every file and reads every tensor's last element, which finds
 truncated and unreadable files. Exit status 1 and one line per bad file when anything is wrong.
@@ -16,7 +17,13 @@ import sys
 from tqdm import tqdm
 
 from glm_tp.checkpoints.integrity import file_records
-from glm_tp.checkpoints.release import METADATA_FILE, CheckpointError, check_files
+from glm_tp.checkpoints.release import (
+    METADATA_FILE,
+    CheckpointError,
+    check_files,
+    recorded_stages,
+    stage_folder,
+)
 from glm_tp.checkpoints.sources import HF_INDEXES, open_source
 
 
@@ -48,9 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--record", action="store_true", help="write the files' sizes and SHA-256 into glm_tp.json")
+    ap.add_argument("--stage", type=int, help="of a checkpoint written per pipeline stage: check that stage's files only")
     args = ap.parse_args(argv)
+    if args.record and args.stage is not None:
+        ap.error("--record records every file: give it without --stage")
     try:
-        source = open_source(args.checkpoint)
+        source = open_source(args.checkpoint, args.stage)
+        if args.stage is not None and recorded_stages(source.metadata) is None:
+            raise CheckpointError(f"--stage {args.stage}: {args.checkpoint} is not written per pipeline stage; "
+                                  f"check it without --stage")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -59,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     recorded = bool((source.metadata or {}).get("files"))
     problems: list[str] = []
-    for check in (lambda: list(check_files(source.root, source.metadata, verify=recorded, progress=True).values()),
+    folder = None if args.stage is None else f"{source.iteration}/{stage_folder(args.stage)}"
+    for check in (lambda: list(check_files(source.root, source.metadata, verify=recorded, progress=True,
+                                           stage=folder).values()),
                   lambda: read_every_tensor(source)):
         try:
             problems += check()

@@ -113,6 +113,9 @@ def test_verify_and_repartition_read_the_stage_files(src, tmp_path, capsys):
     assert verify.main([str(ckpt)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stage_01" in err[0] and "mp_rank_01_model_states.pt" in err[0], err
+    assert verify.main([str(ckpt), "--stage", "0"]) == 0  # a node's copy: its stage's files are whole
+    assert verify.main([str(src), "--stage", "0"]) == 1
+    assert "not written per pipeline stage" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,said", [(["--stage-layers", "0,4"], "--stage-layers"),
