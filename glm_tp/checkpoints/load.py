@@ -67,13 +67,7 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     check_kernels(kernels)
     check_lm_head(lm_head)
     tp = tp or init_distributed(device)
-    recorded = recorded_stages(read_metadata(Path(checkpoint))) if Path(checkpoint).is_dir() else None
-    pp = pipeline_parallel or (len(recorded) if recorded else 1)
-    stage_sizes = stage_sizes or (recorded if pp > 1 else None)
-    own = None
-    if recorded and pp > 1:
-        check_recorded_split(checkpoint, recorded, pp, stage_sizes)
-        own = RankLayout.of_world(tp.size, pp).stage_of(tp.rank)
+    pp, stage_sizes, own = checkpoint_stage(checkpoint, tp, pipeline_parallel, stage_sizes)
     source = open_source(checkpoint, own)
     verify_files(source, tp, verify, progress, own, pp)
     cfg = resolve_config(source.model_config(), model, layers)
@@ -96,12 +90,22 @@ def load_model(checkpoint: str | os.PathLike, *, model: str | ModelConfig | None
     return net.eval()
 
 
-def check_recorded_split(checkpoint: str | os.PathLike, recorded: list[int], pp: int, sizes: list[int] | None) -> None:
-    """A checkpoint written per stage loads with the split it was written for (or as one, at pp 1)."""
+def checkpoint_stage(checkpoint: str | os.PathLike, tp: TPContext, pipeline_parallel: int | None,
+                     stage_sizes: list[int] | None) -> tuple[int, list[int] | None, int | None]:
+    """The stages to load (pipeline_parallel, stage_sizes) and, for a checkpoint written per stage, this rank's
+    stage, whose files are the only ones it reads: such a checkpoint loads with the split it was written for
+    (unset: taken from it), or as one checkpoint at pipeline_parallel=1."""
+    root = Path(checkpoint).expanduser()
+    recorded = recorded_stages(read_metadata(root)) if root.is_dir() else None
+    pp = pipeline_parallel or (len(recorded) if recorded else 1)
+    sizes = stage_sizes or (recorded if pp > 1 else None)
+    if not recorded or pp == 1:
+        return pp, sizes, None
     if pp != len(recorded) or list(sizes or []) != recorded:
         asked = f"pipeline_parallel={pp}" if pp != len(recorded) else f"stage_layers={list(sizes or [])}"
         raise CheckpointError(f"{asked}, but {checkpoint} is written per stage for pipeline_parallel={len(recorded)} "
                               f"stage_layers={recorded}: load it with those (or pipeline_parallel=1), or repartition it")
+    return pp, sizes, RankLayout.of_world(tp.size, pp).stage_of(tp.rank)
 
 
 def verify_files(source: Source, tp: TPContext, verify: bool, progress: bool, stage: int | None = None,

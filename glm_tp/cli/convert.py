@@ -11,8 +11,7 @@ time through checkpoints/reshard.py; no GPU.
 
 --pp P writes TP shards per pipeline stage, each holding only that stage's layers (the embedding on the
 first, the final norm and the head on the last), and records the split in glm_tp.json: each stage's ranks
-then open only their stage's folder (copy a node just its stage_SS/, `latest` and glm_tp.json), and
-loading takes the recorded split (pipeline_parallel and stage_layers must match it, or pipeline_parallel=1
+then open only their stage's folder, and loading takes the recorded split (pipeline_parallel and stage_layers must match it, or pipeline_parallel=1
 reads it as one checkpoint).
 
 Float checkpoints reshard exactly (bit-identical round trips). Quantized input: column-parallel weights
