@@ -32,6 +32,7 @@ from glm_tp.checkpoints.release import (
     inspect,
     open_shard,
     read_metadata,
+    shard_name,
 )
 from glm_tp.config import ModelConfig
 from glm_tp.parallel.partition import PRECISION_PROBE
@@ -148,8 +149,10 @@ class Source:
         if self.cut:
             holes = [(n, i) for n, ps in self._parts.items() for i, p in enumerate(ps) if p is None]
             if holes:
-                raise CheckpointError(f"{self.files[holes[0][1]]} lacks {holes[0][0]}, which the other shards hold: "
-                                      f"the shards do not belong together (re-copy or re-create it)")
+                name, piece = holes[0]
+                lacking = self._files[name].parent / shard_name(piece)  # beside a shard that holds it: its stage's
+                raise CheckpointError(f"{lacking} lacks {name}, which the other shards hold: the shards do not "
+                                      f"belong together (re-copy or re-create it)")
 
     def _fuse(self, fused: dict[str, dict[int, Part]]) -> None:
         for name, blocks in fused.items():

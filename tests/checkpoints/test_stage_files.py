@@ -127,3 +127,17 @@ def test_bad_stage_arguments_are_one_line(src, tmp_path, capsys, args, said):
     # argparse prints its line; the command's own checks exit with theirs
     said_line = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
     assert said in said_line and "\n" not in said_line, said_line
+
+
+def test_a_stage_shard_lacking_a_tensor_is_named(src, tmp_path):
+    ckpt = tmp_path / "staged"
+    rewrite(src, ckpt, 2, pp=2, progress=False)
+    path = ckpt / "1" / "stage_01" / "mp_rank_01_model_states.pt"
+    state = {k: v.clone() for k, v in shards(ckpt)[3].items()}  # not the mapped file being rewritten
+    del state["transformer.layers.3.mlp.dense_4h_to_h.weight"]
+    torch.save({"module": state}, path)
+    meta = json.loads((ckpt / "glm_tp.json").read_text())
+    del meta["files"]  # no recorded sizes: the tensors themselves are checked
+    (ckpt / "glm_tp.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"stage_01/mp_rank_01_model_states.pt lacks transformer.layers.3.mlp"):
+        load_model(ckpt, tp=simulated_rank(4, 2), progress=False)
