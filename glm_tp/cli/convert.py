@@ -47,9 +47,9 @@ def _preset(name: str | None) -> ModelConfig | None:
     return get_preset(name) if name else None
 
 
-def _written(dst: object, what: str, shard_bytes: list[int], seconds: float) -> str:
+def _written(dst: object, what: str, shard_bytes: list[int], seconds: float, staged: bool = False) -> str:
     sizes = ", ".join(f"{b / 1e6:.1f}" for b in shard_bytes)
-    return f"wrote {dst}: {what} in {seconds:.1f} s; weight MB per rank (stage by stage): {sizes}"
+    return f"wrote {dst}: {what} in {seconds:.1f} s; weight MB per rank{' (stage by stage)' * staged}: {sizes}"
 
 
 def repartition_main(argv: list[str] | None = None) -> None:
@@ -75,8 +75,9 @@ def repartition_main(argv: list[str] | None = None) -> None:
             report = rewrite(args.src, dst, args.tp, args.bits, model, pp=pp, stage_sizes=args.stage_layers)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    what = f"{args.tp} shard(s)" + (f" x {pp} stages" if pp > 1 or args.stage_layers else "")
-    print(_written(dst, what, report.shard_bytes, time.time() - start))
+    staged = pp > 1 or bool(args.stage_layers)
+    what = f"{args.tp} shard(s)" + f" x {pp} stages" * staged
+    print(_written(dst, what, report.shard_bytes, time.time() - start, staged))
 
 
 def _sizes(text: str) -> list[int]:
