@@ -103,8 +103,9 @@ def checkpoint_stage(checkpoint: str | os.PathLike, tp: TPContext, pipeline_para
         return pp, sizes, None
     if pp != len(recorded) or list(sizes or []) != recorded:
         asked = f"pipeline_parallel={pp}" if pp != len(recorded) else f"stage_layers={list(sizes or [])}"
-        raise CheckpointError(f"{asked}, but {checkpoint} is written per stage for pipeline_parallel={len(recorded)} "
-                              f"stage_layers={recorded}: load it with those (or pipeline_parallel=1), or repartition it")
+        raise CheckpointError(f"{asked}, but {checkpoint} is written per stage for pipeline_parallel="
+                              f"{len(recorded)} stage_layers={recorded}: load it with those (or pipeline_parallel=1), "
+                              f"or repartition it")
     return pp, sizes, RankLayout.of_world(tp.size, pp).stage_of(tp.rank)
 
 

@@ -5,8 +5,9 @@ loader reads (`sources.open_source`: release shards at any count, one unsharded 
 folder) and writes release-format shards at any TP size the model divides into: each output slice is
 built from the overlapping source parts (`partition.copy_plan`), as the loader builds a rank's
 parameters; per pipeline stage (`pp`), each stage's shards hold only the tensors that stage holds
-(`pipeline.Stage.holds`, the loader's rule), so a stage's ranks read only its own files. Source files are memory-mapped, every output shard is written in place (`ShardWriter`),
-and pages are dropped once copied, so host RAM holds about one parameter, never the model.
+(`pipeline.Stage.holds`, the loader's rule), so a stage's ranks read only its own files. Source files
+are memory-mapped, every output shard is written in place (`ShardWriter`), and pages are dropped once
+copied, so host RAM holds about one parameter, never the model.
 
 Quantized input: column-parallel weights keep their per-row scales when cut or joined (exact). A
 row-parallel weight's scales cover its whole input slice: an output slice that lies within one source

@@ -60,7 +60,8 @@ def repartition_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits", type=int, choices=(0, 4, 8), help="quantize the output (0 = fp16); default: as SRC")
     ap.add_argument("--pp", type=int, default=None, help="pipeline stages to write shards for, each holding only "
                     "its stage's tensors (default 1, or as many as --stage-layers names)")
-    ap.add_argument("--stage-layers", type=_sizes, help="layers of each stage, e.g. 34,36 (default: as even as they go)")
+    ap.add_argument("--stage-layers", type=_sizes,
+                    help="layers of each stage, e.g. 34,36 (default: as even as they go)")
     args = ap.parse_args(argv)
     pp = args.pp if args.pp is not None else len(args.stage_layers or [1])
     if not 1 <= pp <= 1024:

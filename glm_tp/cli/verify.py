@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--record", action="store_true", help="write the files' sizes and SHA-256 into glm_tp.json")
-    ap.add_argument("--stage", type=int, help="of a checkpoint written per pipeline stage: check that stage's files only")
+    ap.add_argument("--stage", type=int,
+                    help="of a checkpoint written per pipeline stage: check that stage's files only")
     args = ap.parse_args(argv)
     if args.record and args.stage is not None:
         ap.error("--record records every file: give it without --stage")
