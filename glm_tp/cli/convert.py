@@ -28,7 +28,7 @@ import argparse
 import sys
 import time
 
-from glm_tp.checkpoints.release import CheckpointError
+from glm_tp.checkpoints.release import CheckpointError, recorded_stages
 from glm_tp.checkpoints.reshard import rewrite
 from glm_tp.checkpoints.sources import open_source, source_bits
 from glm_tp.cli.output import plain_warnings, prepare_output
@@ -124,10 +124,12 @@ def quantize_main(argv: list[str] | None = None) -> None:
         held = source_bits(source, cfg.hidden_size if cfg is not None else None)
         if held:
             raise CheckpointError(f"{args.src} is already INT{held}: quantize the fp16 checkpoint instead")
+        stages = recorded_stages(source.metadata)  # a source written per stage stays so, with its split
         dst = prepare_output(args.dst, args.force)
         start = time.time()
-        with plain_warnings():
-            report = rewrite(args.src, dst, source.shards, args.bits, model)  # as many shards as the source
+        with plain_warnings():  # as many shards as the source
+            report = rewrite(args.src, dst, source.shards, args.bits, model, pp=len(stages or [1]), stage_sizes=stages)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(_written(dst, f"INT{args.bits}, {source.shards} shard(s)", report.shard_bytes, time.time() - start))
+    what = f"INT{args.bits}, {source.shards} shard(s)" + f" x {len(stages or [])} stages" * bool(stages)
+    print(_written(dst, what, report.shard_bytes, time.time() - start, bool(stages)))

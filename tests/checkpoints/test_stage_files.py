@@ -105,6 +105,10 @@ def test_verify_and_repartition_read_the_stage_files(src, tmp_path, capsys):
     convert.repartition_main([str(src), str(ckpt), "--tp", "2", "--pp", "2", "--stage-layers", "3,1"])
     assert "2 shard(s) x 2 stages" in capsys.readouterr().out
     assert verify.main([str(ckpt)]) == 0
+    convert.quantize_main([str(ckpt), str(tmp_path / "q"), "--bits", "8"])  # stays per stage, with its split
+    assert "2 shard(s) x 2 stages" in capsys.readouterr().out
+    assert json.loads((tmp_path / "q" / "glm_tp.json").read_text())["stage_layers"] == [3, 1]
+    assert source_bits(open_source(tmp_path / "q", 1), CFG.hidden_size) == 8
     rewrite(ckpt, tmp_path / "back", 1, progress=False)  # a staged source, back to one shard: bit-identical
     assert identical(tmp_path / "back", src)
     assert "stage_layers" not in json.loads((tmp_path / "back" / "glm_tp.json").read_text())
