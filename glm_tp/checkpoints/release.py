@@ -182,7 +182,9 @@ def write_latest(root: str | os.PathLike, iteration: str, metadata: dict[str, An
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if metadata is not None:
-        files = sorted(p for p in (root / iteration).rglob("*") if _SHARD_RE.match(p.name))  # stage folders too
+        stages = recorded_stages(metadata)  # per stage: the stage folders' shards, nothing else
+        folders = [root / iteration / stage_folder(s) for s in range(len(stages))] if stages else [root / iteration]
+        files = sorted(p for folder in folders for p in folder.iterdir() if _SHARD_RE.match(p.name))
         if metadata.get("tokenizer") and (root / metadata["tokenizer"]).is_file():
             files.append(root / metadata["tokenizer"])
         metadata = {**metadata, "files": file_records(root, files, progress)}
