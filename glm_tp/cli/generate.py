@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from glm_tp.checkpoints.load import load_model, resolve_config
-from glm_tp.checkpoints.release import CheckpointError
-from glm_tp.checkpoints.sources import open_source, source_bits
+from glm_tp.checkpoints.release import CheckpointError, read_metadata, recorded_stages
+from glm_tp.checkpoints.sources import Source, open_source, source_bits
 from glm_tp.cli.output import plain_warnings
 from glm_tp.cli.planner import GiB, Plan, refusal, with_prefix_cache
 from glm_tp.cli.settings import (
@@ -60,10 +60,28 @@ from glm_tp.text.tokenizer import (
 )
 
 
+def recorded_split(cfg: DictConfig) -> list[int] | None:
+    """The stage split a checkpoint written per stage records, when this run loads it per stage (its
+    pipeline_parallel); None otherwise."""
+    checkpoint = resolve_path(cfg.checkpoint)
+    recorded = recorded_stages(read_metadata(checkpoint)) if checkpoint.is_dir() else None
+    return recorded if recorded and int(cfg.pipeline_parallel) == len(recorded) > 1 else None
+
+
+def own_source(cfg: DictConfig) -> Source:
+    """The checkpoint as this rank reads it: of one written per stage and loaded per stage, only this rank's
+    stage's files, so a node needs nothing but its own stage's folder."""
+    checkpoint, recorded = resolve_path(cfg.checkpoint), recorded_split(cfg)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if recorded is None or world % len(recorded):  # ranks that cannot form the stages: load_model says so
+        return open_source(checkpoint)
+    return open_source(checkpoint, RankLayout.of_world(world, len(recorded)).stage_of(rank))
+
+
 def model_config(cfg: DictConfig) -> ModelConfig:
     """The model's shape from the preset or the checkpoint's glm_tp.json: no weights are read."""
     checkpoint = resolve_path(cfg.checkpoint)
-    source = open_source(checkpoint) if cfg.model is None or checkpoint.exists() else None
+    source = own_source(cfg) if cfg.model is None or checkpoint.exists() else None
     return resolve_config(source.model_config() if source else None, cfg.model, None)
 
 
@@ -72,12 +90,12 @@ def make_plan(cfg: DictConfig, model_cfg: ModelConfig, tp_size: int, device_type
     """The memory plan for this run, its prefix cache sized for `memory` (per rank, when known); with a model
     preset it needs no checkpoint on disk."""
     checkpoint = resolve_path(cfg.checkpoint)
-    source = open_source(checkpoint) if checkpoint.exists() else None
+    source = own_source(cfg) if checkpoint.exists() else None
     bits = parse_quant(cfg.quant)
     if bits is None:  # as the checkpoint holds: its metadata says (no weight file opened), or its first QKV shows
         bits = source_bits(source, model_cfg.hidden_size, open_weights=False) if source else 0
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else default_dtype(device_type)
-    sizes = check_stage_layers(cfg.stage_layers)
+    sizes = check_stage_layers(cfg.stage_layers) or recorded_split(cfg)  # unset: the checkpoint's own split
     plan = Plan(model_cfg, tp_size, torch.tensor([], dtype=dtype).element_size(), bits, int(cfg.batch_size),
                 int(cfg.max_len or model_cfg.max_seq_len), "cuda" if device_type == "cuda" else "cpu",
                 int(cfg.pipeline_parallel), tuple(sizes) if sizes else None)
@@ -108,7 +126,7 @@ def tokenizer_file(cfg: DictConfig, gen: GenerationConfig) -> Path | None:
     """The tokenizer model: tokenizer=, else the one the checkpoint names or holds. None for a JSONL job of token
     ids alone when there is none: it runs without one. Checked before loading, so a missing tokenizer costs no
     model load; the error names the first line that needs one."""
-    source = open_source(resolve_path(cfg.checkpoint))
+    source = own_source(cfg)
     path = resolve_path(cfg.tokenizer) if cfg.tokenizer else source.root / (source.metadata or {}).get("tokenizer", "")
     try:
         return find_model_file(path)
@@ -138,7 +156,8 @@ def load_tokenizer_for(checkpoint: Path, special: SpecialTokens, file: Path | No
     (tokenizer_kind) and where its special tokens are (tokenizer_specials: ChatGLM2/3's, GLM-4's)."""
     if file is None:
         return IdsOnlyTokenizer(special)
-    meta = open_source(checkpoint).metadata or {}
+    # a release layout's metadata is its glm_tp.json (opening the source would need every stage's files)
+    meta = (read_metadata(checkpoint) if (checkpoint / "latest").is_file() else open_source(checkpoint).metadata) or {}
     return load_tokenizer(file, special, text_offset=meta.get("tokenizer_offset"),
                           whitespace=bool(meta.get("tokenizer_whitespace")), kind=meta.get("tokenizer_kind"),
                           specials=meta.get("tokenizer_specials"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,3 +100,37 @@ def _ranks(pid: int) -> dict[int, int]:
         if b"RANK" in env:
             ranks[int(env[b"RANK"])] = int(child)
     return ranks
+
+
+def test_each_node_holding_only_its_stages_files_answers_as_one_rank(tiny_checkpoints, tiny_tokenizer_file,
+                                                                     tmp_path):
+    """A checkpoint written per stage, each node with only its own stage's folder: the run takes the recorded
+    split (no stage_layers given) and reads nothing of the other stage."""
+    from glm_tp.cli import convert
+
+    whole = tmp_path / "stages"
+    convert.repartition_main([str(tiny_checkpoints[1]), str(whole), "--tp", "2", "--pp", "2", "--stage-layers", "1,1"])
+    iteration = (whole / "latest").read_text().strip()
+    homes = []
+    for keep in (0, 1):  # node k's copy: stage k's folder alone
+        home = tmp_path / f"node{keep}"
+        shutil.copytree(whole, home)
+        shutil.rmtree(home / iteration / f"stage_{1 - keep:02d}")
+        homes.append(home)
+    src = _prompts(tmp_path / "in.jsonl", 6)
+    common = [f"tokenizer={tiny_tokenizer_file}", f"input={src}", "batch_size=3", "timeout_s=60"]
+    alone = subprocess.run([sys.executable, "-m", "glm_tp.generate", f"checkpoint={tiny_checkpoints[1]}", *common,
+                            f"output={tmp_path / 'one.jsonl'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stdout[-2000:] + alone.stderr[-2000:]
+    port, out = _port(), tmp_path / "two.jsonl"
+    # a static rendezvous fixes which node holds which ranks (node k: stage k)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+                               f"--node-rank={k}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "-m", "glm_tp.generate", f"checkpoint={homes[k]}", *common, f"output={out}",
+                               "pipeline_parallel=2"],
+                              cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for k in (0, 1)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    one = _answers(tmp_path / "one.jsonl")
+    assert _answers(out) == one and len(one) == 6 and all(error is None for _, error in one.values())
