@@ -20,6 +20,7 @@ rows measured so far and exits 130 or 143.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import signal
@@ -178,7 +179,9 @@ def kernel_paths(model: GLMModel) -> dict[str, str]:
 
     mlp = f"{block.mlp.kind} fused into the h->4h GEMV" if block.mlp.fused else f"{block.mlp.kind} torch ops"
     head = model.lm_head or model.transformer.word_embeddings
-    return {"attention": "numba decode kernel" if block.attention.decode_kernel is not None else "torch attention",
+    attend = block.attention.decode_kernel
+    return {"attention": f"{attend.func.__module__.rsplit('.', 1)[-1]} decode kernel" if attend is not None
+            else "torch attention",
             "qkv": linear(block.attention.query_key_value), "mlp_h_to_4h": linear(block.mlp.dense_h_to_4h),
             "mlp_activation": mlp, "lm_head": kernel(head.head.small) if head.head is not None and head.head.small is not None
             else "torch matmul"}
@@ -251,6 +254,42 @@ def compare_decode_ops(model: GLMModel, steps: int, runs: int, context: int) -> 
     use(True)
     return {"kernels_ms": statistics.median(ours) / steps * 1e3, "torch_ops_ms": statistics.median(theirs) / steps * 1e3,
             "speedup_per_round": [t / k for k, t in zip(ours, theirs)]}
+
+
+def compare_attention(model: GLMModel, steps: int, runs: int, context: int) -> dict:
+    """Batch-1 decode with the native decode attention and with numba's in its place (all else equal), round
+    by round in turn, and the attention calls' own time inside each step (wall time around each call)."""
+    from glm_tp.kernels import cpu_attention, native_attention
+
+    layers = model.transformer.layers
+    chosen = [block.attention.decode_kernel for block in layers]
+    if any(k is None or k.func is not native_attention.decode_attention for k in chosen):
+        raise SystemExit("--compare-attention: the native decode attention is not in use here")
+    decode, rewind = decode_call(model, 1, steps, context)
+    inside = {"native": [], "numba": []}
+
+    def timer(kernel, into: list):
+        def call(*args):
+            start = time.perf_counter()
+            out = kernel(*args)
+            into.append(time.perf_counter() - start)
+            return out
+        return call
+
+    def use(name: str) -> None:
+        for block, kernel in zip(layers, chosen):
+            func = kernel.func if name == "native" else cpu_attention.decode_attention
+            block.attention.decode_kernel = timer(functools.partial(func, **kernel.keywords), inside[name])
+        rewind()
+
+    progress(f"decode batch 1 with the native and with numba's decode attention, in turn ({runs} rounds of {steps} steps)")
+    native_t, numba_t = alternated([(decode, lambda: use("native")), (decode, lambda: use("numba"))], model.device, runs)
+    for block, kernel in zip(layers, chosen):
+        block.attention.decode_kernel = kernel
+    per_step = {name: sum(t) / ((runs + 1) * steps) * 1e3 for name, t in inside.items()}  # warm-up round included
+    return {"native_ms": statistics.median(native_t) / steps * 1e3, "numba_ms": statistics.median(numba_t) / steps * 1e3,
+            "ratio_per_round": [a / b for a, b in zip(native_t, numba_t)],
+            "attention_ms_per_step": per_step}
 
 
 def summary(seconds: list[float]) -> dict:
@@ -329,6 +368,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--compare-decode-ops", action="store_true",
                     help="also time batch-1 decode with the decode-attention and SwiGLU kernels and with torch's ops in "
                          "their place, in turn")
+    ap.add_argument("--compare-attention", action="store_true",
+                    help="also time batch-1 decode with the native and with numba's decode attention, in turn")
     ap.add_argument("--json", help="write the results as JSON to this file")
     ap.add_argument("--plot", help="write a PNG of ms/token against batch size")
     return ap
@@ -386,6 +427,9 @@ def run(args: argparse.Namespace, cfg: ModelConfig, tp: TPContext, label: str, r
     result["allreduce_ms_per_step"] = allreduce_ms(tp, cfg, dtype, args.runs)
     if args.compare_decode_ops:
         result["decode_ops"] = compare_decode_ops(model, args.steps, args.runs, result["context"])
+    if args.compare_attention:
+        result["attention"] = compare_attention(model, args.steps, args.runs, result["context"])
+        progress("decode attention: " + json.dumps(result["attention"]))
     add_ceilings(result, cfg, tp.size, dtype.itemsize, result["read_bytes_per_step"], bandwidth, peak)
     if args.reference:
         ref = reference_times(cfg, list(result["prefill_ms"]), args.steps, args.runs, result["context"],

@@ -39,16 +39,27 @@ ALWAYS float load(const void *p, int bf16, int64_t i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* element e of the head vector at qkv[r, base:], rotated (half 0: interleaved pairs, else NeoX blocks) */
-ALWAYS float rotated(const attn_job *j, int64_t r, int64_t base, int64_t e) {
-    int64_t partner;
-    float sign;
-    if (j->half == 0) partner = e % 2 == 0 ? e + 1 : e - 1, sign = e % 2 == 0 ? -1.0f : 1.0f;
-    else if ((e / j->half) % 2 == 0) partner = e + j->half, sign = -1.0f;
-    else partner = e - j->half, sign = 1.0f;
-    const int64_t row = r * j->width + base;
-    return load(j->qkv, j->act_bf16, row + e) * load(j->cos, j->trig_bf16, r * j->d + e) +
-           load(j->qkv, j->act_bf16, row + partner) * sign * load(j->sin, j->trig_bf16, r * j->d + e);
+/* the head vector at qkv[r, base:] rotated into dst[d] (half 0: interleaved pairs (2i, 2i + 1), else NeoX
+ * blocks of 2 half: the first half pairing with the second); loops without divisions (an int64 division
+ * per element cost more than the attention at a 128-slot window) */
+ALWAYS void rotate_head(const attn_job *j, int64_t r, int64_t base, float *dst) {
+    const int64_t d = j->d, x = r * j->width + base, t = r * d;
+    const int bf = j->act_bf16, tb = j->trig_bf16;
+    if (j->half == 0) {
+        for (int64_t e = 0; e < d; e += 2) {
+            const float a = load(j->qkv, bf, x + e), b = load(j->qkv, bf, x + e + 1);
+            dst[e] = a * load(j->cos, tb, t + e) + b * -1.0f * load(j->sin, tb, t + e);
+            dst[e + 1] = b * load(j->cos, tb, t + e + 1) + a * load(j->sin, tb, t + e + 1);
+        }
+        return;
+    }
+    const int64_t h = j->half;
+    for (int64_t b0 = 0; b0 < d; b0 += 2 * h)
+        for (int64_t i = b0; i < b0 + h; i++) {
+            const float a = load(j->qkv, bf, x + i), b = load(j->qkv, bf, x + i + h);
+            dst[i] = a * load(j->cos, tb, t + i) + b * -1.0f * load(j->sin, tb, t + i);
+            dst[i + h] = b * load(j->cos, tb, t + i + h) + a * load(j->sin, tb, t + i + h);
+        }
 }
 
 /* numba's _exp (cpu.py): 2^n * e^r, |r| <= ln2 / 2, in plain arithmetic that vectorizes; a few ulp */
@@ -116,7 +127,8 @@ ALWAYS void task_body(const attn_job *j, int64_t r, int64_t g, int64_t h0, float
     float top[4], total[4];
     const uint8_t *hidden = j->hidden + r * w;
     for (int64_t i = 0; i < hb; i++) {
-        for (int64_t e = 0; e < d; e++) qf[i * d + e] = rotated(j, r, (h0 + i) * j->q_step, e) * j->scale;
+        rotate_head(j, r, (h0 + i) * j->q_step, qf + i * d);
+        for (int64_t e = 0; e < d; e++) qf[i * d + e] *= j->scale;
         top[i] = -INFINITY, total[i] = 0;
     }
     memset(scores, 0, (size_t)(hb * w) * 4);
@@ -192,12 +204,13 @@ static void run_tasks(void *ctx, int64_t t0, int64_t t1) {
 }
 
 /* this step's rotated key and value of each (row, KV head) at the row's slot, before any task reads them */
-static void store_kv(const attn_job *j) {
+static void store_kv(const attn_job *j, float *key) {
     for (int64_t r = 0; r < j->rows; r++)
         for (int64_t g = 0; g < j->kv_heads; g++) {
             const int64_t at = r * j->rs + g * j->hs + j->slots[r] * j->d;
+            rotate_head(j, r, j->k0 + g * j->kv_step, key);
             for (int64_t e = 0; e < j->d; e++) {
-                store(j->k, j->cache_bf16, at + e, rotated(j, r, j->k0 + g * j->kv_step, e));
+                store(j->k, j->cache_bf16, at + e, key[e]);
                 store(j->v, j->cache_bf16, at + e, load(j->qkv, j->act_bf16, r * j->width + j->v0 + g * j->kv_step + e));
             }
         }
@@ -227,8 +240,11 @@ int glm_decode_attention(int isa, const void *qkv, const void *cos, const void *
     attn_call c = {&j, isa};
     atomic_init(&c.failed, 0);
     const int64_t tasks = rows * kv_heads * j.blocks;
+    float *key = malloc((size_t)d * 4);
+    if (!key) return -1;
     pthread_mutex_lock(&glm_call_lock); /* the pool is shared with the GEMVs */
-    store_kv(&j);
+    store_kv(&j, key);
+    free(key);
     pool_run(nthreads < 1 ? 1 : nthreads > tasks ? (int)tasks : nthreads, run_tasks, &c, tasks, 1);
     pthread_mutex_unlock(&glm_call_lock);
     return atomic_load(&c.failed) ? -1 : 0;
