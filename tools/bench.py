@@ -257,16 +257,18 @@ def compare_decode_ops(model: GLMModel, steps: int, runs: int, context: int) -> 
 
 
 def compare_attention(model: GLMModel, steps: int, runs: int, context: int) -> dict:
-    """Batch-1 decode with the native decode attention and with numba's in its place (all else equal), round
-    by round in turn, and the attention calls' own time inside each step (wall time around each call)."""
+    """Batch-1 decode round by round in turn with: the native decode attention and fused add + norm (the
+    default where built), the native attention with torch's norm ops, numba's attention with torch's norm
+    ops (before both); and the attention calls' own time inside each step (wall time around each call)."""
     from glm_tp.kernels import cpu_attention, native_attention
 
     layers = model.transformer.layers
-    chosen = [block.attention.decode_kernel for block in layers]
-    if any(k is None or k.func is not native_attention.decode_attention for k in chosen):
-        raise SystemExit("--compare-attention: the native decode attention is not in use here")
+    chosen = [(block.attention.decode_kernel, block.add_norm) for block in layers]
+    if any(k is None or k.func is not native_attention.decode_attention or n is None for k, n in chosen):
+        raise SystemExit("--compare-attention: the native decode attention or add + norm is not in use here")
     decode, rewind = decode_call(model, 1, steps, context)
-    inside = {"native": [], "numba": []}
+    variants = {"native_fused_norm": (True, True), "native": (True, False), "numba": (False, False)}
+    inside: dict[str, list[float]] = {name: [] for name in variants}
 
     def timer(kernel, into: list):
         def call(*args):
@@ -277,19 +279,22 @@ def compare_attention(model: GLMModel, steps: int, runs: int, context: int) -> d
         return call
 
     def use(name: str) -> None:
-        for block, kernel in zip(layers, chosen):
-            func = kernel.func if name == "native" else cpu_attention.decode_attention
+        native_attend, fused = variants[name]
+        for block, (kernel, add_norm) in zip(layers, chosen):
+            func = kernel.func if native_attend else cpu_attention.decode_attention
             block.attention.decode_kernel = timer(functools.partial(func, **kernel.keywords), inside[name])
+            block.add_norm = add_norm if fused else None
         rewind()
 
-    progress(f"decode batch 1 with the native and with numba's decode attention, in turn ({runs} rounds of {steps} steps)")
-    native_t, numba_t = alternated([(decode, lambda: use("native")), (decode, lambda: use("numba"))], model.device, runs)
-    for block, kernel in zip(layers, chosen):
-        block.attention.decode_kernel = kernel
-    per_step = {name: sum(t) / ((runs + 1) * steps) * 1e3 for name, t in inside.items()}  # warm-up round included
-    return {"native_ms": statistics.median(native_t) / steps * 1e3, "numba_ms": statistics.median(numba_t) / steps * 1e3,
-            "ratio_per_round": [a / b for a, b in zip(native_t, numba_t)],
-            "attention_ms_per_step": per_step}
+    progress(f"decode batch 1 with {', '.join(variants)} in turn ({runs} rounds of {steps} steps)")
+    times = alternated([(decode, functools.partial(use, name)) for name in variants], model.device, runs)
+    for block, (kernel, add_norm) in zip(layers, chosen):
+        block.attention.decode_kernel, block.add_norm = kernel, add_norm
+    base = times[-1]
+    return {"ms": {name: statistics.median(t) / steps * 1e3 for name, t in zip(variants, times)},
+            "ratio_to_numba_per_round": {name: [a / b for a, b in zip(t, base)] for name, t in zip(variants, times[:-1])},
+            # warm-up round included
+            "attention_ms_per_step": {name: sum(t) / ((runs + 1) * steps) * 1e3 for name, t in inside.items()}}
 
 
 def summary(seconds: list[float]) -> dict:
@@ -369,7 +374,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="also time batch-1 decode with the decode-attention and SwiGLU kernels and with torch's ops in "
                          "their place, in turn")
     ap.add_argument("--compare-attention", action="store_true",
-                    help="also time batch-1 decode with the native and with numba's decode attention, in turn")
+                    help="also time batch-1 decode with the native decode attention and add + norm, the native "
+                         "attention alone, and numba's attention, in turn")
     ap.add_argument("--json", help="write the results as JSON to this file")
     ap.add_argument("--plot", help="write a PNG of ms/token against batch size")
     return ap
