@@ -180,8 +180,8 @@ def kernel_paths(model: GLMModel) -> dict[str, str]:
     mlp = f"{block.mlp.kind} fused into the h->4h GEMV" if block.mlp.fused else f"{block.mlp.kind} torch ops"
     head = model.lm_head or model.transformer.word_embeddings
     attend = block.attention.decode_kernel
-    return {"attention": f"{attend.func.__module__.rsplit('.', 1)[-1]} decode kernel" if attend is not None
-            else "torch attention",
+    native_attend = attend is not None and attend.func.__module__.endswith("native_attention")
+    return {"attention": "torch attention" if attend is None else f"{'native' if native_attend else 'numba'} decode kernel",
             "qkv": linear(block.attention.query_key_value), "mlp_h_to_4h": linear(block.mlp.dense_h_to_4h),
             "mlp_activation": mlp, "lm_head": kernel(head.head.small) if head.head is not None and head.head.small is not None
             else "torch matmul"}
@@ -238,15 +238,16 @@ def decode_call(model: GLMModel, b: int, steps: int, context: int) -> tuple:
 
 
 def compare_decode_ops(model: GLMModel, steps: int, runs: int, context: int) -> dict:
-    """Batch-1 decode of one model with its decode-attention and SwiGLU kernels and with torch's ops in their
-    place (the GEMVs unchanged), round by round in turn (`alternated`): each round's setup switches them."""
+    """Batch-1 decode of one model with its decode-attention, SwiGLU and add + norm kernels and with torch's ops
+    in their place (the GEMVs unchanged), round by round in turn (`alternated`): each round's setup switches them."""
     layers = model.transformer.layers
-    chosen = [(block.attention.decode_kernel, block.mlp.fused) for block in layers]
+    chosen = [(block.attention.decode_kernel, block.mlp.fused, block.add_norm) for block in layers]
     decode, rewind = decode_call(model, 1, steps, context)
 
     def use(kernels: bool) -> None:
-        for block, (attend, fused) in zip(layers, chosen):
-            block.attention.decode_kernel, block.mlp.fused = (attend, fused) if kernels else (None, False)
+        for block, (attend, fused, add_norm) in zip(layers, chosen):
+            block.attention.decode_kernel, block.mlp.fused, block.add_norm = (
+                (attend, fused, add_norm) if kernels else (None, False, None))
         rewind()
 
     progress(f"decode batch 1 with the decode kernels and with torch's ops, in turn ({runs} rounds of {steps} steps)")
@@ -371,7 +372,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--kernels", choices=KERNELS, default="fused", help="quantized matmul kernels")
     ap.add_argument("--lm-head", choices=LM_HEADS, default="model", help="int8: an INT8 copy of the LM head")
     ap.add_argument("--compare-decode-ops", action="store_true",
-                    help="also time batch-1 decode with the decode-attention and SwiGLU kernels and with torch's ops in "
+                    help="also time batch-1 decode with the decode-attention, SwiGLU and add + norm kernels and with torch's ops in "
                          "their place, in turn")
     ap.add_argument("--compare-attention", action="store_true",
                     help="also time batch-1 decode with the native decode attention and add + norm, the native "
