@@ -236,7 +236,7 @@ class GLMBlock(nn.Module):
         decode = self.add_norm is not None and cache is not None and x.shape[0] * x.shape[1] <= native_norm.MAX_ROWS
         if self.pre_ln:
             a = self.attention(self.input_layernorm(x), cos, sin, mask, cache, slots, window)
-            if decode:  # a CPU decode step: the add and the norm in one native call
+            if decode:  # a CPU call of decode size (<= MAX_ROWS rows): the add and the norm in one native call
                 x, m = self.add_norm(x, a)
             else:
                 x = x + a
