@@ -1,7 +1,7 @@
 """A CPU decode step's attention by the native library (csrc/attention.c), on the thread pool its GEMVs
 use: the arguments, result and computation of `cpu_attention.decode_attention` (the numba kernel), so a
 decode step's GEMVs and attention run in one pool instead of waking numba's between them. Paths as the
-GEMV's (native.best_isa: AVX-512, AVX2, portable C); the three give the same bits (attention.c).
+GEMV's (native.best_isa: AVX-512, AVX2, portable C), equal up to fp32 rounding (attention.c).
 """
 from __future__ import annotations
 
