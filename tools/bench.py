@@ -20,6 +20,7 @@ rows measured so far and exits 130 or 143.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import signal
@@ -178,7 +179,9 @@ def kernel_paths(model: GLMModel) -> dict[str, str]:
 
     mlp = f"{block.mlp.kind} fused into the h->4h GEMV" if block.mlp.fused else f"{block.mlp.kind} torch ops"
     head = model.lm_head or model.transformer.word_embeddings
-    return {"attention": "numba decode kernel" if block.attention.decode_kernel is not None else "torch attention",
+    attend = block.attention.decode_kernel
+    native_attend = attend is not None and attend.func.__module__.endswith("native_attention")
+    return {"attention": "torch attention" if attend is None else f"{'native' if native_attend else 'numba'} decode kernel",
             "qkv": linear(block.attention.query_key_value), "mlp_h_to_4h": linear(block.mlp.dense_h_to_4h),
             "mlp_activation": mlp, "lm_head": kernel(head.head.small) if head.head is not None and head.head.small is not None
             else "torch matmul"}
@@ -235,15 +238,16 @@ def decode_call(model: GLMModel, b: int, steps: int, context: int) -> tuple:
 
 
 def compare_decode_ops(model: GLMModel, steps: int, runs: int, context: int) -> dict:
-    """Batch-1 decode of one model with its decode-attention and SwiGLU kernels and with torch's ops in their
-    place (the GEMVs unchanged), round by round in turn (`alternated`): each round's setup switches them."""
+    """Batch-1 decode of one model with its decode-attention, SwiGLU and add + norm kernels and with torch's ops
+    in their place (the GEMVs unchanged), round by round in turn (`alternated`): each round's setup switches them."""
     layers = model.transformer.layers
-    chosen = [(block.attention.decode_kernel, block.mlp.fused) for block in layers]
+    chosen = [(block.attention.decode_kernel, block.mlp.fused, block.add_norm) for block in layers]
     decode, rewind = decode_call(model, 1, steps, context)
 
     def use(kernels: bool) -> None:
-        for block, (attend, fused) in zip(layers, chosen):
-            block.attention.decode_kernel, block.mlp.fused = (attend, fused) if kernels else (None, False)
+        for block, (attend, fused, add_norm) in zip(layers, chosen):
+            block.attention.decode_kernel, block.mlp.fused, block.add_norm = (
+                (attend, fused, add_norm) if kernels else (None, False, None))
         rewind()
 
     progress(f"decode batch 1 with the decode kernels and with torch's ops, in turn ({runs} rounds of {steps} steps)")
@@ -251,6 +255,47 @@ def compare_decode_ops(model: GLMModel, steps: int, runs: int, context: int) -> 
     use(True)
     return {"kernels_ms": statistics.median(ours) / steps * 1e3, "torch_ops_ms": statistics.median(theirs) / steps * 1e3,
             "speedup_per_round": [t / k for k, t in zip(ours, theirs)]}
+
+
+def compare_attention(model: GLMModel, steps: int, runs: int, context: int) -> dict:
+    """Batch-1 decode round by round in turn with: the native decode attention and fused add + norm (the
+    default where built), the native attention with torch's norm ops, numba's attention with torch's norm
+    ops (before both); and the attention calls' own time inside each step (wall time around each call)."""
+    from glm_tp.kernels import cpu_attention, native_attention
+
+    layers = model.transformer.layers
+    chosen = [(block.attention.decode_kernel, block.add_norm) for block in layers]
+    if any(k is None or k.func is not native_attention.decode_attention or n is None for k, n in chosen):
+        raise SystemExit("--compare-attention: the native decode attention or add + norm is not in use here")
+    decode, rewind = decode_call(model, 1, steps, context)
+    variants = {"native_fused_norm": (True, True), "native": (True, False), "numba": (False, False)}
+    inside: dict[str, list[float]] = {name: [] for name in variants}
+
+    def timer(kernel, into: list):
+        def call(*args):
+            start = time.perf_counter()
+            out = kernel(*args)
+            into.append(time.perf_counter() - start)
+            return out
+        return call
+
+    def use(name: str) -> None:
+        native_attend, fused = variants[name]
+        for block, (kernel, add_norm) in zip(layers, chosen):
+            func = kernel.func if native_attend else cpu_attention.decode_attention
+            block.attention.decode_kernel = timer(functools.partial(func, **kernel.keywords), inside[name])
+            block.add_norm = add_norm if fused else None
+        rewind()
+
+    progress(f"decode batch 1 with {', '.join(variants)} in turn ({runs} rounds of {steps} steps)")
+    times = alternated([(decode, functools.partial(use, name)) for name in variants], model.device, runs)
+    for block, (kernel, add_norm) in zip(layers, chosen):
+        block.attention.decode_kernel, block.add_norm = kernel, add_norm
+    base = times[-1]
+    return {"ms": {name: statistics.median(t) / steps * 1e3 for name, t in zip(variants, times)},
+            "ratio_to_numba_per_round": {name: [a / b for a, b in zip(t, base)] for name, t in zip(variants, times[:-1])},
+            # warm-up round included
+            "attention_ms_per_step": {name: sum(t) / ((runs + 1) * steps) * 1e3 for name, t in inside.items()}}
 
 
 def summary(seconds: list[float]) -> dict:
@@ -327,8 +372,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--kernels", choices=KERNELS, default="fused", help="quantized matmul kernels")
     ap.add_argument("--lm-head", choices=LM_HEADS, default="model", help="int8: an INT8 copy of the LM head")
     ap.add_argument("--compare-decode-ops", action="store_true",
-                    help="also time batch-1 decode with the decode-attention and SwiGLU kernels and with torch's ops in "
+                    help="also time batch-1 decode with the decode-attention, SwiGLU and add + norm kernels and with torch's ops in "
                          "their place, in turn")
+    ap.add_argument("--compare-attention", action="store_true",
+                    help="also time batch-1 decode with the native decode attention and add + norm, the native "
+                         "attention alone, and numba's attention, in turn")
     ap.add_argument("--json", help="write the results as JSON to this file")
     ap.add_argument("--plot", help="write a PNG of ms/token against batch size")
     return ap
@@ -386,6 +434,9 @@ def run(args: argparse.Namespace, cfg: ModelConfig, tp: TPContext, label: str, r
     result["allreduce_ms_per_step"] = allreduce_ms(tp, cfg, dtype, args.runs)
     if args.compare_decode_ops:
         result["decode_ops"] = compare_decode_ops(model, args.steps, args.runs, result["context"])
+    if args.compare_attention:
+        result["attention"] = compare_attention(model, args.steps, args.runs, result["context"])
+        progress("decode attention: " + json.dumps(result["attention"]))
     add_ceilings(result, cfg, tp.size, dtype.itemsize, result["read_bytes_per_step"], bandwidth, peak)
     if args.reference:
         ref = reference_times(cfg, list(result["prefill_ms"]), args.steps, args.runs, result["context"],

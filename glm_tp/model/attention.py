@@ -4,7 +4,8 @@ queries and keys; three ways to compute it:
 - `reference_attention`: the reference's recipe in the model's dtype (CUDA, where decode steps are captured
   as CUDA graphs);
 - torch's fused attention on CPU (`attend`): fp32 inside, the cache read as it is;
-- on CPU, a decode step (one query per row) through the numba kernel `kernels/cpu_attention.decode_attention`:
+- on CPU, a decode step (one query per row) through one kernel call, the native library's
+  (`kernels/native_attention`, on the thread pool of its GEMVs) or numba's (`kernels/cpu_attention`):
   rotary, the cache write and the attention in one call that reads each cached key and value in place
   (torch's fused attention reads a 1k-slot window of one row at under 2 GB/s, and the rotary and cache-write
   ops around it cost more than the kernel); grouped-query layers included, each query head reading its
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from typing import Callable
 
@@ -124,20 +126,41 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 def decode_kernel(kernels: str, dtype: torch.dtype, device: torch.device, rotary: int = 1,
                   heads: int = 0) -> DecodeKernel | None:
     """The CPU decode-attention kernel for a layer's layout (heads 0: head-major QKV; else grouped [q ; k ; v]
-    with `heads` query heads; rotary: `rotary_groups`), or None where `attend` serves every call: other
-    devices and dtypes, kernels "torch"/"dequant", no numba, or a kernel failing its check (with a warning)."""
+    with `heads` query heads; rotary: `rotary_groups`): the native library's where it is built and passes its
+    check (`native_decode_kernel`), else numba's, or None where `attend` serves every call: other devices and
+    dtypes, kernels "torch"/"dequant", neither kernel here, or both failing their check (with a warning)."""
     check_kernels(kernels)
-    if (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or kernels not in CPU_KERNELS
-            or not probe.numba_available()):
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or kernels not in CPU_KERNELS:
         return None
+    kernel = native_decode_kernel(dtype, rotary, heads)
+    if kernel is not None or not probe.numba_available():
+        return kernel
     from glm_tp.kernels import cpu_attention
 
     name = "decode_attention_grouped" if heads else "decode_attention"
-    if not probe.works(name, device, dtype_name(dtype), lambda: _kernel_works(dtype, grouped=heads > 0)):
+    if not probe.works(name, device, dtype_name(dtype),
+                       lambda: _kernel_works(cpu_attention.decode_attention, dtype, grouped=heads > 0)):
         # shown once per message (Python's default warning filter), not once per layer
         warnings.warn("the numba decode-attention kernel failed its check here: using torch's attention")
         return None
     return functools.partial(cpu_attention.decode_attention, rotary=rotary, heads=heads)
+
+
+def native_decode_kernel(dtype: torch.dtype, rotary: int, heads: int) -> DecodeKernel | None:
+    """The native library's decode attention (kernels/native_attention), on the pool its GEMVs use, or None:
+    the library not built, only its portable C path here while numba is installed (as for the GEMV,
+    GLM_TP_NATIVE_ISA can ask for it), or its check failing here (with a warning)."""
+    from glm_tp.kernels import native, native_attention
+
+    isa = native.best_isa() if native.available() else None
+    if isa is None or (isa == "scalar" and probe.numba_available() and not os.environ.get(native.ENV)):
+        return None
+    name = f"native-attention-{isa}" + ("-grouped" if heads else "")
+    if not probe.works(name, torch.device("cpu"), dtype_name(dtype),
+                       lambda: _kernel_works(native_attention.decode_attention, dtype, grouped=heads > 0)):
+        warnings.warn("the native decode-attention kernel failed its check here: using numba's or torch's")
+        return None
+    return functools.partial(native_attention.decode_attention, rotary=rotary, heads=heads)
 
 
 def split_qkv(qkv: torch.Tensor, kv_heads: int, head_dim: int, heads: int = 0) -> tuple[torch.Tensor, ...]:
@@ -172,11 +195,9 @@ def decode_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.
 _CHECKED = {False: ((1, 0, 2), (2, 0, 2)), True: ((PAIRS, 4, 2), (PAIRS, 4, 1), (1, 2, 2))}
 
 
-def _kernel_works(dtype: torch.dtype, grouped: bool) -> bool:
-    """Against the torch ops in fp32: 3 rows, a 40-slot cache, a 24-slot window; one row sees a prefix and
-    its own slot, one a pad run, one nothing (the kernel must give 0 there, as torch does)."""
-    from glm_tp.kernels.cpu_attention import decode_attention
-
+def _kernel_works(decode_attention: DecodeKernel, dtype: torch.dtype, grouped: bool) -> bool:
+    """A kernel against the torch ops in fp32: 3 rows, a 40-slot cache, a 24-slot window; one row sees a
+    prefix and its own slot, one a pad run, one nothing (the kernel must give 0 there, as torch does)."""
     gen = torch.Generator().manual_seed(0)
     d = 16
     slots = torch.arange(24)

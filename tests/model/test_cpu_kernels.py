@@ -28,6 +28,9 @@ from tests.support.ranks import greedy_blank, run_ranks
 pytest.importorskip("numba", reason="the CPU kernels need numba: pip install -e '.[cpu]' (the [test] extra has it)")
 from glm_tp.kernels import cpu as cpu_kernels  # noqa: E402
 from glm_tp.kernels import cpu_attention  # noqa: E402
+from glm_tp.kernels import native, native_attention  # noqa: E402
+
+DECODE_KERNELS = (cpu_attention.decode_attention, native_attention.decode_attention)
 
 
 def _exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -166,7 +169,8 @@ def test_without_numba_the_torch_kernels_are_used(monkeypatch, no_native_bf16):
         warnings.simplefilter("error")  # a missing optional extra is not worth a warning per weight
         p = prepare(q, scale, 8, "weight-only")
         assert quant.prepare_float(torch.randn(520, 1024).bfloat16()) is None  # bf16 weights: torch's matmul
-        assert attention.decode_kernel("fused", torch.bfloat16, torch.device("cpu")) is None  # torch's attention
+        kernel = attention.decode_kernel("fused", torch.bfloat16, torch.device("cpu"))  # native's, or torch's
+        assert kernel.func is native_attention.decode_attention if native.available() else kernel is None
     assert p.kind == "int8pack" and p.small is None
     with pytest.raises(ValueError, match=r"kernels=q8 needs numba: pip install numba"):
         prepare(q, scale, 8, "q8")
@@ -268,7 +272,7 @@ def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
     calls = []
     for block in fast.transformer.layers:
         kernel = block.attention.decode_kernel
-        assert kernel.func is cpu_attention.decode_attention and kernel.keywords == {"rotary": 1, "heads": 0}
+        assert kernel.func in DECODE_KERNELS and kernel.keywords == {"rotary": 1, "heads": 0}
         block.attention.decode_kernel = lambda qkv, *rest, kernel=kernel: calls.append(qkv.shape) or kernel(qkv, *rest)
     logits = []
     with torch.inference_mode():
@@ -282,7 +286,10 @@ def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
     assert len(calls) == 4 * cfg.num_layers and set(calls) == {(2, 1, 3 * cfg.hidden_size)}  # the steps only
     assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[1].abs().max()
     monkeypatch.setitem(probe.RESULTS, ("decode_attention", "cpu", "fp32"), False)
-    with pytest.warns(UserWarning, match="decode-attention kernel failed its check here: using torch's attention"):
+    for isa in native.ISAS:
+        monkeypatch.setitem(probe.RESULTS, (f"native-attention-{isa}", "cpu", "fp32"), False)
+    with (pytest.warns(UserWarning, match="native decode-attention kernel failed its check here"),
+          pytest.warns(UserWarning, match="decode-attention kernel failed its check here: using torch's attention")):
         assert attention.decode_kernel("fused", torch.float32, torch.device("cpu")) is None
     assert attention.decode_kernel("dequant", torch.bfloat16, torch.device("cpu")) is None
     assert attention.decode_kernel("fused", torch.float16, torch.device("cpu")) is None  # fp16: torch's attention

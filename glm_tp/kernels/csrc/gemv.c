@@ -105,17 +105,6 @@ typedef struct {
     int act;           /* ACT_*: applied before the store; the GLUs write fp32 to `out` (scratch) */
 } job;
 
-static inline void store(void *out, int bf16, int64_t i, float v) {
-    if (!bf16) {
-        ((float *)out)[i] = v;
-        return;
-    }
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    /* round to nearest even, as torch rounds; NaN stays a quiet NaN */
-    ((uint16_t *)out)[i] = v != v ? 0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
 /* the activations fused after the GEMV (gemv.h), each as torch defines it, in fp32 */
 static inline float gelu_tanh(float v) { return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v))); }
 static inline float gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f)); }
@@ -189,7 +178,7 @@ static void lane_corrections(const int8_t *xq, int64_t count, int32_t factor, in
         corr[i] = -factor * (xq[4 * i] + xq[4 * i + 1] + xq[4 * i + 2] + xq[4 * i + 3]);
 }
 
-static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
+pthread_mutex_t glm_call_lock = PTHREAD_MUTEX_INITIALIZER;
 static int8_t *scratch_q;
 static float *scratch_d;
 static int32_t *scratch_c;
@@ -208,7 +197,7 @@ int glm_gemv(int isa, int bits, const void *w, const float *rs, int64_t n, int64
     if (!ops || k <= 0 || k % Q8_BLOCK || (bits == 4 && k % (2 * Q8_BLOCK)) || (bits != 8 && bits != 4)) return -1;
     if (act < ACT_NONE || act > ACT_GEGLU || (glu && n % 2)) return -1;
     if (nthreads < 1) nthreads = 1;
-    pthread_mutex_lock(&call_lock); /* one call at a time: the scratch and the pool are shared */
+    pthread_mutex_lock(&glm_call_lock); /* one call at a time: the scratch and the pool are shared */
     if (scratch_cols < m * k) {
         free(scratch_q), free(scratch_d), free(scratch_c);
         /* cache-line aligned: every 64-byte load of a row then stays within one line (k is a multiple of 32
@@ -217,13 +206,13 @@ int glm_gemv(int isa, int bits, const void *w, const float *rs, int64_t n, int64
         scratch_d = aligned_alloc(64, (size_t)(m * k + 63) / 64 * 64);
         scratch_c = aligned_alloc(64, (size_t)(m * k + 63) / 64 * 64);
         scratch_cols = scratch_q && scratch_d && scratch_c ? m * k : 0;
-        if (!scratch_cols) return pthread_mutex_unlock(&call_lock), -1;
+        if (!scratch_cols) return pthread_mutex_unlock(&glm_call_lock), -1;
     }
     if (glu && scratch_y_size < m * n) {
         free(scratch_y);
         scratch_y = aligned_alloc(64, (size_t)(m * n * 4 + 63) / 64 * 64);
         scratch_y_size = scratch_y ? m * n : 0;
-        if (!scratch_y) return pthread_mutex_unlock(&call_lock), -1;
+        if (!scratch_y) return pthread_mutex_unlock(&glm_call_lock), -1;
     }
     glm_quantize_q8(isa, x, x_bf16, m, k, scratch_q, scratch_d);
     const int factor = bits == 8 ? ops->corr_int8 : ops->corr_int4;
@@ -236,7 +225,7 @@ int glm_gemv(int isa, int bits, const void *w, const float *rs, int64_t n, int64
         glu_job g = {scratch_y, out, m, n / 2, out_bf16, act};
         pool_run(m * n / 2 >= 4096 ? nthreads : 1, run_glu, &g, n / 2, 16); /* small: not worth a wake-up */
     }
-    pthread_mutex_unlock(&call_lock);
+    pthread_mutex_unlock(&glm_call_lock);
     return 0;
 }
 
@@ -269,12 +258,12 @@ static int64_t scratch_x_size;
 int glm_gemv_bf16(const uint16_t *w, int64_t n, int64_t k, const void *x, int x_bf16, int64_t m, void *out,
                   int nthreads) {
     if (!gemv_isa_supported(ISA_VNNI512) || k <= 0 || k % 32 || m < 1) return -1;
-    pthread_mutex_lock(&call_lock);
+    pthread_mutex_lock(&glm_call_lock);
     if (scratch_x_size < m * k) {
         free(scratch_x);
         scratch_x = aligned_alloc(64, (size_t)(m * k * 4 + 63) / 64 * 64);
         scratch_x_size = scratch_x ? m * k : 0;
-        if (!scratch_x) return pthread_mutex_unlock(&call_lock), -1;
+        if (!scratch_x) return pthread_mutex_unlock(&glm_call_lock), -1;
     }
     for (int64_t i = 0; i < m * k; i++) { /* column c of each 32 goes to (c odd) * 16 + c / 2 */
         float v;
@@ -289,7 +278,7 @@ int glm_gemv_bf16(const uint16_t *w, int64_t n, int64_t k, const void *x, int x_
     }
     bf16_job jb = {w, scratch_x, n, k, m, out, x_bf16};
     pool_run(nthreads < 1 ? 1 : nthreads, run_bf16, &jb, n, 16);
-    pthread_mutex_unlock(&call_lock);
+    pthread_mutex_unlock(&glm_call_lock);
     return 0;
 }
 
@@ -354,9 +343,9 @@ static void run_unpack(void *ctx, int64_t a, int64_t b) {
 int glm_unpack_bf16(int bits, const void *w, int64_t r0, int64_t r1, int64_t k, uint16_t *out, int nthreads) {
     if ((bits != 8 && bits != 4) || (bits == 4 && k % 2) || r0 < 0 || r1 < r0) return -1;
     unpack_job jb = {bits, gemv_isa_supported(ISA_VNNI512), w, r0, k, out};
-    pthread_mutex_lock(&call_lock);
+    pthread_mutex_lock(&glm_call_lock);
     pool_run(nthreads < 1 ? 1 : nthreads, run_unpack, &jb, r1 - r0, 16);
-    pthread_mutex_unlock(&call_lock);
+    pthread_mutex_unlock(&glm_call_lock);
     return 0;
 }
 

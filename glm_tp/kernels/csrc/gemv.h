@@ -2,7 +2,9 @@
 #ifndef GLM_TP_GEMV_H
 #define GLM_TP_GEMV_H
 
+#include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 
 #define Q8_BLOCK 32    /* input columns per activation scale (llama.cpp's Q8_0 block) */
 #define SCALE_COPIES 8 /* each block scale is stored 8 times: one 256-bit vector of fp32 per block */
@@ -40,6 +42,27 @@ void quantize_rows_avx512(const void *x, int x_bf16, int64_t m, int64_t k, int8_
 
 /* pool.c: run fn(ctx, begin, end) over [0, total) split into `nthreads` contiguous parts (multiples of
  * `align`), the calling thread taking the first part. Not reentrant: callers serialise. */
+/* held by each call that uses the pool or the shared scratch (gemv.c, attention.c) */
+extern pthread_mutex_t glm_call_lock;
+
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+/* out[i] = v as fp32, or rounded to bf16 bits (nearest even, as torch rounds; NaN stays a quiet NaN) */
+static inline void store(void *out, int bf16, int64_t i, float v) {
+    if (!bf16) {
+        ((float *)out)[i] = v;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    ((uint16_t *)out)[i] = v != v ? 0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
 void pool_run(int nthreads, range_fn fn, void *ctx, int64_t total, int64_t align);
 
