@@ -56,7 +56,9 @@ class Engine:
         blocks = blocks_for(prefix_cache_tokens)
         stages = model.stage.split.stages if model.stage is not None else 1
         lanes = lane_count(stages, max_batch, bool(blocks))
-        self.lanes = [Lane(Decoder(model, rows, max_len, graphs=cuda_graphs,
+        # a lane's sends are posted from the host each step (lanes.Schedule), so its steps run eagerly
+        graphs = False if lanes > 1 else cuda_graphs
+        self.lanes = [Lane(Decoder(model, rows, max_len, graphs=graphs,
                                    position_dims=2 if model.cfg.position_encoding == "2d" else 1,
                                    prefix_blocks=blocks, block=BLOCK)) for rows in lane_rows(max_batch, lanes)]
         self.decoder = self.lanes[0].decoder  # the whole cache with one lane (tests and tools reach into it)

@@ -52,8 +52,8 @@ def _requests() -> list[Request]:
 
 
 def _run(tp, ckpt, tokfile, pp: int, cancel_at: int | None):
-    """Every request's (tokens, finish reason, error, answer tokens per blank) at batch_size 4, the lanes and the most plans with rows
-    in flight at once (rank 0). cancel_at: the engine poll at which request 0 is cancelled."""
+    """Every request's (tokens, finish reason, error, answer tokens per blank) at batch_size 4, the lanes and
+    the most plans with rows in flight at once (rank 0). cancel_at: the engine poll that cancels request 0."""
     model = load_model(ckpt, tp=tp, pipeline_parallel=pp, progress=False)
     engine = Engine(model, load_tokenizer(tokfile, model.cfg.special), max_batch=4)
     if cancel_at is None:
@@ -82,11 +82,11 @@ def _run(tp, ckpt, tokfile, pp: int, cancel_at: int | None):
     return [(r.token_ids, r.finish_reason, r.error, r.blanks_token_ids) for r in results], len(engine.lanes), most
 
 
-@pytest.mark.parametrize("pp", [2, 4])
-def test_requests_in_several_lanes_get_the_tokens_of_one_rank(ckpt, tiny_tokenizer_file, pp):
+@pytest.mark.parametrize("pp, tp", [(2, 1), (4, 1), (2, 2)])
+def test_requests_in_several_lanes_get_the_tokens_of_one_rank(ckpt, tiny_tokenizer_file, pp, tp):
     alone, lanes, _ = run_ranks(1, _run, ckpt, tiny_tokenizer_file, 1, None)[0]
-    assert lanes == 1 and all(error is None for *_, error in alone)
-    out = run_ranks(pp, _run, ckpt, tiny_tokenizer_file, pp, None)
+    assert lanes == 1 and all(error is None for _, _, error, _ in alone)
+    out = run_ranks(pp * tp, _run, ckpt, tiny_tokenizer_file, pp, None)
     assert all(tokens == alone for tokens, _, _ in out)
     assert out[0][1] == 2 and out[0][2] >= 2  # two lanes, both with plans in flight at once
 
