@@ -102,14 +102,18 @@ def _timed(fn, waits: dict[str, float], key: str):
     return timed
 
 
-def _serve(tp, ckpt: Path, pp: int, batch: int, steps: int) -> list | None:
-    """Rank 0: per stage (its TP rank 0) the lanes, steady decode tokens/s and the recv/broadcast shares."""
+def _serve(tp, ckpt: Path, pp: int, batch: int, steps: int, in_turn: bool) -> list | None:
+    """Rank 0: per stage (its TP rank 0) the lanes, steady decode tokens/s and the recv/broadcast shares.
+    in_turn: one lane (the stages of a step in turn), the baseline."""
+    import glm_tp.engine.core as core
     import glm_tp.engine.lanes as lanes
     import glm_tp.model.glm as glm
     from glm_tp.engine.core import Engine
     from glm_tp.engine.types import GenerationConfig, Request
     from glm_tp.text.tokenizer import IdsOnlyTokenizer
 
+    if in_turn:
+        core.lane_count = lambda *args: 1
     waits = {"recv": 0.0, "broadcast": 0.0}
     glm.recv = lanes.recv = _timed(recv, waits, "recv")
     torch.distributed.broadcast = _timed(torch.distributed.broadcast, waits, "broadcast")
@@ -135,7 +139,7 @@ def _serve(tp, ckpt: Path, pp: int, batch: int, steps: int) -> list | None:
     return [m for m in everyone if m is not None] if model.world.is_first else None
 
 
-def _report_decode(ckpt: Path, layouts: list[str], batches: list[int], steps: int) -> list[dict]:
+def _report_decode(ckpt: Path, layouts: list[str], batches: list[int], steps: int, _: bool) -> list[dict]:
     print(f"{'layout':>8} {'batch':>5} {'step ms':>8} {'tokens/s':>9} {'all-reduce us':>14} {'send us':>8}")
     rows = []
     for layout in layouts:
@@ -149,14 +153,14 @@ def _report_decode(ckpt: Path, layouts: list[str], batches: list[int], steps: in
     return rows
 
 
-def _report_engine(ckpt: Path, layouts: list[str], batches: list[int], steps: int) -> list[dict]:
+def _report_engine(ckpt: Path, layouts: list[str], batches: list[int], steps: int, in_turn: bool) -> list[dict]:
     print(f"{'layout':>8} {'batch':>5} {'lanes':>5} {'tokens/s':>9}  per stage: recv% / broadcast% of wall, "
           f"steady (whole run)")
     rows = []
     for layout in layouts:
         tp, pp = (int(v) for v in layout.split("x"))
         for batch in batches:
-            stages = run_ranks(tp * pp, _serve, ckpt, pp, batch, steps, timeout=900)[0]
+            stages = run_ranks(tp * pp, _serve, ckpt, pp, batch, steps, in_turn, timeout=900)[0]
             rows.append({"layout": layout, "batch": batch, "stages": stages})
             shares = "  ".join(f"s{m['stage']} {100 * m['steady_recv']:.0f}/{100 * m['steady_broadcast']:.0f} "
                                f"({100 * m['whole_recv']:.0f}/{100 * m['whole_broadcast']:.0f})" for m in stages)
@@ -171,6 +175,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--engine", action="store_true", help="through the engine's lanes, with the bubble")
+    parser.add_argument("--in-turn", action="store_true", help="with --engine: one lane, the stages in turn")
     args = parser.parse_args()
     cfg = dataclasses.replace(PRESETS["tiny"], **MEDIUM)
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,7 +183,7 @@ def main() -> None:
         print(f"model: {cfg.num_layers} layers x {cfg.hidden_size}, fp32; 4 ranks on this machine, one torch "
               f"thread each", flush=True)
         report = _report_engine if args.engine else _report_decode
-        rows = report(ckpt, args.layouts, args.batches, args.steps)
+        rows = report(ckpt, args.layouts, args.batches, args.steps, args.in_turn)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -232,7 +232,7 @@ class Engine:
     def _run(self, slot: int, plan: StepPlan) -> None:
         """Run one plan of a lane; its logits go (last stage) or are awaited (rank 0)."""
         schedule = self.schedule
-        schedule.outbox.wait()  # earlier iterations' sends: taken at this iteration, whatever we do now
+        schedule.outbox.wait()  # earlier iterations' sends: their receivers take them at this iteration
         if slot >= len(self.lanes):
             return
         lane = self.lanes[slot]
