@@ -5,7 +5,8 @@ Every rank holds an `Engine` and runs the same forward passes; rank 0 alone deci
 rank 0's sampler (sampler.py) chooses the rows' tokens from the last logits, its scheduler
 (scheduler.py) turns that choice into a `StepPlan` (beam parents, packing moves, each kept row's next
 token, fills to admit), rank 0 broadcasts it (plan.py) and every rank applies it to its `Decoder`: one
-decode step for the kept rows, one prefill per admitted fill.
+decode step for the kept rows, one prefill per admitted fill. With pipeline stages the rows split into lanes
+whose plans are in flight at once, one stage each (lanes.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from glm_tp.engine.constraints import ConstraintFactory, Grammar
 from glm_tp.engine.decoder import Decoder
 from glm_tp.engine.grammar import Grammars
 from glm_tp.engine.jobs import Job
+from glm_tp.engine.lanes import Lane, LaneSchedulers, Schedule, lane_count, lane_rows
 from glm_tp.engine.plan import (
     END,
     IDLE,
@@ -49,21 +51,30 @@ class Engine:
         self.model, self.tok, self.tp = model, tokenizer, model.world
         self.default = default or GenerationConfig()
         self.max_batch = max_batch
-        # the KV cache: max_batch rows of max_len tokens (default: the model's), allocated once; the prefix
-        # cache's pool: prefix_cache_tokens in whole blocks (0: off)
+        # the KV cache: max_batch rows of max_len tokens (default: the model's), allocated once, split
+        # across the lanes; the prefix cache's pool: prefix_cache_tokens in whole blocks (0: off)
         blocks = blocks_for(prefix_cache_tokens)
-        self.decoder = Decoder(model, max_batch, max_len, graphs=cuda_graphs,
-                               position_dims=2 if model.cfg.position_encoding == "2d" else 1,
-                               prefix_blocks=blocks, block=BLOCK)
+        stages = model.stage.split.stages if model.stage is not None else 1
+        lanes = lane_count(stages, max_batch, bool(blocks))
+        # a lane's sends are posted from the host each step (lanes.Schedule), so its steps run eagerly
+        graphs = False if lanes > 1 else cuda_graphs
+        self.lanes = [Lane(Decoder(model, rows, max_len, graphs=graphs,
+                                   position_dims=2 if model.cfg.position_encoding == "2d" else 1,
+                                   prefix_blocks=blocks, block=BLOCK)) for rows in lane_rows(max_batch, lanes)]
+        self.decoder = self.lanes[0].decoder  # the whole cache with one lane (tests and tools reach into it)
+        self.schedule = Schedule(model, stages) if lanes > 1 else None
         prefix = PrefixIndex(blocks, BLOCK) if blocks and self.tp.is_first else None
-        self.rows = 0  # rows in use, the same on every rank
-        # rank 0: the scheduler, the sampler and the logits of rows [0, rows) that await their decision
+        # rank 0: each lane's scheduler (the front ends see them as one) and the sampler; a scheduler's
         # prefill tokens per step (padded): at least one whole prompt, and room to batch several
         budget = prefill_budget or max(2048, self.decoder.max_len)
-        self.scheduler = Scheduler(max_batch, budget, prefix=prefix) if self.tp.is_first else None
+        self.scheduler: Scheduler | LaneSchedulers | None = None
+        if self.tp.is_first:
+            for lane in self.lanes:
+                lane.scheduler = Scheduler(lane.decoder.max_rows, budget, prefix=prefix)
+            self.scheduler = self.lanes[0].scheduler if lanes == 1 else \
+                LaneSchedulers([lane.scheduler for lane in self.lanes])
         banned = banned_tokens(model.cfg.vocab_size, tokenizer, model.cfg.stop_ids)
         self.sampler = Sampler(banned, tokenizer.decode) if self.tp.is_first else None
-        self.logits: torch.Tensor | None = None
         # rank 0: grammars over the model's vocabulary, built on first use (llguidance is optional)
         self.compiler = Grammars(tokenizer, model.cfg.vocab_size, tokenizer.special.eop, self.sampler.grammar) \
             if self.tp.is_first else None
@@ -94,9 +105,11 @@ class Engine:
                 job.constraint_factory = self.grammars(request.grammar)
         except ValueError as e:
             return RequestHandle.refused(request, str(e), getattr(e, "code", INVALID_PROMPT), listener), None
-        if job.beams > self.max_batch:
-            message = (f"num_beams {job.beams} needs more cache rows than batch_size {self.max_batch}: lower "
-                       f"num_beams or raise batch_size")
+        widest = max(lane.decoder.max_rows for lane in self.lanes)
+        if job.beams > widest:
+            rows = f"batch_size {self.max_batch}" if len(self.lanes) == 1 else \
+                f"a pipeline lane's {widest} (batch_size {self.max_batch} over {len(self.lanes)} lanes)"
+            message = f"num_beams {job.beams} needs more cache rows than {rows}: lower num_beams or raise batch_size"
             return RequestHandle.refused(request, message, INVALID_PROMPT, listener), None
         return handle, job
 
@@ -146,34 +159,62 @@ class Engine:
                 idle_since = time.monotonic()
 
     def lead(self) -> None:
-        """One iteration: choose tokens, decide, broadcast the plan, apply it."""
-        cancelled = self.scheduler.cancelled()
+        """One iteration: choose tokens, decide, broadcast the plan, apply it. With lanes: that of the slot
+        whose turn it is, once its logits are back; this stage runs it now, the later ones after it."""
+        if self.schedule is None:
+            lane = self.lanes[0]
+            plan = self._decide(lane)
+            self.send(STEP, plan)
+            lane.logits = self.apply(plan)
+            return
+        slot, plan = self.schedule.next_slot(), StepPlan()
+        if slot < len(self.lanes):  # the other slots keep the lanes' turns P iterations apart
+            self._collect(slot)
+            plan = self._decide(self.lanes[slot])
+        self.send(STEP, plan, slot)
+        self._run_due(slot, plan)
+
+    def _decide(self, lane: Lane) -> StepPlan:
+        """Choose a lane's tokens from its logits and decide its next plan."""
+        scheduler = lane.scheduler
+        cancelled = scheduler.cancelled()
         choice = Choice()
-        if self.logits is not None:
+        if lane.logits is not None:
             # the cancelled get no token; one cancelled after this look goes on until the next step's
             gone = {id(job) for job, _ in cancelled}
-            choice = self.sampler.choose([j for j in self.scheduler.jobs() if id(j) not in gone], self.logits)
-        plan = self.scheduler.decide(cancelled, choice)
-        self.send(STEP, plan)
-        self.logits = self.apply(plan)
+            choice = self.sampler.choose([j for j in scheduler.jobs() if id(j) not in gone], lane.logits)
+            lane.logits = None
+        return scheduler.decide(cancelled, choice)
 
-    def send(self, command: int, plan: StepPlan | None = None) -> None:
+    def send(self, command: int, plan: StepPlan | None = None, slot: int = 0) -> None:
         if not self.tp.communicates:  # one rank: nobody to tell
             return
-        self.tp.broadcast(encode_plan(command, plan, self.max_batch).to(self.model.device))
+        message = encode_plan(command, plan, self.max_batch)
+        if self.schedule is not None:  # the plan's lane slot rides last
+            message = torch.cat([message, torch.tensor([slot])])
+        self.tp.broadcast(message.to(self.model.device))
         if plan is not None and plan.has_extra:
             self.tp.broadcast_object((plan.moves, plan.admit, plan.saves))
+        if command != STEP and self.schedule is not None:
+            self._drain()
 
     # -- ranks > 0 ----------------------------------------------------------------------------------
     def follow(self, until: int) -> int:
         """Apply rank 0's plans until it sends `until` (or SHUTDOWN); returns the command that ended it."""
+        size = message_size(self.max_batch) + (self.schedule is not None)
         while True:
-            message = self.tp.broadcast(torch.zeros(message_size(self.max_batch), dtype=torch.long,
-                                                    device=self.model.device)).cpu()
+            message = self.tp.broadcast(torch.zeros(size, dtype=torch.long, device=self.model.device)).cpu()
             command = int(message[0])
             if command == STEP:
-                self.apply(self._receive(message))
-            elif command in (until, SHUTDOWN):
+                plan = self._receive(message)
+                if self.schedule is None:
+                    self.apply(plan)
+                else:
+                    self._run_due(int(message[-1]), plan)
+                continue
+            if self.schedule is not None:
+                self._drain()
+            if command in (until, SHUTDOWN):
                 return command
 
     def _receive(self, message: torch.Tensor) -> StepPlan:
@@ -182,10 +223,46 @@ class Engine:
             plan.moves, plan.admit, plan.saves = self.tp.broadcast_object(None)
         return plan
 
+    # -- every rank: lanes ---------------------------------------------------------------------------
+    def _run_due(self, slot: int, plan: StepPlan) -> None:
+        """Queue iteration t's plan; run the one this stage runs at t (t - stage)."""
+        for due_slot, due in self.schedule.queue.push(slot, plan):
+            self._run(due_slot, due)
+
+    def _run(self, slot: int, plan: StepPlan) -> None:
+        """Run one plan of a lane; its logits go (last stage) or are awaited (rank 0)."""
+        schedule = self.schedule
+        schedule.outbox.wait()  # earlier iterations' sends: their receivers take them at this iteration
+        if slot >= len(self.lanes):
+            return
+        lane = self.lanes[slot]
+        logits = self.apply(plan, lane)
+        if not lane.rows:
+            return
+        if schedule.inflight is not None:
+            schedule.inflight.expect(slot, lane.rows)
+        elif schedule.sends_logits:
+            schedule.outbox.post(logits.float(), 0)
+
+    def _collect(self, slot: int | None = None) -> None:
+        """Rank 0: the logits on their way, up to those of `slot`'s plan (None: all)."""
+        for done, logits in self.schedule.inflight.receive(slot):
+            self.lanes[done].logits = logits
+
+    def _drain(self) -> None:
+        """Every stage runs the plans it has queued; rank 0 receives their logits."""
+        for slot, plan in self.schedule.queue.drain():
+            self._run(slot, plan)
+        if self.schedule.inflight is not None:
+            self._collect()
+        self.schedule.outbox.wait()
+
     # -- every rank ---------------------------------------------------------------------------------
-    def apply(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run a plan on this rank's cache; returns the logits of the rows in use afterwards (rank 0)."""
-        decoder = self.decoder
+    def apply(self, plan: StepPlan, lane: Lane | None = None) -> torch.Tensor | None:
+        """Run a plan on a lane's cache rows; returns the logits of its rows in use afterwards (rank 0; with
+        lanes, the last stage's TP rank 0)."""
+        lane = lane or self.lanes[0]
+        decoder = lane.decoder
         with torch.inference_mode():
             for row, copies in plan.saves:  # ended fills' rows, before anything moves into them
                 decoder.save_blocks(row, copies)
@@ -197,11 +274,11 @@ class Engine:
             if plan.tokens:
                 outs.append(decoder.step(torch.tensor(plan.tokens, dtype=torch.long, device=self.model.device)))
             if plan.admit:
-                outs.append(self._prefill(plan.admit))
-        self.rows = len(plan.tokens) + sum(1 + len(a.copies_to) for a in plan.admit)
+                outs.append(self._prefill(plan.admit, decoder))
+        lane.rows = len(plan.tokens) + sum(1 + len(a.copies_to) for a in plan.admit)
         return torch.cat(outs) if outs and outs[0] is not None else None
 
-    def _prefill(self, admit: list[Admission]) -> torch.Tensor | None:
+    def _prefill(self, admit: list[Admission], decoder: Decoder) -> torch.Tensor | None:
         """The admitted fills as one right-padded batch into their first rows, then the beams' copies; returns
         logits in row order (first rows, then the copies)."""
         width = max(len(a.tokens) for a in admit)
@@ -213,15 +290,15 @@ class Engine:
         lengths = torch.tensor([len(a.tokens) for a in admit])
         for a in admit:  # cached prefixes first: the prompts' rest attends to them
             if a.blocks:
-                self.decoder.load_blocks(a.row, a.blocks)
-        logits = self.decoder.prefill(tokens, positions, *column, row=admit[0].row, lengths=lengths,
+                decoder.load_blocks(a.row, a.blocks)
+        logits = decoder.prefill(tokens, positions, *column, row=admit[0].row, lengths=lengths,
                                       starts=torch.tensor([a.start for a in admit]))
         sources = []
         for i, a in enumerate(admit):  # then the prompts' new blocks to the cache; beams start from the same prompt
             if a.saves:
-                self.decoder.save_blocks(a.row, a.saves)
+                decoder.save_blocks(a.row, a.saves)
             for dst in a.copies_to:
-                self.decoder.copy_row(a.row, dst)
+                decoder.copy_row(a.row, dst)
                 sources.append(i)
         if logits is None or not sources:
             return logits

@@ -41,7 +41,7 @@ from glm_tp.parallel.layers import (
     VocabParallelEmbedding,
 )
 from glm_tp.parallel.partition import GroupedQKV
-from glm_tp.parallel.pipeline import Stage, recv, send
+from glm_tp.parallel.pipeline import Outbox, Stage, recv, send
 
 
 @dataclass
@@ -283,6 +283,9 @@ class GLMModel(nn.Module):
         cfg.check_tp(tp.size)
         self.cfg, self.tp, self.dtype, self.quant_bits = cfg, tp, dtype, quant_bits
         self.stage, self.world = stage, world or tp
+        # set by an engine that keeps several micro-batches in flight (engine/lanes.py): activations go on
+        # through `outbox` without blocking, and the last stage returns its logits for the engine to send
+        self.outbox: Outbox | None = None
         self.device = torch.device(device) if device is not None else tp.device
         with self.device:  # parameters are allocated, never written: the loader fills them
             self.transformer = Transformer(cfg, tp, dtype, quant_bits, stage)
@@ -330,7 +333,9 @@ class GLMModel(nn.Module):
         """`forward` on inputs already on the device: tokens [b, s], positions [b, s] or [b, s, 2] (2D), the mask
         [b, 1, s, window] (True = hidden), the cache slots this call writes ([s], or [b, 1]: each row's own slot).
         It does no host work, so a decode step made
-        of it can be captured in a CUDA graph (see engine/decoder.py)."""
+        of it can be captured in a CUDA graph (see engine/decoder.py). With `outbox` set, a stage's send does
+        not wait for its receiver, rank 0 does not wait for the logits here, and the last stage's TP rank 0
+        returns them."""
         cos, sin = rotary_at(self.rotary_cos, self.rotary_sin, positions)
         stage = self.stage
         if stage is None or stage.is_first:
@@ -341,6 +346,9 @@ class GLMModel(nn.Module):
         for i in self.transformer.own:
             x = self.transformer.layers[i](x, cos, sin, mask, cache, slots, window)
         if stage is not None and not stage.is_last:
+            if self.outbox is not None:
+                self.outbox.post(x, stage.next)
+                return None
             send(x, stage.next)
             return self._logits_from_last_stage(tokens.shape[0], logits_at) if gather else None
         if logits_at is None:
@@ -353,7 +361,7 @@ class GLMModel(nn.Module):
         if not gather:
             return local
         logits = self.tp.gather_last_dim_to_first(local)
-        if stage is not None and logits is not None and not stage.is_first:  # to world rank 0, which decides
+        if stage is not None and logits is not None and not stage.is_first and self.outbox is None:  # to rank 0
             send(logits.float(), 0)
             return None
         return logits

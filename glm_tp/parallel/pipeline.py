@@ -9,7 +9,9 @@ hidden state after the row-parallel all-reduce, so each sends its own copy and n
 The first stage holds the embedding, the last the final norm and the LM head; the layers are contiguous and
 may be split unevenly (`StageSplit.balanced` gives the end stages fewer layers for their extra weights).
 Point-to-point transfers run on the world group, whose timeout applies to a send or a receive as to a
-collective, so a lost stage ends its peers with one line instead of a hang.
+collective, so a lost stage ends its peers with one line instead of a hang. With several micro-batches in
+flight (engine/lanes.py) sends do not block: an `Outbox` keeps each one's work handle and tensor until it is
+waited on, within the same timeout.
 """
 from __future__ import annotations
 
@@ -199,3 +201,23 @@ def recv(t: torch.Tensor, src: int) -> torch.Tensor:
     """Blocking receive into `t` on the world group; raises when `src` sends nothing within the timeout."""
     dist.recv(t, src)
     return t
+
+
+class Outbox:
+    """Non-blocking sends on the world group: each send's tensor and work handle stay here until `wait`,
+    which the engine calls before its next plan (the receiver takes them at its next iteration)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.sending: list[tuple[dist.Work, torch.Tensor]] = []
+
+    def post(self, t: torch.Tensor, dst: int) -> None:
+        t = t.contiguous()
+        self.sending.append((dist.isend(t, dst), t))
+
+    def wait(self) -> None:
+        """Every posted send done; raises when a receiver takes nothing within the timeout."""
+        for work, _ in self.sending:
+            if work.wait(self.timeout) is False:
+                raise RuntimeError(f"a send found no receiver within {self.timeout.total_seconds():.0f} s")
+        self.sending.clear()

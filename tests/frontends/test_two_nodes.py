@@ -1,7 +1,8 @@
 """Two "nodes" on this machine, as on a real cluster: two torchrun processes (`--nnodes 2`, 2 ranks each) meet
 through torchrun's c10d rendezvous on 127.0.0.1 and run one job as TP 2 x PP 2 (a stage per node). Its answers
 equal one rank's on the demo model and on a random checkpoint; a node killed mid-job ends the other with one
-line within the collective timeout."""
+line within the collective timeout, with the stages of a step in turn (batch_size 2: one lane) or in flight
+at once (batch_size 4: two lanes, engine/lanes.py)."""
 from __future__ import annotations
 
 import json
@@ -65,14 +66,15 @@ def test_tp_2_x_pp_2_on_two_nodes_answers_as_one_rank(which, tiny_checkpoints, t
     assert _answers(out) == one and len(one) == 9 and all(error is None for _, error in one.values())
 
 
-def test_a_killed_node_ends_the_other_with_one_line_within_the_timeout(tiny_checkpoints, tiny_tokenizer_file,
+@pytest.mark.parametrize("batch", [2, 4])
+def test_a_killed_node_ends_the_other_with_one_line_within_the_timeout(batch, tiny_checkpoints, tiny_tokenizer_file,
                                                                         tmp_path):
     timeout_s = 10
     src = _prompts(tmp_path / "in.jsonl", 400)
     out, port = tmp_path / "out.jsonl", _port()
     args = [f"checkpoint={tiny_checkpoints[1]}", f"tokenizer={tiny_tokenizer_file}", f"input={src}", f"output={out}",
-            "batch_size=2", f"timeout_s={timeout_s}", "pipeline_parallel=2", "generation.min_new_tokens=8"]
-    nodes = [_node(port, "pp-kill", *args) for _ in range(2)]
+            f"batch_size={batch}", f"timeout_s={timeout_s}", "pipeline_parallel=2", "generation.min_new_tokens=8"]
+    nodes = [_node(port, f"pp-kill-{batch}", *args) for _ in range(2)]
     try:
         wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 4, 300, "4 answers in the output")
         # the node without rank 0 dies, torchrun and ranks alike: the node that writes the output must notice
