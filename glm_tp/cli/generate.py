@@ -178,7 +178,8 @@ def load_engine(cfg: DictConfig, tp: TPContext, gen: GenerationConfig, tokenizer
                            stage_sizes=stage_sizes)
         tok = load_tokenizer_for(checkpoint, model.cfg.special, tokenizer)
         engine = Engine(model, tok, gen, max_batch=int(cfg.batch_size),
-                        max_len=int(cfg.max_len) if cfg.max_len else None, prefix_cache_tokens=prefix_cache_tokens)
+                        max_len=int(cfg.max_len) if cfg.max_len else None, prefix_cache_tokens=prefix_cache_tokens,
+                        pipeline_lanes=None if cfg.pipeline_lanes is None else int(cfg.pipeline_lanes))
     except (CheckpointError, TokenizerError, ValueError) as e:
         error = str(e)
     except (MemoryError, torch.OutOfMemoryError) as e:

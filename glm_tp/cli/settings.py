@@ -105,6 +105,10 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
     _whole("ranks", cfg.ranks, 1, optional=True)
     _whole("pipeline_parallel", cfg.pipeline_parallel, 1, maximum=1024)  # each stage holds at least one layer
     check_stage_layers(cfg.stage_layers)
+    lanes = _whole("pipeline_lanes", cfg.pipeline_lanes, 1, optional=True, maximum=1024)
+    if lanes is not None and lanes > cfg.pipeline_parallel:
+        raise UsageError(f"pipeline_lanes={lanes}: must be at most pipeline_parallel={cfg.pipeline_parallel} "
+                         f"(one batch in flight per stage), or null")
     _positive("timeout_s", cfg.timeout_s)
     _positive("device_memory_gib", cfg.device_memory_gib, optional=True)
     for key in ("plan", "verify"):

@@ -46,7 +46,7 @@ KEEPALIVE_S = 10.0  # at most this long between collectives while idle (and seve
 class Engine:
     def __init__(self, model: GLMModel, tokenizer: GLMTokenizer, default: GenerationConfig | None = None,
                  max_batch: int = 8, max_len: int | None = None, cuda_graphs: bool | None = None,
-                 prefill_budget: int | None = None, prefix_cache_tokens: int = 0):
+                 prefill_budget: int | None = None, prefix_cache_tokens: int = 0, pipeline_lanes: int | None = None):
         # the engine's broadcasts reach every rank: under pipeline parallelism the world, not the stage's group
         self.model, self.tok, self.tp = model, tokenizer, model.world
         self.default = default or GenerationConfig()
@@ -55,7 +55,7 @@ class Engine:
         # across the lanes; the prefix cache's pool: prefix_cache_tokens in whole blocks (0: off)
         blocks = blocks_for(prefix_cache_tokens)
         stages = model.stage.split.stages if model.stage is not None else 1
-        lanes = lane_count(stages, max_batch, bool(blocks))
+        lanes = lane_count(stages, max_batch, bool(blocks), pipeline_lanes)
         # a lane's sends are posted from the host each step (lanes.Schedule), so its steps run eagerly
         graphs = False if lanes > 1 else cuda_graphs
         self.lanes = [Lane(Decoder(model, rows, max_len, graphs=graphs,

@@ -27,13 +27,13 @@ from glm_tp.model.glm import GLMModel
 from glm_tp.parallel.pipeline import Outbox, recv
 
 
-def lane_count(stages: int, max_batch: int, prefix_cache: bool) -> int:
+def lane_count(stages: int, max_batch: int, prefix_cache: bool, asked: int | None = None) -> int:
     """Lanes for this many stages: one (the stages of a step run in turn) for TP alone or with the prefix
-    cache (its block pool and index are one lane's); else up to one per stage, each keeping >= 2 rows so a
-    two-beam request fits any lane."""
+    cache (its block pool and index are one lane's); else up to one per stage (at most `asked`, the
+    pipeline_lanes setting), each keeping >= 2 rows so a two-beam request fits any lane."""
     if stages == 1 or prefix_cache:
         return 1
-    return max(1, min(stages, max_batch // 2))
+    return max(1, min(stages, max_batch // 2, asked or stages))
 
 
 def lane_rows(max_batch: int, lanes: int) -> list[int]:

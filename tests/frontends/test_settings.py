@@ -46,6 +46,8 @@ def _config(*overrides: str):
     ("stage_layers=[1e30,2]", "stage_layers"), ("stage_layers=abc", "stage_layers='abc'"),
     ("prefix_cache_tokens=-5", "prefix_cache_tokens=-5"), ("prefix_cache_tokens=nan", "prefix_cache_tokens=nan"),
     ("prefix_cache_tokens=1e300", "between 0 and 4294967296"),
+    ("pipeline_lanes=0", "pipeline_lanes=0"), ("pipeline_lanes=nan", "pipeline_lanes=nan"),
+    ("pipeline_lanes=2", "at most pipeline_parallel=1"),
 ])
 def test_each_bad_setting_is_one_line_naming_its_key(override, named):
     with pytest.raises(UsageError) as err:

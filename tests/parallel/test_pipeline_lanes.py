@@ -34,6 +34,8 @@ def test_stage_s_runs_the_plan_of_iteration_t_minus_s_and_a_drain_runs_the_rest(
 def test_lanes_split_the_rows_without_growing_the_cache():
     assert lane_count(1, 16, False) == 1 and lane_count(4, 16, True) == 1  # TP alone, prefix cache: in turn
     assert [lane_count(p, 4, False) for p in (2, 4)] == [2, 2] and lane_count(4, 3, False) == 1
+    assert lane_count(4, 16, False) == 4 and lane_count(4, 16, False, asked=1) == 1  # pipeline_lanes=1: in turn
+    assert lane_count(4, 16, False, asked=2) == 2
     assert lane_rows(7, 3) == [3, 2, 2] and sum(lane_rows(16, 4)) == 16
 
 
