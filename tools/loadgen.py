@@ -84,7 +84,10 @@ async def drive(url: str, body: Callable[[int], dict], concurrency: int, total: 
             samples.append(await one_request(client, url + "/v1/completions", body(i)))
 
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+    # a new connection per request: a kept-alive one that the server closes while idle (llama-server's
+    # keep-alive timeout) ends the next request sent on it with "Server disconnected"
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     ttft = [s.ttft for s in samples]

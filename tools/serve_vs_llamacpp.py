@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def sides(args: argparse.Namespace) -> dict[str, Side]:
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     forced = {"glm": {"min_new_tokens": args.max_tokens}}
     out = {"glm-tp": Side("glm-tp", glm(args.slots), DIGITS, "", forced),
-           "llama-server": Side("llama-server", llama, letters, "", {"ignore_eos": True, "temperature": 0})}
+           "llama-server": Side("llama-server", llama, letters, "",  # no slot reuses a prompt's keys
+                                {"ignore_eos": True, "temperature": 0, "cache_prompt": False})}
     if args.glm_batch_32:
         out["glm-tp bs32"] = Side("glm-tp bs32", glm(32), DIGITS, "", forced)
     return out
@@ -211,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = _parser().parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the running server is stopped on the way out
     if args.write_checkpoint:
         print(f"wrote {write_checkpoint(args.write_checkpoint)}")
         return
