@@ -7,10 +7,11 @@ latency (p50/p99) at several concurrency levels, with streamed completions.
     python tools/loadgen.py --write-medium /tmp/medium                          # a ~97M-parameter random model
     python -m glm_tp.generate input=http checkpoint=/tmp/medium batch_size=32 &
 
-Each client sends its next request as soon as its last one ended. Prompts are the demo model's held-out
-prompts (their words are in its tokenizer); `--min-tokens` forces every answer to `--max-tokens` tokens so
-runs compare. Inter-token latency is the gap between streamed chunks that carry text. `drive` is the client
-loop for any OpenAI-compatible server (tools/serve_vs_llamacpp.py runs it against llama-server too).
+Each client sends its next request, on a new connection, as soon as its last one ended. Prompts are the
+demo model's held-out prompts (their words are in its tokenizer); `--min-tokens` forces every answer to
+`--max-tokens` tokens so runs compare. Inter-token latency is the gap between streamed chunks that carry
+text. `drive` is the client loop for any OpenAI-compatible server (tools/serve_vs_llamacpp.py runs it against
+llama-server too).
 """
 from __future__ import annotations
 

@@ -118,7 +118,8 @@ def metric_sum(url: str, name: str) -> tuple[float, float]:
         lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
     except httpx.HTTPError:
         return 0.0, 0.0
-    value = {k: float(line.split()[-1]) for line in lines for k in ("_sum", "_count") if line.startswith(name + k + " ")}
+    value = {k: float(line.split()[-1]) for line in lines for k in ("_sum", "_count")
+             if line.startswith(name + k + " ")}
     return value.get("_sum", 0.0), value.get("_count", 0.0)
 
 
@@ -176,8 +177,9 @@ def table(rounds: list[dict], clients: list[int]) -> str:
             med = lambda side, key: statistics.median(r[side][c][key] for r in rounds)  # noqa: E731
             cells = [f"{med(name, k) * 1e3:.0f} / {med('llama-server', k) * 1e3:.0f} ms "
                      f"({median_ratio(rounds, name, 'llama-server', c, k):.2f})" for _, k in METRICS]
+            ratio = median_ratio(rounds, name, "llama-server", c, "tokens_s")
             lines.append(f"| {name} | {c} | {med(name, 'tokens_s'):.1f} | {med('llama-server', 'tokens_s'):.1f} | "
-                         f"{median_ratio(rounds, name, 'llama-server', c, 'tokens_s'):.2f} | " + " | ".join(cells) + " |")
+                         f"{ratio:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
