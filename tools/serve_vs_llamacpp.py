@@ -98,7 +98,7 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 def calibrate(url: str, model: str, side: Side, target: int) -> int:
-    """The filler count whose prompts are `target` tokens in this server's tokenizer (usage.prompt_tokens)."""
+    """The unit count whose prompts are `target` tokens in this server's tokenizer (usage.prompt_tokens)."""
     seen = {}
     for count in range(1, 4 * target):
         body = {"model": model, "prompt": side.prompt(0, count), "max_tokens": 1}
@@ -213,14 +213,29 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+BOUNDS = {"rounds": (1, 100), "requests_per_client": (1, 100), "min_requests": (1, 10_000), "prompt_tokens": (4, 512),
+          "max_tokens": (1, 512), "slots": (1, 256), "threads": (1, 1024), "port": (1, 65535)}
+
+
+def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each number within its bounds (a prompt and its answer fit glm-tp's max_len=1024 and a slot's 1024)."""
+    for name, (lo, hi) in BOUNDS.items():
+        if not lo <= getattr(args, name) <= hi:
+            ap.error(f"--{name.replace('_', '-')} must be between {lo} and {hi}")
+    if not all(1 <= c <= 1024 for c in args.clients):
+        ap.error("--clients must each be between 1 and 1024")
+
+
 def main() -> None:
-    args = _parser().parse_args()
+    ap = _parser()
+    args = ap.parse_args()
+    check(ap, args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the running server is stopped on the way out
     if args.write_checkpoint:
         print(f"wrote {write_checkpoint(args.write_checkpoint)}")
         return
     if not (args.checkpoint and args.llama_server and args.gguf):
-        _parser().error("give --checkpoint, --llama-server and --gguf (or --write-checkpoint DST)")
+        ap.error("give --checkpoint, --llama-server and --gguf (or --write-checkpoint DST)")
     args.out.mkdir(parents=True, exist_ok=True)
     servers, rounds = sides(args), []
     for r in range(args.rounds):

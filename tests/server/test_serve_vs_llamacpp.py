@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+import pytest
+
 from glm_tp.text.tokenizer import load_tokenizer
 from tests.support import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
-from serve_vs_llamacpp import sides, table  # noqa: E402
+from serve_vs_llamacpp import _parser, check, sides, table  # noqa: E402
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -46,3 +48,12 @@ def test_the_table_holds_medians_over_rounds_and_medians_of_per_round_ratios():
     row = table(rounds, [1]).splitlines()[2]
     # tok/s medians 12 and 20; per-round ratios 0.5, 1, 1: median 1.00 (not 12/20); TTFT ratios 2, 1, 3: 2.00
     assert row.startswith("| glm-tp | 1 | 12.0 | 20.0 | 1.00 | 100 / 100 ms (2.00) |")
+
+
+@pytest.mark.parametrize("argv, field", [(["--rounds", "0"], "--rounds"), (["--clients", "1", "0"], "--clients"),
+                                         (["--prompt-tokens", "9999"], "--prompt-tokens"), (["--port", "0"], "--port")])
+def test_numbers_out_of_bounds_are_one_line_naming_the_flag(argv, field, capsys):
+    ap = _parser()
+    with pytest.raises(SystemExit):
+        check(ap, ap.parse_args(argv))
+    assert field in capsys.readouterr().err.splitlines()[-1]
