@@ -53,8 +53,9 @@ def workload(count: int, seed: int = 0) -> list[str]:
     return prompts
 
 
-def medium_checkpoint(folder: Path) -> Path:
-    """A random model with the demo's vocabulary and special ids and a medium shape, written once."""
+def medium_checkpoint(folder: Path, shape: dict | None = None, dtype: str = "float32") -> Path:
+    """A random model with the demo's tokenizer and special ids and a medium shape (`shape` overrides
+    MEDIUM's fields; a vocabulary past the demo's is generated only at its text ids), written once."""
     import dataclasses
 
     import torch
@@ -69,9 +70,9 @@ def medium_checkpoint(folder: Path) -> Path:
 
     if (folder / "latest").exists():
         return folder
-    cfg = dataclasses.replace(inspect(DEMO).model_config(), **MEDIUM)
-    write_shard(folder, "1", 0, random_shard(cfg, 1, 0, 0, torch.float32))
-    meta = make_metadata(cfg, 1, torch.float32, tokenizer="tokenizer.model", tokenizer_offset=0)
+    cfg = dataclasses.replace(inspect(DEMO).model_config(), **(shape or MEDIUM))
+    write_shard(folder, "1", 0, random_shard(cfg, 1, 0, 0, getattr(torch, dtype)))
+    meta = make_metadata(cfg, 1, getattr(torch, dtype), tokenizer="tokenizer.model", tokenizer_offset=0)
     write_latest(folder, "1", meta)
     (folder / "tokenizer.model").write_bytes((DEMO / "tokenizer.model").read_bytes())
     return folder

@@ -7,9 +7,11 @@ latency (p50/p99) at several concurrency levels, with streamed completions.
     python tools/loadgen.py --write-medium /tmp/medium                          # a ~97M-parameter random model
     python -m glm_tp.generate input=http checkpoint=/tmp/medium batch_size=32 &
 
-Each client sends its next request as soon as its last one ended. Prompts are the demo model's held-out
-prompts (their words are in its tokenizer); `--min-tokens` forces every answer to `--max-tokens` tokens so
-runs compare. Inter-token latency is the gap between streamed chunks that carry text.
+Each client sends its next request, on a new connection, as soon as its last one ended. Prompts are the
+demo model's held-out prompts (their words are in its tokenizer); `--min-tokens` forces every answer to
+`--max-tokens` tokens so runs compare. Inter-token latency is the gap between streamed chunks that carry
+text. `drive` is the client loop for any OpenAI-compatible server (tools/serve_vs_llamacpp.py runs it against
+llama-server too).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -35,7 +38,9 @@ from glm_tp.dev.demo_corpus import held_out  # noqa: E402
 class Sample:
     ttft: float
     gaps: list[float] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0          # usage.completion_tokens, else the chunks that carried text
+    prompt_tokens: int = 0   # usage.prompt_tokens (0: the server sent no usage)
+    chunks: int = 0          # streamed chunks that carried text
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Sample:
@@ -51,34 +56,39 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Sample
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
             now = time.perf_counter()
-            if event.get("usage"):
+            usage = event.get("usage")
+            if usage:
                 sample = sample or Sample(now - start)
-                sample.tokens = event["usage"]["completion_tokens"]
-            texts = [c for c in event["choices"] if c.get("text")]
+                sample.tokens, sample.prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
+            texts = [c for c in event.get("choices") or [] if c.get("text")]
             if not texts:
                 continue
             if sample is None:
                 sample = Sample(now - start)
             else:
                 sample.gaps.append(now - last)
+            sample.chunks += 1
             last = now
     assert sample is not None, "the stream carried no text"
+    sample.tokens = sample.tokens or sample.chunks
     return sample
 
 
-async def run_level(url: str, model: str, concurrency: int, total: int, max_tokens: int, min_tokens: int) -> dict:
-    prompts = [e.prompt for kind in ("recall", "cycle", "repeat") for e in held_out(kind, 20)]
+async def drive(url: str, body: Callable[[int], dict], concurrency: int, total: int) -> dict:
+    """`total` streamed completions body(0..total-1) to url/v1/completions from `concurrency` clients, each
+    sending its next request when its last one ended: the level's figures."""
     counter = iter(range(total))
     samples: list[Sample] = []
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         for i in counter:
-            body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "stream": True,
-                    "stream_options": {"include_usage": True}, "glm": {"min_new_tokens": min_tokens}}
-            samples.append(await one_request(client, url + "/v1/completions", body))
+            samples.append(await one_request(client, url + "/v1/completions", body(i)))
 
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+    # a new connection per request: a kept-alive one that the server closes while idle (llama-server's
+    # keep-alive timeout) ends the next request sent on it with "Server disconnected"
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     ttft = [s.ttft for s in samples]
@@ -86,7 +96,19 @@ async def run_level(url: str, model: str, concurrency: int, total: int, max_toke
     return {"concurrency": concurrency, "requests": len(samples), "seconds": elapsed,
             "requests_s": len(samples) / elapsed, "tokens_s": sum(s.tokens for s in samples) / elapsed,
             "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
-            "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99)}
+            "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
+            "itl_mean": sum(itl) / len(itl) if itl else float("nan"),
+            "completion_tokens": sorted({s.tokens for s in samples}),
+            "prompt_tokens": sorted({s.prompt_tokens for s in samples})}
+
+
+async def run_level(url: str, model: str, concurrency: int, total: int, max_tokens: int, min_tokens: int) -> dict:
+    prompts = [e.prompt for kind in ("recall", "cycle", "repeat") for e in held_out(kind, 20)]
+
+    def body(i: int) -> dict:
+        return {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "stream": True,
+                "stream_options": {"include_usage": True}, "glm": {"min_new_tokens": min_tokens}}
+    return await drive(url, body, concurrency, total)
 
 
 def table(rows: list[dict]) -> str:
