@@ -145,10 +145,11 @@ class Plan:
 def with_prefix_cache(plan: Plan, tokens: int | None, device_bytes: float | None) -> Plan:
     """The plan with the prefix cache the setting asks for: a size in tokens (0: off), or None: as many
     tokens as the KV cache holds for a causal model when that still fits (otherwise, and for GLM-130B and
-    ChatGLM-6B, whose bidirectional contexts share little, off)."""
+    ChatGLM-6B, whose bidirectional contexts share little, off). With pipeline stages it is off unless asked
+    for: its one block pool would keep the stages in turn (engine/lanes.py)."""
     if tokens is not None:
         return replace(plan, prefix_tokens=tokens)
-    if not plan.cfg.causal:
+    if not plan.cfg.causal or plan.pp > 1:
         return plan
     cached = replace(plan, prefix_tokens=plan.batch * plan.max_len)
     return cached if device_bytes is None or cached.fits(device_bytes) else plan

@@ -225,6 +225,9 @@ def test_the_setting_is_checked_and_the_memory_plan_counts_the_pool():
     assert with_prefix_cache(causal, 0, None).prefix_tokens == 0
     assert with_prefix_cache(causal, BLOCK + 3, None).prefix_bytes == causal.kv_bytes // (2 * 1024) * BLOCK
     assert with_prefix_cache(Plan(PRESETS["glm-130b"], 8, 2, 0, 1, 2048), None, None).prefix_tokens == 0
+    staged = Plan(PRESETS["chatglm2-6b"], 1, 2, 0, 4, 1024, "cpu", 2)  # two stages: lanes, not the pool
+    assert with_prefix_cache(staged, None, None).prefix_tokens == 0
+    assert with_prefix_cache(staged, 4096, None).prefix_tokens == 4096  # asked for: one lane, with the cache
 
 
 def test_the_hit_rate_reaches_the_servers_metrics(ckpts, tiny_tokenizer_file):
