@@ -1,8 +1,8 @@
-"""Two "nodes" on this machine, as on a real cluster: two torchrun processes (`--nnodes 2`, 2 ranks each) meet
-through torchrun's c10d rendezvous on 127.0.0.1 and run one job as TP 2 x PP 2 (a stage per node). Its answers
-equal one rank's on the demo model and on a random checkpoint; a node killed mid-job ends the other with one
-line within the collective timeout, with the stages of a step in turn (batch_size 2: one lane) or in flight
-at once (batch_size 4: two lanes, engine/lanes.py)."""
+"""Two "nodes" on this machine, as on a real cluster: two torchrun processes (`--nnodes 2`) meet through
+torchrun's c10d rendezvous on 127.0.0.1 and run one job as TP 2 x PP 2 (a stage per node), PP 2 x TP 1 or
+PP 4 x TP 1. Its answers equal one rank's on the demo model and on a random checkpoint; a node killed mid-job
+ends the other with one line within the collective timeout, with the stages of a step in turn (batch_size 2:
+one lane) or in flight at once (batch_size 4: two lanes, engine/lanes.py)."""
 from __future__ import annotations
 
 import json
@@ -31,8 +31,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _node(port: int, run_id: str, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+def _node(port: int, run_id: str, *args: str, nproc: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={nproc}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
            "-m", "glm_tp.generate", *args]
     return subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -64,6 +64,24 @@ def test_tp_2_x_pp_2_on_two_nodes_answers_as_one_rank(which, tiny_checkpoints, t
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
     one = _answers(tmp_path / "one.jsonl")
     assert _answers(out) == one and len(one) == 9 and all(error is None for _, error in one.values())
+
+
+@pytest.mark.parametrize("nproc, pp", [(1, 2), (2, 4)])
+def test_pipeline_alone_on_two_nodes_answers_as_one_rank(nproc, pp, tmp_path):
+    """PP 2 x TP 1 (a rank per node) and PP 4 x TP 1 (two stages per node) on the demo model's 4 layers."""
+    src = _prompts(tmp_path / "in.jsonl", 6)
+    common = [f"checkpoint={DEMO}", f"tokenizer={DEMO / 'tokenizer.model'}", f"input={src}", "batch_size=4",
+              "timeout_s=60"]
+    alone = subprocess.run([sys.executable, "-m", "glm_tp.generate", *common, f"output={tmp_path / 'one.jsonl'}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stdout[-2000:] + alone.stderr[-2000:]
+    port, out = _port(), tmp_path / "two.jsonl"
+    nodes = [_node(port, f"pp{pp}", *common, f"output={out}", f"pipeline_parallel={pp}", nproc=nproc)
+             for _ in range(2)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    one = _answers(tmp_path / "one.jsonl")
+    assert _answers(out) == one and len(one) == 6 and all(error is None for _, error in one.values())
 
 
 @pytest.mark.parametrize("batch", [2, 4])
