@@ -6,7 +6,7 @@ from setuptools import Extension, find_packages, setup
 # without a C compiler still installs, and glm_tp runs its other kernels
 NATIVE = Extension(
     "glm_tp.kernels._gemv",
-    sources=[f"glm_tp/kernels/csrc/{name}.c" for name in ("gemv", "gemv_x86", "pool", "attention", "norm")],
+    sources=[f"glm_tp/kernels/csrc/{name}.c" for name in ("gemv", "gemv_x86", "pool", "attention")],
     depends=["glm_tp/kernels/csrc/gemv.h"],
     extra_compile_args=["-O3", "-std=c11", "-pthread"],
     extra_link_args=["-pthread"],

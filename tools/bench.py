@@ -255,11 +255,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--kernels", choices=KERNELS, default="fused", help="quantized matmul kernels")
     ap.add_argument("--lm-head", choices=LM_HEADS, default="model", help="int8: an INT8 copy of the LM head")
     ap.add_argument("--compare-decode-ops", action="store_true",
-                    help="also time batch-1 decode with the decode-attention, SwiGLU and add + norm kernels and with torch's ops in "
+                    help="also time batch-1 decode with the decode-attention and SwiGLU kernels and with torch's ops in "
                          "their place, in turn")
     ap.add_argument("--compare-attention", action="store_true",
-                    help="also time batch-1 decode with the native decode attention and add + norm, the native "
-                         "attention alone, and numba's attention, in turn")
+                    help="also time batch-1 decode with the native decode attention and numba's, in turn")
     ap.add_argument("--json", help="write the results as JSON to this file")
     ap.add_argument("--plot", help="write a PNG of ms/token against batch size")
     return ap

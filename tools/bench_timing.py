@@ -71,16 +71,15 @@ def decode_call(model: GLMModel, b: int, steps: int, context: int) -> tuple:
 
 
 def compare_decode_ops(model: GLMModel, steps: int, runs: int, context: int) -> dict:
-    """Batch-1 decode of one model with its decode-attention, SwiGLU and add + norm kernels and with torch's ops
-    in their place (the GEMVs unchanged), round by round in turn (`alternated`): each round's setup switches them."""
+    """Batch-1 decode of one model with its decode-attention and SwiGLU kernels and with torch's ops in their
+    place (the GEMVs unchanged), round by round in turn (`alternated`): each round's setup switches them."""
     layers = model.transformer.layers
-    chosen = [(block.attention.decode_kernel, block.mlp.fused, block.add_norm) for block in layers]
+    chosen = [(block.attention.decode_kernel, block.mlp.fused) for block in layers]
     decode, rewind = decode_call(model, 1, steps, context)
 
     def use(kernels: bool) -> None:
-        for block, (attend, fused, add_norm) in zip(layers, chosen):
-            block.attention.decode_kernel, block.mlp.fused, block.add_norm = (
-                (attend, fused, add_norm) if kernels else (None, False, None))
+        for block, (attend, fused) in zip(layers, chosen):
+            block.attention.decode_kernel, block.mlp.fused = (attend, fused) if kernels else (None, False)
         rewind()
 
     progress(f"decode batch 1 with the decode kernels and with torch's ops, in turn ({runs} rounds of {steps} steps)")
@@ -91,17 +90,16 @@ def compare_decode_ops(model: GLMModel, steps: int, runs: int, context: int) -> 
 
 
 def compare_attention(model: GLMModel, steps: int, runs: int, context: int) -> dict:
-    """Batch-1 decode round by round in turn with: the native decode attention and fused add + norm (the
-    default where built), the native attention with torch's norm ops, numba's attention with torch's norm
-    ops (before both); and the attention calls' own time inside each step (wall time around each call)."""
+    """Batch-1 decode round by round in turn with the native decode attention (the default where built) and
+    numba's; and the attention calls' own time inside each step (wall time around each call)."""
     from glm_tp.kernels import cpu_attention, native_attention
 
     layers = model.transformer.layers
-    chosen = [(block.attention.decode_kernel, block.add_norm) for block in layers]
-    if any(k is None or k.func is not native_attention.decode_attention or n is None for k, n in chosen):
-        raise SystemExit("--compare-attention: the native decode attention or add + norm is not in use here")
+    chosen = [block.attention.decode_kernel for block in layers]
+    if any(k is None or k.func is not native_attention.decode_attention for k in chosen):
+        raise SystemExit("--compare-attention: the native decode attention is not in use here")
     decode, rewind = decode_call(model, 1, steps, context)
-    variants = {"native_fused_norm": (True, True), "native": (True, False), "numba": (False, False)}
+    variants = {"native": True, "numba": False}
     inside: dict[str, list[float]] = {name: [] for name in variants}
 
     def timer(kernel, into: list):
@@ -113,17 +111,15 @@ def compare_attention(model: GLMModel, steps: int, runs: int, context: int) -> d
         return call
 
     def use(name: str) -> None:
-        native_attend, fused = variants[name]
-        for block, (kernel, add_norm) in zip(layers, chosen):
-            func = kernel.func if native_attend else cpu_attention.decode_attention
+        for block, kernel in zip(layers, chosen):
+            func = kernel.func if variants[name] else cpu_attention.decode_attention
             block.attention.decode_kernel = timer(functools.partial(func, **kernel.keywords), inside[name])
-            block.add_norm = add_norm if fused else None
         rewind()
 
-    progress(f"decode batch 1 with {', '.join(variants)} in turn ({runs} rounds of {steps} steps)")
+    progress(f"decode batch 1 with {', '.join(variants)} attention in turn ({runs} rounds of {steps} steps)")
     times = alternated([(decode, functools.partial(use, name)) for name in variants], model.device, runs)
-    for block, (kernel, add_norm) in zip(layers, chosen):
-        block.attention.decode_kernel, block.add_norm = kernel, add_norm
+    for block, kernel in zip(layers, chosen):
+        block.attention.decode_kernel = kernel
     base = times[-1]
     return {"ms": {name: statistics.median(t) / steps * 1e3 for name, t in zip(variants, times)},
             "ratio_to_numba_per_round": {name: [a / b for a, b in zip(t, base)] for name, t in zip(variants, times[:-1])},

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm_tp.config import ModelConfig
-from glm_tp.kernels import native_norm, quant
+from glm_tp.kernels import quant
 from glm_tp.model import attention
 from glm_tp.model.attention import rotary_at, rotary_groups, rotary_tables
 from glm_tp.model.masks import glm_mask
@@ -225,30 +225,16 @@ class GLMBlock(nn.Module):
         self.attention = SelfAttention(cfg, layer_id, tp, dtype, bits, cache_layer)
         self.post_attention_layernorm = make_norm(cfg, dtype)
         self.mlp = MLP(cfg, tp, dtype, bits)
-        self.add_norm: native_norm.AddNorm | None = None  # set by prepare_
-
-    def prepare_(self, kernels: str = "fused") -> None:
-        """The residual add + post-attention norm of CPU decode steps as one native call, where it has one."""
-        self.add_norm = native_norm.kernel(self.post_attention_layernorm, kernels)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None, slots: torch.Tensor, window: int) -> torch.Tensor:
-        decode = self.add_norm is not None and cache is not None and x.shape[0] * x.shape[1] <= native_norm.MAX_ROWS
         if self.pre_ln:
-            a = self.attention(self.input_layernorm(x), cos, sin, mask, cache, slots, window)
-            if decode:  # a CPU call of decode size (<= MAX_ROWS rows): the add and the norm in one native call
-                x, m = self.add_norm(x, a)
-            else:
-                x = x + a
-                m = self.post_attention_layernorm(x)
-            return x + self.mlp(m)
+            x = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache, slots, window)
+            return x + self.mlp(self.post_attention_layernorm(x))
         # the scaled residual as one op (alpha * h + y): two fewer small ops per layer in a decode step
         h = self.input_layernorm(x)
-        a = self.attention(h, cos, sin, mask, cache, slots, window)
-        if decode:
-            m = self.add_norm(h, a, self.alpha, want_sum=False)[1]
-        else:
-            m = self.post_attention_layernorm(torch.add(a, h, alpha=self.alpha))
+        x = torch.add(self.attention(h, cos, sin, mask, cache, slots, window), h, alpha=self.alpha)
+        m = self.post_attention_layernorm(x)
         return torch.add(self.mlp(m), m, alpha=self.alpha)
 
 

@@ -24,6 +24,7 @@ class MarkovModel:
     def __init__(self, transitions: dict[int, dict[int, float]]):
         self.cfg, self.tp, self.device = CFG, single_process(), torch.device("cpu")
         self.world = self.tp  # every rank the engine broadcasts to: this one
+        self.stage = None  # no pipeline stages
         self.table = torch.full((CFG.vocab_size, CFG.vocab_size), -1e4)
         for src, dsts in transitions.items():
             for dst, p in dsts.items():
