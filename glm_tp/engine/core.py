@@ -292,7 +292,7 @@ class Engine:
             if a.blocks:
                 decoder.load_blocks(a.row, a.blocks)
         logits = decoder.prefill(tokens, positions, *column, row=admit[0].row, lengths=lengths,
-                                      starts=torch.tensor([a.start for a in admit]))
+                                 starts=torch.tensor([a.start for a in admit]))
         sources = []
         for i, a in enumerate(admit):  # then the prompts' new blocks to the cache; beams start from the same prompt
             if a.saves:

@@ -33,6 +33,16 @@ from glm_tp.kernels import native, native_attention  # noqa: E402
 DECODE_KERNELS = (cpu_attention.decode_attention, native_attention.decode_attention)
 
 
+
+def greedy_steps(model, steps: int) -> torch.Tensor:
+    """The logits of `steps` greedy decode steps of two rows after test_model's prompts, through the Decoder."""
+    with torch.inference_mode():
+        decoder = Decoder(model, 2, 40)
+        first = decoder.prefill(TOKENS, POSITIONS, torch.tensor([6, 9]), torch.tensor([12, 12]), torch.ones(2))
+        out = [decoder.step(first.argmax(-1))]
+        out += [decoder.step(out[-1].argmax(-1)) for _ in range(steps - 1)]
+        return torch.stack(out)
+
 def _exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     return x.double() @ dequantize(q, scale, bits, torch.float64).t()
 
@@ -274,14 +284,7 @@ def test_decode_steps_attend_through_the_kernel(tiny_checkpoints, monkeypatch):
         kernel = block.attention.decode_kernel
         assert kernel.func in DECODE_KERNELS and kernel.keywords == {"rotary": 1, "heads": 0}
         block.attention.decode_kernel = lambda qkv, *rest, kernel=kernel: calls.append(qkv.shape) or kernel(qkv, *rest)
-    logits = []
-    with torch.inference_mode():
-        for model in (fast, plain):
-            decoder = Decoder(model, 2, 40)
-            first = decoder.prefill(TOKENS, POSITIONS, torch.tensor([6, 9]), torch.tensor([12, 12]), torch.ones(2))
-            steps = [decoder.step(first.argmax(-1))]
-            steps += [decoder.step(steps[-1].argmax(-1)) for _ in range(3)]
-            logits.append(torch.stack(steps))
+    logits = [greedy_steps(model, 4) for model in (fast, plain)]
     cfg = fast.cfg
     assert len(calls) == 4 * cfg.num_layers and set(calls) == {(2, 1, 3 * cfg.hidden_size)}  # the steps only
     assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[1].abs().max()

@@ -12,10 +12,9 @@ import torch
 
 from glm_tp import load_model
 from glm_tp.config import PRESETS
-from glm_tp.engine.decoder import Decoder
 from glm_tp.kernels import native, native_attention
 from glm_tp.model import attention
-from tests.model.test_model import POSITIONS, TOKENS
+from tests.model.test_cpu_kernels import greedy_steps
 from tests.support.checkpoints import write_random_checkpoint
 from tests.support.ranks import greedy_blank
 
@@ -115,14 +114,7 @@ def test_a_glm_model_decodes_through_it_as_through_torchs_attention(tiny_checkpo
         pytest.skip("the native decode attention is not chosen here (portable C path with numba installed)")
     for block in plain.transformer.layers:
         block.attention.decode_kernel = None
-    logits = []
-    with torch.inference_mode():
-        for model in (fast, plain):
-            decoder = Decoder(model, 2, 40)
-            first = decoder.prefill(TOKENS, POSITIONS, torch.tensor([6, 9]), torch.tensor([12, 12]), torch.ones(2))
-            steps = [decoder.step(first.argmax(-1))]
-            steps += [decoder.step(steps[-1].argmax(-1)) for _ in range(5)]
-            logits.append(torch.stack(steps))
+    logits = [greedy_steps(model, 6) for model in (fast, plain)]
     assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[1].abs().max()
 
 
