@@ -4,6 +4,7 @@
   after such a line runs the prompt typed so far. A blank line is no prompt: nothing runs, as in a shell.
 - Commands: /set KEY VALUE, /beam N, /greedy, /sample, /show, /help, /quit. `/set stop` takes one string,
   a JSON string or list (`/set stop "\\n"`, `/set stop [".", "!"]`), or nothing or `none` to clear it.
+  `/format json|schema {...}|regex P|text` sets the answers' format (tty_format.py).
 - Input that is not UTF-8 is refused with one line (read with surrogateescape, then checked), and the
   TTY goes on.
 - Filled blanks are highlighted on a terminal and plain when output is piped.
@@ -31,6 +32,7 @@ from glm_tp.engine.coordinator import Coordinator
 from glm_tp.engine.core import KEEPALIVE_S
 from glm_tp.engine.types import GenerationConfig, Request, Result
 from glm_tp.frontends.tty_chat import CHAT_HELP, ChatMode
+from glm_tp.frontends.tty_format import FORMAT_HELP, FormatMode
 from glm_tp.text.blanks import PromptError
 from glm_tp.text.unicode import TextError, check_text
 
@@ -41,6 +43,7 @@ HELP = """commands:
   /sample          sampling (temperature, top_k, top_p)
   /show            print the current settings       /help     this text
   /quit            exit (so does Ctrl-D)
+{format}
 {chat}prompts: {prompts} End a line with \\ to continue the prompt on the next line."""
 BLANK_PROMPTS = """put [MASK] (short blank), [sMASK] or [gMASK] (long blank, at the end) in the text; without a mask,
 [gMASK] is appended."""
@@ -250,7 +253,7 @@ def handle_command(line: str, coordinator: Coordinator) -> bool:
         return False
     if name == "/help":
         features = coordinator.features
-        print(HELP.format(chat=CHAT_HELP + "\n" if features["chat"] else "",
+        print(HELP.format(format=FORMAT_HELP, chat=CHAT_HELP + "\n" if features["chat"] else "",
                           prompts=BLANK_PROMPTS if features["blank_infilling"] else CAUSAL_PROMPTS))
     elif name == "/show":
         print("  " + ", ".join(f"{k}={v}" for k, v in vars(coordinator.default).items()))
@@ -297,7 +300,7 @@ def run_tty(coordinator: Coordinator, color: str = "auto") -> None:
 
 
 def _loop(coordinator: Coordinator, terminal: _Terminal, signals: _Signals, interactive: bool, color: bool) -> None:
-    count, chat = 0, ChatMode(coordinator)
+    count, chat, answers = 0, ChatMode(coordinator), FormatMode()
     label = "blanks" if coordinator.features["blank_infilling"] else "answer"
     while signals.reason is None:
         terminal.prompting()
@@ -316,7 +319,10 @@ def _loop(coordinator: Coordinator, terminal: _Terminal, signals: _Signals, inte
             print(f"error: {e}", flush=True)
             continue
         if text.startswith("/"):
-            if not chat.command(text.strip()) and not handle_command(text.strip(), coordinator):
+            line = text.strip()
+            if answers.command(line) or chat.command(line):
+                continue
+            if not handle_command(line, coordinator):
                 break
             continue
         count += 1
@@ -333,6 +339,7 @@ def _loop(coordinator: Coordinator, terminal: _Terminal, signals: _Signals, inte
         except PromptError as e:  # messages the chat format cannot write
             print(f"error: {e}", flush=True)
             continue
+        request.grammar = answers.grammar
         result = coordinator.generate([request], interrupt=interrupt)[0]
         shown = chat.answered(text, result) if chat.on else render(result, color, bool(stopped), label)
         print(shown, flush=True)

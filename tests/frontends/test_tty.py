@@ -1,8 +1,9 @@
 """The TTY's own pieces: /set and /beam refuse bad values in one line and keep the settings, and answers are
 marked when interrupted or cut by the cache (rendered, and on a real pseudo-terminal); on a causal model
-prompts are continued and /chat chats in the model's chat format."""
+prompts are continued and /chat chats in the model's chat format; /format constrains the answers that follow."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import sys
 
@@ -169,3 +170,23 @@ def test_chat_is_refused_in_one_line_without_a_chat_format(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "error: this model has no chat format: type prompts to continue or fill"
     assert "/chat" not in "\n".join(out[1:]) and "[gMASK] is appended" in out[-1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llguidance") is None, reason="the grammar extra (llguidance) is not installed")
+def test_tty_format_constrains_the_answers_that_follow_and_refuses_bad_formats_in_one_line(monkeypatch, capsys):
+    engine = demo_engine(max_batch=2, max_new_tokens=12)
+    prompt = "months : may june [MASK] august"
+    typed = ["/format regex (yes|no)", prompt, "/format bogus", '/format schema {"type": ', "/format regex [0-9",
+             prompt, '/format schema {"type": "integer"}', prompt, "/format", prompt]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(typed) + "\n"))
+    run_tty(Coordinator(engine.tp, engine), color="never")
+    out = capsys.readouterr().out.splitlines()
+    free = engine.generate([Request("free", prompt)])[0]
+    assert out[0] == "  format: regex (yes|no)" and out[2] in ("  blanks: yes", "  blanks: no")
+    assert out[3] == "error: /format takes json, schema {...}, regex PATTERN or text, not 'bogus'"
+    assert out[4].startswith("error: /format schema: the schema is not JSON")
+    assert out[5].startswith("error: response_format.regex does not compile")
+    assert out[6:8] == out[1:3]  # the bad formats left the earlier one in place
+    assert out[8] == '  format: schema {"type": "integer"}' and out[10].removeprefix("  blanks: ").isdigit()
+    assert out[11:14] == ["  format: text", free.text, "  blanks: " + free.blanks[0].strip()]
+    assert free.blanks[0].strip() not in ("yes", "no") and not free.blanks[0].strip().isdigit()
