@@ -1,6 +1,7 @@
 """Process groups and the few collectives tensor parallelism needs.
 
-`TPContext` is what every layer holds: its rank, the group size and the group. A context with
+`TPContext` is what every layer holds: its rank, the group size and the group (by a weak reference, so that
+`shutdown` destroys the group while the interpreter is alive, see there). A context with
 `simulated=True` pretends to be one rank of a larger group and turns collectives into no-ops
 (used by the single-GPU benchmark of a TP=8 rank). Collectives time out instead of hanging:
 the timeout is given to `init_process_group` and applies to every call on the group.
@@ -15,8 +16,9 @@ import re
 import signal
 import socket
 import sys
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -29,10 +31,14 @@ _peers: list[tuple[str, int]] = []  # (host, pid) of every rank, in rank order, 
 class TPContext:
     rank: int = 0
     size: int = 1
-    group: Any = None
+    group_ref: Callable[[], Any] | None = None  # the process group (weakref.ref), None: the default group
     device: torch.device = torch.device("cpu")
     simulated: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S  # every collective's limit (idle ranks need keep-alives more often)
+
+    @property
+    def group(self) -> Any:
+        return self.group_ref() if self.group_ref is not None else None
 
     @property
     def is_first(self) -> bool:
@@ -127,10 +133,9 @@ def init_distributed(device: str | None = None, backend: str | None = None,
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        # a group left to interpreter teardown can abort the process ("terminate called ...")
         atexit.register(shutdown)
         _peers[:] = [tuple(p) for p in _all_gather((socket.gethostname(), os.getpid()))]
-    return TPContext(rank=dist.get_rank(), size=dist.get_world_size(), group=dist.group.WORLD, device=dev,
+    return TPContext(rank=dist.get_rank(), size=dist.get_world_size(), group_ref=weakref.ref(dist.group.WORLD), device=dev,
                      timeout_s=timeout_s)
 
 
@@ -166,9 +171,15 @@ def stop_peers() -> list[int]:
 
 
 def shutdown() -> None:
-    """Leave the process group together: a rank that tears down its gloo connections while a peer still
-    uses them can make that peer abort at exit ("terminate called without an active exception"). A rank
-    that is gone already only delays this by a few seconds."""
+    """Leave the process groups together, and destroy them while the interpreter is alive (at exit).
+
+    A rank that tears down its gloo connections while a peer still uses them can make that peer abort at
+    exit, and so can a group that outlives the interpreter: its worker threads release the tensors of the
+    last collectives, and one that drops the last reference to a Python tensor after Python has finalized
+    takes the GIL, is ended by pthread_exit and aborts the process ("terminate called without an active
+    exception"; seen about 1 run in 20 on a loaded 2-core machine). So contexts hold their groups weakly:
+    `destroy_process_group` drops the last strong references, and each group's destructor joins its
+    threads here. A rank that is gone already only delays this by a few seconds."""
     if not dist.is_initialized():
         return
     if dist.get_backend() == "gloo":

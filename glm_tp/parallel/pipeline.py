@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -188,7 +189,8 @@ def init_pipeline(world: TPContext, pp: int, split: StageSplit) -> tuple[TPConte
     groups = [dist.new_group(layout.stage_ranks(s), timeout=timeout) if world.communicates else None
               for s in range(pp)]
     stage = layout.stage_of(world.rank)
-    tp = replace(world, rank=layout.tp_rank_of(world.rank), size=layout.tp, group=groups[stage])
+    group = weakref.ref(groups[stage]) if groups[stage] is not None else None  # held by torch until shutdown
+    tp = replace(world, rank=layout.tp_rank_of(world.rank), size=layout.tp, group_ref=group)
     return tp, Stage(split, stage, world.rank, layout)
 
 
