@@ -86,7 +86,11 @@ def _schema(spec: object) -> dict | None:
         return None  # OpenAI's schema is optional: any JSON object
     if not isinstance(schema, dict):
         raise _error(f"must be a JSON Schema object, not {short_repr(schema, 60)}", "json_schema.schema")
-    if len(json.dumps(schema)) > MAX_CHARS:
+    try:  # a body's parser takes NaN and 1e999, which JSON (and so a schema) has no number for
+        text = json.dumps(schema, allow_nan=False)
+    except ValueError:
+        raise _error("holds NaN or an infinite number, which are no JSON numbers", "json_schema.schema") from None
+    if len(text) > MAX_CHARS:
         raise _error(f"is more than {MAX_CHARS} characters as JSON", "json_schema.schema")
     return schema
 

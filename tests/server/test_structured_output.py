@@ -88,6 +88,17 @@ def test_bad_response_formats_are_400s_naming_the_field(live, value, says):
         assert reply.status_code == 400 and error["param"] == "response_format" and says in error["message"], error
 
 
+def test_a_schema_with_nan_or_an_infinite_number_is_a_400_naming_it(live):
+    for number in ("NaN", "-Infinity", "1e999"):  # no JSON numbers, though Python's parser takes them
+        body = '{"prompt": "one", "response_format": {"type": "json_schema", "json_schema": {"name": "x", ' \
+               '"schema": {"type": "number", "maximum": %s}}}}' % number
+        reply = httpx.post(f"{live.url}/v1/completions", content=body, headers={"content-type": "application/json"})
+        error = reply.json()["error"]
+        assert reply.status_code == 400 and error["param"] == "response_format", error
+        assert error["message"].startswith("response_format.json_schema.schema holds NaN or an infinite"), error
+    assert httpx.post(f"{live.url}/v1/completions", json={"prompt": "one", "max_tokens": 2}).status_code == 200
+
+
 def test_the_metrics_count_the_grammars_time(live):
     def figure(name: str) -> float:
         text = httpx.get(live.url + "/metrics").text
