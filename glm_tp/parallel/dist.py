@@ -135,8 +135,8 @@ def init_distributed(device: str | None = None, backend: str | None = None,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         atexit.register(shutdown)
         _peers[:] = [tuple(p) for p in _all_gather((socket.gethostname(), os.getpid()))]
-    return TPContext(rank=dist.get_rank(), size=dist.get_world_size(), group_ref=weakref.ref(dist.group.WORLD), device=dev,
-                     timeout_s=timeout_s)
+    return TPContext(rank=dist.get_rank(), size=dist.get_world_size(), group_ref=weakref.ref(dist.group.WORLD),
+                     device=dev, timeout_s=timeout_s)
 
 
 def _all_gather(obj: Any) -> list[Any]:
